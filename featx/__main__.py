@@ -1,0 +1,3 @@
+from featx.cli import cli
+
+cli(prog_name="featx")

@@ -1,0 +1,237 @@
+"""The frozen MobileNetV2 feature extractor, its preprocessing and its fingerprint.
+
+Every stage builds its model from here, so extraction, fine-tuning, prediction and export all
+see the same preprocessing (a Keras Rescaling layer, which loads in safe mode) and the same weights.
+Keras is imported inside functions: `featx --help` and the image loader never pay for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from featx import __version__, config
+from featx.errors import FeatxError
+
+# Keras publishes ImageNet weights for these widths and square sizes only.
+IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+IMAGENET_SIZES = (96, 128, 160, 192, 224)
+WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+
+# Fingerprint keys that decide whether two sets of features are comparable. Versions and the
+# engine are recorded too, but features from different versions or engines may be mixed.
+MODEL_KEYS = ("backbone", "alpha", "image_size", "weights_sha256", "preprocessing", "resize")
+
+
+def _imagenet_file_name(alpha: float, rows: int) -> str:
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}_no_top.h5"
+
+
+def resolve_weights(weights: str, image_size: int, alpha: float) -> str | None:
+    """The local weights file for `weights` ("imagenet", "none" or a path); None for "none".
+
+    "imagenet" uses Keras' own cache (~/.keras/models), downloading once like
+    keras.applications does. Sizes without a published file use the 224 px file: convolution
+    weights do not depend on the input size.
+    """
+    if weights is None or str(weights).lower() == "none":
+        return None
+    if str(weights).lower() != "imagenet":
+        path = Path(weights)
+        if not path.is_file():
+            raise FeatxError(
+                f"Weights file not found: '{weights}'. Pass --weights imagenet, none, or the "
+                "path of a MobileNetV2 no-top .h5 file."
+            )
+        return str(path)
+    if alpha not in IMAGENET_ALPHAS:
+        raise FeatxError(
+            f"ImageNet weights exist for alpha in {IMAGENET_ALPHAS}, got alpha={alpha}. "
+            "Pick one of those, or pass --weights none."
+        )
+    rows = image_size if image_size in IMAGENET_SIZES else 224
+    candidates = [rows] if rows == 224 else [rows, 224]
+    for i, r in enumerate(candidates):
+        name = _imagenet_file_name(alpha, r)
+        cached = _keras_home() / "models" / name
+        if cached.is_file():  # no Keras import (seconds) when the file is already there
+            return str(cached)
+        import keras
+
+        try:
+            return keras.utils.get_file(name, WEIGHTS_URL + name, cache_subdir="models")
+        except Exception as e:  # offline and not cached
+            if i + 1 < len(candidates):
+                warnings.warn(
+                    f"{name} is not available ({e}); using the 224 px weights.", stacklevel=2
+                )
+                continue
+            cache = _keras_home() / "models" / name
+            raise FeatxError(
+                f"Could not get the ImageNet weights '{name}': {e}. Connect to the internet "
+                f"once, or copy the file to {cache}, or pass --weights FILE."
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def _keras_home() -> Path:
+    # Where keras.utils.get_file caches downloads (KERAS_HOME, else ~/.keras).
+    return Path(os.environ.get("KERAS_HOME") or os.path.expanduser("~/.keras"))
+
+
+def keras_version() -> str:
+    return importlib.metadata.version("keras")
+
+
+def keras_backend() -> str:
+    """The active Keras backend, without importing Keras when it is not loaded yet."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    try:
+        return json.loads((_keras_home() / "keras.json").read_text())["backend"]
+    except (OSError, ValueError, KeyError):
+        return "tensorflow"
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(weights_path: str | None) -> str:
+    if weights_path is None:
+        # Random weights are reproducible only for a given seed and Keras version.
+        return f"random-seed{config.RANDOM_WEIGHTS_SEED}-keras{keras_version()}"
+    st = os.stat(weights_path)
+    return _sha256(weights_path, st.st_size, st.st_mtime_ns)
+
+
+def fingerprint(
+    weights: str = config.WEIGHTS,
+    image_size: int = config.IMAGE_SIZE,
+    alpha: float = config.ALPHA,
+    engine: str = "keras",
+) -> dict:
+    """Everything that determines the features, without building the model (or importing it)."""
+    validate(image_size, alpha)
+    path = resolve_weights(weights, image_size, alpha)
+    return {
+        "backbone": config.BACKBONE,
+        "alpha": float(alpha),
+        "image_size": int(image_size),
+        "weights": "none" if path is None else str(weights),
+        "weights_file": None if path is None else os.path.basename(path),
+        "weights_sha256": weights_sha256(path),
+        "preprocessing": config.PREPROCESSING,
+        "resize": config.RESIZE,
+        "engine": engine,
+        "featx_version": __version__,
+        "keras_version": keras_version(),
+        "keras_backend": keras_backend(),
+    }
+
+
+def check_compatible(recorded: dict, wanted: dict, what: str, fix: str) -> None:
+    """Raise a FeatxError naming every differing model key of two fingerprints."""
+    diffs = [
+        f"{k}: {recorded.get(k)!r} vs {wanted.get(k)!r}"
+        for k in MODEL_KEYS
+        if recorded.get(k) != wanted.get(k)
+    ]
+    if diffs:
+        raise FeatxError(f"{what} was made with another backbone ({'; '.join(diffs)}). {fix}")
+
+
+def validate(image_size: int, alpha: float) -> None:
+    if not isinstance(image_size, int) or image_size < 32:
+        raise FeatxError(f"image_size must be an integer >= 32 (MobileNetV2), got {image_size!r}.")
+    if alpha <= 0:
+        raise FeatxError(f"alpha must be > 0, got {alpha!r}.")
+
+
+def preprocessing_layer():
+    """MobileNetV2's preprocess_input (pixels 0..255 to [-1, 1]) as a layer that saves safely."""
+    import keras
+
+    return keras.layers.Rescaling(scale=1.0 / 127.5, offset=-1.0, name="preprocess")
+
+
+def build_base(
+    weights: str = config.WEIGHTS,
+    image_size: int = config.IMAGE_SIZE,
+    alpha: float = config.ALPHA,
+):
+    """A new MobileNetV2 base (no top, average pooling) with the requested weights loaded."""
+    import keras
+
+    validate(image_size, alpha)
+    path = resolve_weights(weights, image_size, alpha)
+    if path is None:
+        keras.utils.set_random_seed(config.RANDOM_WEIGHTS_SEED)
+    base = keras.applications.MobileNetV2(
+        input_shape=(image_size, image_size, 3),
+        alpha=alpha,
+        include_top=False,
+        pooling="avg",
+        weights=None,
+    )
+    if path is not None:
+        try:
+            base.load_weights(path)
+        except Exception as e:
+            raise FeatxError(
+                f"Could not load weights '{path}' into MobileNetV2(alpha={alpha}): {e}. "
+                "Expected a no-top MobileNetV2 .h5 weights file of the same alpha."
+            ) from None
+    return base
+
+
+@functools.lru_cache(maxsize=4)
+def build_backbone(
+    weights: str = config.WEIGHTS,
+    image_size: int = config.IMAGE_SIZE,
+    alpha: float = config.ALPHA,
+):
+    """The frozen feature extractor: raw RGB pixels (0..255) in, pooled features out.
+
+    Cached per process: building MobileNetV2 costs seconds.
+    """
+    import keras
+
+    base = build_base(weights, image_size, alpha)
+    base.trainable = False
+    inputs = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
+    x = preprocessing_layer()(inputs)
+    outputs = base(x, training=False)  # BatchNorm in inference mode
+    return keras.Model(inputs, outputs, name="featx_backbone")
+
+
+class KerasEngine:
+    """Runs the backbone with Keras on whichever backend is active."""
+
+    name = "keras"
+
+    def __init__(self, weights: str, image_size: int, alpha: float):
+        self.weights, self.image_size, self.alpha = weights, image_size, alpha
+        self._model = None
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """(n, size, size, 3) uint8 or float pixels -> (n, dim) float32 features."""
+        if self._model is None:
+            self._model = build_backbone(self.weights, self.image_size, self.alpha)
+        out = self._model.predict_on_batch(np.asarray(batch, dtype=np.float32))
+        return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,348 @@
+"""Stage 1: images -> frozen MobileNetV2 -> HDF5 feature cache, incremental and resumable.
+
+A run lists the data folder, keeps every cached row whose file is unchanged (same size and mtime,
+or same content hash), reuses batches journalled by an interrupted run, and pushes only the rest
+through the model. Decoding runs in a thread pool a few batches ahead of the model, so on a CPU the
+model, not Pillow, sets the pace. The new cache replaces the old one atomically at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featx import backbone, config, images, store
+from featx.errors import FeatxError
+
+
+@dataclass
+class _Todo:
+    path: str
+    size: int
+    mtime_ns: int
+    old_sha: str | None  # content hash of the cached version, if any
+    old_feature: np.ndarray | None
+
+
+def default_cache_path(data_dir: str | Path) -> Path:
+    return Path(config.CACHE_DIR) / f"{Path(data_dir).resolve().name}.h5"
+
+
+def _load(root: Path, todo: _Todo, image_size: int):
+    """Read and decode one file in a worker thread: ("ok", sha, pixels), ("same", sha, None)
+    when the content is unchanged, or ("rejected", reason, None)."""
+    try:
+        data, sha = images.read_file(root / todo.path)
+    except OSError as e:
+        return "rejected", f"unreadable: {e.strerror or e}", None
+    if todo.old_sha is not None and sha == todo.old_sha:
+        return "same", sha, None
+    try:
+        return "ok", sha, images.decode_image(data, image_size)
+    except Exception as e:  # any decoder failure skips the file, with its reason
+        return "rejected", str(e) or type(e).__name__, None
+
+
+def _open_existing(cache_path: Path, fp: dict, overwrite: bool) -> store.Cache | None:
+    if not cache_path.exists():
+        return None
+    old = store.read_cache(cache_path)  # refuses files that are not featx caches
+    try:
+        backbone.check_compatible(
+            old.fingerprint,
+            fp,
+            f"The cache '{cache_path}'",
+            "Pass --overwrite to rebuild it, or --cache NEW.h5 to keep both.",
+        )
+    except FeatxError:
+        if overwrite:
+            return None
+        raise
+    return old
+
+
+def make_engine(name: str, weights: str, image_size: int, alpha: float):
+    if name == "keras":
+        return backbone.KerasEngine(weights, image_size, alpha)
+    raise FeatxError(f"Unknown engine '{name}'; expected 'keras'.")
+
+
+def extract(
+    data_dir: str | Path,
+    cache_path: str | Path | None = None,
+    *,
+    weights: str = config.WEIGHTS,
+    image_size: int = config.IMAGE_SIZE,
+    alpha: float = config.ALPHA,
+    batch_size: int = config.BATCH_SIZE,
+    dtype: str | None = None,
+    val_split: float = config.VAL_SPLIT,
+    seed: int = config.SEED,
+    overwrite: bool = False,
+    engine: str = "keras",
+    progress=None,
+    log=None,
+) -> dict:
+    """Extract features of every image in `data_dir` into the HDF5 cache at `cache_path`.
+
+    Args:
+        data_dir: DATA/CLASS/* or DATA/{train,validation|val,test}/CLASS/*.
+        cache_path: the HDF5 file; default `cache/<data_dir name>.h5`.
+        weights: "imagenet", "none" (random, seeded) or a MobileNetV2 no-top .h5 file.
+        dtype: "float32" or "float16"; None keeps the cache's dtype (float32 for a new cache).
+        val_split, seed: the stratified split of a folder without split folders.
+        overwrite: replace a cache made with another backbone instead of refusing.
+        progress: called as progress(done, total, images_per_second) after each batch.
+        log: called with one-line messages (warnings, notes); default: silent.
+    Returns:
+        A summary dict (counts per split and class, work done, rejected files, timings).
+    """
+    t0 = time.perf_counter()
+    log = log or (lambda message: None)
+    if batch_size < 1:
+        raise FeatxError(f"batch_size must be >= 1, got {batch_size}.")
+    if dtype not in (None, "float32", "float16"):
+        raise FeatxError(f"dtype must be float32 or float16, got {dtype!r}.")
+    root = Path(data_dir)
+    listing = images.find_images(root)
+    for c in listing.empty_classes:
+        log(f"warning: class folder '{c}' has no files; it is left out.")
+    cache_path = Path(cache_path) if cache_path else default_cache_path(root)
+    fp = backbone.fingerprint(weights, image_size, alpha, engine=engine)
+    old = _open_existing(cache_path, fp, overwrite)
+    if old is not None and old.attrs.get("data_dir") not in (None, str(root.resolve())):
+        log(f"note: the cache was made from {old.attrs['data_dir']}; matching files by path.")
+    dtype = dtype or (str(old.features.dtype) if old is not None else config.FEATURE_DTYPE)
+
+    # What is cached already: rows and rejected files, by path.
+    cached = {} if old is None else {p: i for i, p in enumerate(old.paths)}
+    cached_rej = {} if old is None else {p: i for i, p in enumerate(old.rejected.paths)}
+    model_keys = {k: fp[k] for k in backbone.MODEL_KEYS}
+    journal = store.Journal(
+        cache_path, hashlib.sha256(json.dumps(model_keys, sort_keys=True).encode()).hexdigest()
+    )
+    journalled, journalled_rej = journal.load()
+
+    # Final state, filled below: path -> (size, mtime, sha, feature) / (size, mtime, reason).
+    rows: dict[str, tuple] = {}
+    rejected: dict[str, tuple] = {}
+    todo: list[_Todo] = []
+    kept = resumed = 0
+    for f in listing.files:
+        try:
+            st = os.stat(root / f.path)
+        except OSError:
+            continue  # vanished since listing
+        key = (st.st_size, st.st_mtime_ns)
+        i, r = cached.get(f.path), cached_rej.get(f.path)
+        if i is not None and key == (old.rows.file_size[i], old.rows.file_mtime_ns[i]):
+            rows[f.path] = (*key, old.rows.file_sha256[i], old.features[i])
+            kept += 1
+        elif r is not None and key == (old.rejected.file_size[r], old.rejected.file_mtime_ns[r]):
+            rejected[f.path] = (*key, old.rejected_reasons[r])
+            kept += 1
+        elif f.path in journalled and journalled[f.path][:2] == key:
+            rows[f.path] = journalled[f.path]
+            resumed += 1
+        elif f.path in journalled_rej and journalled_rej[f.path][:2] == key:
+            rejected[f.path] = journalled_rej[f.path]
+            resumed += 1
+        else:
+            todo.append(
+                _Todo(
+                    f.path,
+                    *key,
+                    old.rows.file_sha256[i] if i is not None else None,
+                    old.features[i] if i is not None else None,
+                )
+            )
+    present = {f.path for f in listing.files}
+    dropped = 0 if old is None else sum(p not in present for p in old.paths)
+
+    if old is None and not cache_path.exists():
+        # A valid (empty) cache from the start: a run killed at any point leaves one to open.
+        _write(cache_path, listing, root, fp, {}, {}, {}, dtype, val_split, seed, None)
+
+    extracted = 0
+    model_seconds = 0.0
+    if todo:
+        journal.start()
+        extracted, model_seconds = _run_pipeline(
+            root,
+            todo,
+            make_engine(engine, weights, image_size, alpha),
+            image_size,
+            batch_size,
+            journal,
+            rows,
+            rejected,
+            progress,
+            log,
+        )
+
+    changed = todo or resumed or dropped or old is None or str(old.features.dtype) != dtype
+    changed = changed or len(old.rejected.paths) != len(rejected)
+    splits = images.assign_splits(
+        [f for f in listing.files if f.path in rows],
+        {} if old is None else dict(zip(old.paths, old.splits)),
+        val_split,
+        seed,
+    )
+    if changed:
+        _write(cache_path, listing, root, fp, rows, rejected, splits, dtype, val_split, seed, old)
+    journal.clear()
+
+    seconds = time.perf_counter() - t0
+    counts = _counts(listing, rows, splits)
+    return {
+        "cache": str(cache_path),
+        "data_dir": str(root),
+        "layout": listing.layout,
+        "class_names": [c for c in listing.class_names if any(counts[s].get(c) for s in counts)],
+        "counts": counts,
+        "images": len(rows),
+        "extracted": extracted,
+        "kept": kept,
+        "resumed": resumed,
+        "dropped": dropped,
+        "rejected": [{"path": p, "reason": r[2]} for p, r in sorted(rejected.items())],
+        "empty_classes": listing.empty_classes,
+        "seconds": round(seconds, 3),
+        "model_seconds": round(model_seconds, 3),
+        "images_per_second": round(extracted / seconds, 2) if extracted else 0.0,
+        "engine": engine,
+        "batch_size": batch_size,
+    }
+
+
+def _run_pipeline(
+    root, todo, engine, image_size, batch_size, journal, rows, rejected, progress, log
+) -> tuple[int, float]:
+    """Decode ahead in threads, run the model batch by batch, journal each finished batch."""
+    chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    t0 = time.perf_counter()
+    done = extracted = 0
+    model_seconds = 0.0
+    pending: deque = deque()
+    with ThreadPoolExecutor(config.DECODE_THREADS, thread_name_prefix="featx-decode") as pool:
+
+        def submit(chunk):
+            pending.append((chunk, [pool.submit(_load, root, t, image_size) for t in chunk]))
+
+        try:
+            for chunk in chunks[: config.PREFETCH_BATCHES]:
+                submit(chunk)
+            for index in range(len(chunks)):
+                chunk, futures = pending.popleft()
+                if index + config.PREFETCH_BATCHES < len(chunks):
+                    submit(chunks[index + config.PREFETCH_BATCHES])
+                results = [fut.result() for fut in futures]
+                ok = [(t, r) for t, r in zip(chunk, results) if r[0] == "ok"]
+                feats = None
+                if ok:
+                    batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
+                    for j, (_, r) in enumerate(ok):
+                        batch[j] = r[2]
+                    t_model = time.perf_counter()
+                    feats = engine.features(batch)[: len(ok)]  # fixed shape: one compile
+                    model_seconds += time.perf_counter() - t_model
+                    extracted += len(ok)
+                part_rows, part_feats, part_rej, reasons = store.Rows(), [], store.Rows(), []
+                k = 0
+                for t, (status, value, _) in zip(chunk, results):
+                    if status == "rejected":
+                        rejected[t.path] = (t.size, t.mtime_ns, value)
+                        _append(part_rej, t, "")
+                        reasons.append(value)
+                        continue
+                    feature = t.old_feature if status == "same" else feats[k]
+                    k += status == "ok"
+                    rows[t.path] = (t.size, t.mtime_ns, value, feature)
+                    _append(part_rows, t, value)
+                    part_feats.append(np.asarray(feature, np.float32))
+                dim = part_feats[0].shape[0] if part_feats else 0
+                journal.write(
+                    index,
+                    part_rows,
+                    np.stack(part_feats) if part_feats else np.zeros((0, dim), np.float32),
+                    part_rej,
+                    reasons,
+                )
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, len(todo), done / max(time.perf_counter() - t0, 1e-9))
+        except KeyboardInterrupt:
+            for _, futures in pending:
+                for fut in futures:
+                    fut.cancel()
+            log(f"interrupted: {done} of {len(todo)} images are saved; run again to resume.")
+            raise
+    return extracted, model_seconds
+
+
+def _append(r: store.Rows, t: _Todo, sha: str) -> None:
+    r.paths.append(t.path)
+    r.file_size = np.append(r.file_size, t.size)
+    r.file_mtime_ns = np.append(r.file_mtime_ns, t.mtime_ns)
+    r.file_sha256.append(sha)
+
+
+def _counts(listing, rows, splits) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for f in listing.files:
+        if f.path in rows:
+            per = counts.setdefault(splits[f.path], dict.fromkeys(listing.class_names, 0))
+            per[f.class_name] += 1
+    return {s: counts[s] for s in config.SPLITS if s in counts}
+
+
+def _write(cache_path, listing, root, fp, rows, rejected, splits, dtype, val_split, seed, old):
+    """Assemble the final state (rows sorted by path) and replace the cache atomically."""
+    files = [f for f in listing.files if f.path in rows]  # listing is sorted by path
+    class_names = sorted({f.class_name for f in files}) or listing.class_names
+    index = {c: i for i, c in enumerate(class_names)}
+    dim = len(rows[files[0].path][3]) if files else 0
+    features = np.zeros((len(files), dim), dtype=dtype)
+    for i, f in enumerate(files):
+        features[i] = rows[f.path][3]
+    rej_paths = sorted(rejected)
+    attrs = {
+        "data_dir": str(root.resolve()),
+        "layout": listing.layout,
+        "val_split": float(val_split),
+        "seed": int(seed),
+    }
+    if old is not None and "created" in old.attrs:
+        attrs["created"] = old.attrs["created"]
+    store.write_cache(
+        cache_path,
+        store.Cache(
+            fingerprint=fp,
+            class_names=class_names,
+            features=features,
+            labels=np.array([index[f.class_name] for f in files], np.int32),
+            splits=np.array([splits[f.path] for f in files], dtype=object),
+            rows=store.Rows(
+                [f.path for f in files],
+                np.array([rows[f.path][0] for f in files], np.int64),
+                np.array([rows[f.path][1] for f in files], np.int64),
+                [rows[f.path][2] for f in files],
+            ),
+            rejected=store.Rows(
+                rej_paths,
+                np.array([rejected[p][0] for p in rej_paths], np.int64),
+                np.array([rejected[p][1] for p in rej_paths], np.int64),
+                ["" for _ in rej_paths],
+            ),
+            rejected_reasons=[rejected[p][2] for p in rej_paths],
+            attrs=attrs,
+        ),
+    )

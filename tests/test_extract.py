@@ -1,0 +1,284 @@
+"""Stage 1: extraction into the HDF5 cache (tiny generated images, random MobileNetV2)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from featx import backbone, store
+from featx.cli import cli
+from featx.errors import FeatxError
+from featx.extract import extract
+
+TINY = dict(weights="none", alpha=0.35, image_size=32)  # the fastest MobileNetV2 there is
+COLOURS = {"cats": (200, 60, 60), "dogs": (60, 60, 200), "birds": (60, 200, 60)}
+
+
+def write_image(path: Path, colour, seed: int, size=(48, 40), fmt="JPEG") -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour) + rng.integers(-40, 40, (size[1], size[0], 3)), 0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path, fmt)
+    return path
+
+
+def make_flat(root: Path, per_class=10, classes=("cats", "dogs")) -> Path:
+    for c in classes:
+        for i in range(per_class):
+            write_image(root / c / f"{c}{i:03d}.jpg", COLOURS[c], seed=hash((c, i)) % 10_000)
+    return root
+
+
+@pytest.fixture
+def flat(tmp_path):
+    return make_flat(tmp_path / "data")
+
+
+def run(data, cache, **kwargs):
+    return extract(data, cache, **{**TINY, "batch_size": 4, **kwargs})
+
+
+def test_flat_folder_gives_a_complete_self_describing_cache(flat, tmp_path):
+    cache_path = tmp_path / "c.h5"
+    summary = run(flat, cache_path)
+    assert summary["extracted"] == 20 and summary["images"] == 20
+    assert summary["counts"] == {
+        "train": {"cats": 8, "dogs": 8},
+        "validation": {"cats": 2, "dogs": 2},
+    }
+    with h5py.File(cache_path, "r") as f:  # readable with plain h5py
+        assert f.attrs["format"] == "featx-cache"
+        assert f["features"].shape == (20, 1280) and f["features"].dtype == np.float32
+        assert list(f["class_names"].asstr()[()]) == ["cats", "dogs"]
+        paths = list(f["paths"].asstr()[()])
+        assert paths == sorted(paths) and paths[0] == "cats/cats000.jpg"
+        assert set(f["splits"].asstr()[()]) == {"train", "validation"}
+        assert len(f["file_sha256"].asstr()[()][0]) == 64
+    cache = store.read_cache(cache_path)
+    assert cache.fingerprint["alpha"] == 0.35 and cache.fingerprint["image_size"] == 32
+    assert cache.fingerprint["weights_sha256"].startswith("random-seed0")
+    assert np.isfinite(cache.features).all() and cache.features.std() > 0
+    labels = {p: cache.class_names[y] for p, y in zip(cache.paths, cache.labels)}
+    assert all(p.startswith(c) for p, c in labels.items())
+
+
+def test_bad_files_are_skipped_and_reported_and_never_touched(flat, tmp_path):
+    good = (flat / "cats" / "cats000.jpg").read_bytes()
+    bad = {
+        "cats/empty.jpg": b"",
+        "cats/truncated.jpg": good[: len(good) // 2],
+        "dogs/notes.jpg": b"these are not pixels",
+    }
+    for rel, data in bad.items():
+        (flat / rel).write_bytes(data)
+    (flat / "dogs" / ".DS_Store").write_bytes(b"\0\0")
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in flat.rglob("*") if p.is_file()}
+    summary = run(flat, tmp_path / "c.h5")
+    reasons = {r["path"]: r["reason"] for r in summary["rejected"]}
+    assert set(reasons) == set(bad)
+    assert "empty" in reasons["cats/empty.jpg"]
+    assert "truncated" in reasons["cats/truncated.jpg"].lower()
+    assert "not an image" in reasons["dogs/notes.jpg"]
+    assert summary["images"] == 20
+    info = store.info(tmp_path / "c.h5")
+    assert {r["path"] for r in info["rejected"]} == set(bad)
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in flat.rglob("*") if p.is_file()}
+    assert after == before
+
+
+class ModelCalls:
+    """Counts the images the backbone sees."""
+
+    def __init__(self, monkeypatch):
+        self.images = 0
+        real = backbone.KerasEngine.features
+
+        def counting(engine, batch):
+            self.images += len(batch)
+            return real(engine, batch)
+
+        monkeypatch.setattr(backbone.KerasEngine, "features", counting)
+
+
+def test_second_run_with_nothing_changed_does_no_model_work(flat, tmp_path, monkeypatch):
+    cache_path = tmp_path / "c.h5"
+    run(flat, cache_path)
+    stamp = cache_path.stat().st_mtime_ns
+    calls = ModelCalls(monkeypatch)
+    summary = run(flat, cache_path)
+    assert calls.images == 0 and summary["extracted"] == 0 and summary["kept"] == 20
+    assert cache_path.stat().st_mtime_ns == stamp  # not even rewritten
+
+
+def test_incremental_run_extracts_only_new_and_changed_files(flat, tmp_path, monkeypatch):
+    cache_path = tmp_path / "c.h5"
+    run(flat, cache_path)
+    first = store.read_cache(cache_path)
+    first_split = dict(zip(first.paths, first.splits))
+    first_feature = dict(zip(first.paths, first.features))
+
+    write_image(flat / "cats" / "new1.jpg", COLOURS["cats"], 1)
+    write_image(flat / "dogs" / "new2.jpg", COLOURS["dogs"], 2)
+    write_image(flat / "dogs" / "dogs001.jpg", (255, 255, 0), 3)  # content changed
+    (flat / "cats" / "cats002.jpg").unlink()
+    touched = flat / "cats" / "cats003.jpg"  # same content, new mtime
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+
+    calls = ModelCalls(monkeypatch)
+    summary = run(flat, cache_path)
+    assert summary["extracted"] == 3  # two new files and one changed; the touched one is hashed
+    assert summary["dropped"] == 1 and summary["images"] == 21
+    assert calls.images == 4  # one batch of four (three images plus padding)
+    second = store.read_cache(cache_path)
+    assert "cats/cats002.jpg" not in second.paths
+    for p, s in zip(second.paths, second.splits):
+        if p in first_split:
+            assert s == first_split[p], f"{p} changed split"
+    row = second.paths.index("cats/cats003.jpg")
+    np.testing.assert_array_equal(second.features[row], first_feature["cats/cats003.jpg"])
+    assert second.rows.file_mtime_ns[row] == touched.stat().st_mtime_ns
+    changed = second.paths.index("dogs/dogs001.jpg")
+    # Random-weight features are tiny (~1e-11): compare relative to their scale.
+    old_feature = first_feature["dogs/dogs001.jpg"]
+    assert np.abs(second.features[changed] - old_feature).max() > 1e-3 * np.abs(old_feature).max()
+
+
+def test_fingerprint_mismatch_is_refused_unless_overwrite(flat, tmp_path):
+    cache_path = tmp_path / "c.h5"
+    run(flat, cache_path)
+    with pytest.raises(FeatxError, match=r"another backbone \(alpha: 0\.35 vs 0\.5.*--overwrite"):
+        run(flat, cache_path, alpha=0.5)
+    summary = run(flat, cache_path, alpha=0.5, overwrite=True)
+    assert summary["extracted"] == 20
+    assert store.read_fingerprint(cache_path)["alpha"] == 0.5
+
+
+def test_a_file_that_is_not_a_cache_is_never_overwritten(flat, tmp_path):
+    precious = tmp_path / "mine.h5"
+    precious.write_bytes(b"my own data")
+    with pytest.raises(FeatxError, match="not a readable HDF5 file"):
+        run(flat, precious, overwrite=True)
+    assert precious.read_bytes() == b"my own data"
+
+
+def test_split_folders_are_kept_and_val_means_validation(tmp_path):
+    data = tmp_path / "data"
+    for split, n in [("train", 6), ("val", 3), ("test", 2)]:
+        for c in ("cats", "dogs"):
+            for i in range(n):
+                write_image(data / split / c / f"{i}.png", COLOURS[c], i, fmt="PNG")
+    summary = run(data, tmp_path / "c.h5")
+    assert summary["layout"] == "splits"
+    assert summary["counts"] == {
+        "train": {"cats": 6, "dogs": 6},
+        "validation": {"cats": 3, "dogs": 3},
+        "test": {"cats": 2, "dogs": 2},
+    }
+    cache = store.read_cache(tmp_path / "c.h5")
+    assert all(
+        p.split("/")[0] == {"validation": "val"}.get(s, s)
+        for p, s in zip(cache.paths, cache.splits)
+    )
+
+
+def test_float16_halves_the_cache_and_is_kept_on_later_runs(flat, tmp_path):
+    run(flat, tmp_path / "c.h5", dtype="float16")
+    write_image(flat / "cats" / "later.jpg", COLOURS["cats"], 9)
+    run(flat, tmp_path / "c.h5")  # no --dtype: the cache keeps float16
+    assert store.read_cache(tmp_path / "c.h5").features.dtype == np.float16
+
+
+def test_empty_class_warns_and_single_class_is_an_error(tmp_path):
+    data = make_flat(tmp_path / "data", per_class=3)
+    (data / "empty").mkdir()
+    messages = []
+    summary = run(data, tmp_path / "c.h5", log=messages.append)
+    assert summary["empty_classes"] == ["empty"] and any("'empty'" in m for m in messages)
+    lonely = make_flat(tmp_path / "lonely", per_class=3, classes=("cats",))
+    with pytest.raises(FeatxError, match="at least 2"):
+        run(lonely, tmp_path / "l.h5")
+
+
+KILLABLE = textwrap.dedent(
+    """
+    import sys, time
+    from featx import backbone
+    from featx.extract import extract
+    real = backbone.KerasEngine.features
+    def slow(engine, batch):  # slow batches give the test time to kill mid-run
+        time.sleep(0.4)
+        return real(engine, batch)
+    backbone.KerasEngine.features = slow
+    extract(sys.argv[1], sys.argv[2], weights="none", alpha=0.35, image_size=32,
+                    batch_size=4)
+    """
+)
+
+
+def test_kill_9_mid_run_leaves_a_usable_cache_and_resume_matches_a_clean_run(tmp_path):
+    data = make_flat(tmp_path / "data", per_class=20)
+    cache_path = tmp_path / "killed.h5"
+    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(data), str(cache_path)])
+    parts = cache_path.with_name(cache_path.name + ".parts")
+    deadline = time.time() + 120
+    while len(list(parts.glob("part-*.npz"))) < 3:
+        assert proc.poll() is None, "extraction ended before it could be killed"
+        assert time.time() < deadline, "no journalled batch after 120 s"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    assert store.info(cache_path)["images"] == 0  # the cache opens: empty, but valid
+    finished = len(list(parts.glob("part-*.npz"))) * 4
+    summary = run(data, cache_path)
+    assert summary["resumed"] >= 12 and summary["resumed"] == finished
+    assert summary["extracted"] == 40 - finished
+    assert not parts.exists()
+
+    clean = tmp_path / "clean.h5"
+    run(data, clean)
+    a, b = store.read_cache(cache_path), store.read_cache(clean)
+    assert a.paths == b.paths and list(a.splits) == list(b.splits)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(
+        a.features, b.features, rtol=1e-4, atol=1e-5 * np.abs(b.features).max()
+    )
+
+
+def test_cli_extract_and_info(flat, tmp_path):
+    runner = CliRunner()
+    cache_path = tmp_path / "c.h5"
+    args = ["--weights", "none", "--alpha", "0.35", "--image-size", "32", "--batch-size", "8"]
+    result = runner.invoke(cli, ["extract", str(flat), "--cache", str(cache_path), *args])
+    assert result.exit_code == 0, result.output
+    assert "train" in result.output and "images/s" in result.output
+    result = runner.invoke(cli, ["extract", str(flat), "--cache", str(cache_path), *args, "--json"])
+    assert result.exit_code == 0 and '"kept": 20' in result.output
+    result = runner.invoke(cli, ["info", str(cache_path)])
+    assert result.exit_code == 0 and "validation" in result.output and "alpha=0.35" in result.output
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["extract", str(tmp_path / "nope"), "--weights", "none"])
+    assert result.exit_code == 1
+    assert result.output.strip().startswith("Error: Data folder not found")
+    assert "Traceback" not in result.output
+    result = runner.invoke(cli, ["info", str(tmp_path / "missing.h5")])
+    assert result.exit_code == 1 and "Cache not found" in result.output
+
+
+def test_help_is_instant_because_cli_imports_no_tensorflow():
+    heavy = "('tensorflow', 'keras', 'h5py')"
+    code = f"import sys, featx.cli; print(any(m in sys.modules for m in {heavy}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
