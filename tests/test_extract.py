@@ -282,3 +282,49 @@ def test_help_is_instant_because_cli_imports_no_tensorflow():
     code = f"import sys, featx.cli; print(any(m in sys.modules for m in {heavy}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_preprocessing_layer_is_mobilenet_v2_preprocess_input():
+    import keras
+
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    ours = keras.ops.convert_to_numpy(backbone.preprocessing_layer()(x))
+    theirs = keras.applications.mobilenet_v2.preprocess_input(x.copy())
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+REAL_DATA = Path(
+    os.environ.get("FEATX_DATA")
+    or Path(__file__).resolve().parents[2] / "shared" / "data" / "cats_and_dogs_filtered"
+)
+WEIGHTS_FILE = (
+    Path.home() / ".keras" / "models" / backbone._imagenet_file_name(1.0, 224)  # Keras' own name
+)
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real photos not found at {REAL_DATA}")
+@pytest.mark.skipif(not WEIGHTS_FILE.is_file(), reason=f"ImageNet weights not in {WEIGHTS_FILE}")
+def test_real_photos_give_the_features_of_keras_own_mobilenet_v2(tmp_path):
+    import keras
+
+    data = tmp_path / "photos"
+    for c in ("cats", "dogs"):
+        (data / c).mkdir(parents=True)
+        for p in sorted((REAL_DATA / "train" / c).glob("*.jpg"))[:6]:
+            (data / c / p.name).symlink_to(p)
+    summary = extract(data, tmp_path / "real.h5", batch_size=8)
+    assert summary["extracted"] == 12 and not summary["rejected"]
+    cache = store.read_cache(tmp_path / "real.h5")
+    assert cache.features.shape == (12, 1280) and cache.features.min() >= 0
+    assert len(cache.fingerprint["weights_sha256"]) == 64
+
+    # The reference: Keras' own model and preprocess_input on the same decoded pixels.
+    from featx.images import load_image
+
+    pixels = np.stack([load_image(data / p) for p in cache.paths]).astype("float32")
+    reference = keras.applications.MobileNetV2((224, 224, 3), include_top=False, pooling="avg")
+    expected = reference.predict(
+        keras.applications.mobilenet_v2.preprocess_input(pixels), verbose=0
+    )
+    np.testing.assert_allclose(cache.features, expected, atol=1e-4)
