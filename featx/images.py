@@ -97,7 +97,9 @@ def find_images(data_dir: str | Path) -> Listing:
             raise FeatxError(f"'{root}' has split folders but no train/ folder; add train/CLASS/*.")
         layout = "splits"
         class_dirs = [
-            (config.SPLIT_FOLDER_NAMES[s.name.lower()], c) for s in split_dirs for c in _subfolders(s)
+            (config.SPLIT_FOLDER_NAMES[s.name.lower()], c)
+            for s in split_dirs
+            for c in _subfolders(s)
         ]
     else:
         layout = "flat"
@@ -181,7 +183,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; alpha is composited on config.BACKGROUND.
 
     Integer gray modes (I;16*, and I, which is how 16-bit PNG/TIFF files arrive) are taken as
-    16-bit, 0..65535 -> 0..255, whatever values this one image happens to hold; F is taken as 0..255.
+    16-bit, 0..65535 -> 0..255, whatever values one image happens to hold; F is taken as 0..255.
     A transparent colour (PNG tRNS, GIF) counts as alpha, in L and RGB images as in palette ones.
     """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
