@@ -328,3 +328,32 @@ def test_real_photos_give_the_features_of_keras_own_mobilenet_v2(tmp_path):
         keras.applications.mobilenet_v2.preprocess_input(pixels), verbose=0
     )
     np.testing.assert_allclose(cache.features, expected, atol=1e-4)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not _has("jax"), reason="jax is not installed (pip install jax)")
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real photos not found at {REAL_DATA}")
+@pytest.mark.skipif(not WEIGHTS_FILE.is_file(), reason=f"ImageNet weights not in {WEIGHTS_FILE}")
+def test_jax_backend_gives_the_same_features_as_tensorflow(tmp_path):
+    data = tmp_path / "photos"
+    for c in ("cats", "dogs"):
+        (data / c).mkdir(parents=True)
+        for p in sorted((REAL_DATA / "validation" / c).glob("*.jpg"))[:4]:
+            (data / c / p.name).symlink_to(p)
+    extract(data, tmp_path / "tf.h5", batch_size=8)
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    cmd = [sys.executable, "-m", "featx", "extract", str(data), "--cache", str(tmp_path / "jax.h5")]
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    tf_cache, jax_cache = (
+        store.read_cache(tmp_path / "tf.h5"),
+        store.read_cache(tmp_path / "jax.h5"),
+    )
+    assert jax_cache.fingerprint["keras_backend"] == "jax"
+    assert jax_cache.paths == tf_cache.paths
+    np.testing.assert_allclose(jax_cache.features, tf_cache.features, atol=1e-4)
