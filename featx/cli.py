@@ -109,6 +109,13 @@ class Progress:
 )
 @click.option("--seed", default=config.SEED, show_default=True, type=int, help="Seeds the split.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with another backbone.")
+@click.option(
+    "--engine",
+    default=config.ENGINE,
+    show_default=True,
+    type=click.Choice(["auto", "keras", "onnx"]),
+    help="onnx: ONNX Runtime, ~2x faster on a CPU; auto: onnx when installed and no GPU.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
 def extract(
@@ -122,6 +129,7 @@ def extract(
     val_split,
     seed,
     overwrite,
+    engine,
     as_json,
 ):
     """Extract MobileNetV2 features of every image in DATA_DIR into an HDF5 cache.
@@ -144,6 +152,7 @@ def extract(
             val_split=val_split,
             seed=seed,
             overwrite=overwrite,
+            engine=engine,
             progress=progress,
             log=lambda m: click.echo(m, err=True),
         )
@@ -168,7 +177,9 @@ def format_extract_summary(s: dict) -> str:
     lines += [f"  {r['path']}: {r['reason']}" for r in s["rejected"][:20]]
     if len(s["rejected"]) > 20:
         lines.append(f"  ... and {len(s['rejected']) - 20} more (see `featx info --json`)")
-    lines.append(f"{s['seconds']:.1f} s, {s['images_per_second']:.1f} images/s")
+    lines.append(
+        f"{s['seconds']:.1f} s, {s['images_per_second']:.1f} images/s ({s['engine']} engine)"
+    )
     return "\n".join(lines)
 
 
@@ -197,6 +208,252 @@ def info(cache_path, as_json):
     click.echo(f"rejected: {len(data['rejected'])}")
     for r in data["rejected"]:
         click.echo(f"  {r['path']}: {r['reason']}")
+
+
+@cli.command()
+@click.argument("cache_path", type=click.Path(dir_okay=False))
+@click.option(
+    "--head",
+    "head_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A `featx fit-head` output folder fitted on CACHE: the warm start.",
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False),
+    help="Folder to write  [default: <CACHE folder>/<CACHE name>-finetune/]",
+)
+@click.option(
+    "--unfreeze-layers",
+    default=config.FINETUNE_UNFREEZE_LAYERS,
+    show_default=True,
+    type=int,
+    help="Top layers of MobileNetV2 that train (BatchNorm never does); 0: only the head.",
+)
+@click.option("--epochs", default=config.FINETUNE_EPOCHS, show_default=True, type=int)
+@click.option(
+    "--learning-rate", default=config.FINETUNE_LEARNING_RATE, show_default=True, type=float
+)
+@click.option("--batch-size", default=config.FINETUNE_BATCH_SIZE, show_default=True, type=int)
+@click.option(
+    "--augment/--no-augment",
+    default=True,
+    show_default=True,
+    help="Random flip, rotation, zoom and contrast while training.",
+)
+@click.option("--dropout", default=config.FINETUNE_DROPOUT, show_default=True, type=float)
+@click.option(
+    "--patience",
+    default=config.FINETUNE_PATIENCE,
+    show_default=True,
+    type=int,
+    help="Epochs without a lower validation loss before stopping.",
+)
+@click.option(
+    "--reduce-lr-on-plateau", is_flag=True, help="Lower the learning rate when it stalls."
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Where CACHE's images are now, if they moved since extraction.",
+)
+@click.option("--seed", default=config.SEED, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@friendly_errors
+def finetune(cache_path, head_dir, output, as_json, **options):
+    """Fine-tune MobileNetV2 and a fitted head end to end on the images of CACHE.
+
+    Rebuilds one model (augmentation, preprocessing, backbone, head) warm-started from the head,
+    trains the top of the backbone at a low learning rate on the cache's train split, and keeps
+    the best weights on the validation split, never worse than the warm start. Ctrl-C keeps the
+    best weights so far.
+    """
+    from featx.finetune import finetune as run_finetune
+    from featx.report import format_summary
+
+    m = run_finetune(
+        cache_path, head_dir, output, log=lambda msg: click.echo(msg, err=True), **options
+    )
+    if as_json:
+        print_json(m)
+    else:
+        before, after = m["before"]["validation"]["accuracy"], m["validation"]["accuracy"]
+        click.echo(
+            f"fine-tuned in {m['seconds'] / 60:.1f} min, best epoch {m['best_epoch']} of "
+            f"{m['epochs_run']}; validation accuracy {before:.4f} (warm start) -> {after:.4f}"
+        )
+        click.echo(format_summary(m))
+    if m["interrupted"]:
+        raise SystemExit(130)
+
+
+@cli.command("fit-head")
+@click.argument("cache_path", type=click.Path(dir_okay=False))
+@click.option(
+    "--head", default=config.HEAD, show_default=True, type=click.Choice(["logreg", "dense"])
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False),
+    help="Folder to write  [default: <CACHE folder>/<CACHE name>-<head>/]",
+)
+@click.option("--C", "C", type=float, help="logreg: regularisation  [default: chosen by CV]")
+@click.option(
+    "--epochs", default=config.DENSE_EPOCHS, show_default=True, type=int, help="dense: at most."
+)
+@click.option("--learning-rate", default=config.DENSE_LEARNING_RATE, show_default=True, type=float)
+@click.option("--dropout", default=config.DENSE_DROPOUT, show_default=True, type=float)
+@click.option(
+    "--hidden", default=config.DENSE_HIDDEN, show_default=True, type=int, help="dense: 0 = none."
+)
+@click.option(
+    "--class-weight",
+    default=config.CLASS_WEIGHT,
+    show_default=True,
+    type=click.Choice(["none", "balanced"]),
+)
+@click.option("--seed", default=config.SEED, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--min-accuracy", type=float, help="Exit 1 if validation accuracy is below this.")
+@friendly_errors
+def fit_head(cache_path, as_json, min_accuracy, **options):
+    """Train a classifier head on CACHE's features and report honest metrics.
+
+    logreg: standardised multinomial logistic regression, C chosen by cross-validation on the
+    train split. dense: a small Keras head with early stopping on the validation loss. Writes
+    the head, metrics.json, confusion_matrix.png, misclassified.csv (dense: training_curves.png).
+    """
+    from featx.fit_head import fit_head as run_fit_head
+    from featx.report import format_summary
+
+    m = run_fit_head(cache_path, log=lambda msg: click.echo(msg, err=True), **options)
+    if as_json:
+        print_json(m)
+    else:
+        click.echo(format_summary(m))
+    accuracy = m["validation"]["accuracy"]
+    if min_accuracy is not None and accuracy < min_accuracy:
+        raise click.ClickException(
+            f"validation accuracy {accuracy:.4f} is below --min-accuracy {min_accuracy}."
+        )
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("paths", nargs=-1, required=True)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write one row per image to this .csv or .json file instead of the table.",
+)
+@click.option(
+    "--top-k",
+    default=config.PREDICT_TOP_K,
+    show_default=True,
+    type=int,
+    help="Classes listed per image, most probable first.",
+)
+@click.option("--batch-size", default=config.BATCH_SIZE, show_default=True, type=int)
+@click.option(
+    "--engine",
+    default=config.ENGINE,
+    show_default=True,
+    type=click.Choice(["auto", "keras", "onnx"]),
+    help="What runs the backbone of a fit-head model (as for extract).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows and the summary as JSON.")
+@friendly_errors
+def predict(model_dir, paths, output, top_k, batch_size, engine, as_json):
+    """Classify images with MODEL_DIR, a fit-head or finetune output folder.
+
+    PATHS are image files, folders (searched recursively) or quoted glob patterns such as
+    'photos/*.jpg'. Prints one line per image and, when the images sit in folders named after the
+    model's classes, the accuracy. A file that cannot be read gets an error row; the exit status
+    is 1 only when no image could be predicted.
+    """
+    from featx.predict import format_summary, format_table
+    from featx.predict import predict as run_predict
+
+    progress = Progress("predicting", enabled=not as_json)
+    try:
+        result = run_predict(
+            model_dir,
+            paths,
+            output=output,
+            top_k=top_k,
+            batch_size=batch_size,
+            engine=engine,
+            progress=progress,
+            log=lambda m: click.echo(m, err=True),
+        )
+    finally:
+        progress.close()
+    if as_json:
+        print_json(result)
+        return
+    if output is None:
+        click.echo(format_table(result))
+    click.echo(format_summary(result))
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--format",
+    "model_format",
+    default=config.EXPORT_FORMAT,
+    show_default=True,
+    type=click.Choice(["keras", "savedmodel", "tflite"]),
+    help="savedmodel and tflite need the TensorFlow backend.",
+)
+@click.option(
+    "--quantize",
+    default=config.EXPORT_QUANTIZE,
+    show_default=True,
+    type=click.Choice(["none", "float16", "dynamic"]),
+    help="TFLite only: float16 weights, or int8 weights (dynamic range).",
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False),
+    help="Folder to write  [default: MODEL_DIR/export-<format>[-<quantize>]/]",
+)
+@click.option(
+    "--cache",
+    "cache_path",
+    type=click.Path(dir_okay=False),
+    help="The model's feature cache: evaluate the export on its validation split.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the export record as JSON.")
+@friendly_errors
+def export(model_dir, model_format, quantize, output, cache_path, as_json):
+    """Export MODEL_DIR as one model from raw pixels to class probabilities.
+
+    Writes the model (model.keras, saved_model/ or model.tflite), labels.txt and export.json
+    (input size, preprocessing, class names), then checks the exported file against the
+    in-process model and reports the largest probability difference.
+    """
+    from featx.export import export as run_export
+    from featx.export import format_summary
+
+    progress = Progress("evaluating", enabled=not as_json)
+    try:
+        result = run_export(
+            model_dir,
+            model_format,
+            quantize,
+            output,
+            cache_path,
+            progress=progress,
+            log=lambda m: click.echo(m, err=True),
+        )
+    finally:
+        progress.close()
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(format_summary(result))
 
 
 if __name__ == "__main__":

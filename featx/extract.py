@@ -69,10 +69,18 @@ def _open_existing(cache_path: Path, fp: dict, overwrite: bool) -> store.Cache |
     return old
 
 
-def make_engine(name: str, weights: str, image_size: int, alpha: float):
-    if name == "keras":
-        return backbone.KerasEngine(weights, image_size, alpha)
-    raise FeatxError(f"Unknown engine '{name}'; expected 'keras'.")
+def make_engine(name: str, weights: str, image_size: int, alpha: float, *, onnx_dir=None, log=None):
+    """The engine that runs the backbone; its `.name` is the engine actually used.
+
+    name: "keras", "onnx" (ONNX Runtime; its exported .onnx file lives in `onnx_dir`) or "auto"
+    (onnx when onnxruntime is installed and Keras sees no GPU, else keras). Building is lazy:
+    the model is loaded on the first batch.
+    """
+    from featx import onnx_engine
+
+    if onnx_engine.choose_engine(name, log) == "onnx":
+        return onnx_engine.OnnxEngine(weights, image_size, alpha, onnx_dir=onnx_dir, log=log)
+    return backbone.KerasEngine(weights, image_size, alpha)
 
 
 def extract(
@@ -100,6 +108,7 @@ def extract(
         dtype: "float32" or "float16"; None keeps the cache's dtype (float32 for a new cache).
         val_split, seed: the stratified split of a folder without split folders.
         overwrite: replace a cache made with another backbone instead of refusing.
+        engine: "keras", "onnx" or "auto" (see `make_engine`); features of both engines mix.
         progress: called as progress(done, total, images_per_second) after each batch.
         log: called with one-line messages (warnings, notes); default: silent.
     Returns:
@@ -116,7 +125,10 @@ def extract(
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
     cache_path = Path(cache_path) if cache_path else default_cache_path(root)
-    fp = backbone.fingerprint(weights, image_size, alpha, engine=engine)
+    runner = make_engine(
+        engine, weights, image_size, alpha, onnx_dir=config.ONNX_DIR or cache_path.parent, log=log
+    )
+    fp = backbone.fingerprint(weights, image_size, alpha, engine=runner.name)
     old = _open_existing(cache_path, fp, overwrite)
     if old is not None and old.attrs.get("data_dir") not in (None, str(root.resolve())):
         log(f"note: the cache was made from {old.attrs['data_dir']}; matching files by path.")
@@ -178,7 +190,7 @@ def extract(
         extracted, model_seconds = _run_pipeline(
             root,
             todo,
-            make_engine(engine, weights, image_size, alpha),
+            runner,
             image_size,
             batch_size,
             journal,
@@ -218,7 +230,7 @@ def extract(
         "seconds": round(seconds, 3),
         "model_seconds": round(model_seconds, 3),
         "images_per_second": round(extracted / seconds, 2) if extracted else 0.0,
-        "engine": engine,
+        "engine": runner.name,
         "batch_size": batch_size,
     }
 

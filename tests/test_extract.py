@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import REAL_DATA, TINY, WEIGHTS_FILE
 from PIL import Image
 
 from featx import backbone, store
@@ -19,7 +20,6 @@ from featx.cli import cli
 from featx.errors import FeatxError
 from featx.extract import extract
 
-TINY = dict(weights="none", alpha=0.35, image_size=32)  # the fastest MobileNetV2 there is
 COLOURS = {"cats": (200, 60, 60), "dogs": (60, 60, 200), "birds": (60, 200, 60)}
 
 
@@ -293,15 +293,6 @@ def test_preprocessing_layer_is_mobilenet_v2_preprocess_input():
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
 
 
-REAL_DATA = Path(
-    os.environ.get("FEATX_DATA")
-    or Path(__file__).resolve().parents[2] / "shared" / "data" / "cats_and_dogs_filtered"
-)
-WEIGHTS_FILE = (
-    Path.home() / ".keras" / "models" / backbone._imagenet_file_name(1.0, 224)  # Keras' own name
-)
-
-
 @pytest.mark.real
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real photos not found at {REAL_DATA}")
 @pytest.mark.skipif(not WEIGHTS_FILE.is_file(), reason=f"ImageNet weights not in {WEIGHTS_FILE}")
@@ -346,9 +337,11 @@ def test_jax_backend_gives_the_same_features_as_tensorflow(tmp_path):
         (data / c).mkdir(parents=True)
         for p in sorted((REAL_DATA / "validation" / c).glob("*.jpg"))[:4]:
             (data / c / p.name).symlink_to(p)
-    extract(data, tmp_path / "tf.h5", batch_size=8)
+    # The Keras engine under both backends: this compares Keras backends, not ONNX Runtime.
+    extract(data, tmp_path / "tf.h5", batch_size=8, engine="keras")
     env = {**os.environ, "KERAS_BACKEND": "jax"}
-    cmd = [sys.executable, "-m", "featx", "extract", str(data), "--cache", str(tmp_path / "jax.h5")]
+    cmd = [sys.executable, "-m", "featx", "extract", str(data), "--engine", "keras"]
+    cmd += ["--cache", str(tmp_path / "jax.h5")]
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     tf_cache, jax_cache = (
         store.read_cache(tmp_path / "tf.h5"),

@@ -1,0 +1,590 @@
+"""Stage 3: rebuild one end-to-end Keras model, warm-start it from a stage-2 head, fine-tune it.
+
+The model takes raw RGB pixels (0..255) and chains, all as standard Keras layers (so model.keras
+loads in safe mode): augmentation (active only in training) -> the backbone's own preprocessing
+layer -> the MobileNetV2 base called with training=False (BatchNormalization stays in inference
+mode even where the base is unfrozen) -> dropout -> the stage-2 head as a Keras model. Warm-started
+this way, the model starts at the stage-2 accuracy, which is measured first ("before") and kept
+unless an epoch beats it on the validation split: fine-tuning never ends worse than it started.
+
+Images are decoded from disk by the shared loader, with exactly the split recorded in the cache,
+a few batches ahead of the model on a thread pool (keras.utils.PyDataset), so memory does not grow
+with the data set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from featx import backbone, config, images, store
+from featx.errors import FeatxError
+from featx.files import write_text_atomic
+
+MODEL_FILE = "model.keras"
+INFO_FILE = "finetune.json"
+
+
+def default_output_dir(cache_path: str | Path) -> Path:
+    """`<cache folder>/<cache name>-finetune/`, next to the cache (cache/cats_and_dogs-finetune)."""
+    cache_path = Path(cache_path)
+    return cache_path.with_name(f"{cache_path.stem}-finetune")
+
+
+# --- the data --------------------------------------------------------------------------------
+
+
+class ImageBatches(keras.utils.PyDataset):
+    """(pixels, labels) batches decoded from disk with `images.load_image`.
+
+    `workers` threads decode whole batches ahead of the model (at most `max_queue_size` waiting),
+    so only a few batches are ever in memory. With `shuffle`, the order is a new seeded
+    permutation every epoch. With `drop_remainder` (for training), the last partial batch of an
+    epoch is left out, so every step has the same shape and the training step is traced once; the
+    reshuffle lets other images fall out each epoch. A file that fails to decode is left out of its
+    batch and recorded in `failed` ({path: reason}); it never stops training.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        paths: list[str],
+        labels: np.ndarray,
+        image_size: int,
+        batch_size: int = config.FINETUNE_BATCH_SIZE,
+        *,
+        shuffle: bool = False,
+        drop_remainder: bool = False,
+        seed: int = config.SEED,
+        workers: int = config.DECODE_THREADS,
+        max_queue_size: int = config.PREFETCH_BATCHES,
+    ):
+        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max_queue_size)
+        self.root, self.paths = Path(root), list(paths)
+        self.labels = np.asarray(labels, np.int32)
+        self.image_size, self.batch_size, self.shuffle = image_size, batch_size, shuffle
+        self.drop_remainder = drop_remainder and len(self.paths) >= batch_size
+        self.failed: dict[str, str] = {}
+        self._rng = np.random.default_rng(seed)
+        self._order = self._new_order()
+
+    def _new_order(self) -> np.ndarray:
+        n = len(self.paths)
+        return self._rng.permutation(n) if self.shuffle else np.arange(n)
+
+    def __len__(self) -> int:
+        if self.drop_remainder:
+            return len(self.paths) // self.batch_size
+        return math.ceil(len(self.paths) / self.batch_size)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Batch `index` as (float32 pixels, labels, row indices of the images that decoded)."""
+        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
+        pixels, kept = [], []
+        for i in rows:
+            path = self.paths[i]
+            try:
+                pixels.append(images.load_image(self.root / path, self.image_size))
+                kept.append(i)
+            except Exception as e:  # unreadable, deleted or corrupt since extraction
+                self.failed[path] = str(e) or type(e).__name__
+        if not kept:
+            raise FeatxError(
+                f"None of the {len(rows)} images of a batch could be read from '{self.root}' "
+                f"(first: {self.paths[rows[0]]}: {self.failed.get(self.paths[rows[0]])}). "
+                "Check that the data folder recorded in the cache is still there."
+            )
+        kept = np.asarray(kept)
+        return np.stack(pixels).astype(np.float32), self.labels[kept], kept
+
+    def __getitem__(self, index: int):
+        x, y, _ = self.load(index)
+        return x, y
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            self._order = self._new_order()
+
+
+def predict_batches(model, data: ImageBatches) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities of every image that decodes, in order: (proba, row indices).
+
+    Decodes on a thread pool a few batches ahead; batches are padded to a fixed size so the
+    model is traced once.
+    """
+    probas, rows = [], []
+    n, ahead = len(data), max(1, data.max_queue_size)
+    with ThreadPoolExecutor(max(1, data.workers), thread_name_prefix="featx-finetune") as pool:
+        futures = {i: pool.submit(data.load, i) for i in range(min(n, ahead))}
+        for i in range(n):
+            x, _, kept = futures.pop(i).result()
+            if i + ahead < n:
+                futures[i + ahead] = pool.submit(data.load, i + ahead)
+            batch = np.zeros((data.batch_size, *x.shape[1:]), np.float32)
+            batch[: len(x)] = x
+            out = model.predict_on_batch(batch)
+            probas.append(np.asarray(out, np.float32)[: len(x)])
+            rows.append(kept)
+    return np.concatenate(probas), np.concatenate(rows)
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+def augmentation_layers(seed: int = config.SEED) -> list:
+    """Random flip, rotation, zoom and contrast on 0..255 pixels; identity outside training."""
+    return [
+        keras.layers.RandomFlip(config.AUGMENT_FLIP, seed=seed, name="augment_flip"),
+        keras.layers.RandomRotation(
+            config.AUGMENT_ROTATION, seed=seed + 1, name="augment_rotation"
+        ),
+        keras.layers.RandomZoom(config.AUGMENT_ZOOM, seed=seed + 2, name="augment_zoom"),
+        keras.layers.RandomContrast(
+            config.AUGMENT_CONTRAST, value_range=(0, 255), seed=seed + 3, name="augment_contrast"
+        ),
+    ]
+
+
+def build_model(
+    fingerprint: dict,
+    head_model,
+    *,
+    augment: bool = True,
+    dropout: float = config.FINETUNE_DROPOUT,
+    seed: int = config.SEED,
+):
+    """The end-to-end model: raw RGB pixels (0..255, uint8 or float) -> class probabilities.
+
+    Args:
+        fingerprint: the cache's fingerprint; the base is rebuilt with its weights, image size
+            and alpha, and must give the same fingerprint (else FeatxError).
+        head_model: the stage-2 head as a Keras model, (None, D) features -> probabilities; its
+            weights are the warm start.
+        augment: put the augmentation layers in front (they do nothing at inference).
+        dropout: rate of the Dropout between the pooled features and the head.
+    The whole base starts frozen; see `set_trainable`.
+    """
+    weights, size, alpha = fingerprint["weights"], fingerprint["image_size"], fingerprint["alpha"]
+    rebuilt = backbone.fingerprint(weights, size, alpha)
+    backbone.check_compatible(
+        fingerprint,
+        rebuilt,
+        "The cache",
+        f"The weights '{weights}' found now differ from those that made the cache; re-run "
+        "`featx extract` (with --overwrite) so features and fine-tuning use the same backbone.",
+    )
+    base = backbone.build_base(weights, size, alpha)
+    base.trainable = False
+    keras.utils.set_random_seed(seed)  # after build_base, which seeds random weights itself
+    inputs = keras.Input((size, size, 3), dtype="float32", name="image")
+    x = inputs
+    if augment:
+        for layer in augmentation_layers(seed):
+            x = layer(x)
+    x = backbone.preprocessing_layer()(x)
+    x = base(x, training=False)  # BatchNorm in inference mode, even when unfrozen
+    if head_model.input_shape[-1] != x.shape[-1]:
+        raise FeatxError(
+            f"The head takes {head_model.input_shape[-1]}-d features, the backbone gives "
+            f"{x.shape[-1]}-d ones. Use a head fitted on this cache."
+        )
+    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
+    outputs = head_model(x)
+    return keras.Model(inputs, outputs, name="featx_finetune")
+
+
+def base_of(model):
+    """The MobileNetV2 base inside an end-to-end model (also after keras.saving.load_model)."""
+    for layer in model.layers:
+        if layer.name.startswith("mobilenetv2"):
+            return layer
+    raise FeatxError(f"'{model.name}' has no MobileNetV2 base; it is not a featx finetune model.")
+
+
+def set_trainable(model, unfreeze_layers: int) -> list[str]:
+    """Unfreeze the top `unfreeze_layers` layers of the base, except BatchNormalization.
+
+    The head always trains. Returns the names of the unfrozen base layers. Compile (again)
+    afterwards: Keras reads `trainable` when it compiles.
+    """
+    base = base_of(model)
+    layers = [layer for layer in base.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if not 0 <= unfreeze_layers <= len(layers):
+        raise FeatxError(
+            f"unfreeze_layers must be between 0 and {len(layers)} (the layers of the base), "
+            f"got {unfreeze_layers}."
+        )
+    base.trainable = True  # lets the flags of the layers below decide
+    top = layers[len(layers) - unfreeze_layers :] if unfreeze_layers else []
+    for layer in layers:
+        layer.trainable = layer in top and not isinstance(layer, keras.layers.BatchNormalization)
+    return [layer.name for layer in top]
+
+
+def compile_model(model, learning_rate: float = config.FINETUNE_LEARNING_RATE) -> None:
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    # Build the optimizer's slots now, so that every saved model.keras (also one saved before
+    # any step) holds the full optimizer state and loads without warnings.
+    model.optimizer.build(model.trainable_variables)
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+class _EpochLog(keras.callbacks.Callback):
+    """One line per epoch through `log`; keeps the history of finished epochs (also on Ctrl-C)."""
+
+    def __init__(self, log, epochs: int):
+        super().__init__()
+        self.log, self.epochs, self.t0 = log, epochs, 0.0
+        self.seconds: list[float] = []
+        self.history: dict[str, list[float]] = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.seconds.append(time.perf_counter() - self.t0)
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(float(v))
+        values = " ".join(
+            f"{k} {float(logs[k]):.4f}"
+            for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+            if k in logs
+        )
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        seconds = self.seconds[-1]
+        self.log(f"epoch {epoch + 1}/{self.epochs}: {values} lr {lr:.1e} ({seconds:.0f} s)")
+
+
+class _KeepBest(keras.callbacks.Callback):
+    """Keeps the best weights, starting from the warm start's: an epoch is better when it gets
+    more validation images right, or as many with a lower validation loss. Each new best is also
+    saved to `path` (the checkpoint that survives a killed process)."""
+
+    def __init__(self, path: Path, n_val: int, correct: int, loss: float, weights: list):
+        super().__init__()
+        self.path, self.n_val = path, n_val
+        self.best, self.best_epoch, self.weights = (correct, -loss), 0, weights
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if "val_accuracy" not in logs:
+            return
+        score = (round(float(logs["val_accuracy"]) * self.n_val), -float(logs["val_loss"]))
+        if score > self.best:
+            self.best, self.best_epoch = score, epoch + 1
+            self.weights = self.model.get_weights()
+            self.model.save(self.path)
+
+
+def _keras_loss(y: np.ndarray, proba: np.ndarray) -> float:
+    """Keras' sparse categorical cross-entropy (probabilities clipped at 1e-7), to compare the
+    warm start with the epochs' val_loss on one scale."""
+    p = np.clip(proba[np.arange(len(y)), y], 1e-7, 1.0)
+    return float(-np.mean(np.log(p)))
+
+
+def _split_rows(cache: store.Cache, root: Path, log) -> tuple[dict, list[dict]]:
+    """{split: (paths, labels)} of the files still on disk, and the missing ones."""
+    out, missing = {}, []
+    for split in config.SPLITS:
+        idx = np.flatnonzero(cache.splits == split)
+        if not len(idx):
+            continue
+        paths, labels = [], []
+        for i in idx:
+            if (root / cache.paths[i]).is_file():
+                paths.append(cache.paths[i])
+                labels.append(cache.labels[i])
+            else:
+                missing.append({"path": cache.paths[i], "reason": "file not found"})
+        out[split] = (paths, np.asarray(labels, np.int32))
+    for m in missing[:5]:
+        log(f"warning: skipping {m['path']}: {m['reason']}")
+    if len(missing) > 5:
+        log(f"warning: ... and {len(missing) - 5} more missing files")
+    return out, missing
+
+
+def _load_inputs(cache_path, head_dir, data_dir):
+    from featx import heads
+
+    cache = store.read_cache(cache_path)
+    for split in ("train", "validation"):
+        if not (cache.splits == split).any():
+            raise FeatxError(
+                f"The cache '{cache_path}' has no {split} split; fine-tuning needs train and "
+                "validation images. Re-run `featx extract` on a folder with both."
+            )
+    head_dir = Path(head_dir)
+    if not head_dir.is_dir():
+        raise FeatxError(
+            f"Head folder not found: '{head_dir}'. Fit one first with "
+            f"`featx fit-head {cache_path}`, and pass its output folder to --head."
+        )
+    head, meta = heads.load_head(head_dir)
+    backbone.check_compatible(
+        meta["fingerprint"],
+        cache.fingerprint,
+        f"The head in '{head_dir}'",
+        f"It was fitted on another cache than '{cache_path}'; fit a head on this cache with "
+        f"`featx fit-head {cache_path}`.",
+    )
+    if list(meta["class_names"]) != list(cache.class_names):
+        raise FeatxError(
+            f"The head in '{head_dir}' predicts the classes {list(meta['class_names'])}, the "
+            f"cache '{cache_path}' has {list(cache.class_names)}. Fit a head on this cache with "
+            f"`featx fit-head {cache_path}`."
+        )
+    root = Path(data_dir) if data_dir else Path(str(cache.attrs.get("data_dir", "")))
+    if not root.is_dir():
+        raise FeatxError(
+            f"The images of the cache '{cache_path}' were read from '{root}', which is not a "
+            "folder here. Pass --data-dir with the folder's new location."
+        )
+    return cache, head, meta, root
+
+
+def _head_validation_accuracy(head_dir: Path) -> float | None:
+    try:
+        return float(json.loads((head_dir / "metrics.json").read_text())["validation"]["accuracy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def finetune(
+    cache_path: str | Path,
+    head_dir: str | Path,
+    output: str | Path | None = None,
+    *,
+    unfreeze_layers: int = config.FINETUNE_UNFREEZE_LAYERS,
+    epochs: int = config.FINETUNE_EPOCHS,
+    learning_rate: float = config.FINETUNE_LEARNING_RATE,
+    batch_size: int = config.FINETUNE_BATCH_SIZE,
+    augment: bool = True,
+    dropout: float = config.FINETUNE_DROPOUT,
+    patience: int = config.FINETUNE_PATIENCE,
+    reduce_lr_on_plateau: bool = False,
+    data_dir: str | Path | None = None,
+    seed: int = config.SEED,
+    log=None,
+) -> dict:
+    """Fine-tune the backbone and the stage-2 head end to end on the cache's images.
+
+    Args:
+        cache_path: the feature cache; its fingerprint fixes the backbone, and its recorded
+            train/validation(/test) split and paths fix the images.
+        head_dir: a `featx fit-head` output folder fitted on this cache (the warm start).
+        output: where to write; default `<cache folder>/<cache name>-finetune/`.
+        unfreeze_layers: how many top layers of the base train (BatchNormalization never does);
+            0 trains only the head, with augmentation.
+        epochs, patience: at most `epochs` epochs; stops after `patience` epochs without a lower
+            validation loss. The weights kept are the best epoch's on validation (more images
+            right, or as many with a lower loss), or the warm start's when no epoch beats it.
+        learning_rate: AdamW's learning rate (keep it low: 1e-5 adapts, 1e-3 destroys).
+        augment: random flip/rotation/zoom/contrast in training.
+        dropout: dropout rate in front of the head.
+        reduce_lr_on_plateau: divide the learning rate by 5 when the validation loss stalls.
+        data_dir: where the images are now, if they moved since extraction.
+        log: called with one-line progress messages; default: silent.
+    Returns:
+        The metrics written to metrics.json: one object per split for the final model, "before"
+        with the warm-started model's, plus epochs, timings and options.
+    """
+    from featx import report
+
+    t_start = time.perf_counter()
+    log = log or (lambda message: None)
+    for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1)):
+        if not isinstance(value, int) or value < low:
+            raise FeatxError(f"{name} must be an integer >= {low}, got {value!r}.")
+    if not learning_rate > 0:
+        raise FeatxError(f"learning_rate must be > 0, got {learning_rate!r}.")
+    if not 0 <= dropout < 1:
+        raise FeatxError(f"dropout must be in [0, 1), got {dropout!r}.")
+    head_dir = Path(head_dir)
+    cache, head, _meta, root = _load_inputs(cache_path, head_dir, data_dir)
+    fp = cache.fingerprint
+    size = int(fp["image_size"])
+    out = Path(output) if output else default_output_dir(cache_path)
+    options = {
+        "unfreeze_layers": unfreeze_layers,
+        "epochs": epochs,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "augment": augment,
+        "dropout": dropout,
+        "patience": patience,
+        "reduce_lr_on_plateau": reduce_lr_on_plateau,
+        "seed": seed,
+        "augmentation": {
+            "flip": config.AUGMENT_FLIP,
+            "rotation": config.AUGMENT_ROTATION,
+            "zoom": config.AUGMENT_ZOOM,
+            "contrast": config.AUGMENT_CONTRAST,
+        }
+        if augment
+        else None,
+    }
+
+    rows, missing = _split_rows(cache, root, log)
+    for split in ("train", "validation"):
+        if not rows[split][0]:
+            raise FeatxError(
+                f"None of the {split} images of '{cache_path}' is in '{root}'. Pass --data-dir "
+                "with the folder the cache was extracted from."
+            )
+    model = build_model(fp, head.to_keras(), augment=augment, dropout=dropout, seed=seed)
+    unfrozen = set_trainable(model, unfreeze_layers)
+    compile_model(model, learning_rate)
+    log(
+        f"model: {len(unfrozen)} base layers unfrozen"
+        + (f" (from {unfrozen[0]})" if unfrozen else "")
+        + f", {sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable weights"
+    )
+
+    def batches(split, train=False):
+        paths, labels = rows[split]
+        return ImageBatches(
+            root, paths, labels, size, batch_size, shuffle=train, drop_remainder=train, seed=seed
+        )
+
+    evaluated = {s: batches(s) for s in rows}
+
+    def evaluate_all(splits):
+        result, preds = {}, {}
+        for split in splits:
+            proba, kept = predict_batches(model, evaluated[split])
+            paths, labels = rows[split]
+            result[split] = report.evaluate(labels[kept], proba, cache.class_names)
+            preds[split] = (labels[kept], proba, [paths[i] for i in kept])
+        return result, preds
+
+    log(f"evaluating the warm-started model on {', '.join(rows)} ...")
+    before, before_preds = evaluate_all(rows)
+    head_accuracy = _head_validation_accuracy(head_dir)
+    log(
+        f"warm start: validation accuracy {before['validation']['accuracy']:.4f}"
+        + (f" (stage-2 head: {head_accuracy:.4f})" if head_accuracy is not None else "")
+    )
+    warm_weights = model.get_weights()
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / MODEL_FILE
+
+    y_val, proba_val, _ = before_preds["validation"]
+    keep = _KeepBest(
+        model_path,
+        len(y_val),
+        int(np.sum(proba_val.argmax(1) == y_val)),
+        _keras_loss(y_val, proba_val),
+        warm_weights,
+    )
+    epoch_log = _EpochLog(log, epochs)
+    callbacks = [
+        # Stops when the validation loss stalls; `keep` decides which weights win.
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
+        keep,
+        epoch_log,
+    ]
+    if reduce_lr_on_plateau:
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=config.FINETUNE_LR_FACTOR, patience=1
+            )
+        )
+    train = batches("train", train=True)
+    interrupted = False
+    t_fit = time.perf_counter()
+    if epochs:
+        try:
+            model.fit(
+                train,
+                validation_data=evaluated["validation"],
+                epochs=epochs,
+                shuffle=False,  # ImageBatches shuffles images, seeded, every epoch
+                callbacks=callbacks,
+                verbose=0,
+            )
+        except KeyboardInterrupt:
+            interrupted = True
+            log("interrupted: keeping the best weights so far")
+    fit_seconds = time.perf_counter() - t_fit
+    history = epoch_log.history
+    epochs_run = len(history.get("val_loss", []))
+
+    # Never end worse than the warm start: the best epoch must have beaten it (see _KeepBest).
+    model.set_weights(keep.weights)
+    best_epoch = keep.best_epoch
+    after, after_preds = before, before_preds
+    if best_epoch:
+        after, after_preds = evaluate_all(rows)
+        if after["validation"]["accuracy"] < before["validation"]["accuracy"]:  # float noise
+            best_epoch, after, after_preds = 0, before, before_preds
+            model.set_weights(warm_weights)
+    else:
+        log("no epoch beat the warm start on validation; keeping the warm-start weights")
+    model.save(model_path)
+
+    skipped = missing + [
+        {"path": p, "reason": r}
+        for ds in (train, *evaluated.values())
+        for p, r in sorted(ds.failed.items())
+    ]
+    skipped = list({s["path"]: s for s in skipped}.values())
+    metrics = {
+        **after,
+        "before": before,
+        "head_validation_accuracy": head_accuracy,
+        "epochs_run": epochs_run,
+        "best_epoch": best_epoch,
+        "interrupted": interrupted,
+        "fit_seconds": round(fit_seconds, 3),
+        "epoch_seconds": [round(s, 3) for s in epoch_log.seconds],
+        "history": {k: [round(v, 6) for v in vs] for k, vs in history.items()},
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "unfrozen": {"layers": len(unfrozen), "from": unfrozen[0] if unfrozen else None},
+        "skipped": skipped,
+        "options": options,
+        "cache": {
+            "path": str(cache_path),
+            "data_dir": str(root),
+            "counts": cache.counts(),
+            "fingerprint": fp,
+        },
+        "head_dir": str(head_dir),
+        "class_names": list(cache.class_names),
+        "output": str(out),
+    }
+    report.write_report(
+        out,
+        metrics,
+        after_preds,
+        history=history,
+        class_names=cache.class_names,
+        data_dir=root,
+    )
+    info = {
+        "kind": "finetune",
+        "class_names": list(cache.class_names),
+        "image_size": size,
+        "fingerprint": fp,
+        "head_dir": str(head_dir),
+        "cache": str(cache_path),
+        "options": options,
+        "epochs_run": epochs_run,
+        "best_epoch": best_epoch,
+    }
+    write_text_atomic(out / INFO_FILE, json.dumps(info, indent=2, default=str))
+    return metrics

@@ -1,0 +1,154 @@
+"""Stage 2: train a classifier head on cached features in seconds, and report honest metrics.
+
+The head learns from the train split. The validation split recorded in the cache is the one every
+number is reported on (and the Dense head's early stopping watches); a test split, if the cache
+has one, is only evaluated. The logistic regression chooses its C by cross-validation inside the
+train split, so its validation accuracy is an honest estimate too.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from featx import config, heads, report, store
+from featx.errors import FeatxError
+
+
+def default_output_dir(cache_path: str | Path, head: str) -> Path:
+    """`<cache folder>/<cache name>-<head>/`, next to the cache (cache/cats_and_dogs-logreg/),
+    like finetune's output; predict finds the backbone's ONNX file there too."""
+    cache_path = Path(cache_path)
+    return cache_path.with_name(f"{cache_path.stem}-{head}")
+
+
+def check_cache(cache: store.Cache, cache_path) -> None:
+    """Refuse a cache the head cannot be fitted and honestly evaluated on."""
+    for split in ("train", "validation"):
+        if not (cache.splits == split).any():
+            raise FeatxError(
+                f"The cache '{cache_path}' has no {split} images; fit-head needs a train and a "
+                "validation split. Re-run `featx extract` on DATA/CLASS/* (split by --val-split) "
+                "or on DATA/{train,validation}/CLASS/*."
+            )
+    counts = cache.counts()["train"]
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        raise FeatxError(
+            f"The class{'es' if len(empty) > 1 else ''} {', '.join(repr(c) for c in empty)} "
+            f"{'have' if len(empty) > 1 else 'has'} no training image in '{cache_path}' "
+            f"(train counts: {counts}). Add images of it to the train folder and re-run "
+            "`featx extract`, or remove the class folder."
+        )
+    if len(cache.class_names) < 2:
+        raise FeatxError(
+            f"The cache '{cache_path}' has one class ({cache.class_names}); a classifier needs "
+            "at least two class folders."
+        )
+    if not np.isfinite(cache.features).all():
+        raise FeatxError(
+            f"The cache '{cache_path}' holds non-finite features (NaN or inf). Re-extract it "
+            "with `featx extract --overwrite`."
+        )
+
+
+def fit_head(
+    cache_path: str | Path,
+    head: str = config.HEAD,
+    output: str | Path | None = None,
+    *,
+    C: float | None = None,
+    epochs: int = config.DENSE_EPOCHS,
+    learning_rate: float = config.DENSE_LEARNING_RATE,
+    dropout: float = config.DENSE_DROPOUT,
+    hidden: int = config.DENSE_HIDDEN,
+    class_weight: str = config.CLASS_WEIGHT,
+    seed: int = config.SEED,
+    log=None,
+) -> dict:
+    """Fit a head on the train split of a feature cache, evaluate it, and write it with a report.
+
+    Args:
+        cache_path: a cache written by `featx extract`.
+        head: "logreg" (standardised multinomial logistic regression) or "dense" (a small Keras
+            head); see featx.heads.
+        output: folder to write to; default <cache folder>/<cache name>-<head>/.
+        C: logistic regression only; None chooses it by cross-validation on the train split.
+        epochs, learning_rate, dropout, hidden: Dense head only (see featx.heads.DenseHead).
+        class_weight: "none" or "balanced".
+        seed: the same seed gives the same head and the same metrics.
+        log: called with one-line messages (notes, warnings); default: silent.
+    Returns:
+        The metrics written to metrics.json (see featx.report for the keys).
+    """
+    log = log or (lambda message: None)
+    if head not in heads.HEADS:
+        raise FeatxError(f"Unknown head {head!r}; expected one of {heads.HEADS}.")
+    if head == "logreg":
+        options = {"C": C, "class_weight": class_weight, "seed": seed}
+    else:
+        options = {
+            "epochs": epochs,
+            "learning_rate": learning_rate,
+            "dropout": dropout,
+            "hidden": hidden,
+            "class_weight": class_weight,
+            "seed": seed,
+        }
+    estimator = heads.make_head(head, **options)
+    cache = store.read_cache(cache_path)  # refuses non-featx files and other format versions
+    check_cache(cache, cache_path)
+    for name, n in cache.counts().get("validation", {}).items():
+        if n == 0:
+            log(f"warning: class '{name}' has no validation image; its recall is not measured.")
+    features = cache.features.astype(np.float32, copy=False)  # float16 caches too
+    data = {
+        s: (features[cache.splits == s], cache.labels[cache.splits == s]) for s in report.SPLITS
+    }
+
+    if head == "dense":
+        import keras  # noqa: F401  (its start-up, seconds, is not part of fit_seconds)
+
+    t0 = time.perf_counter()  # fit_seconds: the whole fit, the cross-validation included
+    estimator.fit(*data["train"], *data["validation"])
+    fit_seconds = time.perf_counter() - t0
+
+    metrics, predictions = {}, {}
+    for split, (X, y) in data.items():
+        if len(y):
+            proba = estimator.predict_proba(X)
+            metrics[split] = report.evaluate(y, proba, cache.class_names)
+            paths = [p for p, s in zip(cache.paths, cache.splits) if s == split]
+            predictions[split] = (y, proba, paths)
+    out = Path(output) if output else default_output_dir(cache_path, head)
+    metrics.update(
+        {
+            "fit_seconds": round(fit_seconds, 3),
+            "head": head,
+            "options": {k: heads._jsonable(v) for k, v in estimator.get_params().items()},
+            "fitted": heads._jsonable_tree(estimator.summary()),
+            "cache": {
+                "path": str(cache_path),
+                "feature_dim": int(features.shape[1]),
+                "dtype": str(cache.features.dtype),
+                "counts": cache.counts(),
+                "fingerprint": cache.fingerprint,
+            },
+            "class_names": list(cache.class_names),
+            "output": str(out),
+        }
+    )
+    heads.save_head(
+        estimator, out, cache.class_names, cache.fingerprint, extra={"cache": str(cache_path)}
+    )
+    report.write_report(
+        out,
+        metrics,
+        predictions,
+        history=getattr(estimator, "history_", None),
+        class_names=cache.class_names,
+        data_dir=cache.attrs.get("data_dir"),
+    )
+    return metrics

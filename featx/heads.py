@@ -1,0 +1,545 @@
+"""Classifier heads on cached features: logistic regression and a small Keras Dense head.
+
+Both follow the scikit-learn estimator contract and are interchangeable:
+    head = LogRegHead() or DenseHead()             # __init__ stores parameters only
+    head.fit(X, y, X_val=None, y_val=None)         # returns self; learned state ends in "_"
+    head.predict_proba(X) -> (n, num_classes)      # float64 rows that sum to 1
+    head.predict(X) -> (n,) int                    # argmax of predict_proba
+    head.to_keras() -> keras model, (None, D) features -> softmax probabilities
+Labels are integers 0..C-1 (indices into the cache's class_names) and every class must appear in y.
+
+`to_keras()` is the seam for the later stages (finetune's warm start, predict, export): it gives the
+same probabilities as predict_proba (to float32 rounding) as a Keras model that can sit on top of
+the backbone. `save_head` / `load_head` store a head without pickle: the Dense head as a .keras
+file, the logistic regression as arrays in an .npz file, both next to a head.json that records the
+class names and the fingerprint of the cache the head was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from featx import __version__, config
+from featx.errors import FeatxError
+from featx.files import write_text_atomic
+
+HEAD_FORMAT = "featx-head"
+HEAD_FORMAT_VERSION = 1
+HEADS = ("logreg", "dense")
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+# --- input checks shared by both heads ----------------------------------------------------------
+
+
+def _features(X, n_features: int | None = None) -> np.ndarray:
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise FeatxError(f"Features must be a 2-d array (images, dims), got shape {X.shape}.")
+    if n_features is not None and X.shape[1] != n_features:
+        raise FeatxError(
+            f"The head was trained on {n_features}-d features, got {X.shape[1]}-d. "
+            "Use features from the same backbone as the training cache."
+        )
+    return X.astype(np.float32, copy=False)  # float16 caches are computed in float32
+
+
+def _labels(y, n: int) -> tuple[np.ndarray, int]:
+    """(labels as int64, number of classes); every class 0..C-1 must occur."""
+    y = np.asarray(y)
+    if y.shape != (n,):
+        raise FeatxError(f"Expected {n} labels (one per feature row), got shape {y.shape}.")
+    if n == 0:
+        raise FeatxError("Cannot fit a head on 0 images.")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise FeatxError(f"Labels must be class indices 0..C-1, got {y.dtype} {y[:5]}...")
+    y = y.astype(np.int64)
+    k = int(y.max()) + 1
+    missing = sorted(set(range(k)) - set(np.unique(y).tolist()))
+    if missing:
+        raise FeatxError(f"Classes {missing} have no training example; every class needs one.")
+    if k < 2:
+        raise FeatxError("A classifier needs at least 2 classes, got 1.")
+    return y, k
+
+
+def _class_weight(class_weight: str | None) -> str:
+    cw = "none" if class_weight is None else str(class_weight).lower()
+    if cw not in CLASS_WEIGHTS:
+        raise FeatxError(f"class_weight must be one of {CLASS_WEIGHTS}, got {class_weight!r}.")
+    return cw
+
+
+def _balanced_weights(y: np.ndarray, k: int) -> np.ndarray:
+    """scikit-learn's "balanced": n / (k * count(class))."""
+    return len(y) / (k * np.bincount(y, minlength=k).astype(np.float64))
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class _Head(ClassifierMixin, BaseEstimator):
+    kind = ""
+
+    def predict(self, X) -> np.ndarray:
+        return np.argmax(self.predict_proba(X), axis=1)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes_)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "classes_"):
+            raise FeatxError(f"This {type(self).__name__} is not fitted yet; call fit() first.")
+
+
+# --- logistic regression ------------------------------------------------------------------------
+
+
+class LogRegHead(_Head):
+    """StandardScaler + multinomial LogisticRegression (L2, lbfgs), C chosen by cross-validation.
+
+    Args:
+        C: inverse regularisation strength; None chooses it from `Cs` by stratified k-fold
+            cross-validation on the training data only (lowest mean held-out log loss, ties go to
+            the smaller C). The scaler is refitted inside every fold.
+        Cs: the grid searched when C is None.
+        cv_folds: folds of that cross-validation (fewer when a class has fewer images).
+        max_iter: lbfgs iterations per fit.
+        class_weight: "none" or "balanced" (weights n / (classes * count) per class).
+        seed: seeds the folds.
+
+    Learned: classes_, n_features_in_, C_, cv_results_ ({"C": [...], "log_loss": [...]} or None),
+    mean_, scale_ (the scaler), coef_ ((C, D), or (1, D) for two classes like scikit-learn),
+    intercept_. predict_proba needs only these arrays, so a loaded head is the fitted one.
+    """
+
+    kind = "logreg"
+
+    def __init__(
+        self,
+        C: float | None = None,
+        Cs=config.LOGREG_CS,
+        cv_folds: int = config.LOGREG_CV_FOLDS,
+        max_iter: int = config.LOGREG_MAX_ITER,
+        class_weight: str = config.CLASS_WEIGHT,
+        seed: int = config.SEED,
+    ):
+        self.C = C
+        self.Cs = Cs
+        self.cv_folds = cv_folds
+        self.max_iter = max_iter
+        self.class_weight = class_weight
+        self.seed = seed
+
+    def _model(self, C: float, warm_start: bool = False):
+        from sklearn.linear_model import LogisticRegression
+
+        cw = "balanced" if _class_weight(self.class_weight) == "balanced" else None
+        return LogisticRegression(
+            C=C, class_weight=cw, max_iter=self.max_iter, warm_start=warm_start, tol=1e-4
+        )
+
+    def fit(self, X, y, X_val=None, y_val=None) -> LogRegHead:
+        """Fit on (X, y). X_val/y_val are accepted for the common interface and not used: every
+        choice (the scaler, C) is made on the training data."""
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.preprocessing import StandardScaler
+        from threadpoolctl import threadpool_limits
+
+        X = _features(X)
+        y, k = _labels(y, len(X))
+        _class_weight(self.class_weight)
+        if self.C is not None and not float(self.C) > 0:
+            raise FeatxError(f"C must be > 0, got {self.C!r}.")
+        # One BLAS thread: on these small matrices OpenBLAS threads only add overhead, and
+        # on a busy 2-core machine they spin against each other (measured: 0.7 s vs 8-15 s).
+        with threadpool_limits(config.LOGREG_BLAS_THREADS), warnings.catch_warnings():
+            # On separable features lbfgs may stop at max_iter; the fit is still usable.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            if self.C is None:
+                self.C_, self.cv_results_ = self._cross_validate(X, y, k)
+            else:
+                self.C_, self.cv_results_ = float(self.C), None
+            scaler = StandardScaler().fit(X)
+            model = self._model(self.C_).fit(scaler.transform(X), y)
+        self.classes_ = np.arange(k)
+        self.n_features_in_ = X.shape[1]
+        self.mean_ = scaler.mean_.astype(np.float64)
+        self.scale_ = scaler.scale_.astype(np.float64)
+        self.coef_ = model.coef_.astype(np.float64)
+        self.intercept_ = model.intercept_.astype(np.float64)
+        return self
+
+    def _cross_validate(self, X, y, k) -> tuple[float, dict | None]:
+        from sklearn.model_selection import StratifiedKFold
+        from sklearn.preprocessing import StandardScaler
+
+        Cs = sorted(float(c) for c in self.Cs)
+        if not Cs or Cs[0] <= 0:
+            raise FeatxError(f"Cs must be a non-empty list of values > 0, got {self.Cs!r}.")
+        folds = min(int(self.cv_folds), int(np.bincount(y, minlength=k).min()))
+        if folds < 2 or len(Cs) == 1:
+            return (Cs[0] if len(Cs) == 1 else config.LOGREG_FALLBACK_C), None
+        losses = np.zeros((folds, len(Cs)))
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=self.seed)
+        for f, (tr, te) in enumerate(splitter.split(X, y)):
+            scaler = StandardScaler().fit(X[tr])
+            Xtr, Xte = scaler.transform(X[tr]), scaler.transform(X[te])
+            model = self._model(Cs[0], warm_start=True)  # each C starts from the previous fit
+            for j, C in enumerate(Cs):
+                model.set_params(C=C).fit(Xtr, y[tr])
+                p = np.clip(model.predict_proba(Xte)[np.arange(len(te)), y[te]], 1e-15, 1.0)
+                losses[f, j] = -np.mean(np.log(p))
+        mean = losses.mean(axis=0)
+        best = int(np.flatnonzero(mean <= mean.min() + 1e-12)[0])  # ties: the smaller C
+        return Cs[best], {"C": Cs, "log_loss": [round(float(v), 6) for v in mean]}
+
+    def decision_function(self, X) -> np.ndarray:
+        """Logits, (n, C): for two classes [0, z], whose softmax is scikit-learn's sigmoid."""
+        self._check_fitted()
+        X = _features(X, self.n_features_in_).astype(np.float64)
+        z = ((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+        return np.hstack([np.zeros_like(z), z]) if self.coef_.shape[0] == 1 else z
+
+    def predict_proba(self, X) -> np.ndarray:
+        return _softmax(self.decision_function(X))
+
+    def folded_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """(kernel (D, C), bias (C,)) of one Dense layer that includes the scaler."""
+        self._check_fitted()
+        coef, intercept = self.coef_, self.intercept_
+        if coef.shape[0] == 1:
+            coef = np.vstack([np.zeros_like(coef), coef])
+            intercept = np.concatenate([[0.0], intercept])
+        kernel = (coef / self.scale_).T
+        bias = intercept - (self.mean_ / self.scale_) @ coef.T
+        return kernel, bias
+
+    def to_keras(self):
+        """Sequential([Dense(C, softmax)]) on (None, D) features, the scaler folded in."""
+        import keras
+
+        kernel, bias = self.folded_weights()
+        model = keras.Sequential(
+            [
+                keras.Input((self.n_features_in_,), name="features"),
+                keras.layers.Dense(self.num_classes, activation="softmax", name="head_logits"),
+            ],
+            name="featx_logreg_head",
+        )
+        model.layers[-1].set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+        return model
+
+    def summary(self) -> dict:
+        return {"C": self.C_, "cv": self.cv_results_}
+
+    # NPZ without pickle: only numeric arrays.
+    def _save(self, folder: Path) -> str:
+        name = "head.npz"
+        np.savez(
+            folder / name,
+            mean=self.mean_,
+            scale=self.scale_,
+            coef=self.coef_,
+            intercept=self.intercept_,
+            C=np.float64(self.C_),
+        )
+        return name
+
+    def _load(self, path: Path, meta: dict) -> None:
+        with np.load(path, allow_pickle=False) as z:
+            self.mean_, self.scale_ = z["mean"], z["scale"]
+            self.coef_, self.intercept_ = z["coef"], z["intercept"]
+            self.C_ = float(z["C"])
+        self.cv_results_ = meta.get("fitted", {}).get("cv")
+        self.classes_ = np.arange(len(meta["class_names"]))
+        self.n_features_in_ = int(self.mean_.shape[0])
+
+
+# --- the Keras Dense head -----------------------------------------------------------------------
+
+
+class DenseHead(_Head):
+    """Normalization -> [Dense(hidden, relu)] -> Dropout -> Dense(C, softmax), trained with AdamW.
+
+    Args:
+        hidden: units of the optional hidden layer; 0 for none (a softmax regression).
+        dropout: dropout rate before the output layer (0 for none).
+        epochs: most epochs; with validation data, training stops when the validation loss has
+            not improved for `patience` epochs and the best epoch's weights are restored.
+        batch_size, learning_rate: of AdamW.
+        weight_decay: AdamW's decoupled weight decay; 0 uses plain Adam.
+        l2: L2 penalty on the Dense kernels, added to the loss (and so to the validation loss
+            that early stopping watches); like logreg's C, about 1 / (2 * C * n_train).
+        patience: see epochs.
+        class_weight: "none" or "balanced" (training loss weights n / (classes * count)).
+        seed: keras.utils.set_random_seed(seed) before building: same seed, same head.
+        verbose: Keras' fit verbosity.
+
+    Learned: classes_, n_features_in_, model_ (the Keras model), history_ ({"loss": [...],
+    "val_loss": [...], "accuracy": [...], "val_accuracy": [...]} per epoch), best_epoch_ (1-based),
+    epochs_run_.
+    """
+
+    kind = "dense"
+
+    def __init__(
+        self,
+        hidden: int = config.DENSE_HIDDEN,
+        dropout: float = config.DENSE_DROPOUT,
+        epochs: int = config.DENSE_EPOCHS,
+        batch_size: int = config.DENSE_BATCH_SIZE,
+        learning_rate: float = config.DENSE_LEARNING_RATE,
+        weight_decay: float = config.DENSE_WEIGHT_DECAY,
+        l2: float = config.DENSE_L2,
+        patience: int = config.DENSE_PATIENCE,
+        class_weight: str = config.CLASS_WEIGHT,
+        seed: int = config.SEED,
+        verbose: int = 0,
+    ):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.l2 = l2
+        self.patience = patience
+        self.class_weight = class_weight
+        self.seed = seed
+        self.verbose = verbose
+
+    def _check_params(self) -> None:
+        checks = [
+            ("hidden", self.hidden, int(self.hidden) >= 0, "an integer >= 0"),
+            ("dropout", self.dropout, 0 <= float(self.dropout) < 1, "in [0, 1)"),
+            ("epochs", self.epochs, int(self.epochs) >= 1, "an integer >= 1"),
+            ("batch_size", self.batch_size, int(self.batch_size) >= 1, "an integer >= 1"),
+            ("learning_rate", self.learning_rate, float(self.learning_rate) > 0, "> 0"),
+            ("weight_decay", self.weight_decay, float(self.weight_decay) >= 0, ">= 0"),
+            ("l2", self.l2, float(self.l2) >= 0, ">= 0"),
+            ("patience", self.patience, int(self.patience) >= 1, "an integer >= 1"),
+        ]
+        for name, value, ok, expected in checks:
+            if not ok:
+                raise FeatxError(f"{name} must be {expected}, got {value!r}.")
+        _class_weight(self.class_weight)
+
+    def _build(self, X: np.ndarray, k: int):
+        import keras
+
+        norm = keras.layers.Normalization(name="standardize")
+        norm.adapt(X)  # per-feature mean and variance of the training features
+        l2 = float(self.l2)
+
+        def dense(units, activation, name):
+            reg = keras.regularizers.L2(l2) if l2 > 0 else None
+            return keras.layers.Dense(units, activation, kernel_regularizer=reg, name=name)
+
+        layers = [keras.Input((X.shape[1],), name="features"), norm]
+        if int(self.hidden) > 0:
+            layers.append(dense(int(self.hidden), "relu", "hidden"))
+        if float(self.dropout) > 0:
+            layers.append(keras.layers.Dropout(float(self.dropout), seed=self.seed, name="dropout"))
+        layers.append(dense(k, "softmax", "probabilities"))
+        return keras.Sequential(layers, name="featx_dense_head")
+
+    def fit(self, X, y, X_val=None, y_val=None) -> DenseHead:
+        """Train on (X, y); with (X_val, y_val), stop early on their loss, keep the best epoch."""
+        import keras
+
+        self._check_params()
+        X = _features(X)
+        y, k = _labels(y, len(X))
+        has_val = X_val is not None and len(X_val) > 0
+        if has_val:
+            X_val = _features(X_val, X.shape[1])
+            y_val = np.asarray(y_val, np.int64)
+        keras.utils.set_random_seed(int(self.seed))
+        model = self._build(X, k)
+        if float(self.weight_decay) > 0:
+            opt = keras.optimizers.AdamW(float(self.learning_rate), float(self.weight_decay))
+        else:
+            opt = keras.optimizers.Adam(float(self.learning_rate))
+        # XLA compiles for seconds and then saves little on a model this small (measured on a
+        # CPU: 5.5 s vs 7 s cpu for 2,000 x 1,280); other backends keep their default (jit).
+        jit = False if keras.backend.backend() == "tensorflow" else "auto"
+        model.compile(opt, "sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=jit)
+        callbacks = []
+        if has_val:
+            callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    "val_loss", patience=int(self.patience), restore_best_weights=True
+                )
+            )
+        cw = None
+        if _class_weight(self.class_weight) == "balanced":
+            cw = dict(enumerate(_balanced_weights(y, k).tolist()))
+        history = model.fit(
+            X,
+            y,
+            batch_size=int(self.batch_size),
+            epochs=int(self.epochs),
+            validation_data=(X_val, y_val) if has_val else None,
+            class_weight=cw,
+            callbacks=callbacks,
+            shuffle=True,
+            verbose=self.verbose,
+        )
+        self.model_ = model
+        self.history_ = {m: [float(v) for v in vs] for m, vs in history.history.items()}
+        self.epochs_run_ = len(self.history_.get("loss", []))
+        if has_val:
+            self.best_epoch_ = int(np.argmin(self.history_["val_loss"])) + 1
+        else:
+            self.best_epoch_ = self.epochs_run_
+        self.classes_ = np.arange(k)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        self._check_fitted()
+        X = _features(X, self.n_features_in_)
+        if len(X) == 0:
+            return np.zeros((0, self.num_classes))
+        import keras
+
+        # Calling the model directly (no tf.function per model, so no retracing warnings).
+        p = np.concatenate(
+            [
+                keras.ops.convert_to_numpy(self.model_(X[i : i + 4096], training=False))
+                for i in range(0, len(X), 4096)
+            ]
+        ).astype(np.float64)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def to_keras(self):
+        """The trained Keras model itself ((None, D) features -> softmax probabilities)."""
+        self._check_fitted()
+        return self.model_
+
+    def summary(self) -> dict:
+        return {
+            "epochs_run": self.epochs_run_,
+            "best_epoch": self.best_epoch_,
+            "parameters": int(self.model_.count_params()),
+        }
+
+    def _save(self, folder: Path) -> str:
+        name = "head.keras"
+        self.model_.save(folder / name)
+        return name
+
+    def _load(self, path: Path, meta: dict) -> None:
+        import keras
+
+        self.model_ = keras.saving.load_model(path, compile=False)  # safe_mode: no lambdas
+        fitted = meta.get("fitted", {})
+        self.epochs_run_ = fitted.get("epochs_run")
+        self.best_epoch_ = fitted.get("best_epoch")
+        self.history_ = meta.get("history")
+        self.classes_ = np.arange(len(meta["class_names"]))
+        self.n_features_in_ = int(meta["feature_dim"])
+
+
+# --- construction, saving and loading -----------------------------------------------------------
+
+
+def make_head(head: str, **options) -> LogRegHead | DenseHead:
+    """A new, unfitted head of kind "logreg" or "dense"; `options` are its __init__ arguments."""
+    classes = {"logreg": LogRegHead, "dense": DenseHead}
+    if head not in classes:
+        raise FeatxError(f"Unknown head {head!r}; expected one of {HEADS}.")
+    return classes[head](**options)
+
+
+def _jsonable(v):
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def save_head(
+    head: LogRegHead | DenseHead,
+    folder: str | Path,
+    class_names: list[str],
+    fingerprint: dict,
+    extra: dict | None = None,
+) -> Path:
+    """Write a fitted head to `folder` (created): head.npz or head.keras, and head.json.
+
+    head.json: {"format": "featx-head", "format_version", "featx_version", "head", "file",
+    "class_names", "feature_dim", "options" (the head's parameters), "fitted" (its summary()),
+    "fingerprint" (of the cache it was trained on), "history" (dense only)} plus `extra`.
+    Returns the path of head.json.
+    """
+    head._check_fitted()
+    if len(class_names) != head.num_classes:
+        raise FeatxError(
+            f"The head has {head.num_classes} outputs but {len(class_names)} class names were "
+            "given; pass the class names of the cache it was trained on."
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": HEAD_FORMAT,
+        "format_version": HEAD_FORMAT_VERSION,
+        "featx_version": __version__,
+        "head": head.kind,
+        "file": head._save(folder),
+        "class_names": list(class_names),
+        "feature_dim": int(head.n_features_in_),
+        "options": {k: _jsonable(v) for k, v in head.get_params().items()},
+        "fitted": _jsonable_tree(head.summary()),
+        "fingerprint": fingerprint,
+    }
+    if head.kind == "dense":
+        meta["history"] = head.history_
+    meta.update(extra or {})
+    return write_text_atomic(folder / "head.json", json.dumps(meta, indent=2, sort_keys=True))
+
+
+def _jsonable_tree(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable_tree(v) for k, v in obj.items()}
+    return _jsonable(obj)
+
+
+def load_head(folder: str | Path) -> tuple[LogRegHead | DenseHead, dict]:
+    """(head, meta) from a folder written by save_head; meta is head.json as a dict."""
+    folder = Path(folder)
+    path = folder / "head.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FeatxError(
+            f"No head.json in '{folder}'. Pass the output folder of `featx fit-head`."
+        ) from None
+    except ValueError as e:
+        raise FeatxError(f"'{path}' is not valid JSON ({e}).") from None
+    if meta.get("format") != HEAD_FORMAT:
+        raise FeatxError(f"'{path}' is not a featx head (no format='{HEAD_FORMAT}').")
+    if meta.get("format_version") != HEAD_FORMAT_VERSION:
+        raise FeatxError(
+            f"'{path}' is a featx head of format version {meta.get('format_version')}, this "
+            f"featx reads version {HEAD_FORMAT_VERSION}. Re-run `featx fit-head`."
+        )
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["options"].items()}
+    head = make_head(meta["head"], **options)  # JSON made the tuples (Cs) lists
+    file = folder / meta["file"]
+    if not file.is_file():
+        raise FeatxError(f"'{file}', named in {path}, is missing. Re-run `featx fit-head`.")
+    head._load(file, meta)
+    return head, meta

@@ -1,0 +1,262 @@
+"""Honest metrics and the files that show them; shared by fit-head and finetune.
+
+evaluate(y_true, proba, class_names) gives one split's metrics, with these stable keys:
+    n                  images evaluated
+    accuracy           share of images whose most probable class is the true one
+    balanced_accuracy  mean recall over the classes present in the split
+    macro_f1           mean F1 over the classes present in the split
+    log_loss           mean -ln(probability of the true class), probabilities clipped at 1e-15
+    per_class          {class name: {"precision", "recall", "f1", "support"}}, every class
+    confusion_matrix   [[count]]: row = true class, column = predicted class, class_names order
+
+write_report(out_dir, metrics, predictions, history=...) writes:
+    metrics.json         `metrics` as given (fit-head: {"train", "validation", "test" (only when the
+                         cache has one): evaluate() results; "fit_seconds", "head", "options",
+                         "fitted", "cache", "class_names", "output"})
+    confusion_matrix.png validation and test matrices (train too when they are absent)
+    training_curves.png  loss and accuracy per epoch, when a history is given
+    misclassified.csv    path,true,predicted,probability,split: every wrong prediction of every
+                         split, most confidently wrong first (probability = the predicted class's)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from featx.errors import FeatxError
+from featx.files import write_text_atomic
+
+SPLITS = ("train", "validation", "test")
+EPS = 1e-15
+
+
+def evaluate(y_true, proba, class_names: list[str]) -> dict:
+    """Metrics of one split from its true labels (n,) and predicted probabilities (n, C)."""
+    y = np.asarray(y_true, np.int64)
+    p = np.asarray(proba, np.float64)
+    k = len(class_names)
+    if p.ndim != 2 or p.shape != (len(y), k):
+        raise FeatxError(
+            f"Expected probabilities of shape ({len(y)}, {k}) for {len(y)} labels and {k} "
+            f"classes, got {p.shape}."
+        )
+    if len(y) and (y.min() < 0 or y.max() >= k):
+        raise FeatxError(f"Labels must be in 0..{k - 1}, got values {np.unique(y).tolist()}.")
+    pred = p.argmax(axis=1) if len(y) else np.zeros(0, np.int64)
+    cm = np.zeros((k, k), np.int64)
+    np.add.at(cm, (y, pred), 1)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    tp = np.diag(cm).astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0
+    )
+    present = support > 0
+    n = int(len(y))
+    true_p = np.clip(p[np.arange(n), y], EPS, 1.0) if n else np.ones(0)
+    return {
+        "n": n,
+        "accuracy": _round(tp.sum() / n) if n else 0.0,
+        "balanced_accuracy": _round(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": _round(f1[present].mean()) if present.any() else 0.0,
+        "log_loss": _round(-np.log(true_p).mean()) if n else 0.0,
+        "per_class": {
+            name: {
+                "precision": _round(precision[i]),
+                "recall": _round(recall[i]),
+                "f1": _round(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def _round(v) -> float:
+    v = float(v)
+    return round(v, 6) if math.isfinite(v) else 0.0
+
+
+def misclassified(predictions: dict, class_names: list[str], data_dir=None) -> list[dict]:
+    """Rows {path, true, predicted, probability, split} of every wrong prediction, most
+    confidently wrong first. predictions: {split: (y_true, proba, paths)}."""
+    rows = []
+    for split, (y, p, paths) in predictions.items():
+        y, p = np.asarray(y), np.asarray(p)
+        if not len(y):
+            continue
+        pred = p.argmax(axis=1)
+        for i in np.flatnonzero(pred != y):
+            path = str(Path(data_dir) / paths[i]) if data_dir else str(paths[i])
+            rows.append(
+                {
+                    "path": path,
+                    "true": class_names[int(y[i])],
+                    "predicted": class_names[int(pred[i])],
+                    "probability": round(float(p[i, pred[i]]), 6),
+                    "split": split,
+                }
+            )
+    rows.sort(key=lambda r: (-r["probability"], r["path"]))
+    return rows
+
+
+def _class_names(metrics: dict) -> list[str]:
+    if metrics.get("class_names"):
+        return list(metrics["class_names"])
+    for split in SPLITS:
+        if isinstance(metrics.get(split), dict) and "per_class" in metrics[split]:
+            return list(metrics[split]["per_class"])
+    raise FeatxError("metrics has no class names and no split with per_class results.")
+
+
+def write_report(
+    out_dir: str | Path,
+    metrics: dict,
+    predictions: dict | None = None,
+    *,
+    history: dict | None = None,
+    class_names: list[str] | None = None,
+    data_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """Write metrics.json, confusion_matrix.png, training_curves.png (with `history`) and
+    misclassified.csv (with `predictions`) to `out_dir`; returns {name: path} of what it wrote.
+
+    Args:
+        metrics: {split: evaluate(...) result, ...anything else JSON-serialisable}.
+        predictions: {split: (y_true, proba, paths)} for misclassified.csv.
+        history: {"loss": [...], "val_loss": [...], "accuracy": [...], ...} per epoch.
+        class_names: default metrics["class_names"], else the per_class keys of a split.
+        data_dir: joined in front of the paths in misclassified.csv.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(class_names) if class_names else _class_names(metrics)
+    written = {"metrics.json": out / "metrics.json"}
+    write_text_atomic(written["metrics.json"], json.dumps(metrics, indent=2, default=str) + "\n")
+    matrices = {s: metrics[s]["confusion_matrix"] for s in SPLITS if _has_matrix(metrics, s)}
+    shown = {s: m for s, m in matrices.items() if s != "train"} or matrices
+    if shown:
+        written["confusion_matrix.png"] = plot_confusion_matrices(
+            shown, names, out / "confusion_matrix.png"
+        )
+    if history and any(len(v) for v in history.values()):
+        written["training_curves.png"] = plot_training_curves(history, out / "training_curves.png")
+    if predictions is not None:
+        path = out / "misclassified.csv"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["path", "true", "predicted", "probability", "split"])
+            writer.writeheader()
+            writer.writerows(misclassified(predictions, names, data_dir))
+        os.replace(tmp, path)
+        written["misclassified.csv"] = path
+    return written
+
+
+def _has_matrix(metrics: dict, split: str) -> bool:
+    return isinstance(metrics.get(split), dict) and metrics[split].get("n", 0) > 0
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion_matrices(matrices: dict, class_names: list[str], path: Path) -> Path:
+    """One panel per split: counts, row-normalised colours (so small classes show too)."""
+    plt = _pyplot()
+    k = len(class_names)
+    side = min(max(4.0, 2.0 + 0.45 * k), 14.0)
+    fig, axes = plt.subplots(1, len(matrices), figsize=(side * len(matrices), side), squeeze=False)
+    for ax, (split, cm) in zip(axes[0], matrices.items()):
+        cm = np.asarray(cm)
+        rows = cm.sum(axis=1, keepdims=True)
+        share = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        acc = np.trace(cm) / max(cm.sum(), 1)
+        ax.set_title(f"{split}: {cm.sum()} images\naccuracy {acc:.4f}")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if k <= 30:  # beyond that, labels and counts are unreadable anyway
+            ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+            ax.set_yticks(range(k), class_names)
+            for i in range(k):
+                for j in range(k):
+                    color = "white" if share[i, j] > 0.5 else "black"
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curves(history: dict, path: Path) -> Path:
+    """Loss and accuracy per epoch, training and validation."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
+            values = history.get(key) or []
+            if values:
+                ax.plot(range(1, len(values) + 1), values, marker=".", label=label)
+        if history.get("val_loss"):
+            best = int(np.argmin(history["val_loss"])) + 1
+            ax.axvline(best, color="gray", linestyle="--", linewidth=1, label=f"best epoch {best}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_summary(metrics: dict) -> str:
+    """The readable stdout summary: accuracy per split, then a per-class table."""
+    names = _class_names(metrics)
+    splits = [s for s in SPLITS if _has_matrix(metrics, s)]
+    lines = []
+    if metrics.get("head"):
+        fitted = metrics.get("fitted") or {}
+        extra = ", ".join(f"{k} {v}" for k, v in fitted.items() if not isinstance(v, dict))
+        lines.append(
+            f"{metrics['head']} head fitted in {metrics.get('fit_seconds', 0):.2f} s"
+            + (f" ({extra})" if extra else "")
+        )
+    lines.append(
+        f"{'split':<11}{'n':>7}{'accuracy':>10}{'balanced':>10}{'macro F1':>10}{'log loss':>10}"
+    )
+    for s in splits:
+        m = metrics[s]
+        lines.append(
+            f"{s:<11}{m['n']:>7}{m['accuracy']:>10.4f}{m['balanced_accuracy']:>10.4f}"
+            f"{m['macro_f1']:>10.4f}{m['log_loss']:>10.4f}"
+        )
+    table = "validation" if "validation" in splits else (splits[-1] if splits else None)
+    if table:
+        width = max(12, max(len(n) for n in names) + 2)
+        lines.append(f"per class ({table}):")
+        lines.append(f"  {'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+        for name in names:
+            c = metrics[table]["per_class"][name]
+            lines.append(
+                f"  {name:<{width}}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}"
+                f"{c['support']:>9}"
+            )
+    if metrics.get("output"):
+        lines.append(f"wrote {metrics['output']}")
+    return "\n".join(lines)

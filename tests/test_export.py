@@ -1,0 +1,213 @@
+"""featx export: keras, SavedModel and TFLite files that give the in-process probabilities
+(tiny generated images, random MobileNetV2 at 32 px, and a small conv model for quantization)."""
+
+import json
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import TINY, write_split_data
+
+from featx import backbone, heads, images, store
+from featx import export as export_mod
+from featx.cli import cli
+from featx.errors import FeatxError
+from featx.export import export
+from featx.extract import extract
+from featx.fit_head import fit_head
+
+INFO_KEYS = {
+    "format",
+    "featx_version",
+    "model_format",
+    "quantize",
+    "model_file",
+    "labels_file",
+    "class_names",
+    "image_size",
+    "input",
+    "output",
+    "preprocessing",
+    "source",
+    "check",
+    "validation",
+    "size_bytes",
+    "created",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A data folder, its cache, and a logistic-regression and a Dense head fitted on it."""
+    root = tmp_path_factory.mktemp("export")
+    data = write_split_data(root / "data")
+    cache_path = root / "tiny.h5"
+    extract(data, cache_path, batch_size=8, engine="keras", **TINY)
+    logreg = fit_head(cache_path, "logreg", root / "logreg", C=1.0)
+    fit_head(cache_path, "dense", root / "dense", epochs=20)
+    cache = store.read_cache(cache_path)
+    mask = cache.splits == "validation"
+    paths = [str(data / p) for p, m in zip(cache.paths, mask) if m]
+    return {
+        "root": root,
+        "cache": cache_path,
+        "accuracy": logreg["validation"]["accuracy"],
+        "pixels": np.stack([images.load_image(p, 32) for p in paths]).astype(np.float32),
+        "features": cache.features[mask],
+        "labels": cache.labels[mask],
+    }
+
+
+def run_exported(path: Path, model_format: str, pixels: np.ndarray) -> np.ndarray:
+    """Probabilities from the exported file with that format's own runtime, not featx."""
+    if model_format == "keras":
+        return keras.saving.load_model(path, safe_mode=True).predict(pixels, verbose=0)
+    import tensorflow as tf
+
+    if model_format == "savedmodel":
+        loaded = tf.saved_model.load(str(path))
+        return loaded.serve(tf.constant(pixels)).numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interpreter = tf.lite.Interpreter(model_path=str(path))
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.resize_tensor_input(index, pixels.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(index, pixels)
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+@pytest.mark.parametrize(
+    "head, model_format",
+    [("logreg", "keras"), ("logreg", "savedmodel"), ("logreg", "tflite"), ("dense", "keras")],
+)
+def test_float_exports_give_the_heads_probabilities(tiny, tmp_path, head, model_format):
+    out = tmp_path / "exported"
+    result = export(tiny["root"] / head, model_format, output=out, cache=tiny["cache"])
+    model_file = out / {"keras": "model.keras", "savedmodel": "saved_model"}.get(
+        model_format, "model.tflite"
+    )
+    assert result["model"] == str(model_file) and model_file.exists()
+    assert (out / "labels.txt").read_text() == "cats\ndogs\n"
+    info = json.loads((out / "export.json").read_text())
+    assert set(info) == INFO_KEYS and info["class_names"] == ["cats", "dogs"]
+    assert info["image_size"] == 32 and info["input"]["shape"] == [None, 32, 32, 3]
+    assert info["source"]["kind"] == "head" and info["source"]["head"] == head
+    assert info["check"]["source"] == "8 validation images" and info["check"]["images"] == 8
+    assert info["check"]["max_abs_diff"] <= 1e-4
+
+    # The exported file alone, on decoded pixels, against the head on the cached features.
+    expected = heads.load_head(tiny["root"] / head)[0].predict_proba(tiny["features"])
+    got = run_exported(model_file, model_format, tiny["pixels"])
+    assert got.shape == (8, 2)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    accuracy = float(np.mean(got.argmax(1) == tiny["labels"]))
+    assert info["validation"]["n"] == 8 and info["validation"]["accuracy"] == accuracy
+    if head == "logreg":
+        assert accuracy == info["validation"]["reference_accuracy"] == tiny["accuracy"]
+
+
+def test_a_finetune_output_exports_without_its_augmentation_layers(tiny, tmp_path):
+    from featx.finetune import finetune
+
+    ft_dir = tmp_path / "ft"
+    finetune(tiny["cache"], tiny["root"] / "logreg", ft_dir, epochs=0, batch_size=8)
+    result = export(ft_dir, "keras", output=tmp_path / "out")
+    # No --cache: the check uses the validation images of the cache recorded in finetune.json.
+    assert result["check"]["source"] == "8 validation images"
+    assert result["check"]["max_abs_diff"] <= 1e-4 and result["validation"] is None
+    loaded = keras.saving.load_model(tmp_path / "out" / "model.keras")
+    layers = [type(layer).__name__ for layer in loaded.layers]
+    assert not [n for n in layers if n.startswith("Random")], layers
+    trained = keras.saving.load_model(ft_dir / "model.keras")
+    assert any(type(layer).__name__.startswith("Random") for layer in trained.layers)
+    np.testing.assert_allclose(
+        loaded.predict(tiny["pixels"], verbose=0),
+        trained.predict(tiny["pixels"], verbose=0),
+        atol=1e-6,
+    )
+
+
+@pytest.fixture(scope="module")
+def conv_model(tmp_path_factory):
+    """A finetune-style folder holding a small conv net with sizeable weights: quantization has
+    a measurable effect on it (the random MobileNetV2's features are ~1e-11, too small for it)."""
+    root = tmp_path_factory.mktemp("conv")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = keras.layers.RandomFlip("horizontal", name="augment_flip")(x)
+    x = keras.layers.Conv2D(32, 3, strides=2, activation="relu")(x)
+    x = keras.layers.Conv2D(64, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(64)(x))
+    keras.Model(inputs, outputs).save(root / "model.keras")
+    info = {"kind": "finetune", "class_names": ["a", "b", "c"], "image_size": 32}
+    (root / "finetune.json").write_text(json.dumps(info))
+    return root
+
+
+def test_quantized_tflite_is_smaller_and_close(conv_model, tmp_path):
+    pixels = np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3)).astype(np.float32)
+    expected = keras.saving.load_model(conv_model / "model.keras").predict(pixels, verbose=0)
+    assert expected.max() - expected.min() > 0.05  # the outputs are not flat
+    sizes, diffs = {}, {}
+    for quantize in ("none", "float16", "dynamic"):
+        result = export(conv_model, "tflite", quantize, output=tmp_path / quantize)
+        assert (
+            result["quantize"] == quantize and result["check"]["source"] == "8 random-pixel images"
+        )
+        sizes[quantize] = (tmp_path / quantize / "model.tflite").stat().st_size
+        got = run_exported(tmp_path / quantize / "model.tflite", "tflite", pixels)
+        diffs[quantize] = float(np.abs(got - expected).max())
+        assert result["check"]["max_abs_diff"] <= result["check"]["tolerance"]
+    assert diffs["none"] <= 1e-5
+    assert diffs["float16"] <= 1e-2 and diffs["dynamic"] <= 5e-2  # loosely
+    assert sizes["float16"] < 0.65 * sizes["none"] and sizes["dynamic"] < 0.45 * sizes["none"]
+    assert json.loads((tmp_path / "float16" / "export.json").read_text())["quantize"] == "float16"
+
+
+def test_bad_requests_are_refused_with_clear_messages(tiny, conv_model, tmp_path, monkeypatch):
+    head = tiny["root"] / "logreg"
+    with pytest.raises(FeatxError, match="--quantize float16 applies to --format tflite only"):
+        export(head, "keras", "float16", output=tmp_path / "x")
+    with pytest.raises(FeatxError, match="Unknown format 'onnx'"):
+        export(head, "onnx", output=tmp_path / "x")
+    with pytest.raises(FeatxError, match="--output is the folder to write model.tflite"):
+        export(head, "tflite", output=tmp_path / "model.tflite")
+    with pytest.raises(FeatxError, match="has the classes"):
+        export(conv_model, "keras", output=tmp_path / "x", cache=tiny["cache"])
+    with pytest.raises(FeatxError, match="neither head.json"):
+        export(tmp_path, "keras", output=tmp_path / "x")
+    monkeypatch.setattr(backbone, "keras_backend", lambda: "jax")
+    for model_format in ("savedmodel", "tflite"):
+        with pytest.raises(FeatxError, match=f"--format {model_format} needs the TensorFlow"):
+            export(head, model_format, output=tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # refused before writing anything
+
+
+def test_cli_export_reports_the_check_and_prints_json(tiny, tmp_path):
+    out = tmp_path / "cli"
+    args = ["export", str(tiny["root"] / "logreg"), "--output", str(out)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "largest probability difference" in res.output and "model.keras" in res.output
+    res = CliRunner().invoke(cli, [*args, "--json", "--cache", str(tiny["cache"])])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["model_format"] == "keras" and data["validation"]["n"] == 8
+    assert data["check"]["max_abs_diff"] <= 1e-4
+    res = CliRunner().invoke(cli, [*args, "--quantize", "dynamic"])
+    assert res.exit_code == 1 and "applies to --format tflite only" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_default_output_is_inside_the_model_folder(tmp_path):
+    assert export_mod.default_output_dir(tmp_path, "tflite") == tmp_path / "export-tflite"
+    assert export_mod.default_output_dir(tmp_path, "tflite", "float16") == (
+        tmp_path / "export-tflite-float16"
+    )

@@ -1,0 +1,214 @@
+"""The two heads: one estimator interface, honest fits, save/load without pickle, to_keras().
+
+Synthetic features only (Gaussian clusters, small D): no image model, a few seconds per Dense fit.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from featx import heads
+from featx.errors import FeatxError
+
+# Few epochs and small data keep every Dense fit around a second.
+DENSE = {"epochs": 10, "batch_size": 32, "learning_rate": 1e-2, "patience": 3}
+
+
+def blobs(per_class=(60, 60), dim=16, spread=1.0, distance=4.0, seed=0):
+    """Gaussian clusters, one per class, centres `distance` apart along random directions."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(per_class), dim))
+    centres *= distance / np.linalg.norm(centres, axis=1, keepdims=True)
+    X = np.concatenate(
+        [c + spread * rng.normal(size=(n, dim)) for c, n in zip(centres, per_class)]
+    ).astype(np.float32)
+    y = np.repeat(np.arange(len(per_class)), per_class).astype(np.int32)
+    order = rng.permutation(len(y))
+    return X[order], y[order]
+
+
+def make(kind, **options):
+    return heads.make_head(kind, **({**DENSE, **options} if kind == "dense" else options))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """{kind: (head, X_val)} for a 3-class problem, fitted once for the read-only tests."""
+    X, y = blobs((50, 40, 30), seed=1)
+    Xv, yv = blobs((20, 20, 20), seed=1)  # same centres (same seed), new points below
+    Xv = Xv + np.random.default_rng(2).normal(scale=0.1, size=Xv.shape).astype(np.float32)
+    return {k: (make(k).fit(X, y, Xv, yv), Xv) for k in heads.HEADS}
+
+
+@pytest.mark.parametrize("kind", heads.HEADS)
+def test_separable_classes_reach_high_validation_accuracy(kind):
+    X, y = blobs((80, 80, 80), seed=3)
+    Xv, yv = blobs((40, 40, 40), seed=3)
+    head = make(kind).fit(X[:240], y[:240], Xv, yv)
+    assert head.predict_proba(Xv).shape == (120, 3)
+    assert np.mean(head.predict(Xv) == yv) >= 0.95
+    assert list(head.classes_) == [0, 1, 2] and head.num_classes == 3
+
+
+@pytest.mark.parametrize("kind", heads.HEADS)
+def test_shuffled_labels_stay_near_chance(kind):
+    X, y = blobs((150, 150), dim=16, seed=4)
+    rng = np.random.default_rng(0)
+    y_shuffled = rng.permutation(y)
+    Xv, yv = X[:100] + rng.normal(size=X[:100].shape).astype(np.float32), y_shuffled[:100]
+    head = make(kind).fit(X[100:], y_shuffled[100:], Xv, yv)
+    accuracy = np.mean(head.predict(Xv) == yv)
+    assert 0.3 <= accuracy <= 0.7, accuracy
+
+
+@pytest.mark.parametrize("kind", heads.HEADS)
+def test_balanced_class_weight_raises_minority_recall(kind):
+    # overlapping classes, 10:1 in training; validation is balanced
+    X, y = blobs((300, 30), dim=8, distance=2.0, seed=5)
+    Xv, yv = blobs((100, 100), dim=8, distance=2.0, seed=5)
+    options = {"C": 1.0} if kind == "logreg" else {}
+    recall = {}
+    for cw in ("none", "balanced"):
+        head = make(kind, class_weight=cw, **options).fit(X, y, Xv, yv)
+        recall[cw] = np.mean(head.predict(Xv[yv == 1]) == 1)
+    assert recall["balanced"] > recall["none"] + 0.1, recall
+
+
+def test_logreg_chooses_C_by_cross_validation_on_the_training_data():
+    X, y = blobs((60, 60), seed=6)
+    head = heads.LogRegHead(Cs=(0.01, 1.0), cv_folds=3).fit(X, y)
+    assert head.C_ in (0.01, 1.0)
+    assert head.cv_results_["C"] == [0.01, 1.0] and len(head.cv_results_["log_loss"]) == 2
+    chosen, best = head.C_, head.cv_results_["C"][int(np.argmin(head.cv_results_["log_loss"]))]
+    assert chosen == best
+    fixed = heads.LogRegHead(C=0.5).fit(X, y)
+    assert fixed.C_ == 0.5 and fixed.cv_results_ is None
+    # the validation data never changes a logistic regression (no choice is made with it)
+    with_val = heads.LogRegHead(C=0.5).fit(X, y, X[:10], 1 - y[:10])
+    np.testing.assert_array_equal(with_val.coef_, fixed.coef_)
+
+
+def test_logreg_matches_scikit_learn_binary_and_multiclass():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    for per_class in ((40, 50), (30, 30, 30)):
+        X, y = blobs(per_class, seed=7)
+        ours = heads.LogRegHead(C=0.3).fit(X, y)
+        ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.3, max_iter=500)).fit(X, y)
+        np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", heads.HEADS)
+def test_save_and_load_give_identical_probabilities(kind, fitted, tmp_path):
+    head, Xv = fitted[kind]
+    fp = {"backbone": "MobileNetV2", "weights_sha256": "abc"}
+    path = heads.save_head(head, tmp_path, ["cats", "dogs", "owls"], fp, extra={"cache": "c.h5"})
+    meta = json.loads(path.read_text())
+    assert meta["head"] == kind and meta["class_names"] == ["cats", "dogs", "owls"]
+    assert meta["fingerprint"] == fp and meta["cache"] == "c.h5" and meta["feature_dim"] == 16
+    assert (tmp_path / meta["file"]).suffix == (".npz" if kind == "logreg" else ".keras")
+    loaded, loaded_meta = heads.load_head(tmp_path)
+    assert type(loaded) is type(head) and loaded_meta == meta
+    assert loaded.get_params() == head.get_params()
+    np.testing.assert_array_equal(loaded.predict_proba(Xv), head.predict_proba(Xv))
+
+
+def test_the_logreg_file_loads_without_pickle(fitted, tmp_path):
+    head, _ = fitted["logreg"]
+    heads.save_head(head, tmp_path, ["a", "b", "c"], {})
+    with np.load(tmp_path / "head.npz", allow_pickle=False) as z:
+        assert set(z.files) == {"mean", "scale", "coef", "intercept", "C"}
+        assert all(z[k].dtype == np.float64 for k in z.files)
+
+
+@pytest.mark.parametrize("kind", heads.HEADS)
+def test_to_keras_reproduces_predict_proba(kind, fitted):
+    head, Xv = fitted[kind]
+    model = head.to_keras()
+    assert model.input_shape == (None, 16) and model.output_shape == (None, 3)
+    out = np.asarray(model.predict(Xv, verbose=0))
+    np.testing.assert_allclose(out, head.predict_proba(Xv), atol=1e-5)
+
+
+def test_to_keras_of_a_binary_logreg_is_a_two_class_softmax():
+    X, y = blobs((40, 40), distance=1.5, seed=8)
+    head = heads.LogRegHead(C=1.0).fit(X, y)
+    assert head.coef_.shape == (1, 16)  # scikit-learn's binary form
+    model = head.to_keras()
+    assert model.output_shape == (None, 2)
+    np.testing.assert_allclose(model.predict(X, verbose=0), head.predict_proba(X), atol=1e-5)
+
+
+def test_dense_head_is_reproducible_and_stops_at_the_best_validation_loss():
+    # overlapping classes and a hidden layer: the validation loss turns up within a few epochs
+    X, y = blobs((60, 60), distance=1.0, seed=9)
+    Xv, yv = blobs((30, 30), distance=1.0, seed=9)
+    options = {**DENSE, "epochs": 30, "patience": 2, "hidden": 32, "learning_rate": 0.05}
+    options["l2"] = 0.0  # so the validation loss is the plain log loss checked below
+    a = heads.DenseHead(seed=3, **options).fit(X, y, Xv, yv)
+    b = heads.DenseHead(seed=3, **options).fit(X, y, Xv, yv)
+    np.testing.assert_array_equal(a.predict_proba(Xv), b.predict_proba(Xv))
+    assert a.history_ == b.history_ and a.best_epoch_ == b.best_epoch_
+
+    assert set(a.history_) >= {"loss", "val_loss", "accuracy", "val_accuracy"}
+    assert a.epochs_run_ == len(a.history_["loss"]) < 30  # stopped early
+    assert a.best_epoch_ == int(np.argmin(a.history_["val_loss"])) + 1
+    assert a.epochs_run_ == a.best_epoch_ + 2  # patience 2
+    p = a.predict_proba(Xv)  # the best epoch's weights were restored
+    loss = -np.mean(np.log(p[np.arange(len(yv)), yv]))
+    assert loss == pytest.approx(min(a.history_["val_loss"]), rel=1e-3)
+
+
+def test_heads_follow_the_scikit_learn_estimator_contract():
+    X, y = blobs((30, 30), seed=12)
+    for head in (heads.LogRegHead(C=1.0), heads.DenseHead(**DENSE)):
+        assert not [k for k in vars(head) if k.endswith("_")]  # __init__ stores parameters only
+        assert clone(head).get_params() == head.get_params()
+        assert head.fit(X, y) is head
+        assert head.predict(X).shape == (60,) and head.score(X, y) > 0.9
+
+
+def test_float16_features_are_computed_in_float32():
+    X, y = blobs((40, 40), seed=13)
+    head = heads.LogRegHead(C=1.0).fit(X.astype(np.float16), y)
+    np.testing.assert_allclose(
+        head.predict_proba(X.astype(np.float16)), head.predict_proba(X), atol=1e-3
+    )
+
+
+def test_bad_input_gives_clear_errors(fitted, tmp_path):
+    X, y = blobs((20, 20), seed=14)
+    with pytest.raises(FeatxError, match=r"Classes \[1\] have no training example"):
+        heads.LogRegHead(C=1.0).fit(X, np.where(y == 1, 2, y))
+    with pytest.raises(FeatxError, match="at least 2 classes"):
+        heads.LogRegHead(C=1.0).fit(X, np.zeros_like(y))
+    with pytest.raises(FeatxError, match="Expected 40 labels"):
+        heads.LogRegHead().fit(X, y[:10])
+    with pytest.raises(FeatxError, match="class_weight must be one of"):
+        heads.LogRegHead(class_weight="auto").fit(X, y)
+    with pytest.raises(FeatxError, match="C must be > 0, got 0"):
+        heads.LogRegHead(C=0).fit(X, y)
+    with pytest.raises(FeatxError, match=r"dropout must be in \[0, 1\), got 1.5"):
+        heads.DenseHead(dropout=1.5).fit(X, y)
+    with pytest.raises(FeatxError, match="Unknown head 'svm'"):
+        heads.make_head("svm")
+    with pytest.raises(FeatxError, match="not fitted yet"):
+        heads.LogRegHead().predict(X)
+    head, _ = fitted["logreg"]
+    with pytest.raises(FeatxError, match="trained on 16-d features, got 8-d"):
+        head.predict(X[:, :8])
+    with pytest.raises(FeatxError, match="3 outputs but 2 class names"):
+        heads.save_head(head, tmp_path, ["a", "b"], {})
+    with pytest.raises(FeatxError, match="No head.json in"):
+        heads.load_head(tmp_path / "nowhere")
+    heads.save_head(head, tmp_path, ["a", "b", "c"], {})
+    meta = json.loads((tmp_path / "head.json").read_text())
+    (tmp_path / "head.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(FeatxError, match="format version 99, this featx reads version 1"):
+        heads.load_head(tmp_path)
