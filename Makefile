@@ -52,7 +52,7 @@ bench: install $(DATA)
 	$(BIN)/python bench/pipeline.py --data $(DATA)
 
 bench-finetune: install $(DATA)
-	$(BIN)/python bench/pipeline.py --data $(DATA) --with-finetune
+	$(BIN)/python bench/pipeline.py --data $(DATA) --with-finetune --json-out bench/results/pipeline-finetune.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
