@@ -24,6 +24,12 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except FeatxError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # permission denied, disk full, ...: the OS says which file
+            where = f" '{e.filename}'" if e.filename else ""
+            raise click.ClickException(
+                f"{e.strerror or e}{where}. Check that the path exists and is writable, and "
+                "that the disk has room."
+            ) from None
 
     return wrapper
 
@@ -114,7 +120,7 @@ class Progress:
     default=config.ENGINE,
     show_default=True,
     type=click.Choice(["auto", "keras", "onnx"]),
-    help="onnx: ONNX Runtime, ~2x faster on a CPU; auto: onnx when installed and no GPU.",
+    help="onnx: ONNX Runtime, ~2x faster on a CPU; auto: onnx when it can run, no GPU is seen.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors

@@ -33,8 +33,9 @@ SPLIT_FOLDER_NAMES = {
 }
 
 # --- engines -------------------------------------------------------------------------------------
-# "auto": ONNX Runtime when it is installed (`pip install 'featx[onnx]'`) and Keras sees no GPU
-# (about 2-3x faster than TensorFlow on a CPU), else Keras. "keras" or "onnx" force one.
+# "auto": ONNX Runtime when it is installed (`pip install 'featx[onnx]'`), Keras sees no GPU and
+# the Keras backend can export ONNX (about 2x faster than TensorFlow on a CPU), else Keras.
+# "keras" or "onnx" force one.
 ENGINE = "auto"
 ONNX_DIR = None  # folder for the exported backbone-<key>.onnx files; None: next to the cache
 ONNX_THREADS = None  # ONNX Runtime intra-op threads; None: every core the process may use

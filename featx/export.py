@@ -379,10 +379,19 @@ def export(
         "same_predictions": int((got.argmax(1) == expected.argmax(1)).sum()),
     }
     if not diff <= tolerance:
-        log(
-            f"warning: the exported model's probabilities differ from the in-process model's by "
-            f"up to {diff:.3g} (expected <= {tolerance:g})."
+        message = (
+            f"The exported model's probabilities differ from the in-process model's by up to "
+            f"{diff:.3g} (expected <= {tolerance:g})"
         )
+        if quantize == "none":  # a float export must be the same model: never leave a wrong one
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+            raise FeatxError(
+                f"{message}; {path} was removed. Report this with your keras/tensorflow versions."
+            )
+        log(f"warning: {message}; quantization costs more than usual for this model.")
 
     validation = None
     if val_paths is not None:

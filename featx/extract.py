@@ -73,7 +73,8 @@ def make_engine(name: str, weights: str, image_size: int, alpha: float, *, onnx_
     """The engine that runs the backbone; its `.name` is the engine actually used.
 
     name: "keras", "onnx" (ONNX Runtime; its exported .onnx file lives in `onnx_dir`) or "auto"
-    (onnx when onnxruntime is installed and Keras sees no GPU, else keras). Building is lazy:
+    (onnx when onnxruntime is installed, Keras sees no GPU and the backend can export ONNX, else
+    keras; see onnx_engine.choose_engine). Building is lazy:
     the model is loaded on the first batch.
     """
     from featx import onnx_engine

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -286,7 +287,18 @@ class _KeepBest(keras.callbacks.Callback):
         if score > self.best:
             self.best, self.best_epoch = score, epoch + 1
             self.weights = self.model.get_weights()
-            self.model.save(self.path)
+            save_model(self.model, self.path)
+
+
+def save_model(model, path: Path) -> None:
+    """model.save through a temporary file and a rename: a run killed while saving leaves the
+    previous checkpoint, never a truncated one."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")  # Keras wants the suffix
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _keras_loss(y: np.ndarray, proba: np.ndarray) -> float:
@@ -482,6 +494,20 @@ def finetune(
     warm_weights = model.get_weights()
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
+    info = {
+        "kind": "finetune",
+        "complete": False,  # true once training ended; before, model.keras is the best so far
+        "class_names": list(cache.class_names),
+        "image_size": size,
+        "fingerprint": fp,
+        "head_dir": str(head_dir),
+        "cache": str(Path(cache_path).resolve()),
+        "options": options,
+    }
+    # Written before the first checkpoint, so a killed run leaves a model predict can use, and
+    # never a new model beside an older run's class names.
+    write_text_atomic(out / INFO_FILE, json.dumps(info, indent=2, default=str))
+    save_model(model, model_path)
 
     y_val, proba_val, _ = before_preds["validation"]
     keep = _KeepBest(
@@ -535,7 +561,7 @@ def finetune(
             model.set_weights(warm_weights)
     else:
         log("no epoch beat the warm start on validation; keeping the warm-start weights")
-    model.save(model_path)
+    save_model(model, model_path)
 
     skipped = missing + [
         {"path": p, "reason": r}
@@ -575,16 +601,6 @@ def finetune(
         class_names=cache.class_names,
         data_dir=root,
     )
-    info = {
-        "kind": "finetune",
-        "class_names": list(cache.class_names),
-        "image_size": size,
-        "fingerprint": fp,
-        "head_dir": str(head_dir),
-        "cache": str(cache_path),
-        "options": options,
-        "epochs_run": epochs_run,
-        "best_epoch": best_epoch,
-    }
+    info.update(complete=True, epochs_run=epochs_run, best_epoch=best_epoch)
     write_text_atomic(out / INFO_FILE, json.dumps(info, indent=2, default=str))
     return metrics

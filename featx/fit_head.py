@@ -140,8 +140,9 @@ def fit_head(
             "output": str(out),
         }
     )
+    cache_file = str(Path(cache_path).resolve())  # absolute: predict/export may run elsewhere
     heads.save_head(
-        estimator, out, cache.class_names, cache.fingerprint, extra={"cache": str(cache_path)}
+        estimator, out, cache.class_names, cache.fingerprint, extra={"cache": cache_file}
     )
     report.write_report(
         out,

@@ -18,6 +18,8 @@ class names and the fingerprint of the cache the head was trained on.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -424,9 +426,27 @@ class DenseHead(_Head):
         return p / p.sum(axis=1, keepdims=True)
 
     def to_keras(self):
-        """The trained Keras model itself ((None, D) features -> softmax probabilities)."""
+        """A copy of the trained model ((None, D) features -> softmax probabilities) without its
+        Dropout and L2 penalties: training-only parts that would otherwise stack on finetune's
+        own dropout and add to its validation loss."""
+        import keras
+
         self._check_fitted()
-        return self.model_
+        dropout = keras.layers.Dropout
+        kept = [layer for layer in self.model_.layers if not isinstance(layer, dropout)]
+        copies = []
+        for layer in kept:
+            layer_config = layer.get_config()
+            if "kernel_regularizer" in layer_config:
+                layer_config["kernel_regularizer"] = None
+            copies.append(type(layer).from_config(layer_config))
+        model = keras.Sequential(
+            [keras.Input((self.n_features_in_,), name="features"), *copies],
+            name=self.model_.name,
+        )
+        for copy, layer in zip(copies, kept):
+            copy.set_weights(layer.get_weights())
+        return model
 
     def summary(self) -> dict:
         return {
@@ -493,12 +513,21 @@ def save_head(
         )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # The head file goes through a temporary folder and a rename, and head.json (written last)
+    # names it: a killed re-fit never leaves a new head beside an old head.json or a torn file.
+    staging = folder / f".head.tmp-{os.getpid()}"
+    staging.mkdir(exist_ok=True)
+    try:
+        name = head._save(staging)
+        os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     meta = {
         "format": HEAD_FORMAT,
         "format_version": HEAD_FORMAT_VERSION,
         "featx_version": __version__,
         "head": head.kind,
-        "file": head._save(folder),
+        "file": name,
         "class_names": list(class_names),
         "feature_dim": int(head.n_features_in_),
         "options": {k: _jsonable(v) for k, v in head.get_params().items()},

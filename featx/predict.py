@@ -220,14 +220,25 @@ def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None
     fp = meta.get("fingerprint") or {}
     check_backbone(fp, f"The head in '{model_dir}'")
     size, alpha = int(fp["image_size"]), float(fp["alpha"])
-    # fit-head's default output is cache/<name>-<head>/: its parent holds extract's .onnx file.
-    onnx_dir = config.ONNX_DIR or Path(model_dir).resolve().parent
+    onnx_dir = config.ONNX_DIR or _onnx_dir(model_dir, meta)
     runner = make_engine(engine, fp["weights"], size, alpha, onnx_dir=onnx_dir, log=log)
 
     def run(batch):
         return head.predict_proba(runner.features(batch))
 
     return Classifier(kind, list(meta["class_names"]), size, runner.name, meta, run)
+
+
+def _onnx_dir(model_dir, meta: dict) -> Path | None:
+    """Where extract stored the backbone's .onnx file: the folder of the cache the head was fitted
+    on (its file is then reused, not exported again), else the model folder's parent (fit-head's
+    default output is cache/<name>-<head>/); the first one that exists and is writable."""
+    folders = [Path(meta["cache"]).resolve().parent] if meta.get("cache") else []
+    folders.append(Path(model_dir).resolve().parent)
+    for folder in folders:
+        if folder.is_dir() and os.access(folder, os.W_OK):
+            return folder
+    return None  # OnnxEngine's default folder (config.CACHE_DIR)
 
 
 # --- decoding and running in batches --------------------------------------------------------------

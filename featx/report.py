@@ -154,17 +154,29 @@ def write_report(
     if predictions is not None:
         path = out / "misclassified.csv"
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, ["path", "true", "predicted", "probability", "split"])
-            writer.writeheader()
-            writer.writerows(misclassified(predictions, names, data_dir))
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, ["path", "true", "predicted", "probability", "split"])
+                writer.writeheader()
+                writer.writerows(misclassified(predictions, names, data_dir))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         written["misclassified.csv"] = path
     return written
 
 
 def _has_matrix(metrics: dict, split: str) -> bool:
     return isinstance(metrics.get(split), dict) and metrics[split].get("n", 0) > 0
+
+
+def _save_figure(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _pyplot():
@@ -199,7 +211,7 @@ def plot_confusion_matrices(matrices: dict, class_names: list[str], path: Path) 
                     color = "white" if share[i, j] > 0.5 else "black"
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -220,7 +232,7 @@ def plot_training_curves(history: dict, path: Path) -> Path:
         ax.set_ylabel(metric)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -232,7 +244,9 @@ def format_summary(metrics: dict) -> str:
     lines = []
     if metrics.get("head"):
         fitted = metrics.get("fitted") or {}
-        extra = ", ".join(f"{k} {v}" for k, v in fitted.items() if not isinstance(v, dict))
+        extra = ", ".join(
+            f"{k} {v}" for k, v in fitted.items() if v is not None and not isinstance(v, dict)
+        )
         lines.append(
             f"{metrics['head']} head fitted in {metrics.get('fit_seconds', 0):.2f} s"
             + (f" ({extra})" if extra else "")

@@ -190,6 +190,13 @@ def test_bad_requests_are_refused_with_clear_messages(tiny, conv_model, tmp_path
     assert not (tmp_path / "x").exists()  # refused before writing anything
 
 
+def test_a_float_export_that_disagrees_is_an_error_and_is_removed(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_mod.config, "EXPORT_TOLERANCE", -1.0)  # nothing can pass
+    with pytest.raises(FeatxError, match="differ from the in-process model's.*was removed"):
+        export(tiny["root"] / "logreg", "keras", output=tmp_path / "x")
+    assert not (tmp_path / "x" / "model.keras").exists()
+
+
 def test_cli_export_reports_the_check_and_prints_json(tiny, tmp_path):
     out = tmp_path / "cli"
     args = ["export", str(tiny["root"] / "logreg"), "--output", str(out)]

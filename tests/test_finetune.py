@@ -156,6 +156,7 @@ def test_finetune_writes_a_complete_result_never_worse_than_the_warm_start(tiny,
     assert (out / "training_curves.png").stat().st_size > 1000
     info = json.loads((out / "finetune.json").read_text())
     assert info["kind"] == "finetune" and info["class_names"] == ["cats", "dogs"]
+    assert info["complete"] is True and info["cache"] == str(Path(tiny["cache"]).resolve())
     assert info["image_size"] == 32 and info["head_dir"] == str(tiny["head_dir"])
     assert info["fingerprint"] == store.read_fingerprint(tiny["cache"])
     assert info["epochs_run"] == m["epochs_run"] and 1 <= m["epochs_run"] <= 2

@@ -293,6 +293,16 @@ def test_cli_refuses_a_bad_cache_in_one_line(tmp_path):
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_cli_an_unwritable_output_is_one_line_not_a_traceback(cache_path, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(cli, ["fit-head", str(cache_path), "--output", str(blocker / "x")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert str(blocker) in result.output and "writable" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert blocker.read_text() == "not a folder"
+
+
 # --- real photos, real weights ------------------------------------------------------------------
 
 

@@ -136,6 +136,37 @@ def test_to_keras_reproduces_predict_proba(kind, fitted):
     np.testing.assert_allclose(out, head.predict_proba(Xv), atol=1e-5)
 
 
+def test_dense_to_keras_leaves_out_dropout_and_l2_but_keeps_the_weights(fitted):
+    import keras
+
+    head, Xv = fitted["dense"]
+    model = head.to_keras()
+    assert model is not head.model_  # a copy: training it (finetune) leaves the head alone
+    assert not any(isinstance(layer, keras.layers.Dropout) for layer in model.layers)
+    assert any(isinstance(layer, keras.layers.Dropout) for layer in head.model_.layers)
+    assert model.losses == [] and head.model_.losses != []  # no L2 term in finetune's loss
+    before = head.predict_proba(Xv)
+    np.testing.assert_allclose(model.predict(Xv, verbose=0), before, atol=1e-5)
+    model.layers[-1].kernel.assign(np.zeros(model.layers[-1].kernel.shape))
+    np.testing.assert_array_equal(head.predict_proba(Xv), before)  # the head's weights are its own
+
+
+def test_a_killed_save_never_leaves_a_torn_head_or_a_stale_head_json(fitted, tmp_path, monkeypatch):
+    head, Xv = fitted["logreg"]
+    heads.save_head(head, tmp_path, ["a", "b", "c"], {"backbone": "x"})
+    before = (tmp_path / "head.npz").read_bytes()
+
+    def killed(folder):
+        (folder / "head.npz").write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(head, "_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        heads.save_head(head, tmp_path, ["a", "b", "c"], {"backbone": "x"})
+    assert (tmp_path / "head.npz").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.json", "head.npz"]
+
+
 def test_to_keras_of_a_binary_logreg_is_a_two_class_softmax():
     X, y = blobs((40, 40), distance=1.5, seed=8)
     head = heads.LogRegHead(C=1.0).fit(X, y)

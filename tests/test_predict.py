@@ -249,6 +249,17 @@ def test_the_onnx_engine_predicts_the_same_without_importing_tensorflow(tiny):
     assert json.loads(out.stdout.splitlines()[-1]) == [onnx["accuracy"], False, False]
 
 
+def test_the_onnx_file_is_looked_for_next_to_the_cache_the_head_was_fitted_on(tiny, tmp_path):
+    from featx.predict import _onnx_dir
+
+    moved = tmp_path / "models" / "cats"  # a head moved away from its cache
+    shutil.copytree(tiny["head"], moved)
+    meta = json.loads((moved / "head.json").read_text())
+    assert meta["cache"] == str(Path(tiny["cache"]).resolve())
+    assert _onnx_dir(moved, meta) == Path(tiny["cache"]).resolve().parent
+    assert _onnx_dir(moved, {**meta, "cache": str(tmp_path / "gone" / "c.h5")}) == moved.parent
+
+
 def test_a_head_is_refused_when_the_backbone_weights_changed(tmp_path):
     weights = tmp_path / "mine.weights.h5"
     base = backbone.build_base("none", 32, 0.35)
