@@ -185,10 +185,10 @@ def extract(
         _write(cache_path, listing, root, fp, {}, {}, {}, dtype, val_split, seed, None)
 
     extracted = 0
-    model_seconds = 0.0
+    timing = {"model_seconds": 0.0, "model_load_seconds": None, "steady_images_per_second": None}
     if todo:
         journal.start()
-        extracted, model_seconds = _run_pipeline(
+        extracted, timing = _run_pipeline(
             root,
             todo,
             runner,
@@ -229,8 +229,8 @@ def extract(
         "rejected": [{"path": p, "reason": r[2]} for p, r in sorted(rejected.items())],
         "empty_classes": listing.empty_classes,
         "seconds": round(seconds, 3),
-        "model_seconds": round(model_seconds, 3),
         "images_per_second": round(extracted / seconds, 2) if extracted else 0.0,
+        **timing,
         "engine": runner.name,
         "batch_size": batch_size,
     }
@@ -238,12 +238,18 @@ def extract(
 
 def _run_pipeline(
     root, todo, engine, image_size, batch_size, journal, rows, rejected, progress, log
-) -> tuple[int, float]:
-    """Decode ahead in threads, run the model batch by batch, journal each finished batch."""
+) -> tuple[int, dict]:
+    """Decode ahead in threads, run the model batch by batch, journal each finished batch.
+
+    Returns the images extracted and the timing: model_seconds (inside the engine),
+    model_load_seconds (the first batch's call, which imports and builds the model) and
+    steady_images_per_second (after that first batch: the rate a longer run tends to)."""
     chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     t0 = time.perf_counter()
     done = extracted = 0
     model_seconds = 0.0
+    first_call = first_done = None  # seconds of the first model call; when it returned
+    after_first = 0  # images extracted after the first model call
     pending: deque = deque()
     with ThreadPoolExecutor(config.DECODE_THREADS, thread_name_prefix="featx-decode") as pool:
 
@@ -268,6 +274,10 @@ def _run_pipeline(
                     feats = engine.features(batch)[: len(ok)]  # fixed shape: one compile
                     model_seconds += time.perf_counter() - t_model
                     extracted += len(ok)
+                    if first_call is None:
+                        first_call, first_done = time.perf_counter() - t_model, time.perf_counter()
+                    else:
+                        after_first += len(ok)
                 part_rows, part_feats, part_rej, reasons = store.Rows(), [], store.Rows(), []
                 k = 0
                 for t, (status, value, _) in zip(chunk, results):
@@ -298,7 +308,14 @@ def _run_pipeline(
                     fut.cancel()
             log(f"interrupted: {done} of {len(todo)} images are saved; run again to resume.")
             raise
-    return extracted, model_seconds
+    steady = None
+    if after_first and first_done is not None:
+        steady = round(after_first / (time.perf_counter() - first_done), 2)
+    return extracted, {
+        "model_seconds": round(model_seconds, 3),
+        "model_load_seconds": None if first_call is None else round(first_call, 3),
+        "steady_images_per_second": steady,
+    }
 
 
 def _append(r: store.Rows, t: _Todo, sha: str) -> None:

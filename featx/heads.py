@@ -446,6 +446,8 @@ class DenseHead(_Head):
         )
         for copy, layer in zip(copies, kept):
             copy.set_weights(layer.get_weights())
+            if hasattr(copy, "finalize_state"):  # Normalization: mean/variance from the weights
+                copy.finalize_state()
         return model
 
     def summary(self) -> dict:

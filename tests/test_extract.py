@@ -51,6 +51,9 @@ def test_flat_folder_gives_a_complete_self_describing_cache(flat, tmp_path):
     cache_path = tmp_path / "c.h5"
     summary = run(flat, cache_path)
     assert summary["extracted"] == 20 and summary["images"] == 20
+    # 5 batches of 4: the first one loads the model, the other 16 images give the steady rate
+    assert 0 < summary["model_load_seconds"] <= summary["model_seconds"] <= summary["seconds"]
+    assert summary["steady_images_per_second"] > summary["images_per_second"] > 0
     assert summary["counts"] == {
         "train": {"cats": 8, "dogs": 8},
         "validation": {"cats": 2, "dogs": 2},
@@ -116,6 +119,7 @@ def test_second_run_with_nothing_changed_does_no_model_work(flat, tmp_path, monk
     calls = ModelCalls(monkeypatch)
     summary = run(flat, cache_path)
     assert calls.images == 0 and summary["extracted"] == 0 and summary["kept"] == 20
+    assert summary["model_load_seconds"] is None and summary["steady_images_per_second"] is None
     assert cache_path.stat().st_mtime_ns == stamp  # not even rewritten
 
 
