@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from functools import wraps
 
 import click
@@ -49,13 +50,24 @@ def cli():
 
 
 class Progress:
-    """A click progress bar that shows images/s; the library calls it with (done, total)."""
+    """A click progress bar that shows images/s; the library calls it with (done, total).
+
+    When stderr is not a terminal (CI logs, pipes) it prints one line every LOG_EVERY seconds and
+    one at the end instead of a line per batch."""
+
+    LOG_EVERY = 10.0
 
     def __init__(self, label: str, enabled: bool):
         self.label, self.enabled, self.bar = label, enabled, None
+        self.last_line = time.monotonic()
 
     def __call__(self, done: int, total: int, rate: float) -> None:
         if not self.enabled:
+            return
+        if not sys.stderr.isatty():
+            if done >= total or time.monotonic() - self.last_line >= self.LOG_EVERY:
+                click.echo(f"{self.label} {done}/{total}, {rate:.1f} images/s", err=True)
+                self.last_line = time.monotonic()
             return
         if self.bar is None:
             self.bar = click.progressbar(

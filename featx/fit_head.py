@@ -86,9 +86,17 @@ def fit_head(
     log = log or (lambda message: None)
     if head not in heads.HEADS:
         raise FeatxError(f"Unknown head {head!r}; expected one of {heads.HEADS}.")
+    dense_options = {
+        "epochs": (epochs, config.DENSE_EPOCHS),
+        "learning_rate": (learning_rate, config.DENSE_LEARNING_RATE),
+        "dropout": (dropout, config.DENSE_DROPOUT),
+        "hidden": (hidden, config.DENSE_HIDDEN),
+    }
     if head == "logreg":
+        ignored = [k for k, (value, default) in dense_options.items() if value != default]
         options = {"C": C, "class_weight": class_weight, "seed": seed}
     else:
+        ignored = ["C"] if C is not None else []
         options = {
             "epochs": epochs,
             "learning_rate": learning_rate,
@@ -97,6 +105,9 @@ def fit_head(
             "class_weight": class_weight,
             "seed": seed,
         }
+    if ignored:  # a silent no-op would let users believe they tuned something
+        names = ", ".join(f"--{k.replace('_', '-')}" for k in ignored)
+        log(f"note: {names} applies to the other head, not to --head {head}; ignored.")
     estimator = heads.make_head(head, **options)
     cache = store.read_cache(cache_path)  # refuses non-featx files and other format versions
     check_cache(cache, cache_path)

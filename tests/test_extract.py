@@ -265,6 +265,10 @@ def test_cli_extract_and_info(flat, tmp_path):
     result = runner.invoke(cli, ["extract", str(flat), "--cache", str(cache_path), *args])
     assert result.exit_code == 0, result.output
     assert "train" in result.output and "images/s" in result.output
+    # not a terminal: one progress line at the end of a short run, not one per batch
+    assert [line for line in result.output.splitlines() if line.startswith("extracting")] == [
+        line for line in result.output.splitlines() if line.startswith("extracting 20/20, ")
+    ] and "extracting 20/20, " in result.output
     result = runner.invoke(cli, ["extract", str(flat), "--cache", str(cache_path), *args, "--json"])
     assert result.exit_code == 0 and '"kept": 20' in result.output
     result = runner.invoke(cli, ["info", str(cache_path)])

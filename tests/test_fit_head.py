@@ -248,6 +248,22 @@ def test_cli_prints_a_readable_summary(cache_path, tmp_path):
     assert (out / "metrics.json").is_file() and (out / "confusion_matrix.png").is_file()
 
 
+def test_options_of_the_other_head_are_reported_as_ignored(cache_path, tmp_path):
+    notes = []
+    fit_head(cache_path, "logreg", tmp_path / "a", C=1.0, epochs=3, hidden=8, log=notes.append)
+    assert [n for n in notes if "ignored" in n] == [
+        "note: --epochs, --hidden applies to the other head, not to --head logreg; ignored."
+    ]
+    notes.clear()
+    fit_head(cache_path, "dense", tmp_path / "b", C=1.0, epochs=2, log=notes.append)
+    assert [n for n in notes if "ignored" in n] == [
+        "note: --C applies to the other head, not to --head dense; ignored."
+    ]
+    notes.clear()
+    fit_head(cache_path, "logreg", tmp_path / "c", C=1.0, log=notes.append)
+    assert not [n for n in notes if "ignored" in n]
+
+
 def test_cli_dense_options_json_and_min_accuracy(cache_path, tmp_path):
     out = tmp_path / "dense"
     args = ["fit-head", str(cache_path), "--head", "dense", "--output", str(out), "--json"]
