@@ -48,6 +48,7 @@ format: install
 	$(BIN)/ruff format featx tests bench
 
 bench: install $(DATA)
+	$(BIN)/python bench/cores.py --data $(DATA)
 	$(BIN)/python bench/extract.py --data $(DATA)
 	$(BIN)/python bench/pipeline.py --data $(DATA)
 
