@@ -80,7 +80,12 @@ def make_engine(name: str, weights: str, image_size: int, alpha: float, *, onnx_
     from featx import onnx_engine
 
     if onnx_engine.choose_engine(name, log) == "onnx":
-        return onnx_engine.OnnxEngine(weights, image_size, alpha, onnx_dir=onnx_dir, log=log)
+        engine = onnx_engine.OnnxEngine(weights, image_size, alpha, onnx_dir=onnx_dir, log=log)
+        problem = None if name == "onnx" else engine.cannot_export_here()
+        if problem is None:
+            return engine
+        if log is not None:  # auto must never fail where keras would work
+            log(f"note: using the Keras engine; {problem}.")
     return backbone.KerasEngine(weights, image_size, alpha)
 
 

@@ -215,6 +215,19 @@ class OnnxEngine:
         fp = backbone.fingerprint(self.weights, self.image_size, self.alpha, engine=self.name)
         return fp, self.onnx_dir / f"backbone-{model_key(fp)[:16]}.onnx"
 
+    def cannot_export_here(self) -> str | None:
+        """Why this engine would fail before its first batch (no valid stored file and a folder it
+        cannot write the export to), or None."""
+        fp, path = self._locate()
+        if check_stored(path, model_key(fp)) is None:
+            return None
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent  # the export creates the missing folders below this one
+        if not os.access(folder, os.W_OK):
+            return f"'{folder}' is not writable, so the ONNX export cannot be stored there"
+        return None
+
     def features(self, batch: np.ndarray) -> np.ndarray:
         """(n, size, size, 3) uint8 or float pixels -> (n, dim) float32 features."""
         if self._session is None:

@@ -189,6 +189,18 @@ def test_make_engine_resolves_auto_from_onnxruntime_and_the_gpu(monkeypatch):
         make_engine("tensorrt", **TINY)
 
 
+def test_auto_uses_keras_when_the_export_could_not_be_stored(exported, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_engine, "keras_sees_gpu", lambda: False)
+    monkeypatch.setattr(onnx_engine.os, "access", lambda path, mode: False)  # a read-only disk
+    messages = []
+    engine = make_engine("auto", **TINY, onnx_dir=tmp_path / "ro" / "cache", log=messages.append)
+    assert engine.name == "keras"
+    assert len(messages) == 1 and "is not writable" in messages[0] and str(tmp_path) in messages[0]
+    assert make_engine("onnx", **TINY, onnx_dir=tmp_path / "ro").name == "onnx"  # explicit
+    copy_export(exported, tmp_path / "stored")  # a valid stored file needs no writing
+    assert make_engine("auto", **TINY, onnx_dir=tmp_path / "stored").name == "onnx"
+
+
 def test_no_gpu_is_found_without_importing_tensorflow():
     code = (
         "import sys; from featx import onnx_engine; "
