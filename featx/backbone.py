@@ -28,7 +28,11 @@ WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobi
 
 # Fingerprint keys that decide whether two sets of features are comparable. Versions and the
 # engine are recorded too, but features from different versions or engines may be mixed.
-MODEL_KEYS = ("backbone", "alpha", "image_size", "weights_sha256", "preprocessing", "resize")
+# The keys that decide the float model (and its exported .onnx file) ...
+FLOAT_MODEL_KEYS = ("backbone", "alpha", "image_size", "weights_sha256", "preprocessing", "resize")
+# ... and every key that decides the features: with `--precision int8`, the quantized file too.
+MODEL_KEYS = (*FLOAT_MODEL_KEYS, "precision", "int8_sha256")
+KEY_DEFAULTS = {"precision": "fp32", "int8_sha256": None}  # for caches made before they existed
 
 
 def _imagenet_file_name(alpha: float, rows: int) -> str:
@@ -125,8 +129,12 @@ def fingerprint(
     image_size: int = config.IMAGE_SIZE,
     alpha: float = config.ALPHA,
     engine: str = "keras",
+    precision: str = "fp32",
+    int8_sha256: str | None = None,
 ) -> dict:
-    """Everything that determines the features, without building the model (or importing it)."""
+    """Everything that determines the features, without building the model (or importing it).
+
+    precision "int8" with int8_sha256, the sha256 of the quantized .onnx file (see featx.int8)."""
     validate(image_size, alpha)
     path = resolve_weights(weights, image_size, alpha)
     return {
@@ -138,6 +146,8 @@ def fingerprint(
         "weights_sha256": weights_sha256(path),
         "preprocessing": config.PREPROCESSING,
         "resize": config.RESIZE,
+        "precision": precision,
+        "int8_sha256": int8_sha256,
         "engine": engine,
         "featx_version": __version__,
         "keras_version": keras_version(),
@@ -147,13 +157,25 @@ def fingerprint(
 
 def check_compatible(recorded: dict, wanted: dict, what: str, fix: str) -> None:
     """Raise a FeatxError naming every differing model key of two fingerprints."""
-    diffs = [
-        f"{k}: {recorded.get(k)!r} vs {wanted.get(k)!r}"
-        for k in MODEL_KEYS
-        if recorded.get(k) != wanted.get(k)
-    ]
+
+    def get(fp, k):
+        return fp.get(k, KEY_DEFAULTS.get(k))
+
+    diffs = [f"{k}: {get(recorded, k)!r} vs {get(wanted, k)!r}" for k in MODEL_KEYS]
+    diffs = [d for d, k in zip(diffs, MODEL_KEYS) if get(recorded, k) != get(wanted, k)]
     if diffs:
         raise FeatxError(f"{what} was made with another backbone ({'; '.join(diffs)}). {fix}")
+
+
+def require_float(fp: dict, what: str, command: str) -> None:
+    """Refuse INT8 features where a command rebuilds the float Keras backbone (finetune, export):
+    a head fitted on INT8 features would run on other features there."""
+    if fp.get("precision", "fp32") != "fp32":
+        raise FeatxError(
+            f"{what} was fitted on {fp['precision']} features; `featx {command}` rebuilds the "
+            "float backbone, whose features differ. Fit the head on a float cache (`featx "
+            "extract` without --precision int8) for this; predict works with int8 heads."
+        )
 
 
 def validate(image_size: int, alpha: float) -> None:

@@ -134,6 +134,13 @@ class Progress:
     type=click.Choice(["auto", "keras", "onnx"]),
     help="onnx: ONNX Runtime, ~2x faster on a CPU; auto: onnx when it can run, no GPU is seen.",
 )
+@click.option(
+    "--precision",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "int8"]),
+    help="int8: a quantized ONNX backbone, ~2x faster again, features not mixable with fp32.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
 def extract(
@@ -148,6 +155,7 @@ def extract(
     seed,
     overwrite,
     engine,
+    precision,
     as_json,
 ):
     """Extract MobileNetV2 features of every image in DATA_DIR into an HDF5 cache.
@@ -171,6 +179,7 @@ def extract(
             seed=seed,
             overwrite=overwrite,
             engine=engine,
+            precision=precision,
             progress=progress,
             log=lambda m: click.echo(m, err=True),
         )

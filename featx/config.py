@@ -39,6 +39,7 @@ SPLIT_FOLDER_NAMES = {
 ENGINE = "auto"
 ONNX_DIR = None  # folder for the exported backbone-<key>.onnx files; None: next to the cache
 ONNX_THREADS = None  # ONNX Runtime intra-op threads; None: every core the process may use
+INT8_CALIBRATION_IMAGES = 320  # --precision int8: training images that set the activation ranges
 ONNX_SPIN = "0"  # "1" lets idle ONNX Runtime threads spin (steals cores from decoding)
 
 # --- finetune (stage 3) --------------------------------------------------------------------------

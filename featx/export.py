@@ -106,6 +106,7 @@ def build_model(model_dir: str | Path) -> tuple[object, dict]:
 
     head, meta = heads.load_head(model_dir)
     fp = meta.get("fingerprint") or {}
+    backbone.require_float(fp, f"The head in '{model_dir}'", "export")
     predict_mod.check_backbone(fp, f"The head in '{model_dir}'")
     size, alpha = int(fp["image_size"]), float(fp["alpha"])
     base = backbone.build_base(fp["weights"], size, alpha)

@@ -89,6 +89,50 @@ def make_engine(name: str, weights: str, image_size: int, alpha: float, *, onnx_
     return backbone.KerasEngine(weights, image_size, alpha)
 
 
+def _int8_engine(
+    engine,
+    weights,
+    image_size,
+    alpha,
+    cache_path,
+    overwrite,
+    onnx_dir,
+    root,
+    listing,
+    batch_size,
+    log,
+):
+    """The INT8 engine and fingerprint: an int8 cache keeps its quantized file; a new one gets
+    one calibrated on its training images."""
+    from featx import int8, onnx_engine
+
+    if engine == "keras":
+        raise FeatxError(
+            "--precision int8 runs on ONNX Runtime; pass --engine onnx (or auto), or drop "
+            "--precision int8 to use Keras."
+        )
+    onnx_engine.import_onnxruntime()  # a clear error when it is missing
+    wanted = backbone.fingerprint(weights, image_size, alpha, engine="onnx", precision="int8")
+    recorded = None
+    if cache_path.exists() and not overwrite:
+        recorded = store.read_fingerprint(cache_path)
+        backbone.check_compatible(
+            recorded,
+            {**wanted, "int8_sha256": recorded.get("int8_sha256")},
+            f"The cache '{cache_path}'",
+            "Pass --overwrite to rebuild it, or --cache NEW.h5 to keep both.",
+        )
+    runner, sha = int8.engine(
+        {**wanted, "int8_sha256": recorded and recorded.get("int8_sha256")},
+        [onnx_dir],
+        root=root,
+        listing=listing,
+        batch_size=batch_size,
+        log=log,
+    )
+    return runner, {**wanted, "int8_sha256": sha}
+
+
 def extract(
     data_dir: str | Path,
     cache_path: str | Path | None = None,
@@ -102,6 +146,7 @@ def extract(
     seed: int = config.SEED,
     overwrite: bool = False,
     engine: str = "keras",
+    precision: str = "fp32",
     progress=None,
     log=None,
 ) -> dict:
@@ -115,6 +160,8 @@ def extract(
         val_split, seed: the stratified split of a folder without split folders.
         overwrite: replace a cache made with another backbone instead of refusing.
         engine: "keras", "onnx" or "auto" (see `make_engine`); features of both engines mix.
+        precision: "fp32", or "int8" for a quantized ONNX Runtime backbone (see featx.int8); its
+            features do not mix with fp32 ones.
         progress: called as progress(done, total, images_per_second) after each batch.
         log: called with one-line messages (warnings, notes); default: silent.
     Returns:
@@ -131,10 +178,26 @@ def extract(
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
     cache_path = Path(cache_path) if cache_path else default_cache_path(root)
-    runner = make_engine(
-        engine, weights, image_size, alpha, onnx_dir=config.ONNX_DIR or cache_path.parent, log=log
-    )
-    fp = backbone.fingerprint(weights, image_size, alpha, engine=runner.name)
+    onnx_dir = Path(config.ONNX_DIR or cache_path.parent)
+    if precision not in ("fp32", "int8"):
+        raise FeatxError(f"precision must be fp32 or int8, got {precision!r}.")
+    if precision == "fp32":
+        runner = make_engine(engine, weights, image_size, alpha, onnx_dir=onnx_dir, log=log)
+        fp = backbone.fingerprint(weights, image_size, alpha, engine=runner.name)
+    else:
+        runner, fp = _int8_engine(
+            engine,
+            weights,
+            image_size,
+            alpha,
+            cache_path,
+            overwrite,
+            onnx_dir,
+            root,
+            listing,
+            batch_size,
+            log,
+        )
     old = _open_existing(cache_path, fp, overwrite)
     if old is not None and old.attrs.get("data_dir") not in (None, str(root.resolve())):
         log(f"note: the cache was made from {old.attrs['data_dir']}; matching files by path.")

@@ -347,6 +347,7 @@ def _load_inputs(cache_path, head_dir, data_dir):
             f"`featx fit-head {cache_path}`, and pass its output folder to --head."
         )
     head, meta = heads.load_head(head_dir)
+    backbone.require_float(meta["fingerprint"], f"The head in '{head_dir}'", "finetune")
     backbone.check_compatible(
         meta["fingerprint"],
         cache.fingerprint,

@@ -123,7 +123,13 @@ def model_kind(model_dir: str | Path) -> str:
 def check_backbone(fp: dict, what: str) -> None:
     """Refuse when the backbone weights available now are not those that made the features."""
     try:
-        now = backbone.fingerprint(fp["weights"], int(fp["image_size"]), float(fp["alpha"]))
+        now = backbone.fingerprint(
+            fp["weights"],
+            int(fp["image_size"]),
+            float(fp["alpha"]),
+            precision=fp.get("precision", "fp32"),
+            int8_sha256=fp.get("int8_sha256"),
+        )
     except KeyError as e:
         raise FeatxError(f"{what} records no complete backbone fingerprint (no {e}).") from None
     except FeatxError as e:
@@ -220,13 +226,32 @@ def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None
     fp = meta.get("fingerprint") or {}
     check_backbone(fp, f"The head in '{model_dir}'")
     size, alpha = int(fp["image_size"]), float(fp["alpha"])
-    onnx_dir = config.ONNX_DIR or _onnx_dir(model_dir, meta)
-    runner = make_engine(engine, fp["weights"], size, alpha, onnx_dir=onnx_dir, log=log)
+    if fp.get("precision", "fp32") == "int8":
+        runner = _int8_runner(engine, fp, model_dir, meta, log)
+    else:
+        onnx_dir = config.ONNX_DIR or _onnx_dir(model_dir, meta)
+        runner = make_engine(engine, fp["weights"], size, alpha, onnx_dir=onnx_dir, log=log)
 
     def run(batch):
         return head.predict_proba(runner.features(batch))
 
     return Classifier(kind, list(meta["class_names"]), size, runner.name, meta, run)
+
+
+def _int8_runner(engine: str, fp: dict, model_dir, meta: dict, log):
+    """The quantized backbone a head fitted on an int8 cache needs: that exact file, found next
+    to its cache, next to the model folder, or in the default cache folder."""
+    from featx import int8
+
+    if engine == "keras":
+        raise FeatxError(
+            f"The head in '{model_dir}' was fitted on INT8 features, which only the onnx engine "
+            "computes; pass --engine onnx (or auto)."
+        )
+    folders = [Path(meta["cache"]).resolve().parent] if meta.get("cache") else []
+    folders += [Path(model_dir).resolve().parent, Path(config.ONNX_DIR or config.CACHE_DIR)]
+    folders = list(dict.fromkeys(f for f in folders if f.is_dir()))
+    return int8.engine(fp, folders or [Path(model_dir)], log=log)[0]
 
 
 def _onnx_dir(model_dir, meta: dict) -> Path | None:
