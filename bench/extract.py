@@ -131,12 +131,13 @@ def run_child(code: str, args: list[str], workdir: Path, name: str) -> dict:
 
 
 def featx_extract(
-    data: Path, cache: Path, engine: str, args, workdir: Path, name: str, prelude: str = ""
+    data: Path, cache: Path, engine: str, args, workdir: Path, name: str, int8: bool = False
 ) -> dict:
     cmd = ["extract", str(data), "--cache", str(cache)]
     cmd += ["--engine", engine, "--weights", args.weights, "--image-size", str(args.image_size)]
     cmd += ["--alpha", str(args.alpha), "--batch-size", str(args.batch_size), "--json"]
-    code = prelude + "\nfrom featx.cli import cli; cli(prog_name='featx')"
+    cmd += ["--precision", "int8"] if int8 else []
+    code = "from featx.cli import cli; cli(prog_name='featx')"
     r = run_child(code, cmd, workdir, name)
     summary = r.pop("stdout")
     assert summary["engine"] == engine, summary["engine"]
@@ -212,7 +213,6 @@ def main(argv=None) -> dict:
         action="store_true",
         help="also measure ONNX Runtime INT8 static quantization (speed and accuracy)",
     )
-    p.add_argument("--calibration", type=int, default=320, help="INT8 calibration images")
     p.add_argument("--json-out", default=str(REPO / "bench" / "results" / "extract.json"))
     args = p.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -364,76 +364,30 @@ def main(argv=None) -> dict:
     return result
 
 
-INT8_ENGINE = """
-import onnxruntime
-import featx.extract
-from featx import onnx_engine
-
-class Int8Engine(onnx_engine.OnnxEngine):
-    def load(self):
-        options = onnx_engine.session_options()
-        return onnxruntime.InferenceSession({path!r}, options, onnx_engine.providers())
-
-featx.extract.make_engine = lambda name, w, s, a, **kw: Int8Engine(w, s, a)
-"""
-
-
 def measure_int8(fp32_path: Path, data: Path, pixels, run_dir, args, work: Path, rows) -> dict:
-    """Static INT8 quantization (QDQ, per-channel weights, uint8 activations, MinMax calibration
-    on `--calibration` training images): quantization time, speed and logistic-regression accuracy.
-    """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
-
-    train = [f for f in images.find_images(data).files if f.split in (None, "train")]
-    calibration = train[:: max(1, len(train) // args.calibration)][: args.calibration]
-    calib_pixels, _ = decode_all(data, calibration, args.image_size, config.DECODE_THREADS)
-
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(range(0, len(calib_pixels), args.batch_size))
-
-        def get_next(self):
-            i = next(self.batches, None)
-            if i is None:
-                return None
-            return {"image": calib_pixels[i : i + args.batch_size].astype(np.float32)}
-
-    t0 = time.perf_counter()
-    pre, int8 = work / "pre.onnx", work / "int8.onnx"
-    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-    quantize_static(
-        str(pre),
-        str(int8),
-        Batches(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
-    out = {
-        "calibration_images": len(calibration),
-        "quantize_seconds": round(time.perf_counter() - t0, 1),
-        "onnx_mib": round(int8.stat().st_size / 2**20, 2),
-    }
+    """`featx extract --precision int8` (featx.int8: static QDQ quantization, per-channel weights,
+    uint8 activations, MinMax calibration on the run's training images): quantization time,
+    ONNX Runtime INT8 alone (e8), featx end to end (d8) and logistic-regression accuracy."""
     import onnxruntime
 
-    from featx import onnx_engine
+    from featx import int8, onnx_engine, store
 
-    session = onnxruntime.InferenceSession(str(int8), onnx_engine.session_options())
+    # Quantize here, as `featx extract --precision int8` would on its first run, so that (d8)
+    # times the extraction, not the one-time quantization (reported apart).
+    files = int8.calibration_files(images.find_images(run_dir))  # featx's own choice
+    t0 = time.perf_counter()
+    path, _ = int8.quantize(fp32_path, run_dir, files, args.image_size, args.batch_size, log)
+    out = {
+        "calibration_images": len(files),
+        "quantize_seconds": round(time.perf_counter() - t0, 1),
+        "onnx_mib": round(path.stat().st_size / 2**20, 2),
+    }
+    session = onnxruntime.InferenceSession(str(path), onnx_engine.session_options())
     rate = time_batches(lambda b: session.run(None, {"image": b.astype(np.float32)}), pixels, 32)
     rows["e8"] = {"images_per_second": rate, "images": len(pixels)}
     log(f"(e8) ONNX Runtime INT8 alone: {rate:.1f} images/s")
-    prelude = INT8_ENGINE.format(path=str(int8))
-    rows["d8"] = featx_extract(run_dir, work / "d8.h5", "onnx", args, work, "d8", prelude)
-    log(f"(d8) featx extract, INT8: {rows['d8']['images_per_second']:.1f} images/s")
-    from featx import store
-
+    rows["d8"] = featx_extract(run_dir, work / "d8.h5", "onnx", args, work, "d8", int8=True)
+    log(f"(d8) featx extract --precision int8: {rows['d8']['images_per_second']:.1f} images/s")
     fp32, q = store.read_cache(work / "d.h5").features, store.read_cache(work / "d8.h5").features
     cos = (fp32 * q).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(q, axis=1)
     out["min_cosine_to_fp32"] = round(float(cos.min()), 4)
@@ -454,7 +408,7 @@ LABELS = {
     "c": "(c) featx extract --engine keras (end to end)",
     "d": "(d) featx extract --engine onnx (end to end)",
     "e": "(e) ONNX Runtime alone, pre-decoded",
-    "d8": "(d8) featx extract, ONNX INT8 (experiment, end to end)",
+    "d8": "(d8) featx extract --precision int8 (end to end)",
     "e8": "(e8) ONNX Runtime INT8 alone, pre-decoded",
 }
 
