@@ -205,7 +205,8 @@ def format_extract_summary(s: dict) -> str:
     if len(s["rejected"]) > 20:
         lines.append(f"  ... and {len(s['rejected']) - 20} more (see `featx info --json`)")
     lines.append(
-        f"{s['seconds']:.1f} s, {s['images_per_second']:.1f} images/s ({s['engine']} engine)"
+        f"{s['seconds']:.1f} s, {s['images_per_second']:.1f} images/s ({s['engine']} engine"
+        + (", int8)" if s.get("precision") == "int8" else ")")
     )
     return "\n".join(lines)
 

@@ -300,6 +300,7 @@ def extract(
         "images_per_second": round(extracted / seconds, 2) if extracted else 0.0,
         **timing,
         "engine": runner.name,
+        "precision": precision,
         "batch_size": batch_size,
     }
 

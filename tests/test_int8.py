@@ -99,6 +99,7 @@ def test_cli_precision_option(tmp_path):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert store.read_fingerprint(tmp_path / "c.h5")["precision"] == "int8"
+    assert json.loads(result.stdout)["precision"] == "int8"
     result = CliRunner().invoke(cli, [*args[:-1], "--engine", "keras"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "--precision int8 runs on ONNX Runtime" in result.output
