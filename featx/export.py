@@ -25,7 +25,7 @@ import numpy as np
 from featx import __version__, backbone, config, images, store
 from featx import predict as predict_mod
 from featx.errors import FeatxError
-from featx.files import write_text_atomic
+from featx.files import save_keras_atomic, write_text_atomic
 
 FORMATS = ("keras", "savedmodel", "tflite")
 QUANTIZE = ("none", "float16", "dynamic")
@@ -136,15 +136,6 @@ def _require_tensorflow(format: str) -> None:
             f"--format {format} needs the TensorFlow backend of Keras, but KERAS_BACKEND is "
             f"'{name}'. Run with KERAS_BACKEND=tensorflow, or use --format keras (any backend)."
         )
-
-
-def _write_keras(model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_saved_model(model, path: Path) -> None:
@@ -360,7 +351,7 @@ def export(
     path = out / MODEL_FILES[format]
     log(f"exporting {described['kind']} model to {path} ...")
     if format == "keras":
-        _write_keras(model, path)
+        save_keras_atomic(model, path)
     elif format == "savedmodel":
         _write_saved_model(model, path)
     else:

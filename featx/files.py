@@ -17,3 +17,16 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def save_keras_atomic(model, path: str | Path) -> Path:
+    """`model.save(path)` through a temporary .keras file and a rename: a process killed while
+    saving leaves the previous file (a checkpoint, an export), never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")  # Keras wants the suffix
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 
 from featx import backbone, config, images, store
 from featx.errors import FeatxError
-from featx.files import write_text_atomic
+from featx.files import save_keras_atomic, write_text_atomic
 
 MODEL_FILE = "model.keras"
 INFO_FILE = "finetune.json"
@@ -287,18 +286,7 @@ class _KeepBest(keras.callbacks.Callback):
         if score > self.best:
             self.best, self.best_epoch = score, epoch + 1
             self.weights = self.model.get_weights()
-            save_model(self.model, self.path)
-
-
-def save_model(model, path: Path) -> None:
-    """model.save through a temporary file and a rename: a run killed while saving leaves the
-    previous checkpoint, never a truncated one."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")  # Keras wants the suffix
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            save_keras_atomic(self.model, self.path)
 
 
 def _keras_loss(y: np.ndarray, proba: np.ndarray) -> float:
@@ -508,7 +496,7 @@ def finetune(
     # Written before the first checkpoint, so a killed run leaves a model predict can use, and
     # never a new model beside an older run's class names.
     write_text_atomic(out / INFO_FILE, json.dumps(info, indent=2, default=str))
-    save_model(model, model_path)
+    save_keras_atomic(model, model_path)
 
     y_val, proba_val, _ = before_preds["validation"]
     keep = _KeepBest(
@@ -562,7 +550,7 @@ def finetune(
             model.set_weights(warm_weights)
     else:
         log("no epoch beat the warm start on validation; keeping the warm-start weights")
-    save_model(model, model_path)
+    save_keras_atomic(model, model_path)
 
     skipped = missing + [
         {"path": p, "reason": r}
