@@ -100,6 +100,8 @@ def _int8_engine(
     root,
     listing,
     batch_size,
+    val_split,
+    seed,
     log,
 ):
     """The INT8 engine and fingerprint: an int8 cache keeps its quantized file; a new one gets
@@ -128,6 +130,8 @@ def _int8_engine(
         root=root,
         listing=listing,
         batch_size=batch_size,
+        val_split=val_split,
+        seed=seed,
         log=log,
     )
     return runner, {**wanted, "int8_sha256": sha}
@@ -196,6 +200,8 @@ def extract(
             root,
             listing,
             batch_size,
+            val_split,
+            seed,
             log,
         )
     old = _open_existing(cache_path, fp, overwrite)

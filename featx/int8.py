@@ -31,9 +31,16 @@ from featx.files import write_text_atomic
 PRECISIONS = ("fp32", "int8")
 
 
-def calibration_files(listing, n: int = config.INT8_CALIBRATION_IMAGES) -> list:
-    """Up to `n` training images, evenly spread over the sorted list: the same set every time."""
-    train = sorted((f for f in listing.files if f.split in (None, "train")), key=lambda f: f.path)
+def calibration_files(
+    listing,
+    n: int = config.INT8_CALIBRATION_IMAGES,
+    val_split: float = config.VAL_SPLIT,
+    seed: int = config.SEED,
+) -> list:
+    """Up to `n` training images, evenly spread over the sorted list: the same set every time.
+    Flat folders are split as extract splits them, so validation images never set the ranges."""
+    splits = images.assign_splits(listing.files, {}, val_split, seed)
+    train = sorted((f for f in listing.files if splits[f.path] == "train"), key=lambda f: f.path)
     return train[:: max(1, len(train) // n)][:n]
 
 
@@ -151,7 +158,15 @@ class Int8Engine(onnx_engine.OnnxEngine):
 
 
 def engine(
-    fp: dict, folders: list[Path], *, root=None, listing=None, batch_size=32, log=None
+    fp: dict,
+    folders: list[Path],
+    *,
+    root=None,
+    listing=None,
+    batch_size=32,
+    val_split=config.VAL_SPLIT,
+    seed=config.SEED,
+    log=None,
 ) -> tuple[Int8Engine, str]:
     """The INT8 engine for fingerprint `fp` and the quantized file's sha256.
 
@@ -174,5 +189,6 @@ def engine(
             "with --overwrite."
         )
     fp32.load()  # exports the fp32 file when it is missing or stale
-    path, sha = quantize(fp32.path, root, calibration_files(listing), size, batch_size, log)
+    files = calibration_files(listing, val_split=val_split, seed=seed)
+    path, sha = quantize(fp32.path, root, files, size, batch_size, log)
     return Int8Engine(path, weights, size, alpha), sha

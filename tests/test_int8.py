@@ -103,3 +103,17 @@ def test_cli_precision_option(tmp_path):
     result = CliRunner().invoke(cli, [*args[:-1], "--engine", "keras"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "--precision int8 runs on ONNX Runtime" in result.output
+
+
+def test_calibration_never_uses_validation_images_of_a_flat_folder(tiny, tmp_path):
+    from featx import images
+
+    for c in ("cats", "dogs"):  # a flat folder: featx splits it into train and validation
+        shutil.copytree(tiny["data"] / "train" / c, tmp_path / "flat" / c)
+    listing = images.find_images(tmp_path / "flat")
+    splits = images.assign_splits(listing.files, {}, 0.2, 0)
+    chosen = int8.calibration_files(listing, 100, 0.2, 0)
+    validation = {p for p, s in splits.items() if s == "validation"}
+    assert len(validation) == 4 and len(chosen) == 16  # 20 images, 20 % held out
+    assert not validation & {f.path for f in chosen}
+    assert len(int8.calibration_files(listing, 5, 0.2, 0)) == 5  # capped, evenly spread
