@@ -25,7 +25,7 @@ import numpy as np
 from featx import __version__, backbone, config, images, store
 from featx import predict as predict_mod
 from featx.errors import FeatxError
-from featx.files import save_keras_atomic, write_text_atomic
+from featx.files import replaced_atomically, save_keras_atomic, write_text_atomic
 
 FORMATS = ("keras", "savedmodel", "tflite")
 QUANTIZE = ("none", "float16", "dynamic")
@@ -159,7 +159,6 @@ def _write_tflite(model, path: Path, quantize: str) -> None:
     import tensorflow as tf
 
     saved = path.with_name(f".{path.stem}.saved_model.tmp-{os.getpid()}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         model.export(str(saved), format="tf_saved_model", verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
@@ -170,15 +169,14 @@ def _write_tflite(model, path: Path, quantize: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             data = converter.convert()
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        with replaced_atomically(path) as tmp:
+            tmp.write_bytes(data)
     except FeatxError:
         raise
     except Exception as e:
         raise FeatxError(f"TFLite conversion failed ({type(e).__name__}: {e}).") from None
     finally:
         shutil.rmtree(saved, ignore_errors=True)
-        tmp.unlink(missing_ok=True)
 
 
 def tflite_interpreter(path: str | Path):

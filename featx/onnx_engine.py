@@ -22,7 +22,7 @@ import numpy as np
 
 from featx import backbone, config
 from featx.errors import FeatxError
-from featx.files import write_text_atomic
+from featx.files import replaced_atomically, write_text_atomic
 
 ENGINES = ("auto", "keras", "onnx")
 INSTALL_HINT = "pip install 'featx[onnx]'"
@@ -280,8 +280,7 @@ def export(path: Path, fp: dict, weights: str, image_size: int, alpha: float, lo
     probe = np.random.default_rng(0).uniform(0, 255, (2, image_size, image_size, 3))
     probe = probe.astype(np.float32)
     expected = np.asarray(model(probe, training=False))  # export needs a model called once
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with replaced_atomically(path) as tmp:
         try:
             with warnings.catch_warnings():  # tf2onnx's numpy deprecation noise
                 warnings.simplefilter("ignore", FutureWarning)
@@ -304,9 +303,6 @@ def export(path: Path, fp: dict, weights: str, image_size: int, alpha: float, lo
                 "Pass --engine keras, and report this with your keras/onnx versions."
             )
         sha = file_sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     meta = {
         "model_key": model_key(fp),
         "onnx_sha256": sha,

@@ -24,13 +24,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from featx.errors import FeatxError
-from featx.files import write_text_atomic
+from featx.files import replaced_atomically, write_text_atomic
 
 SPLITS = ("train", "validation", "test")
 EPS = 1e-15
@@ -153,15 +152,10 @@ def write_report(
         written["training_curves.png"] = plot_training_curves(history, out / "training_curves.png")
     if predictions is not None:
         path = out / "misclassified.csv"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, ["path", "true", "predicted", "probability", "split"])
-                writer.writeheader()
-                writer.writerows(misclassified(predictions, names, data_dir))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with replaced_atomically(path) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["path", "true", "predicted", "probability", "split"])
+            writer.writeheader()
+            writer.writerows(misclassified(predictions, names, data_dir))
         written["misclassified.csv"] = path
     return written
 
@@ -171,12 +165,8 @@ def _has_matrix(metrics: dict, split: str) -> bool:
 
 
 def _save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replaced_atomically(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _pyplot():
