@@ -131,14 +131,14 @@ class Progress:
     "--engine",
     default=config.ENGINE,
     show_default=True,
-    type=click.Choice(["auto", "keras", "onnx"]),
+    type=click.Choice(config.ENGINES),
     help="onnx: ONNX Runtime, ~2x faster on a CPU; auto: onnx when it can run, no GPU is seen.",
 )
 @click.option(
     "--precision",
     default="fp32",
     show_default=True,
-    type=click.Choice(["fp32", "int8"]),
+    type=click.Choice(config.PRECISIONS),
     help="int8: a quantized ONNX backbone, ~2x faster again, features not mixable with fp32.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -387,7 +387,7 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
     "--engine",
     default=config.ENGINE,
     show_default=True,
-    type=click.Choice(["auto", "keras", "onnx"]),
+    type=click.Choice(config.ENGINES),
     help="What runs the backbone of a fit-head model (as for extract).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and the summary as JSON.")

@@ -36,9 +36,11 @@ SPLIT_FOLDER_NAMES = {
 # "auto": ONNX Runtime when it is installed (`pip install 'featx[onnx]'`), Keras sees no GPU and
 # the Keras backend can export ONNX (about 2x faster than TensorFlow on a CPU), else Keras.
 # "keras" or "onnx" force one.
+ENGINES = ("auto", "keras", "onnx")
 ENGINE = "auto"
 ONNX_DIR = None  # folder for the exported backbone-<key>.onnx files; None: next to the cache
 ONNX_THREADS = None  # ONNX Runtime intra-op threads; None: every core the process may use
+PRECISIONS = ("fp32", "int8")  # --precision of extract; int8: see featx/int8.py
 INT8_CALIBRATION_IMAGES = 320  # --precision int8: training images that set the activation ranges
 ONNX_SPIN = "0"  # "1" lets idle ONNX Runtime threads spin (steals cores from decoding)
 

@@ -183,8 +183,8 @@ def extract(
         log(f"warning: class folder '{c}' has no files; it is left out.")
     cache_path = Path(cache_path) if cache_path else default_cache_path(root)
     onnx_dir = Path(config.ONNX_DIR or cache_path.parent)
-    if precision not in ("fp32", "int8"):
-        raise FeatxError(f"precision must be fp32 or int8, got {precision!r}.")
+    if precision not in config.PRECISIONS:
+        raise FeatxError(f"precision must be one of {config.PRECISIONS}, got {precision!r}.")
     if precision == "fp32":
         runner = make_engine(engine, weights, image_size, alpha, onnx_dir=onnx_dir, log=log)
         fp = backbone.fingerprint(weights, image_size, alpha, engine=runner.name)

@@ -28,7 +28,7 @@ from featx import config, images, onnx_engine
 from featx.errors import FeatxError
 from featx.files import write_text_atomic
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = config.PRECISIONS
 
 
 def calibration_files(

@@ -24,7 +24,7 @@ from featx import backbone, config
 from featx.errors import FeatxError
 from featx.files import replaced_atomically, write_text_atomic
 
-ENGINES = ("auto", "keras", "onnx")
+ENGINES = config.ENGINES
 INSTALL_HINT = "pip install 'featx[onnx]'"
 
 
