@@ -1,3 +1,3 @@
-from featx.cli import cli
+from featx.cli import main
 
-cli(prog_name="featx")
+main()

@@ -155,6 +155,21 @@ def fingerprint(
     }
 
 
+def model_key(fp: dict, keys=MODEL_KEYS) -> str:
+    """sha256 of the fingerprint's model keys: equal keys, comparable features."""
+    values = {k: fp.get(k, KEY_DEFAULTS.get(k)) for k in keys}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def feature_dim(alpha: float) -> int:
+    """Width of the pooled features: 1280, or 1280 x alpha rounded to a multiple of 8 above 1
+    (MobileNetV2 keeps its last layer at 1280 for narrower models)."""
+    if alpha <= 1.0:
+        return 1280
+    width = max(8, int(1280 * alpha + 4) // 8 * 8)
+    return width + 8 if width < 0.9 * 1280 * alpha else width
+
+
 def check_compatible(recorded: dict, wanted: dict, what: str, fix: str) -> None:
     """Raise a FeatxError naming every differing model key of two fingerprints."""
 

@@ -23,6 +23,9 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:  # the reader went away (`featx info | head -1`): stop quietly
+            _quiet_stdout()
+            sys.exit(0)
         except FeatxError as e:
             raise click.ClickException(str(e)) from None
         except OSError as e:  # permission denied, disk full, ...: the OS says which file
@@ -113,20 +116,25 @@ class Progress:
 @click.option("--batch-size", default=config.BATCH_SIZE, show_default=True, type=int)
 @click.option(
     "--dtype",
-    default=config.FEATURE_DTYPE,
-    show_default=True,
-    type=click.Choice(["float32", "float16"]),
-    help="float16 halves the cache.",
+    type=click.Choice(config.FEATURE_DTYPES),
+    help=f"float16 halves the cache  [default: the cache's, {config.FEATURE_DTYPE} for a new one]",
 )
 @click.option(
     "--val-split",
-    default=config.VAL_SPLIT,
-    show_default=True,
     type=float,
-    help="Validation share per class when DATA_DIR has no split folders.",
+    help="Validation share per class when DATA_DIR has no split folders  "
+    f"[default: the cache's, {config.VAL_SPLIT} for a new one]",
 )
-@click.option("--seed", default=config.SEED, show_default=True, type=int, help="Seeds the split.")
-@click.option("--overwrite", is_flag=True, help="Replace a cache made with another backbone.")
+@click.option(
+    "--seed",
+    type=int,
+    help=f"Seeds the split  [default: the cache's, {config.SEED} for a new one]",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Rebuild the cache: a new split, rejected files retried, another backbone allowed.",
+)
 @click.option(
     "--engine",
     default=config.ENGINE,
@@ -136,7 +144,7 @@ class Progress:
 )
 @click.option(
     "--precision",
-    default="fp32",
+    default=config.PRECISION,
     show_default=True,
     type=click.Choice(config.PRECISIONS),
     help="int8: a quantized ONNX backbone, ~2x faster again, features not mixable with fp32.",
@@ -225,6 +233,9 @@ def info(cache_path, as_json):
         return
     click.echo(f"{data['path']}: {data['images']} images, {data['feature_dim']}-d {data['dtype']}")
     click.echo(f"data: {data['data_dir']} ({data['layout']} layout), updated {data['updated']}")
+    assigned = data["layout"] == "flat" or "validation" not in data["counts"]
+    how = "validation carved out by featx" if assigned else "from the split folders"
+    click.echo(f"split: --val-split {data['val_split']} --seed {data['seed']} ({how})")
     for split, per_class in data["counts"].items():
         parts = ", ".join(f"{c} {n}" for c, n in per_class.items())
         click.echo(f"  {split:<10} {sum(per_class.values()):>6} ({parts})")
@@ -484,5 +495,30 @@ def export(model_dir, model_format, quantize, output, cache_path, as_json):
         click.echo(format_summary(result))
 
 
+def main() -> None:
+    """The console script. A reader that goes away early (`featx info c.h5 | head -1`) ends the
+    output quietly with exit status 0, as CLI tools do, also when it is gone only by the time
+    the last buffered output is flushed."""
+    code = 0
+    try:
+        cli.main(prog_name="featx")
+    except SystemExit as e:
+        code = e.code
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+        code = 0
+    sys.exit(code)
+
+
+def _quiet_stdout() -> None:
+    # Python flushes stdout again at exit, which would raise a second BrokenPipeError.
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 if __name__ == "__main__":
-    cli()
+    main()

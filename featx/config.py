@@ -4,6 +4,7 @@
 BACKBONE = "MobileNetV2"  # the only backbone for now; recorded in every fingerprint
 IMAGE_SIZE = 224  # square input in pixels; ImageNet weights exist for 96/128/160/192/224
 ALPHA = 1.0  # width multiplier; 1.0 gives 1280-d features (so does anything below 1.0)
+MAX_ALPHA = 1.4  # the widest MobileNetV2 Keras publishes weights for
 WEIGHTS = "imagenet"  # "imagenet", "none" (random, seeded: for tests) or a path to a .h5 file
 RANDOM_WEIGHTS_SEED = 0  # makes weights="none" reproducible across processes
 # MobileNetV2's own preprocess_input maps pixels 0..255 to [-1, 1]; every stage uses this one map.
@@ -13,12 +14,24 @@ PREPROCESSING = "mobilenet_v2.preprocess_input: x / 127.5 - 1"
 RESIZE = "bilinear-antialias, aspect ratio not kept"  # like image_dataset_from_directory
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 MAX_IMAGE_PIXELS = 89_478_485  # decompression-bomb guard (Pillow's default limit)
+# Pixels being decoded at once by all decoding threads together (~3 bytes each, plus a copy or
+# two while converting): a few huge photos wait for each other instead of adding up. Photos of
+# ordinary size (12 MP and less) never wait. One image over the budget still decodes, alone.
+DECODE_PIXEL_BUDGET = 100_000_000
+PILLOW_BLOCK_SIZE = 64 * 1024 * 1024  # see images.py: huge decoded images go back to the system
 
 # --- extraction ----------------------------------------------------------------------------------
 BATCH_SIZE = 32  # fixed-size batches (the last one is padded) so the model compiles once
+# Bounds checked before any work. MobileNetV2 activations grow with image_size**2 x batch_size:
+# at 1024 px a batch of 32 needs ~4 GB; larger sizes only exhaust memory (10000 px died at 9 GB).
+MIN_IMAGE_SIZE = 32  # MobileNetV2's smallest input
+MAX_IMAGE_SIZE = 1024
+MAX_BATCH_SIZE = 1024
+MAX_BATCH_PIXELS = 32 * 1024 * 1024  # batch_size x image_size**2: 32 images of 1024 px
 DECODE_THREADS = 4  # Pillow releases the GIL while decoding; more threads than cores is fine
 PREFETCH_BATCHES = 4  # decoded batches waiting for the model; bounds memory
 FEATURE_DTYPE = "float32"  # "float16" halves the cache; features are stored, not recomputed
+FEATURE_DTYPES = ("float32", "float16")  # a cache keeps its dtype unless --dtype asks for the other
 CACHE_DIR = "cache"  # default folder for caches and trained heads
 
 # --- splits --------------------------------------------------------------------------------------
@@ -41,6 +54,7 @@ ENGINE = "auto"
 ONNX_DIR = None  # folder for the exported backbone-<key>.onnx files; None: next to the cache
 ONNX_THREADS = None  # ONNX Runtime intra-op threads; None: every core the process may use
 PRECISIONS = ("fp32", "int8")  # --precision of extract; int8: see featx/int8.py
+PRECISION = "fp32"
 INT8_CALIBRATION_IMAGES = 320  # --precision int8: training images that set the activation ranges
 ONNX_SPIN = "0"  # "1" lets idle ONNX Runtime threads spin (steals cores from decoding)
 

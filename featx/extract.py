@@ -1,26 +1,26 @@
 """Stage 1: images -> frozen MobileNetV2 -> HDF5 feature cache, incremental and resumable.
 
-A run lists the data folder, keeps every cached row whose file is unchanged (same size and mtime,
-or same content hash), reuses batches journalled by an interrupted run, and pushes only the rest
-through the model. Decoding runs in a thread pool a few batches ahead of the model, so on a CPU the
-model, not Pillow, sets the pace. The new cache replaces the old one atomically at the end.
+A run holds the cache's writer lock and goes through four phases:
+  _resolve  the options against the existing cache (its dtype, split and seed are kept);
+  _plan     pure: which files are kept from the cache, resumed from the journal, or to extract;
+  _run      decode ahead in threads, run the model batch by batch, journal each finished batch;
+  _write    assemble the final state and replace the cache atomically.
+On a CPU the model, not Pillow, sets the pace.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from featx import backbone, config, images, store
+from featx import backbone, config, engines, images, store
 from featx.errors import FeatxError
+from featx.options import ExtractOptions
 
 
 @dataclass
@@ -32,109 +32,36 @@ class _Todo:
     old_feature: np.ndarray | None
 
 
+@dataclass
+class _Plan:
+    """The final state as far as it is known without the model, and the work left."""
+
+    rows: dict[str, tuple] = field(default_factory=dict)  # path -> (size, mtime, sha, feature)
+    rejected: dict[str, tuple] = field(default_factory=dict)  # path -> (size, mtime, reason)
+    todo: list[_Todo] = field(default_factory=list)
+    kept: int = 0
+    resumed: int = 0
+    extracted: int = 0  # images that went through the model
+    dropped: int = 0
+
+
+@dataclass
+class _Job:
+    root: Path
+    opts: ExtractOptions
+    fingerprint: dict
+    runner: object
+    journal: store.Journal
+
+
 def default_cache_path(data_dir: str | Path) -> Path:
     return Path(config.CACHE_DIR) / f"{Path(data_dir).resolve().name}.h5"
 
 
-def _load(root: Path, todo: _Todo, image_size: int):
-    """Read and decode one file in a worker thread: ("ok", sha, pixels), ("same", sha, None)
-    when the content is unchanged, or ("rejected", reason, None)."""
-    try:
-        data, sha = images.read_file(root / todo.path)
-    except OSError as e:
-        return "rejected", f"unreadable: {e.strerror or e}", None
-    if todo.old_sha is not None and sha == todo.old_sha:
-        return "same", sha, None
-    try:
-        return "ok", sha, images.decode_image(data, image_size)
-    except Exception as e:  # any decoder failure skips the file, with its reason
-        return "rejected", str(e) or type(e).__name__, None
-
-
-def _open_existing(cache_path: Path, fp: dict, overwrite: bool) -> store.Cache | None:
-    if not cache_path.exists():
-        return None
-    old = store.read_cache(cache_path)  # refuses files that are not featx caches
-    try:
-        backbone.check_compatible(
-            old.fingerprint,
-            fp,
-            f"The cache '{cache_path}'",
-            "Pass --overwrite to rebuild it, or --cache NEW.h5 to keep both.",
-        )
-    except FeatxError:
-        if overwrite:
-            return None
-        raise
-    return old
-
-
-def make_engine(name: str, weights: str, image_size: int, alpha: float, *, onnx_dir=None, log=None):
-    """The engine that runs the backbone; its `.name` is the engine actually used.
-
-    name: "keras", "onnx" (ONNX Runtime; its exported .onnx file lives in `onnx_dir`) or "auto"
-    (onnx when onnxruntime is installed, Keras sees no GPU and the backend can export ONNX, else
-    keras; see onnx_engine.choose_engine). Building is lazy:
-    the model is loaded on the first batch.
-    """
-    from featx import onnx_engine
-
-    if onnx_engine.choose_engine(name, log) == "onnx":
-        engine = onnx_engine.OnnxEngine(weights, image_size, alpha, onnx_dir=onnx_dir, log=log)
-        problem = None if name == "onnx" else engine.cannot_export_here()
-        if problem is None:
-            return engine
-        if log is not None:  # auto must never fail where keras would work
-            log(f"note: using the Keras engine; {problem}.")
-    return backbone.KerasEngine(weights, image_size, alpha)
-
-
-def _int8_engine(
-    engine,
-    weights,
-    image_size,
-    alpha,
-    cache_path,
-    overwrite,
-    onnx_dir,
-    root,
-    listing,
-    batch_size,
-    val_split,
-    seed,
-    log,
-):
-    """The INT8 engine and fingerprint: an int8 cache keeps its quantized file; a new one gets
-    one calibrated on its training images."""
-    from featx import int8, onnx_engine
-
-    if engine == "keras":
-        raise FeatxError(
-            "--precision int8 runs on ONNX Runtime; pass --engine onnx (or auto), or drop "
-            "--precision int8 to use Keras."
-        )
-    onnx_engine.import_onnxruntime()  # a clear error when it is missing
-    wanted = backbone.fingerprint(weights, image_size, alpha, engine="onnx", precision="int8")
-    recorded = None
-    if cache_path.exists() and not overwrite:
-        recorded = store.read_fingerprint(cache_path)
-        backbone.check_compatible(
-            recorded,
-            {**wanted, "int8_sha256": recorded.get("int8_sha256")},
-            f"The cache '{cache_path}'",
-            "Pass --overwrite to rebuild it, or --cache NEW.h5 to keep both.",
-        )
-    runner, sha = int8.engine(
-        {**wanted, "int8_sha256": recorded and recorded.get("int8_sha256")},
-        [onnx_dir],
-        root=root,
-        listing=listing,
-        batch_size=batch_size,
-        val_split=val_split,
-        seed=seed,
-        log=log,
-    )
-    return runner, {**wanted, "int8_sha256": sha}
+def is_transient(reason: str) -> bool:
+    """Rejections that may go away without the file changing (permissions, I/O errors): they
+    are tried again on every run instead of being remembered."""
+    return reason.startswith("unreadable")
 
 
 def extract(
@@ -146,11 +73,11 @@ def extract(
     alpha: float = config.ALPHA,
     batch_size: int = config.BATCH_SIZE,
     dtype: str | None = None,
-    val_split: float = config.VAL_SPLIT,
-    seed: int = config.SEED,
+    val_split: float | None = None,
+    seed: int | None = None,
     overwrite: bool = False,
-    engine: str = "keras",
-    precision: str = "fp32",
+    engine: str | None = None,
+    precision: str = config.PRECISION,
     progress=None,
     log=None,
 ) -> dict:
@@ -161,9 +88,13 @@ def extract(
         cache_path: the HDF5 file; default `cache/<data_dir name>.h5`.
         weights: "imagenet", "none" (random, seeded) or a MobileNetV2 no-top .h5 file.
         dtype: "float32" or "float16"; None keeps the cache's dtype (float32 for a new cache).
-        val_split, seed: the stratified split of a folder without split folders.
-        overwrite: replace a cache made with another backbone instead of refusing.
-        engine: "keras", "onnx" or "auto" (see `make_engine`); features of both engines mix.
+        val_split, seed: the stratified split of a folder without split folders; None keeps the
+            cache's (config.VAL_SPLIT and config.SEED for a new cache). Asking for another split
+            of an existing cache is refused unless `overwrite`.
+        overwrite: rebuild the cache: a new split, every rejected file tried again, another
+            backbone allowed, a damaged cache replaced. Features of unchanged files are reused
+            when the backbone is the same.
+        engine: "keras", "onnx" or "auto" (default: config.ENGINE; see engines.make_engine).
         precision: "fp32", or "int8" for a quantized ONNX Runtime backbone (see featx.int8); its
             features do not mix with fp32 ones.
         progress: called as progress(done, total, images_per_second) after each batch.
@@ -173,224 +104,237 @@ def extract(
     """
     t0 = time.perf_counter()
     log = log or (lambda message: None)
-    if batch_size < 1:
-        raise FeatxError(f"batch_size must be >= 1, got {batch_size}.")
-    if dtype not in (None, "float32", "float16"):
-        raise FeatxError(f"dtype must be float32 or float16, got {dtype!r}.")
+    opts = ExtractOptions(  # every option is checked here, before any work
+        weights, image_size, alpha, batch_size, dtype, val_split, seed, overwrite,
+        engine or config.ENGINE, precision,
+    )  # fmt: skip
     root = Path(data_dir)
+    cache_path = Path(cache_path) if cache_path else default_cache_path(root)
     listing = images.find_images(root)
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
-    cache_path = Path(cache_path) if cache_path else default_cache_path(root)
-    onnx_dir = Path(config.ONNX_DIR or cache_path.parent)
-    if precision not in config.PRECISIONS:
-        raise FeatxError(f"precision must be one of {config.PRECISIONS}, got {precision!r}.")
-    if precision == "fp32":
-        runner = make_engine(engine, weights, image_size, alpha, onnx_dir=onnx_dir, log=log)
-        fp = backbone.fingerprint(weights, image_size, alpha, engine=runner.name)
-    else:
-        runner, fp = _int8_engine(
-            engine,
-            weights,
-            image_size,
-            alpha,
-            cache_path,
-            overwrite,
-            onnx_dir,
-            root,
-            listing,
-            batch_size,
-            val_split,
-            seed,
-            log,
-        )
-    old = _open_existing(cache_path, fp, overwrite)
+    with store.writer_lock(cache_path):
+        job, plan, splits, timing = _locked(root, cache_path, listing, opts, progress, log)
+    summary = _summary(job, cache_path, listing, plan, splits)
+    _warn_empty_splits(summary["counts"], log)
+    seconds = time.perf_counter() - t0
+    extracted = summary["extracted"]
+    summary["seconds"] = round(seconds, 3)
+    summary["images_per_second"] = round(extracted / seconds, 2) if extracted else 0.0
+    return {**summary, **timing}
+
+
+def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progress, log):
+    """The run itself, under the cache's writer lock: (job, plan, splits, timing)."""
+    store.remove_stale_temporaries(cache_path)
+    previous = engines.read_previous(cache_path, opts.overwrite)
+    opts = _resolve(opts, previous, listing, cache_path, log)
+    runner, fp = engines.for_extract(opts, previous, cache_path, listing, root, log)
+    old = engines.compatible_or_none(previous, fp, cache_path, opts.overwrite)
     if old is not None and old.attrs.get("data_dir") not in (None, str(root.resolve())):
         log(f"note: the cache was made from {old.attrs['data_dir']}; matching files by path.")
-    dtype = dtype or (str(old.features.dtype) if old is not None else config.FEATURE_DTYPE)
+    journal = store.Journal(cache_path, backbone.model_key(fp), backbone.feature_dim(opts.alpha))
+    job = _Job(root, opts, fp, runner, journal)
+    plan = _plan(listing, _stat_all(root, listing), old, journal.load(), not opts.overwrite)
+    if not cache_path.exists():  # a valid (empty) cache at once: a killed run leaves one
+        _write(cache_path, job, listing, _Plan(), {}, None)
+    timing = {"model_seconds": 0.0, "model_load_seconds": None, "steady_images_per_second": None}
+    if plan.todo:
+        journal.start()
+        timing = _run(job, plan, progress, log)
+    recorded = {} if old is None or opts.overwrite else dict(zip(old.paths, old.splits))
+    kept_files = [f for f in listing.files if f.path in plan.rows]
+    splits = images.assign_splits(kept_files, recorded, opts.val_split, opts.seed)
+    if _changed(plan, old, opts):
+        _write(cache_path, job, listing, plan, splits, previous and previous.attrs.get("created"))
+    journal.clear()
+    return job, plan, splits, timing
 
-    # What is cached already: rows and rejected files, by path.
-    cached = {} if old is None else {p: i for i, p in enumerate(old.paths)}
-    cached_rej = {} if old is None else {p: i for i, p in enumerate(old.rejected.paths)}
-    model_keys = {k: fp[k] for k in backbone.MODEL_KEYS}
-    journal = store.Journal(
-        cache_path, hashlib.sha256(json.dumps(model_keys, sort_keys=True).encode()).hexdigest()
-    )
-    journalled, journalled_rej = journal.load()
 
-    # Final state, filled below: path -> (size, mtime, sha, feature) / (size, mtime, reason).
-    rows: dict[str, tuple] = {}
-    rejected: dict[str, tuple] = {}
-    todo: list[_Todo] = []
-    kept = resumed = 0
+# --- phase 1: the options against the existing cache ---------------------------------------------
+
+
+def _resolve(opts: ExtractOptions, old, listing, cache_path: Path, log) -> ExtractOptions:
+    """Fill dtype, val_split and seed from the existing cache (or the defaults); refuse a
+    different split of an existing cache unless --overwrite."""
+    recorded = {} if old is None or opts.overwrite else old.attrs
+    assigns = listing.layout == "flat" or not any(f.split == "validation" for f in listing.files)
+    values = {}
+    for name, default in (("val_split", config.VAL_SPLIT), ("seed", config.SEED)):
+        asked, had = getattr(opts, name), recorded.get(name)
+        option = "--" + name.replace("_", "-")
+        if asked is not None and had is not None and asked != had and assigns:
+            raise FeatxError(
+                f"The cache '{cache_path}' was split with {option} {had}; this run asks for "
+                f"{asked}. Pass --overwrite to re-split it (unchanged files are not extracted "
+                f"again), or drop {option} to keep its split."
+            )
+        if asked is not None and not assigns:
+            log(f"note: {option} has no effect: the data folder has its own validation/ split.")
+        values[name] = asked if asked is not None else had if had is not None else default
+    dtype = opts.dtype or (str(old.features.dtype) if old is not None else config.FEATURE_DTYPE)
+    return dataclasses.replace(opts, dtype=dtype, **values)
+
+
+# --- phase 2: the plan (pure) --------------------------------------------------------------------
+
+
+def _stat_all(root: Path, listing) -> dict[str, tuple[int, int]]:
+    """{path: (size, mtime_ns)} of the listed files; a file gone since the listing is left out."""
+    stats = {}
     for f in listing.files:
         try:
             st = os.stat(root / f.path)
         except OSError:
+            continue
+        stats[f.path] = (st.st_size, st.st_mtime_ns)
+    return stats
+
+
+def _plan(listing, stats: dict, old, journalled: tuple, keep_rejected: bool = True) -> _Plan:
+    """Which files are kept from the cache (same size and mtime), resumed from the journal of an
+    interrupted run, or still to extract. Pure: no file is opened, no model is built.
+
+    Args:
+        listing: images.find_images' result; its `skipped` entries become rejected rows.
+        stats: {path: (size, mtime_ns)} of the files as they are now.
+        old: the existing cache whose features may be reused, or None.
+        journalled: Journal.load()'s ({path: row}, {path: rejected row}).
+        keep_rejected: remember the cache's rejections (False with --overwrite).
+    """
+    done, done_rej = journalled
+    plan = _Plan()
+    for path, reason in listing.skipped:
+        plan.rejected[path] = (0, 0, reason)
+    cached = {} if old is None else {p: i for i, p in enumerate(old.paths)}
+    cached_rej = {} if old is None or not keep_rejected else old.rejected.paths
+    cached_rej = {p: i for i, p in enumerate(cached_rej)}
+    for f in listing.files:
+        key = stats.get(f.path)
+        if key is None:
             continue  # vanished since listing
-        key = (st.st_size, st.st_mtime_ns)
         i, r = cached.get(f.path), cached_rej.get(f.path)
         if i is not None and key == (old.rows.file_size[i], old.rows.file_mtime_ns[i]):
-            rows[f.path] = (*key, old.rows.file_sha256[i], old.features[i])
-            kept += 1
-        elif r is not None and key == (old.rejected.file_size[r], old.rejected.file_mtime_ns[r]):
-            rejected[f.path] = (*key, old.rejected_reasons[r])
-            kept += 1
-        elif f.path in journalled and journalled[f.path][:2] == key:
-            rows[f.path] = journalled[f.path]
-            resumed += 1
-        elif f.path in journalled_rej and journalled_rej[f.path][:2] == key:
-            rejected[f.path] = journalled_rej[f.path]
-            resumed += 1
+            plan.rows[f.path] = (*key, old.rows.file_sha256[i], old.features[i])
+            plan.kept += 1
+        elif r is not None and _same_rejection(old, r, key):
+            plan.rejected[f.path] = (*key, old.rejected_reasons[r])
+            plan.kept += 1
+        elif f.path in done and done[f.path][:2] == key:
+            plan.rows[f.path] = done[f.path]
+            plan.resumed += 1
+        elif f.path in done_rej and done_rej[f.path][:2] == key:
+            if is_transient(done_rej[f.path][2]):
+                plan.todo.append(_Todo(f.path, *key, None, None))
+                continue
+            plan.rejected[f.path] = done_rej[f.path]
+            plan.resumed += 1
         else:
-            todo.append(
-                _Todo(
-                    f.path,
-                    *key,
-                    old.rows.file_sha256[i] if i is not None else None,
-                    old.features[i] if i is not None else None,
-                )
-            )
+            old_sha = old.rows.file_sha256[i] if i is not None else None
+            plan.todo.append(_Todo(f.path, *key, old_sha, old.features[i] if old_sha else None))
     present = {f.path for f in listing.files}
-    dropped = 0 if old is None else sum(p not in present for p in old.paths)
-
-    if old is None and not cache_path.exists():
-        # A valid (empty) cache from the start: a run killed at any point leaves one to open.
-        _write(cache_path, listing, root, fp, {}, {}, {}, dtype, val_split, seed, None)
-
-    extracted = 0
-    timing = {"model_seconds": 0.0, "model_load_seconds": None, "steady_images_per_second": None}
-    if todo:
-        journal.start()
-        extracted, timing = _run_pipeline(
-            root,
-            todo,
-            runner,
-            image_size,
-            batch_size,
-            journal,
-            rows,
-            rejected,
-            progress,
-            log,
-        )
-
-    changed = todo or resumed or dropped or old is None or str(old.features.dtype) != dtype
-    changed = changed or len(old.rejected.paths) != len(rejected)
-    splits = images.assign_splits(
-        [f for f in listing.files if f.path in rows],
-        {} if old is None else dict(zip(old.paths, old.splits)),
-        val_split,
-        seed,
-    )
-    if changed:
-        _write(cache_path, listing, root, fp, rows, rejected, splits, dtype, val_split, seed, old)
-    journal.clear()
-
-    seconds = time.perf_counter() - t0
-    counts = _counts(listing, rows, splits)
-    return {
-        "cache": str(cache_path),
-        "data_dir": str(root),
-        "layout": listing.layout,
-        "class_names": [c for c in listing.class_names if any(counts[s].get(c) for s in counts)],
-        "counts": counts,
-        "images": len(rows),
-        "extracted": extracted,
-        "kept": kept,
-        "resumed": resumed,
-        "dropped": dropped,
-        "rejected": [{"path": p, "reason": r[2]} for p, r in sorted(rejected.items())],
-        "empty_classes": listing.empty_classes,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(extracted / seconds, 2) if extracted else 0.0,
-        **timing,
-        "engine": runner.name,
-        "precision": precision,
-        "batch_size": batch_size,
-    }
+    plan.dropped = 0 if old is None else sum(p not in present for p in old.paths)
+    return plan
 
 
-def _run_pipeline(
-    root, todo, engine, image_size, batch_size, journal, rows, rejected, progress, log
-) -> tuple[int, dict]:
+def _same_rejection(old, r: int, key: tuple) -> bool:
+    same_file = key == (old.rejected.file_size[r], old.rejected.file_mtime_ns[r])
+    return same_file and not is_transient(old.rejected_reasons[r])
+
+
+# --- phase 3: the model --------------------------------------------------------------------------
+
+
+def _load(root: Path, todo: _Todo, image_size: int):
+    """Read and decode one file in a worker thread: ("ok", sha, pixels), ("same", sha, None)
+    when the content is unchanged, or ("rejected", reason, None)."""
+    try:
+        data, sha = images.read_file(root / todo.path)
+    except OSError as e:
+        return "rejected", f"unreadable: {e.strerror or e}", None
+    except ValueError as e:  # a FIFO, socket or device
+        return "rejected", str(e), None
+    if todo.old_sha is not None and sha == todo.old_sha:
+        return "same", sha, None
+    try:
+        return "ok", sha, images.decode_image(data, image_size)
+    except Exception as e:  # any decoder failure skips the file, with its reason
+        return "rejected", str(e) or type(e).__name__, None
+
+
+class _Timer:
+    """model_seconds (inside the engine), model_load_seconds (the first call, which imports and
+    builds the model) and steady_images_per_second (after it: the rate a long run tends to)."""
+
+    def __init__(self):
+        self.model_seconds, self.first_call, self.first_done, self.after_first = 0.0, None, None, 0
+
+    def add(self, seconds: float, images_done: int) -> None:
+        self.model_seconds += seconds
+        if self.first_call is None:
+            self.first_call, self.first_done = seconds, time.perf_counter()
+        else:
+            self.after_first += images_done
+
+    def summary(self) -> dict:
+        steady = None
+        if self.after_first and self.first_done is not None:
+            steady = round(self.after_first / (time.perf_counter() - self.first_done), 2)
+        return {
+            "model_seconds": round(self.model_seconds, 3),
+            "model_load_seconds": None if self.first_call is None else round(self.first_call, 3),
+            "steady_images_per_second": steady,
+        }
+
+
+def _run(job: _Job, plan: _Plan, progress, log) -> dict:
     """Decode ahead in threads, run the model batch by batch, journal each finished batch.
+    Fills plan.rows and plan.rejected; returns the timing (see _Timer)."""
+    size, batch_size = job.opts.image_size, job.opts.batch_size
+    chunks = [plan.todo[i : i + batch_size] for i in range(0, len(plan.todo), batch_size)]
+    timer, done, t0 = _Timer(), 0, time.perf_counter()
+    batches = images.prefetch(chunks, lambda t: _load(job.root, t, size))
+    try:
+        for index, (chunk, results) in enumerate(batches):
+            ok = [r[2] for r in results if r[0] == "ok"]
+            feats = None
+            if ok:
+                batch = np.zeros((batch_size, size, size, 3), np.uint8)  # fixed shape: one compile
+                batch[: len(ok)] = ok
+                t_model = time.perf_counter()
+                feats = job.runner.features(batch)[: len(ok)]
+                timer.add(time.perf_counter() - t_model, len(ok))
+            _record(job.journal, index, chunk, results, feats, plan)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(plan.todo), done / max(time.perf_counter() - t0, 1e-9))
+    except KeyboardInterrupt:
+        log(f"interrupted: {done} of {len(plan.todo)} images are saved; run again to resume.")
+        raise
+    finally:
+        batches.close()  # stops the decoding threads without waiting for them
+    return timer.summary()
 
-    Returns the images extracted and the timing: model_seconds (inside the engine),
-    model_load_seconds (the first batch's call, which imports and builds the model) and
-    steady_images_per_second (after that first batch: the rate a longer run tends to)."""
-    chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    t0 = time.perf_counter()
-    done = extracted = 0
-    model_seconds = 0.0
-    first_call = first_done = None  # seconds of the first model call; when it returned
-    after_first = 0  # images extracted after the first model call
-    pending: deque = deque()
-    with ThreadPoolExecutor(config.DECODE_THREADS, thread_name_prefix="featx-decode") as pool:
 
-        def submit(chunk):
-            pending.append((chunk, [pool.submit(_load, root, t, image_size) for t in chunk]))
-
-        try:
-            for chunk in chunks[: config.PREFETCH_BATCHES]:
-                submit(chunk)
-            for index in range(len(chunks)):
-                chunk, futures = pending.popleft()
-                if index + config.PREFETCH_BATCHES < len(chunks):
-                    submit(chunks[index + config.PREFETCH_BATCHES])
-                results = [fut.result() for fut in futures]
-                ok = [(t, r) for t, r in zip(chunk, results) if r[0] == "ok"]
-                feats = None
-                if ok:
-                    batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)
-                    for j, (_, r) in enumerate(ok):
-                        batch[j] = r[2]
-                    t_model = time.perf_counter()
-                    feats = engine.features(batch)[: len(ok)]  # fixed shape: one compile
-                    model_seconds += time.perf_counter() - t_model
-                    extracted += len(ok)
-                    if first_call is None:
-                        first_call, first_done = time.perf_counter() - t_model, time.perf_counter()
-                    else:
-                        after_first += len(ok)
-                part_rows, part_feats, part_rej, reasons = store.Rows(), [], store.Rows(), []
-                k = 0
-                for t, (status, value, _) in zip(chunk, results):
-                    if status == "rejected":
-                        rejected[t.path] = (t.size, t.mtime_ns, value)
-                        _append(part_rej, t, "")
-                        reasons.append(value)
-                        continue
-                    feature = t.old_feature if status == "same" else feats[k]
-                    k += status == "ok"
-                    rows[t.path] = (t.size, t.mtime_ns, value, feature)
-                    _append(part_rows, t, value)
-                    part_feats.append(np.asarray(feature, np.float32))
-                dim = part_feats[0].shape[0] if part_feats else 0
-                journal.write(
-                    index,
-                    part_rows,
-                    np.stack(part_feats) if part_feats else np.zeros((0, dim), np.float32),
-                    part_rej,
-                    reasons,
-                )
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, len(todo), done / max(time.perf_counter() - t0, 1e-9))
-        except KeyboardInterrupt:
-            for _, futures in pending:
-                for fut in futures:
-                    fut.cancel()
-            log(f"interrupted: {done} of {len(todo)} images are saved; run again to resume.")
-            raise
-    steady = None
-    if after_first and first_done is not None:
-        steady = round(after_first / (time.perf_counter() - first_done), 2)
-    return extracted, {
-        "model_seconds": round(model_seconds, 3),
-        "model_load_seconds": None if first_call is None else round(first_call, 3),
-        "steady_images_per_second": steady,
-    }
+def _record(journal: store.Journal, index: int, chunk, results, feats, plan: _Plan) -> None:
+    """One finished batch into the plan and, as one part file, into the journal."""
+    part_rows, part_feats, part_rej, reasons = store.Rows(), [], store.Rows(), []
+    k = 0
+    for t, (status, value, _) in zip(chunk, results):
+        if status == "rejected":
+            plan.rejected[t.path] = (t.size, t.mtime_ns, value)
+            _append(part_rej, t, "")
+            reasons.append(value)
+            continue
+        feature = t.old_feature if status == "same" else feats[k]
+        k += status == "ok"
+        plan.extracted += status == "ok"
+        plan.rows[t.path] = (t.size, t.mtime_ns, value, feature)
+        _append(part_rows, t, value)
+        part_feats.append(np.asarray(feature, np.float32))
+    dim = part_feats[0].shape[0] if part_feats else 0
+    stacked = np.stack(part_feats) if part_feats else np.zeros((0, dim), np.float32)
+    journal.write(index, part_rows, stacked, part_rej, reasons)
 
 
 def _append(r: store.Rows, t: _Todo, sha: str) -> None:
@@ -400,37 +344,37 @@ def _append(r: store.Rows, t: _Todo, sha: str) -> None:
     r.file_sha256.append(sha)
 
 
-def _counts(listing, rows, splits) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = {}
-    for f in listing.files:
-        if f.path in rows:
-            per = counts.setdefault(splits[f.path], dict.fromkeys(listing.class_names, 0))
-            per[f.class_name] += 1
-    return {s: counts[s] for s in config.SPLITS if s in counts}
+# --- phase 4: the cache --------------------------------------------------------------------------
 
 
-def _write(cache_path, listing, root, fp, rows, rejected, splits, dtype, val_split, seed, old):
+def _changed(plan: _Plan, old, opts: ExtractOptions) -> bool:
+    if old is None or opts.overwrite or plan.todo or plan.resumed or plan.dropped:
+        return True
+    return str(old.features.dtype) != opts.dtype or len(old.rejected.paths) != len(plan.rejected)
+
+
+def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, created) -> None:
     """Assemble the final state (rows sorted by path) and replace the cache atomically."""
+    rows, rejected = plan.rows, plan.rejected
     files = [f for f in listing.files if f.path in rows]  # listing is sorted by path
     class_names = sorted({f.class_name for f in files}) or listing.class_names
     index = {c: i for i, c in enumerate(class_names)}
-    dim = len(rows[files[0].path][3]) if files else 0
-    features = np.zeros((len(files), dim), dtype=dtype)
+    dim = len(rows[files[0].path][3]) if files else backbone.feature_dim(job.opts.alpha)
+    features = np.zeros((len(files), dim), dtype=job.opts.dtype)
     for i, f in enumerate(files):
         features[i] = rows[f.path][3]
     rej_paths = sorted(rejected)
     attrs = {
-        "data_dir": str(root.resolve()),
+        "data_dir": str(job.root.resolve()),
         "layout": listing.layout,
-        "val_split": float(val_split),
-        "seed": int(seed),
+        "val_split": float(job.opts.val_split),
+        "seed": int(job.opts.seed),
+        "created": created,
     }
-    if old is not None and "created" in old.attrs:
-        attrs["created"] = old.attrs["created"]
     store.write_cache(
         cache_path,
         store.Cache(
-            fingerprint=fp,
+            fingerprint=job.fingerprint,
             class_names=class_names,
             features=features,
             labels=np.array([index[f.class_name] for f in files], np.int32),
@@ -451,3 +395,44 @@ def _write(cache_path, listing, root, fp, rows, rejected, splits, dtype, val_spl
             attrs=attrs,
         ),
     )
+
+
+def _counts(listing, rows, splits) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for f in listing.files:
+        if f.path in rows:
+            per = counts.setdefault(splits[f.path], dict.fromkeys(listing.class_names, 0))
+            per[f.class_name] += 1
+    return {s: counts[s] for s in config.SPLITS if s in counts}
+
+
+def _summary(job: _Job, cache_path: Path, listing, plan: _Plan, splits: dict) -> dict:
+    counts = _counts(listing, plan.rows, splits)
+    return {
+        "cache": str(cache_path),
+        "data_dir": str(job.root),
+        "layout": listing.layout,
+        "class_names": [c for c in listing.class_names if any(counts[s].get(c) for s in counts)],
+        "counts": counts,
+        "images": len(plan.rows),
+        "extracted": plan.extracted,
+        "kept": plan.kept,
+        "resumed": plan.resumed,
+        "dropped": plan.dropped,
+        "rejected": [{"path": p, "reason": r[2]} for p, r in sorted(plan.rejected.items())],
+        "empty_classes": listing.empty_classes,
+        "engine": job.runner.name,
+        "precision": job.opts.precision,
+        "batch_size": job.opts.batch_size,
+        "val_split": job.opts.val_split,
+        "seed": job.opts.seed,
+    }
+
+
+def _warn_empty_splits(counts: dict, log) -> None:
+    for split in ("train", "validation"):
+        if split not in counts:
+            log(
+                f"warning: no image is in the {split} split; fit-head needs both train and "
+                "validation. Re-run with --overwrite --val-split 0.2 (or add a validation/ folder)."
+            )

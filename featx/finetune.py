@@ -305,11 +305,13 @@ def _split_rows(cache: store.Cache, root: Path, log) -> tuple[dict, list[dict]]:
             continue
         paths, labels = [], []
         for i in idx:
-            if (root / cache.paths[i]).is_file():
+            path = images.inside(root, cache.paths[i])
+            if path is not None and path.is_file():
                 paths.append(cache.paths[i])
                 labels.append(cache.labels[i])
             else:
-                missing.append({"path": cache.paths[i], "reason": "file not found"})
+                reason = "file not found" if path else "outside the data folder; not read"
+                missing.append({"path": cache.paths[i], "reason": reason})
         out[split] = (paths, np.asarray(labels, np.int32))
     for m in missing[:5]:
         log(f"warning: skipping {m['path']}: {m['reason']}")

@@ -572,5 +572,11 @@ def load_head(folder: str | Path) -> tuple[LogRegHead | DenseHead, dict]:
     file = folder / meta["file"]
     if not file.is_file():
         raise FeatxError(f"'{file}', named in {path}, is missing. Re-run `featx fit-head`.")
-    head._load(file, meta)
+    try:
+        head._load(file, meta)
+    except Exception as e:  # a Lambda layer (refused in safe mode), a truncated or foreign file
+        raise FeatxError(
+            f"Could not load the head '{file}' ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Re-run `featx fit-head` to write it again."
+        ) from None
     return head, meta

@@ -6,12 +6,16 @@ so every stage sees exactly the same pixels.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import stat
+import threading
 import warnings
-from collections import Counter
-from dataclasses import dataclass
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,32 +44,139 @@ class Listing:
     files: list[ImageFile]
     class_names: list[str]
     empty_classes: list[str]
+    # (path, reason) left out while listing: links back into the folder, broken links, FIFOs, ...
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _visible(entry: os.DirEntry | Path) -> bool:
     return not entry.name.startswith(".") and not entry.name.startswith("__")
 
 
-def _files_under(folder: Path) -> list[Path]:
-    """Every non-hidden file below `folder`, recursively, skipping hidden folders.
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
-    Symlinked folders are followed, each real folder once (a link back to a parent would loop).
-    """
-    found = []
-    seen = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.startswith("__"))
-        found.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
-    return found
+
+def _special_kind(mode: int) -> str | None:
+    """'FIFO', 'socket' or 'device' for files that must never be opened (a FIFO blocks forever)."""
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return None
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop: entry() reports it
+        return False
+
+
+class _Walk:
+    """A recursive listing below one data folder that never follows a link back into the folder
+    (its files are listed where they really are, so a link cannot relabel them) or above it (a
+    loop), and never offers a FIFO, socket or device. What it leaves out is kept in `skipped`
+    as (path, reason) instead of vanishing silently."""
+
+    def __init__(self, boundary: Path):
+        self.boundary = os.path.realpath(boundary)
+        self.found: list[Path] = []
+        self.skipped: list[tuple[Path, str]] = []
+        self._seen: set[str] = set()
+
+    def _listed_inside(self, real: str) -> bool:
+        # A target inside the data folder that the walk lists anyway (no hidden part on the way).
+        if not _within(real, self.boundary):
+            return False
+        rel = os.path.relpath(real, self.boundary)
+        return rel == "." or all(_visible(Path(part)) for part in Path(rel).parts)
+
+    def _link_problem(self, path: Path, is_dir: bool) -> str | None:
+        real = os.path.realpath(path)
+        if is_dir and _within(self.boundary, real):
+            return "symbolic link to the data folder or above it (a loop); not followed"
+        if self._listed_inside(real):
+            where = os.path.relpath(real, self.boundary).replace(os.sep, "/")
+            kind = "folder" if is_dir else "file"
+            return f"symbolic link to the {kind} '{where}' of the data folder; not followed"
+        return None
+
+    def entry(self, path: Path) -> None:
+        """Add `path` (a file or a folder) to the listing, or to `skipped` with the reason."""
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            if os.path.islink(path):
+                reason = "symbolic link loop" if e.errno == errno.ELOOP else "broken symbolic link"
+            else:
+                reason = f"unreadable: {e.strerror or e}"
+            self.skipped.append((path, reason))
+            return
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if os.path.islink(path):
+            problem = self._link_problem(path, is_dir)
+            if problem:
+                self.skipped.append((path, problem))
+                return
+        if is_dir:
+            self.folder(path)
+        elif _special_kind(st.st_mode):
+            self.skipped.append((path, f"not a regular file ({_special_kind(st.st_mode)})"))
+        else:
+            self.found.append(path)
+
+    def folder(self, folder: Path) -> None:
+        real = os.path.realpath(folder)
+        if real in self._seen:  # two links to one folder outside the data folder
+            self.skipped.append((folder, "folder already listed through another link"))
+            return
+        self._seen.add(real)
+        try:
+            with os.scandir(folder) as it:
+                entries = [e for e in it if _visible(e)]
+        except OSError as e:
+            self.skipped.append((folder, f"unreadable folder: {e.strerror or e}"))
+            return
+        # A folder's own files first, then its subfolders, each sorted by name (os.walk's order).
+        entries.sort(key=lambda e: (_is_dir(e), e.name))
+        for e in entries:
+            self.entry(folder / e.name)
+
+
+def walk_files(folder: Path, boundary: Path | None = None) -> tuple[list[Path], list[tuple]]:
+    """Every non-hidden regular file below `folder`, recursively, sorted, and [(path, reason)]
+    for what was left out: links back into `boundary` (default `folder`) or above it, broken
+    links, link loops, FIFOs, sockets, devices and unreadable folders. Links to files and folders
+    elsewhere are followed."""
+    walk = _Walk(boundary or folder)
+    walk.folder(Path(folder))
+    return walk.found, walk.skipped
+
+
+def inside(root: Path, rel: str) -> Path | None:
+    """`root / rel` when `rel` (a path stored in a cache) stays inside `root`: relative, with no
+    '..' part. Else None: a tampered cache must not make featx read files elsewhere."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts or Path(rel).drive:
+        return None
+    return root / rel
 
 
 def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p))
+
+
+def _check_not_too_high(root: Path, class_dirs: list[Path]) -> None:
+    """A class folder that holds split folders means DATA_DIR is one level too high."""
+    for c in class_dirs:
+        inner = [p.name for p in _subfolders(c) if p.name.lower() in config.SPLIT_FOLDER_NAMES]
+        if inner:
+            raise FeatxError(
+                f"'{c}' looks like a data folder, not a class: it holds split folders "
+                f"({', '.join(inner)}). Pass '{c}' as DATA_DIR (one level down), or rename them."
+            )
 
 
 def find_images(data_dir: str | Path) -> Listing:
@@ -74,8 +185,9 @@ def find_images(data_dir: str | Path) -> Listing:
     Two layouts are understood:
       DATA/{train,validation|val,test}/CLASS/*  -> those splits are kept;
       DATA/CLASS/*                              -> split later by `assign_splits`.
-    Any non-hidden file is a candidate: formats are detected from content when decoding, and a
-    file that is no image is rejected then, with its reason.
+    Any non-hidden regular file is a candidate: formats are detected from content when decoding,
+    and a file that is no image is rejected then, with its reason. Links back into the data
+    folder, broken links, special files and unreadable folders are listed in `skipped`.
     """
     root = Path(data_dir)
     if not root.is_dir():
@@ -104,26 +216,34 @@ def find_images(data_dir: str | Path) -> Listing:
     else:
         layout = "flat"
         class_dirs = [(None, c) for c in top]
+        _check_not_too_high(root, top)
 
     files: list[ImageFile] = []
     per_class: Counter = Counter()
     all_classes = set()
+    walk = _Walk(root)
     for split, class_dir in class_dirs:
         all_classes.add(class_dir.name)
-        for f in _files_under(class_dir):
+        before = len(walk.found)
+        walk.entry(class_dir)
+        for f in walk.found[before:]:
             rel = f.relative_to(root).as_posix()
             files.append(ImageFile(rel, class_dir.name, split))
             per_class[class_dir.name] += 1
     class_names = sorted(c for c in all_classes if per_class[c] > 0)
     empty = sorted(c for c in all_classes if per_class[c] == 0)
     if len(class_names) < 2:
+        hint = ""
+        if len(class_dirs) == 1 and _subfolders(class_dirs[0][1]):
+            hint = f" If '{class_dirs[0][1]}' holds the class folders, pass it as DATA_DIR."
         raise FeatxError(
             f"Found {len(class_names)} class folder(s) with files in '{root}' "
             f"({', '.join(class_names) or 'none'}); a classifier needs at least 2. "
-            "Expected DATA/CLASS/image.jpg or DATA/train/CLASS/image.jpg."
+            f"Expected DATA/CLASS/image.jpg or DATA/train/CLASS/image.jpg.{hint}"
         )
     files.sort(key=lambda f: f.path)
-    return Listing(layout, files, class_names, empty)
+    skipped = sorted((p.relative_to(root).as_posix(), why) for p, why in walk.skipped)
+    return Listing(layout, files, class_names, empty, skipped)
 
 
 def _rank(seed: int, path: str) -> str:
@@ -176,6 +296,32 @@ def assign_splits(
     return result
 
 
+def prefetch(chunks, load, ahead: int = config.PREFETCH_BATCHES, workers: int | None = None):
+    """Yield (chunk, [load(item) for item in chunk]) for each chunk, in order, with the next
+    `ahead` chunks loading in a thread pool meanwhile (Pillow releases the GIL while decoding).
+
+    Closing the generator (or Ctrl-C in the consumer) cancels what has not started and returns
+    without waiting for the threads, so an interrupted run stops at once."""
+    pool = ThreadPoolExecutor(workers or config.DECODE_THREADS, thread_name_prefix="featx-decode")
+    pending: deque = deque()
+    chunks = iter(chunks)
+
+    def submit() -> None:
+        chunk = next(chunks, None)
+        if chunk is not None:
+            pending.append((chunk, [pool.submit(load, item) for item in chunk]))
+
+    try:
+        for _ in range(max(1, ahead)):
+            submit()
+        while pending:
+            chunk, futures = pending.popleft()
+            submit()
+            yield chunk, [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 # --- decoding ----------------------------------------------------------------------------------
 
 
@@ -200,6 +346,35 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode != "RGB":
         img = img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
     return img
+
+
+class _PixelBudget:
+    """Bounds the pixels being decoded at once by all threads together: a few huge images (a
+    9400x9400 PNG is 265 MB decoded) wait for each other instead of adding up; small ones never
+    wait. One image larger than the budget still decodes, alone."""
+
+    def __init__(self, pixels: int):
+        self.limit, self.used = pixels, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, pixels: int) -> None:
+        with self._cond:
+            while self.used and self.used + pixels > self.limit:
+                self._cond.wait()
+            self.used += pixels
+
+    def release(self, pixels: int) -> None:
+        with self._cond:
+            self.used -= pixels
+            self._cond.notify_all()
+
+
+_PIXEL_BUDGET = _PixelBudget(config.DECODE_PIXEL_BUDGET)
+# Pillow allocates pixels in blocks of 16 MB by default, under glibc's largest mmap threshold
+# (32 MB), so the blocks of a freed huge image stay in each decoding thread's heap: eight
+# 9400x9400 PNGs kept 1.3 GB resident even one at a time. Larger blocks are mmapped and given
+# back to the system when freed (459 MB); decoding speed of ordinary photos is unchanged.
+Image.core.set_block_size(config.PILLOW_BLOCK_SIZE)
 
 
 def decode_image(
@@ -227,11 +402,17 @@ def decode_image(
             )
         if img.format == "JPEG":
             img.draft(img.mode, (image_size, image_size))
-        img = ImageOps.exif_transpose(img)  # loads the pixels: truncation is detected here
-        img = _to_rgb(img)
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+        pixels = img.size[0] * img.size[1]  # after draft: what will really be decoded
+        _PIXEL_BUDGET.acquire(pixels)
+        try:
+            img.load()  # truncation is detected here
+            ImageOps.exif_transpose(img, in_place=True)  # no copy of a huge image when upright
+            img = _to_rgb(img)
+            if img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+        finally:
+            _PIXEL_BUDGET.release(pixels)
     except Image.DecompressionBombError as e:  # Pillow's own limit, 2x its MAX_IMAGE_PIXELS
         raise ValueError(f"too many pixels (decompression-bomb guard): {e}") from None
     except UnidentifiedImageError:
@@ -244,8 +425,17 @@ def decode_image(
 
 
 def read_file(path: str | Path) -> tuple[bytes, str]:
-    """The file's bytes and their sha256 (the content key that detects real changes)."""
-    with open(path, "rb") as fh:
+    """The file's bytes and their sha256 (the content key that detects real changes).
+
+    Opened non-blocking and checked before reading: a FIFO, socket or device raises ValueError
+    instead of blocking forever. OSError (permission, I/O) passes through: it may be transient.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as fh:
+        kind = _special_kind(os.fstat(fd).st_mode)
+        if kind:
+            raise ValueError(f"not a regular file ({kind})")
         data = fh.read()
     return data, hashlib.sha256(data).hexdigest()
 
@@ -259,4 +449,4 @@ def load_image(
 
     The file is only read, never written.
     """
-    return decode_image(Path(path).read_bytes(), image_size, max_pixels)
+    return decode_image(read_file(path)[0], image_size, max_pixels)

@@ -138,8 +138,7 @@ def choose_engine(name: str, log=None) -> str:
 
 def model_key(fingerprint: dict) -> str:
     """sha256 of the fingerprint's model keys: equal keys, equal features (and .onnx file)."""
-    keys = {k: fingerprint[k] for k in backbone.FLOAT_MODEL_KEYS}
-    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
+    return backbone.model_key(fingerprint, backbone.FLOAT_MODEL_KEYS)
 
 
 def file_sha256(path: str | Path) -> str:

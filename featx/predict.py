@@ -53,10 +53,12 @@ def _folder_targets(folder: Path) -> list[Target]:
     """Every non-hidden file below `folder`, recursively (the same walk as extraction)."""
     top = folder.name or Path(os.path.abspath(folder)).name
     found = []
-    for f in images._files_under(folder):
+    files, skipped = images.walk_files(folder)
+    for f in files:
         inner = f.relative_to(folder).parent.parts[::-1]  # nearest folder first
         found.append(Target(str(f), (*inner, top)))
-    return found
+    # Links back into the folder, broken links, FIFOs, unreadable folders: a row with the reason.
+    return found + [Target(str(p), (), reason) for p, reason in skipped]
 
 
 def expand_paths(paths) -> list[Target]:
@@ -220,7 +222,7 @@ def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None
         return Classifier(kind, list(info["class_names"]), size, "keras", info, run)
 
     from featx import heads
-    from featx.extract import make_engine
+    from featx.engines import make_engine
 
     head, meta = heads.load_head(model_dir)
     fp = meta.get("fingerprint") or {}

@@ -118,3 +118,12 @@ def tiny_dataset(tmp_path):
         return write_dataset(tmp_path / name, layout, classes, per_class, splits)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def keras_engine_by_default(monkeypatch):
+    """Library calls that name no engine use Keras in the tests: exporting each tiny model to
+    ONNX would cost seconds per test. Tests of the ONNX engine name it."""
+    from featx import config
+
+    monkeypatch.setattr(config, "ENGINE", "keras")

@@ -34,3 +34,22 @@ def write_split_data(root: Path, train: int = 10, validation: int = 4) -> Path:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels).save(path, "JPEG")
     return root
+
+
+def stable_seed(*parts) -> int:
+    """A seed from names and numbers that is the same in every process (unlike hash(), which
+    Python randomises per process)."""
+    import zlib
+
+    return zlib.crc32(repr(parts).encode()) % 10_000
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """A CliRunner result that failed as featx promises: SystemExit with status 1 (an uncaught
+    exception would also give exit code 1, with empty output), one line, naming `fragments`."""
+    assert isinstance(result.exception, SystemExit), f"not a clean exit: {result.exception!r}"
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines and lines[-1].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[-1], f"{fragment!r} not in {lines[-1]!r}"

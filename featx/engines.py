@@ -1,0 +1,97 @@
+"""Which engine runs the frozen backbone: Keras, ONNX Runtime, or ONNX Runtime INT8.
+
+extract and predict both choose here, so neither stage imports the other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from featx import backbone, config, store
+from featx.errors import FeatxError
+
+
+def make_engine(name: str, weights: str, image_size: int, alpha: float, *, onnx_dir=None, log=None):
+    """The engine that runs the backbone; its `.name` is the engine actually used.
+
+    name: "keras", "onnx" (ONNX Runtime; its exported .onnx file lives in `onnx_dir`) or "auto"
+    (onnx when onnxruntime is installed, Keras sees no GPU and the backend can export ONNX, else
+    keras; see onnx_engine.choose_engine). Building is lazy: the model is loaded on the first batch.
+    """
+    from featx import onnx_engine
+
+    if onnx_engine.choose_engine(name, log) == "onnx":
+        engine = onnx_engine.OnnxEngine(weights, image_size, alpha, onnx_dir=onnx_dir, log=log)
+        problem = None if name == "onnx" else engine.cannot_export_here()
+        if problem is None:
+            return engine
+        if log is not None:  # auto must never fail where keras would work
+            log(f"note: using the Keras engine; {problem}.")
+    return backbone.KerasEngine(weights, image_size, alpha)
+
+
+def for_extract(opts, old, cache_path: Path, listing, root: Path, log):
+    """(engine, fingerprint) for an extraction with ExtractOptions `opts`; `old` is the existing
+    cache (or None). An int8 cache keeps its quantized file; a new one gets one calibrated on its
+    training images."""
+    onnx_dir = Path(config.ONNX_DIR or cache_path.parent)
+    if opts.precision == "fp32":
+        runner = make_engine(
+            opts.engine, opts.weights, opts.image_size, opts.alpha, onnx_dir=onnx_dir, log=log
+        )
+        fp = backbone.fingerprint(opts.weights, opts.image_size, opts.alpha, engine=runner.name)
+        return runner, fp
+    from featx import int8, onnx_engine
+
+    onnx_engine.import_onnxruntime()  # a clear error when it is missing
+    wanted = backbone.fingerprint(
+        opts.weights, opts.image_size, opts.alpha, engine="onnx", precision="int8"
+    )
+    # --overwrite quantizes anew; otherwise an int8 cache keeps the exact file it was made with.
+    recorded = (
+        old.fingerprint.get("int8_sha256") if old is not None and not opts.overwrite else None
+    )
+    runner, sha = int8.engine(
+        {**wanted, "int8_sha256": recorded},
+        [onnx_dir],
+        root=root,
+        listing=listing,
+        batch_size=opts.batch_size,
+        val_split=opts.val_split,
+        seed=opts.seed,
+        log=log,
+    )
+    return runner, {**wanted, "int8_sha256": sha}
+
+
+def compatible_or_none(old, fp: dict, cache_path: Path, overwrite: bool):
+    """`old` when its features are comparable with `fp`'s; None when they are not and overwrite
+    is set; else a FeatxError naming every difference."""
+    if old is None:
+        return None
+    try:
+        backbone.check_compatible(
+            old.fingerprint,
+            fp,
+            f"The cache '{cache_path}'",
+            "Pass --overwrite to rebuild it, or --cache NEW.h5 to keep both.",
+        )
+    except FeatxError:
+        if overwrite:
+            return None
+        raise
+    return old
+
+
+def read_previous(cache_path: Path, overwrite: bool):
+    """The existing cache, or None when there is none. With overwrite, a featx cache that cannot
+    be read (damaged, another format version) is rebuilt rather than refused; a file that is not
+    provably a featx cache is never replaced."""
+    if not cache_path.exists():
+        return None
+    try:
+        return store.read_cache(cache_path)
+    except FeatxError:
+        if overwrite and store.is_featx_cache(cache_path):
+            return None
+        raise

@@ -1,0 +1,85 @@
+"""Options of each stage as validated objects: every value is checked before any work starts.
+
+The public functions keep plain keyword arguments (the Keras API guideline) and build one of these
+once; a bad value is a FeatxError naming the option, the value and the accepted range. Defaults
+come from `featx.config`, the only place they are written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from featx import config
+from featx.errors import FeatxError
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> None:
+    """`value` is an int in [low, high]; else a FeatxError naming the option `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FeatxError(f"{name} must be an integer, got {value!r}.")
+    if value < low or (high is not None and value > high):
+        span = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise FeatxError(f"{name} must be {span}, got {value}.")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise FeatxError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}.")
+
+
+def check_fraction(name: str, value, *, closed: bool = False) -> None:
+    """`value` is a number in [0, 1) (or [0, 1] with closed=True)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (0.0 <= value < 1.0 or (closed and value == 1.0)):
+        raise FeatxError(f"{name} must be in [0, {'1]' if closed else '1)'}, got {value!r}.")
+
+
+def check_image_size(image_size, batch_size: int | None = None) -> None:
+    check_int("image_size", image_size, config.MIN_IMAGE_SIZE, config.MAX_IMAGE_SIZE)
+    if batch_size is not None:
+        check_int("batch_size", batch_size, 1, config.MAX_BATCH_SIZE)
+        if batch_size * image_size**2 > config.MAX_BATCH_PIXELS:
+            raise FeatxError(
+                f"A batch of {batch_size} images of {image_size} px needs too much memory "
+                f"(batch_size x image_size^2 must be <= {config.MAX_BATCH_PIXELS:,}). Lower "
+                "--batch-size or --image-size."
+            )
+
+
+def check_alpha(alpha) -> None:
+    ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+    if not ok or not 0 < alpha <= config.MAX_ALPHA:
+        raise FeatxError(f"alpha must be in (0, {config.MAX_ALPHA}], got {alpha!r}.")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """What `featx extract` was asked for. None: the existing cache's value, else the default."""
+
+    weights: str = config.WEIGHTS
+    image_size: int = config.IMAGE_SIZE
+    alpha: float = config.ALPHA
+    batch_size: int = config.BATCH_SIZE
+    dtype: str | None = None
+    val_split: float | None = None
+    seed: int | None = None
+    overwrite: bool = False
+    engine: str = config.ENGINE
+    precision: str = config.PRECISION
+
+    def __post_init__(self):
+        check_image_size(self.image_size, self.batch_size)
+        check_alpha(self.alpha)
+        if self.dtype is not None:
+            check_choice("dtype", self.dtype, config.FEATURE_DTYPES)
+        if self.val_split is not None:
+            check_fraction("val_split", self.val_split)
+        if self.seed is not None:
+            check_int("seed", self.seed, 0)
+        check_choice("engine", self.engine, config.ENGINES)
+        check_choice("precision", self.precision, config.PRECISIONS)
+        if self.precision == "int8" and self.engine == "keras":
+            raise FeatxError(
+                "--precision int8 runs on ONNX Runtime; pass --engine onnx (or auto), or drop "
+                "--precision int8 to use Keras."
+            )
