@@ -1,7 +1,8 @@
-"""Small file helpers shared by the stages."""
+"""Small file helpers shared by the stages: the one atomic writer, and file hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,9 +18,24 @@ def replaced_atomically(path: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
     try:
         yield tmp
+        _fsync(tmp)  # the data is on disk before the name points at it
         os.replace(tmp, path)
+        _fsync(path.parent)  # and the rename survives a power cut
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # a folder written by a library (SavedModel) or a platform without O_RDONLY dirs
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -35,3 +51,12 @@ def save_keras_atomic(model, path: str | Path) -> Path:
     with replaced_atomically(path, suffix=".keras") as tmp:
         model.save(tmp)
     return Path(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's content, read in 1 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -10,7 +10,6 @@ Keras nor TensorFlow (start-up stays well under a second).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ import numpy as np
 
 from featx import backbone, config
 from featx.errors import FeatxError
-from featx.files import replaced_atomically, write_text_atomic
+from featx.files import file_sha256, replaced_atomically, write_text_atomic
 
 ENGINES = config.ENGINES
 INSTALL_HINT = "pip install 'featx[onnx]'"
@@ -139,14 +138,6 @@ def choose_engine(name: str, log=None) -> str:
 def model_key(fingerprint: dict) -> str:
     """sha256 of the fingerprint's model keys: equal keys, equal features (and .onnx file)."""
     return backbone.model_key(fingerprint, backbone.FLOAT_MODEL_KEYS)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def session_options(threads: int | None = None):

@@ -39,6 +39,7 @@ import h5py
 import numpy as np
 
 from featx.errors import FeatxError
+from featx.files import replaced_atomically, write_text_atomic
 
 FORMAT = "featx-cache"
 FORMAT_VERSION = 1
@@ -194,19 +195,6 @@ def _write_rows(g, rows: Rows) -> None:
     g.create_dataset("file_sha256", data=np.array(rows.file_sha256, dtype=object), dtype=_STR)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _image(cache: Cache) -> bytes:
     """The HDF5 file of `cache`, built in memory: a failing disk cannot hit HDF5 mid-write."""
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -231,11 +219,6 @@ def _image(cache: Cache) -> bytes:
             "reasons", data=np.array(cache.rejected_reasons, dtype=object), dtype=_STR
         )
     return buffer.getvalue()
-
-
-def temporary_name(path: Path) -> Path:
-    """`.NAME.tmp-PID` beside `path`: featx's one pattern for files being written."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -274,18 +257,11 @@ def write_cache(path: str | Path, cache: Cache) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = _image(cache)
-    tmp = temporary_name(path)
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with replaced_atomically(path) as tmp:
+            tmp.write_bytes(data)
     except OSError as e:  # ENOSPC, EFBIG, EDQUOT: name the cache, not a nameless write
         raise OSError(e.errno, e.strerror, str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --- one writer per cache ------------------------------------------------------------------------
@@ -361,12 +337,12 @@ class Journal:
     absent; each is validated before reuse (columns of one length, feature width and dtype,
     finite values) and a bad one is redone, never trusted. `meta.json` holds the fingerprint key;
     parts made with another backbone are discarded. The folder carries a marker file: featx
-    only ever deletes its own files (`part-*.npz`, `.tmp-part-*`, `meta.json`, the marker) from
+    only ever deletes its own files (`part-*.npz`, their temporaries, `meta.json`, the marker) from
     a folder with that marker, and refuses to use a folder of that name that it did not make.
     """
 
     MARKER = ".featx-journal"
-    _OWN = ("part-*.npz", ".tmp-part-*", "meta.json", "meta.json.tmp")
+    _OWN = ("part-*.npz", ".part-*.npz.tmp-*", "meta.json", ".meta.json.tmp-*")
 
     def __init__(
         self, cache_path: str | Path, fingerprint_key: str, feature_dim: int | None = None
@@ -435,7 +411,7 @@ class Journal:
         self.check_owned()
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / self.MARKER).touch()
-        for p in self.folder.glob(".tmp-part-*"):  # half-written parts of killed runs
+        for p in self.folder.glob(".part-*.npz.tmp-*"):  # half-written parts of killed runs
             p.unlink(missing_ok=True)
         meta = self.folder / "meta.json"
         try:
@@ -443,15 +419,12 @@ class Journal:
                 return
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        tmp = self.folder / "meta.json.tmp"
-        tmp.write_text(json.dumps({"key": self.key}))
-        os.replace(tmp, meta)
+        write_text_atomic(meta, json.dumps({"key": self.key}))
 
     def write(self, index: int, rows: Rows, features: np.ndarray, rejected: Rows, reasons) -> None:
         final = self.folder / f"part-{os.getpid()}-{index:06d}.npz"
-        tmp = self.folder / f".tmp-{final.name}"
         try:
-            with open(tmp, "wb") as fh:
+            with replaced_atomically(final) as tmp, open(tmp, "wb") as fh:
                 np.savez(
                     fh,
                     paths=np.array(rows.paths, dtype=str),
@@ -464,11 +437,8 @@ class Journal:
                     rejected_mtime_ns=np.asarray(rejected.file_mtime_ns, np.int64),
                     rejected_reasons=np.array(list(reasons), dtype=str),
                 )
-            os.replace(tmp, final)
         except OSError as e:  # a full disk: name the journal, not a nameless write
             raise OSError(e.errno, e.strerror, str(final)) from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def clear(self) -> None:
         """Delete featx's own files and then the folder, if nothing else is left in it."""

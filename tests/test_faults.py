@@ -115,7 +115,8 @@ def test_ctrl_c_stops_a_run_within_seconds(tmp_path):
     proc.send_signal(signal.SIGINT)
     t0 = time.monotonic()
     proc.communicate(timeout=30)
-    assert time.monotonic() - t0 < 5.0
+    # A stop, not a speed target: ~1-2 s on a quiet machine; the bound only catches a hang.
+    assert time.monotonic() - t0 < 20.0
     assert proc.returncode != 0
     assert store.read_cache(tmp_path / "c.h5").features.shape[0] == 0  # the empty start cache
 
