@@ -41,12 +41,18 @@ def print_json(obj) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="featx")
-def cli():
+@click.option(
+    "--verbose", is_flag=True, help="Show TensorFlow's start-up log lines (hidden by default)."
+)
+def cli(verbose):
     """featx: train an image classifier from a folder of photos in minutes.
 
     Run the frozen MobileNetV2 once over your images (`featx extract`), then train heads on the
     cached features in seconds (`featx fit-head`).
     """
+    from featx import quiet
+
+    quiet.configure(verbose)
 
 
 class Progress:

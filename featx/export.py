@@ -88,9 +88,12 @@ def build_model(model_dir: str | Path) -> tuple[object, dict]:
     "image_size", "fingerprint" (of the backbone) and "cache" (the one it was trained on, if
     recorded).
     """
-    import keras
-
-    kind = predict_mod.model_kind(model_dir)
+    kind = predict_mod.model_kind(model_dir)  # a wrong folder is answered before Keras loads
+    if kind == "export":
+        raise FeatxError(
+            f"'{model_dir}' is already an export ({INFO_FILE}). Pass the `featx fit-head` or "
+            "`featx finetune` folder it was exported from."
+        )
     if kind == "finetune":
         info = predict_mod.read_finetune_info(model_dir)
         model = inference_model(predict_mod.load_finetune_model(model_dir))
@@ -102,6 +105,8 @@ def build_model(model_dir: str | Path) -> tuple[object, dict]:
             "fingerprint": info.get("fingerprint"),
             "cache": info.get("cache"),
         }
+    import keras
+
     from featx import heads
 
     head, meta = heads.load_head(model_dir)
