@@ -38,7 +38,11 @@ SPLIT_FOLDER_NAMES = {
 # "keras" or "onnx" force one.
 ENGINES = ("auto", "keras", "onnx")
 ENGINE = "auto"
-ONNX_DIR = None  # folder for the exported backbone-<key>.onnx files; None: next to the cache
+# The exported backbone-<key>.onnx (8.9 MB, 8-15 s to make) is the same for every data set, so it is
+# kept once per user: in $FEATX_HOME, else $XDG_CACHE_HOME/featx, else ~/.cache/featx. Files left
+# next to caches by older versions are still used.
+ONNX_DIR = None  # a folder here wins over that per-user folder
+HOME_ENV = "FEATX_HOME"  # the environment variable naming featx's per-user folder
 ONNX_THREADS = None  # ONNX Runtime intra-op threads; None: every core the process may use
 PRECISIONS = ("fp32", "int8")  # --precision of extract; int8: see featx/int8.py
 INT8_CALIBRATION_IMAGES = 320  # --precision int8: training images that set the activation ranges

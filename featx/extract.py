@@ -69,10 +69,13 @@ def _open_existing(cache_path: Path, fp: dict, overwrite: bool) -> store.Cache |
     return old
 
 
-def make_engine(name: str, weights: str, image_size: int, alpha: float, *, onnx_dir=None, log=None):
+def make_engine(
+    name: str, weights: str, image_size: int, alpha: float, *, onnx_dir=None, log=None, search=()
+):
     """The engine that runs the backbone; its `.name` is the engine actually used.
 
-    name: "keras", "onnx" (ONNX Runtime; its exported .onnx file lives in `onnx_dir`) or "auto"
+    name: "keras", "onnx" (ONNX Runtime; its exported .onnx file lives in `onnx_dir`, default the
+    per-user folder, or in one of the `search` folders where older versions left it) or "auto"
     (onnx when onnxruntime is installed, Keras sees no GPU and the backend can export ONNX, else
     keras; see onnx_engine.choose_engine). Building is lazy:
     the model is loaded on the first batch.
@@ -80,7 +83,9 @@ def make_engine(name: str, weights: str, image_size: int, alpha: float, *, onnx_
     from featx import onnx_engine
 
     if onnx_engine.choose_engine(name, log) == "onnx":
-        engine = onnx_engine.OnnxEngine(weights, image_size, alpha, onnx_dir=onnx_dir, log=log)
+        engine = onnx_engine.OnnxEngine(
+            weights, image_size, alpha, onnx_dir=onnx_dir, log=log, search=search
+        )
         problem = None if name == "onnx" else engine.cannot_export_here()
         if problem is None:
             return engine
@@ -182,11 +187,13 @@ def extract(
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
     cache_path = Path(cache_path) if cache_path else default_cache_path(root)
-    onnx_dir = Path(config.ONNX_DIR or cache_path.parent)
+    onnx_dir = Path(config.ONNX_DIR or cache_path.parent)  # int8 files; fp32 ones of old versions
     if precision not in config.PRECISIONS:
         raise FeatxError(f"precision must be one of {config.PRECISIONS}, got {precision!r}.")
     if precision == "fp32":
-        runner = make_engine(engine, weights, image_size, alpha, onnx_dir=onnx_dir, log=log)
+        runner = make_engine(
+            engine, weights, image_size, alpha, onnx_dir=config.ONNX_DIR, log=log, search=[onnx_dir]
+        )
         fp = backbone.fingerprint(weights, image_size, alpha, engine=runner.name)
     else:
         runner, fp = _int8_engine(

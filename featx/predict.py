@@ -229,8 +229,15 @@ def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None
     if fp.get("precision", "fp32") == "int8":
         runner = _int8_runner(engine, fp, model_dir, meta, log)
     else:
-        onnx_dir = config.ONNX_DIR or _onnx_dir(model_dir, meta)
-        runner = make_engine(engine, fp["weights"], size, alpha, onnx_dir=onnx_dir, log=log)
+        runner = make_engine(
+            engine,
+            fp["weights"],
+            size,
+            alpha,
+            onnx_dir=config.ONNX_DIR,
+            log=log,
+            search=_onnx_dirs(model_dir, meta),
+        )
 
     def run(batch):
         return head.predict_proba(runner.features(batch))
@@ -254,16 +261,13 @@ def _int8_runner(engine: str, fp: dict, model_dir, meta: dict, log):
     return int8.engine(fp, folders or [Path(model_dir)], log=log)[0]
 
 
-def _onnx_dir(model_dir, meta: dict) -> Path | None:
-    """Where extract stored the backbone's .onnx file: the folder of the cache the head was fitted
-    on (its file is then reused, not exported again), else the model folder's parent (fit-head's
-    default output is cache/<name>-<head>/); the first one that exists and is writable."""
+def _onnx_dirs(model_dir, meta: dict) -> list[Path]:
+    """Where older versions of extract stored the backbone's .onnx file (now kept per user): the
+    folder of the cache the head was fitted on, and the model folder's parent (fit-head's default
+    output is cache/<name>-<head>/); those that exist."""
     folders = [Path(meta["cache"]).resolve().parent] if meta.get("cache") else []
     folders.append(Path(model_dir).resolve().parent)
-    for folder in folders:
-        if folder.is_dir() and os.access(folder, os.W_OK):
-            return folder
-    return None  # OnnxEngine's default folder (config.CACHE_DIR)
+    return list(dict.fromkeys(f for f in folders if f.is_dir()))
 
 
 # --- decoding and running in batches --------------------------------------------------------------

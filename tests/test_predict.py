@@ -234,9 +234,10 @@ def test_a_finetune_output_predicts_like_its_warm_start_head(tiny, tmp_path):
 
 def test_the_onnx_engine_predicts_the_same_without_importing_tensorflow(tiny):
     folder = [str(tiny["data"] / "validation")]
-    onnx = predict(tiny["head"], folder, engine="onnx")  # exports the backbone next to the head
+    onnx = predict(tiny["head"], folder, engine="onnx")  # exports the backbone once per user
     assert onnx["engine"] == "onnx"
-    assert list(tiny["root"].glob("backbone-*.onnx"))  # beside the cache, shared with extract
+    assert list(Path(os.environ["FEATX_HOME"]).glob("backbone-*.onnx"))  # shared with extract
+    assert not list(tiny["root"].glob("backbone-*.onnx"))
     for a, b in zip(onnx["rows"], run(tiny["head"], folder)["rows"]):
         assert a["path"] == b["path"] and a["predicted"] == b["predicted"]
         assert a["probability"] == pytest.approx(b["probability"], abs=1e-3)
@@ -249,15 +250,15 @@ def test_the_onnx_engine_predicts_the_same_without_importing_tensorflow(tiny):
     assert json.loads(out.stdout.splitlines()[-1]) == [onnx["accuracy"], False, False]
 
 
-def test_the_onnx_file_is_looked_for_next_to_the_cache_the_head_was_fitted_on(tiny, tmp_path):
-    from featx.predict import _onnx_dir
+def test_an_onnx_file_of_an_older_version_is_looked_for_next_to_the_heads_cache(tiny, tmp_path):
+    from featx.predict import _onnx_dirs
 
     moved = tmp_path / "models" / "cats"  # a head moved away from its cache
     shutil.copytree(tiny["head"], moved)
     meta = json.loads((moved / "head.json").read_text())
     assert meta["cache"] == str(Path(tiny["cache"]).resolve())
-    assert _onnx_dir(moved, meta) == Path(tiny["cache"]).resolve().parent
-    assert _onnx_dir(moved, {**meta, "cache": str(tmp_path / "gone" / "c.h5")}) == moved.parent
+    assert _onnx_dirs(moved, meta) == [Path(tiny["cache"]).resolve().parent, moved.parent]
+    assert _onnx_dirs(moved, {**meta, "cache": str(tmp_path / "gone" / "c.h5")}) == [moved.parent]
 
 
 def test_a_head_is_refused_when_the_backbone_weights_changed(tmp_path):
