@@ -434,7 +434,7 @@ def predict(
         more = f" (and {len(rows) - 3} more)" if len(rows) > 3 else ""
         raise FeatxError(
             f"None of the {len(rows)} files could be predicted: {first}{more}. "
-            "Pass readable image files (JPEG, PNG, GIF, BMP, WebP, TIFF)."
+            "Pass readable image files (JPEG, PNG, GIF, BMP, WebP, TIFF, HEIC, AVIF)."
         )
     return result
 
