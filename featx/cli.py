@@ -379,7 +379,7 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
 @click.option(
     "--output",
     type=click.Path(dir_okay=False),
-    help="Write one row per image to this .csv or .json file instead of the table.",
+    help="Write one row per image to this .csv, or the --json object to this .json file.",
 )
 @click.option(
     "--top-k",
@@ -396,10 +396,16 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
     type=click.Choice(config.ENGINES),
     help="What runs the backbone of a fit-head model (as for extract).",
 )
+@click.option(
+    "--min-confidence",
+    type=float,
+    default=config.PREDICT_MIN_CONFIDENCE,
+    help=f"Predict '{config.UNKNOWN_CLASS}' when the top probability is below this (0-1).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and the summary as JSON.")
 @friendly_errors
-def predict(model_dir, paths, output, top_k, batch_size, engine, as_json):
-    """Classify images with MODEL_DIR, a fit-head or finetune output folder.
+def predict(model_dir, paths, output, top_k, batch_size, engine, min_confidence, as_json):
+    """Classify images with MODEL_DIR, a fit-head, finetune or export output folder.
 
     PATHS are image files, folders (searched recursively) or quoted glob patterns such as
     'photos/*.jpg'. Prints one line per image and, when the images sit in folders named after the
@@ -418,6 +424,7 @@ def predict(model_dir, paths, output, top_k, batch_size, engine, as_json):
             top_k=top_k,
             batch_size=batch_size,
             engine=engine,
+            min_confidence=min_confidence,
             progress=progress,
             log=lambda m: click.echo(m, err=True),
         )

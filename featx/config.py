@@ -92,6 +92,8 @@ DENSE_PATIENCE = 5  # epochs without a better validation loss before stopping
 # --- predict and export --------------------------------------------------------------------------
 PREDICT_TOP_K = 3  # classes listed per image, most probable first (fewer when the model has fewer)
 PREDICT_PROGRESS_MIN = 100  # show a progress bar from this many images on
+PREDICT_MIN_CONFIDENCE = None  # --min-confidence: rows below it are predicted UNKNOWN_CLASS; off
+UNKNOWN_CLASS = "unknown"  # the prediction of a row below --min-confidence
 EXPORT_FORMAT = "keras"  # "keras" (any backend), "savedmodel" or "tflite" (TensorFlow backend)
 # TFLite only. "float16" halves the file; "dynamic" stores int8 weights (3.6x smaller). With the
 # cats_and_dogs_filtered logreg model, probabilities on 8 check images moved by 1e-4 (float16) and
@@ -100,3 +102,10 @@ EXPORT_QUANTIZE = "none"
 EXPORT_CHECK_IMAGES = 8  # images compared between the exported and the in-process model
 EXPORT_TOLERANCE = 1e-4  # largest probability difference accepted for float exports
 EXPORT_QUANTIZED_TOLERANCE = 0.1  # the same for quantized TFLite (a warning, not an error)
+
+# --- reports (report.html, confusion_matrix.png, the fit-head summary) ---------------------------
+REPORT_TOP_LOSSES = 24  # misclassified images shown in report.html, most confidently wrong first
+REPORT_THUMBNAIL = 128  # longest side of their thumbnails in pixels (JPEG, embedded in the page)
+REPORT_CONFUSED_PAIRS = 10  # most-confused class pairs listed in report.html
+IMBALANCE_RATIO = 3.0  # fit-head suggests --class-weight balanced when the largest class has this
+# many times the training images of the smallest
