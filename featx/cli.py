@@ -497,5 +497,20 @@ def export(model_dir, model_format, quantize, output, cache_path, as_json):
         click.echo(format_summary(result))
 
 
+@cli.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@friendly_errors
+def report(model_dir):
+    """Rebuild MODEL_DIR/report.html from its metrics.json and misclassified.csv.
+
+    One self-contained page (it opens from disk): headline metrics, confusion matrices, per-class
+    precision/recall/F1, the most-confused pairs and the worst misclassified images. fit-head and
+    finetune write it already; run this after moving the images or the folder.
+    """
+    from featx.report import report as run_report
+
+    click.echo(f"wrote {run_report(model_dir)}")
+
+
 if __name__ == "__main__":
     cli()

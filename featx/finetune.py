@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from featx import backbone, config, store
+from featx import backbone, config, outputs, store
 from featx.errors import FeatxError
 from featx.files import save_keras_atomic, write_text_atomic
 
@@ -484,7 +484,7 @@ def finetune(
         "class_names": list(cache.class_names),
         "output": str(out),
     }
-    report.write_report(
+    written = report.write_report(
         out,
         metrics,
         after_preds,
@@ -494,4 +494,5 @@ def finetune(
     )
     info.update(complete=True, epochs_run=epochs_run, best_epoch=best_epoch)
     write_text_atomic(out / INFO_FILE, json.dumps(info, indent=2, default=str))
+    outputs.record(out, [MODEL_FILE, INFO_FILE, *written.values()], log)  # drops stale files
     return metrics
