@@ -39,6 +39,10 @@ table { border-collapse: collapse; margin: 6px 0 12px; }
 th, td { padding: 3px 8px; border: 1px solid #ddd; text-align: right; }
 th { background: #f4f4f6; } td.name, th.name { text-align: left; }
 .pair { display: flex; gap: 28px; flex-wrap: wrap; align-items: flex-start; }
+.scroll { overflow-x: auto; max-width: 100%; }
+table.matrix td, table.matrix th { padding: 2px 5px; font-size: 12px; }
+table.matrix th.vertical { writing-mode: vertical-rl; transform: rotate(180deg);
+                           text-align: left; vertical-align: bottom; }
 .headline td.big { font-size: 18px; font-weight: 600; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 12px; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 6px; font-size: 12px; }
@@ -160,7 +164,8 @@ def _headline(metrics: dict) -> str:
 def _matrix_tables(cm: np.ndarray, names: list[str]) -> str:
     rows_sum = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows_sum, out=np.zeros(cm.shape), where=rows_sum > 0)
-    head = "".join(f"<th>{_e(n)}</th>" for n in names)
+    vertical = " class='vertical'" if len(names) > 6 else ""  # many classes: narrow columns
+    head = "".join(f"<th{vertical}>{_e(n)}</th>" for n in names)
 
     def table(title: str, cell) -> str:
         body = "".join(
@@ -170,8 +175,8 @@ def _matrix_tables(cm: np.ndarray, names: list[str]) -> str:
             for i, name in enumerate(names)
         )
         return (
-            f"<div><div class='note'>{title}</div><table><tr><th class='name'>true \\ predicted"
-            f"</th>{head}</tr>{body}</table></div>"
+            f"<div class='scroll'><div class='note'>{title}</div><table class='matrix'><tr>"
+            f"<th class='name'>true \\ predicted</th>{head}</tr>{body}</table></div>"
         )
 
     def shade(i, j, text):
@@ -182,7 +187,7 @@ def _matrix_tables(cm: np.ndarray, names: list[str]) -> str:
     counts = table("counts", lambda i, j: shade(i, j, int(cm[i, j])))
     normalised = table(
         "normalised per true class (each row sums to 1)",
-        lambda i, j: shade(i, j, f"{share[i, j]:.2f}"),
+        lambda i, j: shade(i, j, f"{share[i, j]:.2f}" if cm[i, j] else "·"),
     )
     return f"<div class='pair'>{counts}{normalised}</div>"
 
@@ -268,7 +273,8 @@ def _top_losses(rows: list[dict], n: int = config.REPORT_TOP_LOSSES) -> tuple[st
             f"<div class='card'>{picture}<div>true <b>{_e(r['true'])}</b></div>"
             f"<div>predicted <span class='wrong'>{_e(r['predicted'])}</span> "
             f"{float(r['probability']):.3f}</div>"
-            f"<div class='path'>{_e(r['split'])}: {_e(r['path'])}</div></div>"
+            f"<div class='path' title='{_e(r['path'])}'>{_e(r['split'])}: "
+            f"{_e('/'.join(Path(r['path']).parts[-2:]))}</div></div>"
         )
     return f"<div class='grid'>{''.join(cards)}</div>", len(shown)
 

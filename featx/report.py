@@ -214,9 +214,9 @@ def plot_confusion_matrices(matrices: dict, class_names: list[str], path: Path) 
         share = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
         acc = np.trace(cm) / max(cm.sum(), 1)
         ax_counts.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
-        ax_counts.set_title(f"{split}: {cm.sum()} images, accuracy {acc:.4f}\ncounts")
+        ax_counts.set_title(f"{split}: counts ({cm.sum()} images, accuracy {acc:.4f})")
         ax_share.imshow(share, cmap="Blues", vmin=0, vmax=1)
-        ax_share.set_title(f"{split}: normalised per true class\n(each row sums to 1)")
+        ax_share.set_title(f"{split}: normalised per true class (rows sum to 1)")
         for ax, values in ((ax_counts, cm), (ax_share, share)):
             ax.set_xlabel("predicted")
             ax.set_ylabel("true")
@@ -225,11 +225,14 @@ def plot_confusion_matrices(matrices: dict, class_names: list[str], path: Path) 
             ax.set_xticks(range(k), class_names, rotation=45, ha="right")
             ax.set_yticks(range(k), class_names)
             top = values.max() or 1
+            size = 10 if k <= 10 else 8
             for i in range(k):
                 for j in range(k):
                     text = str(values[i, j]) if values is cm else f"{values[i, j]:.2f}"
+                    if values is share and cm[i, j] == 0:
+                        text = ""  # an empty cell reads faster than a column of 0.00
                     color = "white" if values[i, j] > 0.5 * top else "black"
-                    ax.text(j, i, text, ha="center", va="center", color=color)
+                    ax.text(j, i, text, ha="center", va="center", color=color, fontsize=size)
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
@@ -283,13 +286,17 @@ def plot_training_curves(
             start = (warm_start or {}).get(key)
             if start is not None:
                 epochs, values = [0, *epochs], [start, *values]
-            ax.plot(epochs, values, marker="o", label=label)
+            color = "C1" if key.startswith("val_") else "C0"
+            ax.plot(epochs, values, marker="o", markersize=4, color=color, label=label)
             values_seen += values
         if clean:
             for key, label in objective[metric]:
                 values = history.get(key) or []
+                color = "C1" if key.startswith("val_") else "C0"
                 if values:
-                    ax.plot(range(1, len(values) + 1), values, ":", color="gray", label=label)
+                    ax.plot(
+                        range(1, len(values) + 1), values, ":", color=color, alpha=0.6, label=label
+                    )
         if best_epoch is not None:
             kept = "warm start" if best_epoch == 0 else f"epoch {best_epoch}"
             ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1, label=f"kept: {kept}")

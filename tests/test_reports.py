@@ -185,11 +185,11 @@ def test_a_one_epoch_finetune_curve_starts_at_the_warm_start(tmp_path, monkeypat
 def test_confusion_matrix_png_has_counts_beside_the_normalised_matrix(tmp_path, monkeypatch):
     figures = []
     monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig))
-    cm = [[8, 2], [1, 3]]
+    cm = [[8, 2], [0, 3]]
     report.plot_confusion_matrices({"validation": cm}, ["a", "b"], tmp_path / "cm.png")
     counts_ax, share_ax = figures[0].axes
-    assert [t.get_text() for t in counts_ax.texts] == ["8", "2", "1", "3"]
-    assert [t.get_text() for t in share_ax.texts] == ["0.80", "0.20", "0.25", "0.75"]
+    assert [t.get_text() for t in counts_ax.texts] == ["8", "2", "0", "3"]
+    assert [t.get_text() for t in share_ax.texts] == ["0.80", "0.20", "", "1.00"]
     assert "normalised" in share_ax.get_title()
 
 
