@@ -155,6 +155,9 @@ def test_finetune_writes_a_complete_result_never_worse_than_the_warm_start(tiny,
     for name in ("model.keras", "finetune.json", "metrics.json", "misclassified.csv"):
         assert (out / name).is_file(), name
     assert (out / "training_curves.png").stat().st_size > 1000
+    written = json.loads((out / "featx-files.json").read_text())["files"]
+    assert sorted(p.name for p in out.iterdir() if p.name != "featx-files.json") == written
+    assert "report.html" in written and "warm start" in (out / "report.html").read_text()
     info = json.loads((out / "finetune.json").read_text())
     assert info["kind"] == "finetune" and info["class_names"] == ["cats", "dogs"]
     assert info["complete"] is True and info["cache"] == str(Path(tiny["cache"]).resolve())

@@ -234,3 +234,13 @@ def test_the_report_renders_in_a_headless_browser_with_every_thumbnail(noisy, tm
     )
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.shape == (2400, 1200) and pixels.std() > 10  # drawn, not a blank page
+
+
+def test_finetune_refuses_to_write_into_its_own_head_folder(noisy):
+    from featx.errors import FeatxError
+    from featx.finetune import finetune
+
+    before = sorted(p.name for p in noisy["out"].iterdir())
+    with pytest.raises(FeatxError, match="is the --head folder"):
+        finetune(noisy["cache"], noisy["out"], noisy["out"], epochs=0)
+    assert sorted(p.name for p in noisy["out"].iterdir()) == before
