@@ -44,12 +44,18 @@ def print_json(obj) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="featx")
-def cli():
+@click.option(
+    "--verbose", is_flag=True, help="Show TensorFlow's start-up log lines (hidden by default)."
+)
+def cli(verbose):
     """featx: train an image classifier from a folder of photos in minutes.
 
     Run the frozen MobileNetV2 once over your images (`featx extract`), then train heads on the
     cached features in seconds (`featx fit-head`).
     """
+    from featx import quiet
+
+    quiet.configure(verbose)
 
 
 class Progress:
@@ -384,7 +390,7 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
 @click.option(
     "--output",
     type=click.Path(dir_okay=False),
-    help="Write one row per image to this .csv or .json file instead of the table.",
+    help="Write one row per image to this .csv, or the --json object to this .json file.",
 )
 @click.option(
     "--top-k",
@@ -401,10 +407,16 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
     type=click.Choice(config.ENGINES),
     help="What runs the backbone of a fit-head model (as for extract).",
 )
+@click.option(
+    "--min-confidence",
+    type=float,
+    default=config.PREDICT_MIN_CONFIDENCE,
+    help=f"Predict '{config.UNKNOWN_CLASS}' when the top probability is below this (0-1).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and the summary as JSON.")
 @friendly_errors
-def predict(model_dir, paths, output, top_k, batch_size, engine, as_json):
-    """Classify images with MODEL_DIR, a fit-head or finetune output folder.
+def predict(model_dir, paths, output, top_k, batch_size, engine, min_confidence, as_json):
+    """Classify images with MODEL_DIR, a fit-head, finetune or export output folder.
 
     PATHS are image files, folders (searched recursively) or quoted glob patterns such as
     'photos/*.jpg'. Prints one line per image and, when the images sit in folders named after the
@@ -423,6 +435,7 @@ def predict(model_dir, paths, output, top_k, batch_size, engine, as_json):
             top_k=top_k,
             batch_size=batch_size,
             engine=engine,
+            min_confidence=min_confidence,
             progress=progress,
             log=lambda m: click.echo(m, err=True),
         )
@@ -493,6 +506,21 @@ def export(model_dir, model_format, quantize, output, cache_path, as_json):
         print_json(result)
     else:
         click.echo(format_summary(result))
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@friendly_errors
+def report(model_dir):
+    """Rebuild MODEL_DIR/report.html from its metrics.json and misclassified.csv.
+
+    One self-contained page (it opens from disk): headline metrics, confusion matrices, per-class
+    precision/recall/F1, the most-confused pairs and the worst misclassified images. fit-head and
+    finetune write it already; run this after moving the images or the folder.
+    """
+    from featx.report import report as run_report
+
+    click.echo(f"wrote {run_report(model_dir)}")
 
 
 def main() -> None:

@@ -51,7 +51,11 @@ SPLIT_FOLDER_NAMES = {
 # "keras" or "onnx" force one.
 ENGINES = ("auto", "keras", "onnx")
 ENGINE = "auto"
-ONNX_DIR = None  # folder for the exported backbone-<key>.onnx files; None: next to the cache
+# The exported backbone-<key>.onnx (8.9 MB, 8-15 s to make) is the same for every data set, so it is
+# kept once per user: in $FEATX_HOME, else $XDG_CACHE_HOME/featx, else ~/.cache/featx. Files left
+# next to caches by older versions are still used.
+ONNX_DIR = None  # a folder here wins over that per-user folder
+HOME_ENV = "FEATX_HOME"  # the environment variable naming featx's per-user folder
 ONNX_THREADS = None  # ONNX Runtime intra-op threads; None: every core the process may use
 PRECISIONS = ("fp32", "int8")  # --precision of extract; int8: see featx/int8.py
 PRECISION = "fp32"
@@ -102,6 +106,8 @@ DENSE_PATIENCE = 5  # epochs without a better validation loss before stopping
 # --- predict and export --------------------------------------------------------------------------
 PREDICT_TOP_K = 3  # classes listed per image, most probable first (fewer when the model has fewer)
 PREDICT_PROGRESS_MIN = 100  # show a progress bar from this many images on
+PREDICT_MIN_CONFIDENCE = None  # --min-confidence: rows below it are predicted UNKNOWN_CLASS; off
+UNKNOWN_CLASS = "unknown"  # the prediction of a row below --min-confidence
 EXPORT_FORMAT = "keras"  # "keras" (any backend), "savedmodel" or "tflite" (TensorFlow backend)
 # TFLite only. "float16" halves the file; "dynamic" stores int8 weights (3.6x smaller). With the
 # cats_and_dogs_filtered logreg model, probabilities on 8 check images moved by 1e-4 (float16) and
@@ -110,3 +116,10 @@ EXPORT_QUANTIZE = "none"
 EXPORT_CHECK_IMAGES = 8  # images compared between the exported and the in-process model
 EXPORT_TOLERANCE = 1e-4  # largest probability difference accepted for float exports
 EXPORT_QUANTIZED_TOLERANCE = 0.1  # the same for quantized TFLite (a warning, not an error)
+
+# --- reports (report.html, confusion_matrix.png, the fit-head summary) ---------------------------
+REPORT_TOP_LOSSES = 24  # misclassified images shown in report.html, most confidently wrong first
+REPORT_THUMBNAIL = 128  # longest side of their thumbnails in pixels (JPEG, embedded in the page)
+REPORT_CONFUSED_PAIRS = 10  # most-confused class pairs listed in report.html
+IMBALANCE_RATIO = 3.0  # fit-head suggests --class-weight balanced when the largest class has this
+# many times the training images of the smallest

@@ -11,17 +11,22 @@ from featx import backbone, config, store
 from featx.errors import FeatxError
 
 
-def make_engine(name: str, weights: str, image_size: int, alpha: float, *, onnx_dir=None, log=None):
+def make_engine(
+    name: str, weights: str, image_size: int, alpha: float, *, onnx_dir=None, log=None, search=()
+):
     """The engine that runs the backbone; its `.name` is the engine actually used.
 
-    name: "keras", "onnx" (ONNX Runtime; its exported .onnx file lives in `onnx_dir`) or "auto"
+    name: "keras", "onnx" (ONNX Runtime; its exported .onnx file lives in `onnx_dir`, default the
+    per-user folder, or in one of the `search` folders where older versions left it) or "auto"
     (onnx when onnxruntime is installed, Keras sees no GPU and the backend can export ONNX, else
     keras; see onnx_engine.choose_engine). Building is lazy: the model is loaded on the first batch.
     """
     from featx import onnx_engine
 
     if onnx_engine.choose_engine(name, log) == "onnx":
-        engine = onnx_engine.OnnxEngine(weights, image_size, alpha, onnx_dir=onnx_dir, log=log)
+        engine = onnx_engine.OnnxEngine(
+            weights, image_size, alpha, onnx_dir=onnx_dir, log=log, search=search
+        )
         problem = None if name == "onnx" else engine.cannot_export_here()
         if problem is None:
             return engine
@@ -34,11 +39,12 @@ def for_extract(opts, old, cache_path: Path, listing, root: Path, log):
     """(engine, fingerprint) for an extraction with ExtractOptions `opts`; `old` is the existing
     cache (or None). An int8 cache keeps its quantized file; a new one gets one calibrated on its
     training images."""
-    onnx_dir = Path(config.ONNX_DIR or cache_path.parent)
+    onnx_dir = Path(config.ONNX_DIR or cache_path.parent)  # int8 files; fp32 ones of old versions
     if opts.precision == "fp32":
         runner = make_engine(
-            opts.engine, opts.weights, opts.image_size, opts.alpha, onnx_dir=onnx_dir, log=log
-        )
+            opts.engine, opts.weights, opts.image_size, opts.alpha,
+            onnx_dir=config.ONNX_DIR, log=log, search=[onnx_dir],
+        )  # fmt: skip
         fp = backbone.fingerprint(opts.weights, opts.image_size, opts.alpha, engine=runner.name)
         return runner, fp
     from featx import int8, onnx_engine

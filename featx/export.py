@@ -3,8 +3,9 @@
 The export is one self-contained model from raw RGB pixels (0..255, float32, NHWC) to class
 probabilities: the backbone's preprocessing layer, MobileNetV2 and the head (a logistic regression
 becomes one Dense softmax layer with its scaler folded in). Beside it, in the output folder:
-labels.txt (one class name a line, in output order) and export.json (input size and range,
-preprocessing, class names, where it came from, and the checks below).
+labels.txt (one class name a line, in output order), export.json (input size and range,
+preprocessing, class names, where it came from, and the checks below) and README.md (the model
+card, see featx.model_card).
 
 After writing, the exported file is loaded back and compared with the in-process model on a few
 images; the largest probability difference is reported. With a cache, the exported model is also
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx import __version__, backbone, config, images, store
+from featx import __version__, backbone, config, images, model_card, store
 from featx import predict as predict_mod
 from featx.errors import FeatxError
 from featx.files import replaced_atomically, save_keras_atomic, write_text_atomic
@@ -88,9 +89,12 @@ def build_model(model_dir: str | Path) -> tuple[object, dict]:
     "image_size", "fingerprint" (of the backbone) and "cache" (the one it was trained on, if
     recorded).
     """
-    import keras
-
-    kind = predict_mod.model_kind(model_dir)
+    kind = predict_mod.model_kind(model_dir)  # a wrong folder is answered before Keras loads
+    if kind == "export":
+        raise FeatxError(
+            f"'{model_dir}' is already an export ({INFO_FILE}). Pass the `featx fit-head` or "
+            "`featx finetune` folder it was exported from."
+        )
     if kind == "finetune":
         info = predict_mod.read_finetune_info(model_dir)
         model = inference_model(predict_mod.load_finetune_model(model_dir))
@@ -102,6 +106,8 @@ def build_model(model_dir: str | Path) -> tuple[object, dict]:
             "fingerprint": info.get("fingerprint"),
             "cache": info.get("cache"),
         }
+    import keras
+
     from featx import heads
 
     head, meta = heads.load_head(model_dir)
@@ -334,6 +340,12 @@ def export(
         )
     if not isinstance(check_images, int) or check_images < 1:
         raise FeatxError(f"check_images must be an integer >= 1, got {check_images!r}.")
+    predict_mod.model_kind(model_dir)  # a wrong folder is answered before Keras loads
+    if cache is not None and not Path(cache).is_file():
+        raise FeatxError(
+            f"Cache not found: '{cache}'. Pass the .h5 file `featx extract` wrote, or drop --cache."
+        )
+    model_card.check_writable(out)
 
     model, described = build_model(model_dir)
     size, class_names = described["image_size"], described["class_names"]
@@ -405,6 +417,7 @@ def export(
         "quantize": quantize,
         "model_file": MODEL_FILES[format],
         "labels_file": LABELS_FILE,
+        "model_card": model_card.CARD_FILE,
         "class_names": class_names,
         "image_size": size,
         "input": {
@@ -432,6 +445,7 @@ def export(
     }
     write_text_atomic(out / LABELS_FILE, "".join(f"{c}\n" for c in class_names))
     write_text_atomic(out / INFO_FILE, json.dumps(info, indent=2, default=str) + "\n")
+    write_text_atomic(out / model_card.CARD_FILE, model_card.render(info, model_dir))
     return {**info, "output": str(out), "model": str(path), "seconds": time.perf_counter() - t0}
 
 
@@ -448,8 +462,8 @@ def _human(n: int) -> str:
 def format_summary(result: dict) -> str:
     c = result["check"]
     lines = [
-        f"wrote {result['model']} ({_human(result['size_bytes'])}), {LABELS_FILE} and "
-        f"{INFO_FILE} in {result['output']}",
+        f"wrote {result['model']} ({_human(result['size_bytes'])}), {LABELS_FILE}, "
+        f"{INFO_FILE} and the model card {model_card.CARD_FILE} in {result['output']}",
         f"check on {c['source']}: largest probability difference {c['max_abs_diff']:.2e} "
         f"(tolerance {c['tolerance']:g}), same class for {c['same_predictions']}/{c['images']}",
     ]

@@ -15,17 +15,22 @@ with the data set.
 from __future__ import annotations
 
 import json
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
-from featx import backbone, config, images, store
+from featx import backbone, config, outputs, store
 from featx.errors import FeatxError
 from featx.files import save_keras_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from featx.finetune_keras import ImageBatches
+
+# Keras is imported inside the functions (and the Keras subclasses live in featx.finetune_keras),
+# so `featx finetune` answers a wrong path at once instead of after loading TensorFlow.
 
 MODEL_FILE = "model.keras"
 INFO_FILE = "finetune.json"
@@ -38,78 +43,6 @@ def default_output_dir(cache_path: str | Path) -> Path:
 
 
 # --- the data --------------------------------------------------------------------------------
-
-
-class ImageBatches(keras.utils.PyDataset):
-    """(pixels, labels) batches decoded from disk with `images.load_image`.
-
-    `workers` threads decode whole batches ahead of the model (at most `max_queue_size` waiting),
-    so only a few batches are ever in memory. With `shuffle`, the order is a new seeded
-    permutation every epoch. With `drop_remainder` (for training), the last partial batch of an
-    epoch is left out, so every step has the same shape and the training step is traced once; the
-    reshuffle lets other images fall out each epoch. A file that fails to decode is left out of its
-    batch and recorded in `failed` ({path: reason}); it never stops training.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        paths: list[str],
-        labels: np.ndarray,
-        image_size: int,
-        batch_size: int = config.FINETUNE_BATCH_SIZE,
-        *,
-        shuffle: bool = False,
-        drop_remainder: bool = False,
-        seed: int = config.SEED,
-        workers: int = config.DECODE_THREADS,
-        max_queue_size: int = config.PREFETCH_BATCHES,
-    ):
-        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max_queue_size)
-        self.root, self.paths = Path(root), list(paths)
-        self.labels = np.asarray(labels, np.int32)
-        self.image_size, self.batch_size, self.shuffle = image_size, batch_size, shuffle
-        self.drop_remainder = drop_remainder and len(self.paths) >= batch_size
-        self.failed: dict[str, str] = {}
-        self._rng = np.random.default_rng(seed)
-        self._order = self._new_order()
-
-    def _new_order(self) -> np.ndarray:
-        n = len(self.paths)
-        return self._rng.permutation(n) if self.shuffle else np.arange(n)
-
-    def __len__(self) -> int:
-        if self.drop_remainder:
-            return len(self.paths) // self.batch_size
-        return math.ceil(len(self.paths) / self.batch_size)
-
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Batch `index` as (float32 pixels, labels, row indices of the images that decoded)."""
-        rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
-        pixels, kept = [], []
-        for i in rows:
-            path = self.paths[i]
-            try:
-                pixels.append(images.load_image(self.root / path, self.image_size))
-                kept.append(i)
-            except Exception as e:  # unreadable, deleted or corrupt since extraction
-                self.failed[path] = str(e) or type(e).__name__
-        if not kept:
-            raise FeatxError(
-                f"None of the {len(rows)} images of a batch could be read from '{self.root}' "
-                f"(first: {self.paths[rows[0]]}: {self.failed.get(self.paths[rows[0]])}). "
-                "Check that the data folder recorded in the cache is still there."
-            )
-        kept = np.asarray(kept)
-        return np.stack(pixels).astype(np.float32), self.labels[kept], kept
-
-    def __getitem__(self, index: int):
-        x, y, _ = self.load(index)
-        return x, y
-
-    def on_epoch_end(self) -> None:
-        if self.shuffle:
-            self._order = self._new_order()
 
 
 def predict_batches(model, data: ImageBatches) -> tuple[np.ndarray, np.ndarray]:
@@ -139,6 +72,8 @@ def predict_batches(model, data: ImageBatches) -> tuple[np.ndarray, np.ndarray]:
 
 def augmentation_layers(seed: int = config.SEED) -> list:
     """Random flip, rotation, zoom and contrast on 0..255 pixels; identity outside training."""
+    import keras
+
     return [
         keras.layers.RandomFlip(config.AUGMENT_FLIP, seed=seed, name="augment_flip"),
         keras.layers.RandomRotation(
@@ -170,6 +105,8 @@ def build_model(
         dropout: rate of the Dropout between the pooled features and the head.
     The whole base starts frozen; see `set_trainable`.
     """
+    import keras
+
     weights, size, alpha = fingerprint["weights"], fingerprint["image_size"], fingerprint["alpha"]
     rebuilt = backbone.fingerprint(weights, size, alpha)
     backbone.check_compatible(
@@ -213,6 +150,8 @@ def set_trainable(model, unfreeze_layers: int) -> list[str]:
     The head always trains. Returns the names of the unfrozen base layers. Compile (again)
     afterwards: Keras reads `trainable` when it compiles.
     """
+    import keras
+
     base = base_of(model)
     layers = [layer for layer in base.layers if not isinstance(layer, keras.layers.InputLayer)]
     if not 0 <= unfreeze_layers <= len(layers):
@@ -228,6 +167,8 @@ def set_trainable(model, unfreeze_layers: int) -> list[str]:
 
 
 def compile_model(model, learning_rate: float = config.FINETUNE_LEARNING_RATE) -> None:
+    import keras
+
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=learning_rate),
         loss="sparse_categorical_crossentropy",
@@ -239,54 +180,6 @@ def compile_model(model, learning_rate: float = config.FINETUNE_LEARNING_RATE) -
 
 
 # --- the stage -------------------------------------------------------------------------------
-
-
-class _EpochLog(keras.callbacks.Callback):
-    """One line per epoch through `log`; keeps the history of finished epochs (also on Ctrl-C)."""
-
-    def __init__(self, log, epochs: int):
-        super().__init__()
-        self.log, self.epochs, self.t0 = log, epochs, 0.0
-        self.seconds: list[float] = []
-        self.history: dict[str, list[float]] = {}
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.t0 = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        self.seconds.append(time.perf_counter() - self.t0)
-        for k, v in logs.items():
-            self.history.setdefault(k, []).append(float(v))
-        values = " ".join(
-            f"{k} {float(logs[k]):.4f}"
-            for k in ("loss", "accuracy", "val_loss", "val_accuracy")
-            if k in logs
-        )
-        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        seconds = self.seconds[-1]
-        self.log(f"epoch {epoch + 1}/{self.epochs}: {values} lr {lr:.1e} ({seconds:.0f} s)")
-
-
-class _KeepBest(keras.callbacks.Callback):
-    """Keeps the best weights, starting from the warm start's: an epoch is better when it gets
-    more validation images right, or as many with a lower validation loss. Each new best is also
-    saved to `path` (the checkpoint that survives a killed process)."""
-
-    def __init__(self, path: Path, n_val: int, correct: int, loss: float, weights: list):
-        super().__init__()
-        self.path, self.n_val = path, n_val
-        self.best, self.best_epoch, self.weights = (correct, -loss), 0, weights
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        if "val_accuracy" not in logs:
-            return
-        score = (round(float(logs["val_accuracy"]) * self.n_val), -float(logs["val_loss"]))
-        if score > self.best:
-            self.best, self.best_epoch = score, epoch + 1
-            self.weights = self.model.get_weights()
-            save_keras_atomic(self.model, self.path)
 
 
 def _keras_loss(y: np.ndarray, proba: np.ndarray) -> float:
@@ -422,6 +315,15 @@ def finetune(
     fp = cache.fingerprint
     size = int(fp["image_size"])
     out = Path(output) if output else default_output_dir(cache_path)
+    if out.resolve() == head_dir.resolve():
+        raise FeatxError(
+            f"--output '{out}' is the --head folder; fine-tuning would replace the head it "
+            "starts from. Pass another --output folder."
+        )
+    import keras
+
+    from featx.finetune_keras import ImageBatches, _EpochLog, _KeepBest
+
     options = {
         "unfreeze_layers": unfreeze_layers,
         "epochs": epochs,
@@ -584,7 +486,7 @@ def finetune(
         "class_names": list(cache.class_names),
         "output": str(out),
     }
-    report.write_report(
+    written = report.write_report(
         out,
         metrics,
         after_preds,
@@ -594,4 +496,5 @@ def finetune(
     )
     info.update(complete=True, epochs_run=epochs_run, best_epoch=best_epoch)
     write_text_atomic(out / INFO_FILE, json.dumps(info, indent=2, default=str))
+    outputs.record(out, [MODEL_FILE, INFO_FILE, *written.values()], log)  # drops stale files
     return metrics

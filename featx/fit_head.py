@@ -8,12 +8,13 @@ train split, so its validation accuracy is an honest estimate too.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from featx import config, heads, report, store
+from featx import config, heads, outputs, report, store
 from featx.errors import FeatxError
 
 
@@ -152,10 +153,10 @@ def fit_head(
         }
     )
     cache_file = str(Path(cache_path).resolve())  # absolute: predict/export may run elsewhere
-    heads.save_head(
+    head_json = heads.save_head(
         estimator, out, cache.class_names, cache.fingerprint, extra={"cache": cache_file}
     )
-    report.write_report(
+    written = report.write_report(
         out,
         metrics,
         predictions,
@@ -163,4 +164,6 @@ def fit_head(
         class_names=cache.class_names,
         data_dir=cache.attrs.get("data_dir"),
     )
+    head_file = json.loads(head_json.read_text())["file"]
+    outputs.record(out, [head_json, head_file, *written.values()], log)  # drops stale files
     return metrics

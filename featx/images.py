@@ -19,10 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from featx import config
 from featx.errors import FeatxError
+
+# HEIC/HEIF (iPhone photos) through pillow-heif's Pillow plugin; Pillow reads AVIF itself (>= 11.3).
+pillow_heif.register_heif_opener()
 
 # featx applies its own pixel limit (below) and reports it per file; Pillow's warning would only
 # be noise on stderr.

@@ -57,10 +57,17 @@ def find(folder: Path, fp32_path: Path, sha: str) -> Path | None:
 
 
 def quantize(
-    fp32_path: Path, root: Path, files: list, image_size: int, batch_size: int, log
+    fp32_path: Path,
+    root: Path,
+    files: list,
+    image_size: int,
+    batch_size: int,
+    log,
+    folder: Path | None = None,
 ) -> tuple[Path, str]:
-    """Quantize `fp32_path`, calibrated on `files` (under `root`); stored next to it, atomically.
-    Returns the file and its sha256; an existing file for the same calibration set is reused."""
+    """Quantize `fp32_path`, calibrated on `files` (under `root`); stored atomically in `folder`
+    (default: next to `fp32_path`). Returns the file and its sha256; an existing file for the
+    same calibration set is reused."""
     shas = []
 
     def load(f):
@@ -76,7 +83,8 @@ def quantize(
             f"read under '{root}'. Extract without --precision int8."
         )
     key = hashlib.sha256(json.dumps(sorted(shas)).encode()).hexdigest()  # the calibration set
-    path = fp32_path.with_name(f"{fp32_path.stem}-int8-{key[:16]}.onnx")
+    path = (folder or fp32_path.parent) / f"{fp32_path.stem}-int8-{key[:16]}.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta_path = onnx_engine.sidecar_path(path)
     if path.is_file() and meta_path.is_file():
         sha = json.loads(meta_path.read_text()).get("int8_sha256")
@@ -175,7 +183,9 @@ def engine(
     """
     log = log or (lambda message: None)
     weights, size, alpha = fp["weights"], int(fp["image_size"]), float(fp["alpha"])
-    fp32 = onnx_engine.OnnxEngine(weights, size, alpha, onnx_dir=folders[0], log=log)
+    # The float file is the per-user one (or one an older version left in `folders`); the
+    # quantized file, calibrated on this data set, lives in folders[0], next to the cache.
+    fp32 = onnx_engine.OnnxEngine(weights, size, alpha, log=log, search=folders)
     sha = fp.get("int8_sha256")
     if sha:
         for folder in folders:
@@ -190,5 +200,5 @@ def engine(
         )
     fp32.load()  # exports the fp32 file when it is missing or stale
     files = calibration_files(listing, val_split=val_split, seed=seed)
-    path, sha = quantize(fp32.path, root, files, size, batch_size, log)
+    path, sha = quantize(fp32.path, root, files, size, batch_size, log, folder=Path(folders[0]))
     return Int8Engine(path, weights, size, alpha), sha

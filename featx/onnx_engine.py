@@ -1,11 +1,12 @@
 """The ONNX Runtime engine: the same frozen backbone, exported once to ONNX, ~2-3x faster on a CPU.
 
 The exact Keras backbone (weights, alpha, image size, preprocessing inside the graph) is exported
-once with `model.export(path, format="onnx")` and stored as `backbone-<key>.onnx` next to the
-caches, where <key> hashes the backbone fingerprint's model keys, so other weights get another
-file. A sidecar `<file>.json` records the fingerprint and the file's sha256: a stale, truncated or
-corrupt .onnx file is rebuilt, never trusted. With a valid file on disk, running it needs neither
-Keras nor TensorFlow (start-up stays well under a second).
+once with `model.export(path, format="onnx")` and stored as `backbone-<key>.onnx` in the per-user
+folder (`user_dir()`: every project of the user shares it), where <key> hashes the backbone
+fingerprint's model keys, so other weights get another file; a valid file that older versions left
+next to a cache is used too. A sidecar `<file>.json` records the fingerprint and the file's
+sha256: a stale, truncated or corrupt .onnx file is rebuilt, never trusted. With a valid file on
+disk, running it needs neither Keras nor TensorFlow (start-up stays well under a second).
 """
 
 from __future__ import annotations
@@ -135,6 +136,15 @@ def choose_engine(name: str, log=None) -> str:
     return "onnx"
 
 
+def user_dir() -> Path:
+    """featx's per-user folder for files shared by all projects (the exported backbones):
+    $FEATX_HOME, else $XDG_CACHE_HOME/featx, else ~/.cache/featx."""
+    if os.environ.get(config.HOME_ENV):
+        return Path(os.environ[config.HOME_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "featx"
+
+
 def model_key(fingerprint: dict) -> str:
     """sha256 of the fingerprint's model keys: equal keys, equal features (and .onnx file)."""
     return backbone.model_key(fingerprint, backbone.FLOAT_MODEL_KEYS)
@@ -172,10 +182,12 @@ class OnnxEngine:
 
     Args:
         weights, image_size, alpha: the backbone, as for backbone.build_backbone.
-        onnx_dir: folder of the exported .onnx files (default: config.ONNX_DIR, else
-            config.CACHE_DIR; extract passes the cache's folder).
+        onnx_dir: folder of the exported .onnx files (default: config.ONNX_DIR, else the
+            per-user folder, `user_dir()`); a missing or invalid file is exported there.
         threads: ONNX Runtime intra-op threads (default: every core this process may use).
         log: called with one-line messages (the one-time export); default: silent.
+        search: more folders where a valid file may already be (older versions stored it next
+            to each cache); used when `onnx_dir` has none.
     """
 
     name = "onnx"
@@ -188,9 +200,11 @@ class OnnxEngine:
         onnx_dir: str | Path | None = None,
         threads: int | None = None,
         log=None,
+        search=(),
     ):
         self.weights, self.image_size, self.alpha = weights, image_size, alpha
-        self.onnx_dir = Path(onnx_dir or config.ONNX_DIR or config.CACHE_DIR)
+        self.onnx_dir = Path(onnx_dir or config.ONNX_DIR or user_dir())
+        self.search = [Path(folder) for folder in search]
         self.threads = threads
         self.log = log or (lambda message: None)
         self._session = None
@@ -203,7 +217,13 @@ class OnnxEngine:
 
     def _locate(self) -> tuple[dict, Path]:
         fp = backbone.fingerprint(self.weights, self.image_size, self.alpha, engine=self.name)
-        return fp, self.onnx_dir / f"backbone-{model_key(fp)[:16]}.onnx"
+        key = model_key(fp)
+        path = self.onnx_dir / f"backbone-{key[:16]}.onnx"
+        if check_stored(path, key) is not None:  # else: an older version's file, if valid
+            for folder in self.search:
+                if check_stored(folder / path.name, key) is None:
+                    return fp, folder / path.name
+        return fp, path
 
     def cannot_export_here(self) -> str | None:
         """Why this engine would fail before its first batch (no valid stored file and a folder it

@@ -1,11 +1,12 @@
 """Use a trained classifier on new images: `featx predict MODEL_DIR PATH...`.
 
 MODEL_DIR is a fit-head output (head.json: the head, its class names and the fingerprint of the
-backbone that made its training features) or a finetune output (finetune.json and model.keras, raw
-pixels to probabilities). For a head, the backbone is rebuilt from that fingerprint and refused when
-the weights found now differ. Images go through the loader of extraction (`images.load_image`),
-decoded a few batches ahead on a thread pool, and through the model in fixed-size batches. A file
-that cannot be read or decoded gets a row with the reason instead of a prediction.
+backbone that made its training features), a finetune output (finetune.json and model.keras, raw
+pixels to probabilities) or an export folder (export.json beside the exported model). For a head,
+the backbone is rebuilt from that fingerprint and refused when the weights found now differ.
+Images go through the loader of extraction (`images.load_image`), decoded a few batches ahead on a
+thread pool, and through the model in fixed-size batches. A file that cannot be read or decoded
+gets a row with the reason instead of a prediction.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from featx.files import write_text_atomic
 HEAD_INFO = "head.json"  # written by fit-head (heads.save_head)
 FINETUNE_INFO = "finetune.json"  # written by finetune, next to FINETUNE_MODEL
 FINETUNE_MODEL = "model.keras"
+EXPORT_INFO = "export.json"  # written by export, next to the exported model and labels.txt
 OUTPUT_SUFFIXES = (".csv", ".json")
 
 
@@ -105,21 +107,50 @@ def expand_paths(paths) -> list[Target]:
 
 
 def model_kind(model_dir: str | Path) -> str:
-    """The kind of MODEL_DIR: "head" (fit-head output) or "finetune"; FeatxError otherwise."""
+    """The kind of MODEL_DIR: "head" (fit-head output), "finetune" or "export"; FeatxError
+    otherwise."""
     folder = Path(model_dir)
     if not folder.is_dir():
         raise FeatxError(
-            f"Model folder not found: '{model_dir}'. Pass the output folder of `featx fit-head` "
-            "or `featx finetune`."
+            f"Model folder not found: '{model_dir}'. Pass the output folder of `featx fit-head`, "
+            "`featx finetune` or `featx export`."
         )
     if (folder / FINETUNE_INFO).is_file():
         return "finetune"
     if (folder / HEAD_INFO).is_file():
         return "head"
+    if (folder / EXPORT_INFO).is_file():
+        return "export"
     raise FeatxError(
         f"'{model_dir}' holds neither {HEAD_INFO} (a `featx fit-head` output) nor "
-        f"{FINETUNE_INFO} (a `featx finetune` output). Pass one of those folders."
+        f"{FINETUNE_INFO} (a `featx finetune` output) nor {EXPORT_INFO} (a `featx export` "
+        "output). Pass one of those folders."
     )
+
+
+def read_export_info(model_dir: str | Path) -> dict:
+    """export.json of an export folder, checked: its model file is there."""
+    folder = Path(model_dir)
+    try:
+        info = json.loads((folder / EXPORT_INFO).read_text())
+    except (OSError, ValueError) as e:
+        raise FeatxError(f"Cannot read '{folder / EXPORT_INFO}': {e}.") from None
+    keys = ("model_format", "model_file", "class_names", "image_size")
+    if (
+        not isinstance(info, dict)
+        or info.get("format") != "featx-export"
+        or any(k not in info for k in keys)
+    ):
+        raise FeatxError(
+            f"'{folder / EXPORT_INFO}' is not a featx export record (format='featx-export' with "
+            f"{', '.join(keys)}). Re-run `featx export`."
+        )
+    if not (folder / info["model_file"]).exists():
+        raise FeatxError(
+            f"'{folder / info['model_file']}', the model of {folder / EXPORT_INFO}, is missing. "
+            "Re-run `featx export`."
+        )
+    return info
 
 
 def check_backbone(fp: dict, what: str) -> None:
@@ -203,6 +234,22 @@ def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None
     """
     log = log or (lambda message: None)
     kind = model_kind(model_dir)
+    if kind == "export":
+        from featx.export import load_exported
+
+        info = read_export_info(model_dir)
+        if engine == "onnx":
+            log("note: an export runs as exported; --engine onnx applies to fit-head models.")
+        path = Path(model_dir) / info["model_file"]
+        try:
+            run = load_exported(path, info["model_format"])
+        except Exception as e:  # a damaged file, or a format this installation cannot run
+            raise FeatxError(
+                f"Could not load '{path}' ({type(e).__name__}: {e}). Re-run `featx export`."
+            ) from None
+        runs_on = {"keras": "keras", "savedmodel": "tensorflow"}.get(info["model_format"], "tflite")
+        size = int(info["image_size"])
+        return Classifier(kind, list(info["class_names"]), size, runs_on, info, run)
     if kind == "finetune":
         info = read_finetune_info(model_dir)
         if engine == "onnx":
@@ -231,8 +278,15 @@ def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None
     if fp.get("precision", "fp32") == "int8":
         runner = _int8_runner(engine, fp, model_dir, meta, log)
     else:
-        onnx_dir = config.ONNX_DIR or _onnx_dir(model_dir, meta)
-        runner = make_engine(engine, fp["weights"], size, alpha, onnx_dir=onnx_dir, log=log)
+        runner = make_engine(
+            engine,
+            fp["weights"],
+            size,
+            alpha,
+            onnx_dir=config.ONNX_DIR,
+            log=log,
+            search=_onnx_dirs(model_dir, meta),
+        )
 
     def run(batch):
         return head.predict_proba(runner.features(batch))
@@ -256,16 +310,13 @@ def _int8_runner(engine: str, fp: dict, model_dir, meta: dict, log):
     return int8.engine(fp, folders or [Path(model_dir)], log=log)[0]
 
 
-def _onnx_dir(model_dir, meta: dict) -> Path | None:
-    """Where extract stored the backbone's .onnx file: the folder of the cache the head was fitted
-    on (its file is then reused, not exported again), else the model folder's parent (fit-head's
-    default output is cache/<name>-<head>/); the first one that exists and is writable."""
+def _onnx_dirs(model_dir, meta: dict) -> list[Path]:
+    """Where older versions of extract stored the backbone's .onnx file (now kept per user): the
+    folder of the cache the head was fitted on, and the model folder's parent (fit-head's default
+    output is cache/<name>-<head>/); those that exist."""
     folders = [Path(meta["cache"]).resolve().parent] if meta.get("cache") else []
     folders.append(Path(model_dir).resolve().parent)
-    for folder in folders:
-        if folder.is_dir() and os.access(folder, os.W_OK):
-            return folder
-    return None  # OnnxEngine's default folder (config.CACHE_DIR)
+    return list(dict.fromkeys(f for f in folders if f.is_dir()))
 
 
 # --- decoding and running in batches --------------------------------------------------------------
@@ -351,26 +402,32 @@ def predict(
     top_k: int = config.PREDICT_TOP_K,
     batch_size: int = config.BATCH_SIZE,
     engine: str = config.ENGINE,
+    min_confidence: float | None = None,
     progress=None,
     log=None,
 ) -> dict:
-    """Classify image files with a fit-head or finetune output folder.
+    """Classify image files with a fit-head, finetune or export output folder.
 
     Args:
-        model_dir: a `featx fit-head` or `featx finetune` output folder.
+        model_dir: a `featx fit-head`, `featx finetune` or `featx export` output folder.
         paths: image files, folders (searched recursively; hidden files skipped) or glob patterns.
-        output: write the rows to this .csv or .json file too (one row per image).
+        output: write the result to this file too: .csv (one flat row per image) or .json (the
+            returned object, as `--json` prints it).
         top_k: classes listed per image, most probable first (at most the number of classes).
         batch_size: images per model call.
         engine: what runs the backbone of a fit-head model: "keras", "onnx" or "auto".
+        min_confidence: rows whose most probable class has a lower probability get
+            config.UNKNOWN_CLASS as "predicted" (their probabilities and top_k stay); such rows
+            count as wrong in the accuracy.
         progress: called as progress(done, total, images_per_second) after each batch, from
             config.PREDICT_PROGRESS_MIN images on.
         log: called with one-line notes; default: silent.
     Returns:
         {"rows": [{"path", "predicted", "probability", "top_k": [{"class", "probability"}],
         "label", "error"}, ...], "class_names", "kind", "engine", "images", "predicted",
-        "errors", "accuracy" (None unless some images sit in folders named after the classes),
-        "labelled", "correct", "seconds", "images_per_second", "output"}. "label" is the class
+        "errors", "unknown" (rows below min_confidence), "min_confidence", "accuracy" (None
+        unless some images sit in folders named after the classes), "labelled", "correct",
+        "seconds", "images_per_second", "output"}. "label" is the class
         named by the image's folder, or None. Files that fail have "error" set and no prediction.
     Raises:
         FeatxError when no image at all could be predicted (after writing `output`).
@@ -378,6 +435,10 @@ def predict(
     t0 = time.perf_counter()
     if not isinstance(top_k, int) or top_k < 1:
         raise FeatxError(f"top_k must be an integer >= 1, got {top_k!r}.")
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise FeatxError(
+            f"--min-confidence is a probability between 0 and 1, got {min_confidence!r}."
+        )
     if output is not None and Path(output).suffix.lower() not in OUTPUT_SUFFIXES:
         raise FeatxError(
             f"Cannot tell the format of --output '{output}'; name it .csv or .json "
@@ -403,6 +464,11 @@ def predict(
     rows = [_row(t, model.class_names, None, t.error, top_k) for t in targets]
     for j, i in enumerate(todo):
         rows[i] = _row(targets[i], model.class_names, proba[j], failed.get(j), top_k)
+    unknown = 0
+    for r in rows:
+        if min_confidence is not None and r["error"] is None and r["probability"] < min_confidence:
+            r["predicted"] = config.UNKNOWN_CLASS
+            unknown += 1
 
     predicted = [r for r in rows if r["error"] is None]
     labelled = [r for r in predicted if r["label"] is not None]
@@ -417,6 +483,8 @@ def predict(
         "images": len(rows),
         "predicted": len(predicted),
         "errors": len(rows) - len(predicted),
+        "unknown": unknown,
+        "min_confidence": min_confidence,
         "accuracy": correct / len(labelled) if labelled else None,
         "labelled": len(labelled),
         "correct": int(correct),
@@ -425,14 +493,17 @@ def predict(
         "output": str(output) if output is not None else None,
         "rows": rows,
     }
-    if output is not None:
+    if output is not None and Path(output).suffix.lower() == ".json":
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output, json.dumps(result, indent=2, default=str) + "\n")
+    elif output is not None:
         write_rows(output, rows, top_k=min(top_k, len(model.class_names)))
     if not predicted:
         first = "; ".join(f"{r['path']}: {r['error']}" for r in rows[:3])
         more = f" (and {len(rows) - 3} more)" if len(rows) > 3 else ""
         raise FeatxError(
             f"None of the {len(rows)} files could be predicted: {first}{more}. "
-            "Pass readable image files (JPEG, PNG, GIF, BMP, WebP, TIFF)."
+            "Pass readable image files (JPEG, PNG, GIF, BMP, WebP, TIFF, HEIC, AVIF)."
         )
     return result
 
@@ -459,30 +530,27 @@ def csv_columns(top_k: int) -> list[str]:
 
 
 def write_rows(output: str | Path, rows: list[dict], top_k: int) -> None:
-    """Write rows to a .csv (flat columns, see csv_columns) or .json (a list of row objects)."""
+    """Write rows to a .csv file (flat columns, see csv_columns)."""
     output = Path(output)
-    if output.suffix.lower() == ".json":
-        text = json.dumps(rows, indent=1) + "\n"
-    else:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(csv_columns(top_k))
-        for r in rows:
-            tops = []
-            for k in range(top_k):
-                t = r["top_k"][k] if k < len(r["top_k"]) else {}
-                tops += [t.get("class", ""), t.get("probability", "")]
-            writer.writerow(
-                [
-                    r["path"],
-                    r["predicted"] or "",
-                    "" if r["probability"] is None else r["probability"],
-                    *tops,
-                    r["label"] or "",
-                    r["error"] or "",
-                ]
-            )
-        text = buffer.getvalue()
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(csv_columns(top_k))
+    for r in rows:
+        tops = []
+        for k in range(top_k):
+            t = r["top_k"][k] if k < len(r["top_k"]) else {}
+            tops += [t.get("class", ""), t.get("probability", "")]
+        writer.writerow(
+            [
+                r["path"],
+                r["predicted"] or "",
+                "" if r["probability"] is None else r["probability"],
+                *tops,
+                r["label"] or "",
+                r["error"] or "",
+            ]
+        )
+    text = buffer.getvalue()
     output.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output, text)
 
@@ -508,6 +576,11 @@ def format_summary(result: dict) -> str:
         + (f" ({result['errors']} failed, see their error rows)" if result["errors"] else "")
         + f" in {result['seconds']:.1f} s with the {result['kind']} model ({result['engine']})"
     ]
+    if result.get("unknown"):
+        lines.append(
+            f"{result['unknown']} below --min-confidence {result['min_confidence']:g}: predicted "
+            f"'{config.UNKNOWN_CLASS}'"
+        )
     if result["accuracy"] is not None:
         lines.append(
             f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['labelled']} "

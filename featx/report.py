@@ -10,11 +10,14 @@ evaluate(y_true, proba, class_names) gives one split's metrics, with these stabl
     confusion_matrix   [[count]]: row = true class, column = predicted class, class_names order
 
 write_report(out_dir, metrics, predictions, history=...) writes:
+    report.html          everything below on one self-contained page (see featx.html_report)
     metrics.json         `metrics` as given (fit-head: {"train", "validation", "test" (only when the
                          cache has one): evaluate() results; "fit_seconds", "head", "options",
                          "fitted", "cache", "class_names", "output"})
-    confusion_matrix.png validation and test matrices (train too when they are absent)
-    training_curves.png  loss and accuracy per epoch, when a history is given
+    confusion_matrix.png validation and test matrices (train when they are absent): counts beside
+                         the row-normalised matrix
+    training_curves.png  loss and accuracy per epoch, as metrics.json measures them, when a
+                         history is given
     misclassified.csv    path,true,predicted,probability,split: every wrong prediction of every
                          split, most confidently wrong first (probability = the predicted class's)
 """
@@ -149,7 +152,9 @@ def write_report(
             shown, names, out / "confusion_matrix.png"
         )
     if history and any(len(v) for v in history.values()):
-        written["training_curves.png"] = plot_training_curves(history, out / "training_curves.png")
+        written["training_curves.png"] = plot_training_curves(
+            history, out / "training_curves.png", *_best_and_start(metrics)
+        )
     if predictions is not None:
         path = out / "misclassified.csv"
         with replaced_atomically(path) as tmp, open(tmp, "w", newline="") as fh:
@@ -157,7 +162,23 @@ def write_report(
             writer.writeheader()
             writer.writerows(misclassified(predictions, names, data_dir))
         written["misclassified.csv"] = path
+    from featx import html_report
+
+    written[html_report.REPORT_FILE] = html_report.write_html_report(out)
     return written
+
+
+def _best_and_start(metrics: dict) -> tuple[int | None, dict | None]:
+    """(the epoch whose weights were kept, the warm start as epoch 0) from a metrics dict:
+    finetune's "best_epoch" and "before", or the dense head's fitted["best_epoch"]."""
+    if "before" in metrics:
+        before = metrics["before"]
+        start = {
+            "val_loss": before["validation"]["log_loss"],
+            "val_accuracy": before["validation"]["accuracy"],
+        }
+        return metrics.get("best_epoch"), start
+    return (metrics.get("fitted") or {}).get("best_epoch"), None
 
 
 def _has_matrix(metrics: dict, split: str) -> bool:
@@ -179,52 +200,152 @@ def _pyplot():
 
 
 def plot_confusion_matrices(matrices: dict, class_names: list[str], path: Path) -> Path:
-    """One panel per split: counts, row-normalised colours (so small classes show too)."""
+    """Per split, two panels side by side: the counts, and the row-normalised matrix (each row
+    sums to 1: the share of a true class given each prediction, so small classes show too)."""
     plt = _pyplot()
     k = len(class_names)
     side = min(max(4.0, 2.0 + 0.45 * k), 14.0)
-    fig, axes = plt.subplots(1, len(matrices), figsize=(side * len(matrices), side), squeeze=False)
-    for ax, (split, cm) in zip(axes[0], matrices.items()):
+    fig, axes = plt.subplots(
+        len(matrices), 2, figsize=(2 * side, side * len(matrices)), squeeze=False
+    )
+    for (ax_counts, ax_share), (split, cm) in zip(axes, matrices.items()):
         cm = np.asarray(cm)
         rows = cm.sum(axis=1, keepdims=True)
         share = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
-        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
         acc = np.trace(cm) / max(cm.sum(), 1)
-        ax.set_title(f"{split}: {cm.sum()} images\naccuracy {acc:.4f}")
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        if k <= 30:  # beyond that, labels and counts are unreadable anyway
+        ax_counts.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
+        ax_counts.set_title(f"{split}: counts ({cm.sum()} images, accuracy {acc:.4f})")
+        ax_share.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        ax_share.set_title(f"{split}: normalised per true class (rows sum to 1)")
+        for ax, values in ((ax_counts, cm), (ax_share, share)):
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+            if k > 30:  # beyond that, labels and numbers are unreadable anyway
+                continue
             ax.set_xticks(range(k), class_names, rotation=45, ha="right")
             ax.set_yticks(range(k), class_names)
+            top = values.max() or 1
+            size = 10 if k <= 10 else 8
             for i in range(k):
                 for j in range(k):
-                    color = "white" if share[i, j] > 0.5 else "black"
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color)
+                    text = str(values[i, j]) if values is cm else f"{values[i, j]:.2f}"
+                    if values is share and cm[i, j] == 0:
+                        text = ""  # an empty cell reads faster than a column of 0.00
+                    color = "white" if values[i, j] > 0.5 * top else "black"
+                    ax.text(j, i, text, ha="center", va="center", color=color, fontsize=size)
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
     return path
 
 
-def plot_training_curves(history: dict, path: Path) -> Path:
-    """Loss and accuracy per epoch, training and validation."""
+def plot_training_curves(
+    history: dict, path: Path, best_epoch: int | None = None, warm_start: dict | None = None
+) -> Path:
+    """Loss and accuracy per epoch, training and validation, as metrics.json measures them.
+
+    history: per-epoch lists. The dense head's "log_loss", "val_log_loss" and
+        "inference_accuracy" (no dropout, no L2 penalty: what metrics.json reports) are plotted
+        when present, with Keras' own objective ("loss", "val_loss": L2 included; "accuracy":
+        dropout on) dotted beside them. Otherwise (finetune) "loss"/"accuracy" are the training
+        objective with augmentation and dropout, and "val_loss"/"val_accuracy" the validation log
+        loss and accuracy.
+    best_epoch: the epoch whose weights were kept (0: the warm start), marked by a line.
+    warm_start: {"val_loss", "val_accuracy", "loss", "accuracy"} of the starting weights, drawn as
+        epoch 0 (finetune), so a one-epoch run is a line and not a lone point.
+    """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    clean = "log_loss" in history
+    lines = {
+        "loss": [
+            ("log_loss" if clean else "loss", "train" if clean else "train (augmented, dropout)"),
+            ("val_log_loss" if clean else "val_loss", "validation"),
+        ],
+        "accuracy": [
+            (
+                "inference_accuracy" if clean else "accuracy",
+                "train" if clean else "train (augmented, dropout)",
+            ),
+            ("val_accuracy", "validation"),
+        ],
+    }
+    objective = {
+        "loss": [("loss", "train objective (dropout, + L2)"), ("val_loss", "validation + L2")],
+        "accuracy": [("accuracy", "train, dropout on")],
+    }
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("loss", "accuracy")):
-        for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
-            values = history.get(key) or []
-            if values:
-                ax.plot(range(1, len(values) + 1), values, marker=".", label=label)
-        if history.get("val_loss"):
-            best = int(np.argmin(history["val_loss"])) + 1
-            ax.axvline(best, color="gray", linestyle="--", linewidth=1, label=f"best epoch {best}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.legend()
+        values_seen = []
+        for key, label in lines[metric]:
+            values = list(history.get(key) or [])
+            if not values:
+                continue
+            epochs = list(range(1, len(values) + 1))
+            start = (warm_start or {}).get(key)
+            if start is not None:
+                epochs, values = [0, *epochs], [start, *values]
+            color = "C1" if key.startswith("val_") else "C0"
+            ax.plot(epochs, values, marker="o", markersize=4, color=color, label=label)
+            values_seen += values
+        if clean:
+            for key, label in objective[metric]:
+                values = history.get(key) or []
+                color = "C1" if key.startswith("val_") else "C0"
+                if values:
+                    ax.plot(
+                        range(1, len(values) + 1), values, ":", color=color, alpha=0.6, label=label
+                    )
+        if best_epoch is not None:
+            kept = "warm start" if best_epoch == 0 else f"epoch {best_epoch}"
+            ax.axvline(best_epoch, color="gray", linestyle="--", linewidth=1, label=f"kept: {kept}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if metric == "accuracy" and values_seen:  # never an axis above 1 (or a 0.96-1.04 range)
+            low = min(values_seen)
+            ax.set_ylim(max(0.0, low - max(0.02, 0.1 * (1 - low))), 1.0 + 0.005)
+        ax.set_xlabel("epoch" + (" (0: warm start)" if warm_start else ""))
+        ax.set_ylabel("log loss" if metric == "loss" else metric)
+        ax.legend(fontsize="small")
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def imbalance_hint(metrics: dict) -> str | None:
+    """A hint to use --class-weight balanced, when the largest class has config.IMBALANCE_RATIO
+    times the training images of the smallest and the head was fitted without class weights."""
+    from featx import config
+
+    counts = ((metrics.get("cache") or {}).get("counts") or {}).get("train") or {}
+    weight = (metrics.get("options") or {}).get("class_weight", "none")
+    if len(counts) < 2 or weight not in ("none", None) or min(counts.values()) == 0:
+        return None
+    (big, n_big), (small, n_small) = (
+        max(counts.items(), key=lambda c: c[1]),
+        min(counts.items(), key=lambda c: c[1]),
+    )
+    if n_big < config.IMBALANCE_RATIO * n_small:
+        return None
+    return (
+        f"hint: uneven classes: '{big}' has {n_big} training images, '{small}' {n_small} "
+        f"({n_big / n_small:.1f}x). Try --class-weight balanced, and compare balanced accuracy."
+    )
+
+
+def report(model_dir: str | Path) -> Path:
+    """`featx report MODEL_DIR`: rebuild report.html from the metrics.json and misclassified.csv
+    of a fit-head or finetune output folder (see featx.html_report); returns its path."""
+    from featx import html_report
+
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise FeatxError(
+            f"Model folder not found: '{model_dir}'. Pass the output folder of `featx fit-head` "
+            "or `featx finetune`."
+        )
+    return html_report.write_html_report(folder)
 
 
 def format_summary(metrics: dict) -> str:
@@ -261,6 +382,9 @@ def format_summary(metrics: dict) -> str:
                 f"  {name:<{width}}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}"
                 f"{c['support']:>9}"
             )
+    hint = imbalance_hint(metrics) if metrics.get("head") else None
+    if hint:
+        lines.append(hint)
     if metrics.get("output"):
         lines.append(f"wrote {metrics['output']}")
     return "\n".join(lines)

@@ -6,10 +6,13 @@ Fixtures:
   tiny_dataset  -> a factory `tiny_dataset(layout="flat", classes=2, per_class=6, ...)` that writes
                    a small data folder under tmp_path and returns its path (see `write_dataset`).
 `make_image` and `write_dataset` are plain functions too, for helpers of your own.
+Every test session gets its own featx home (FEATX_HOME, where the exported ONNX backbone is
+kept), so no test reads or writes the real ~/.cache/featx.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,14 @@ def keras_engine_by_default(monkeypatch):
     from featx import config
 
     monkeypatch.setattr(config, "ENGINE", "keras")
+@pytest.fixture(scope="session", autouse=True)
+def featx_home(tmp_path_factory):
+    """FEATX_HOME points at a folder of this session (subprocesses inherit it)."""
+    home = tmp_path_factory.mktemp("featx-home")
+    old = os.environ.get("FEATX_HOME")
+    os.environ["FEATX_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("FEATX_HOME", None)
+    else:
+        os.environ["FEATX_HOME"] = old

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from helpers import TINY, assert_one_line_error, write_split_data
 
 from featx import finetune as ft
+from featx import finetune_keras as ftk
 from featx import heads, store
 from featx.cli import cli
 from featx.errors import FeatxError
@@ -47,7 +48,7 @@ def split_pixels(cache_path, split="validation"):
     cache = store.read_cache(cache_path)
     mask = cache.splits == split
     paths = [p for p, m in zip(cache.paths, mask) if m]
-    data = ft.ImageBatches(cache.attrs["data_dir"], paths, cache.labels[mask], 32, 64)
+    data = ftk.ImageBatches(cache.attrs["data_dir"], paths, cache.labels[mask], 32, 64)
     x, y, _ = data.load(0)
     return x, y, cache.features[mask]
 
@@ -86,7 +87,7 @@ def test_training_changes_only_unfrozen_layers_no_batchnorm_statistic_and_saves_
     before = weights_by_path(base)
     head_before = keras.ops.convert_to_numpy(model.layers[-1].weights[0]).copy()
     mask = cache.splits == "train"
-    train = ft.ImageBatches(
+    train = ftk.ImageBatches(
         cache.attrs["data_dir"],
         [p for p, m in zip(cache.paths, mask) if m],
         cache.labels[mask],
@@ -154,6 +155,9 @@ def test_finetune_writes_a_complete_result_never_worse_than_the_warm_start(tiny,
     for name in ("model.keras", "finetune.json", "metrics.json", "misclassified.csv"):
         assert (out / name).is_file(), name
     assert (out / "training_curves.png").stat().st_size > 1000
+    written = json.loads((out / "featx-files.json").read_text())["files"]
+    assert sorted(p.name for p in out.iterdir() if p.name != "featx-files.json") == written
+    assert "report.html" in written and "warm start" in (out / "report.html").read_text()
     info = json.loads((out / "finetune.json").read_text())
     assert info["kind"] == "finetune" and info["class_names"] == ["cats", "dogs"]
     assert info["complete"] is True and info["cache"] == str(Path(tiny["cache"]).resolve())
@@ -187,7 +191,7 @@ def test_an_epoch_must_beat_the_warm_start_and_the_best_epoch_wins(tmp_path):
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(inputs))
     warm = model.get_weights()
-    keep = ft._KeepBest(tmp_path / "model.keras", n_val=10, correct=9, loss=0.3, weights=warm)
+    keep = ftk._KeepBest(tmp_path / "model.keras", n_val=10, correct=9, loss=0.3, weights=warm)
     keep.set_model(model)
 
     def epoch(i, accuracy, loss):
@@ -208,13 +212,13 @@ def test_an_epoch_must_beat_the_warm_start_and_the_best_epoch_wins(tmp_path):
 
 
 def test_ctrl_c_keeps_the_best_weights_and_still_writes_everything(tiny, tmp_path, monkeypatch):
-    original = ft._EpochLog.on_epoch_end
+    original = ftk._EpochLog.on_epoch_end
 
     def interrupt_after_first_epoch(self, epoch, logs=None):
         original(self, epoch, logs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ft._EpochLog, "on_epoch_end", interrupt_after_first_epoch)
+    monkeypatch.setattr(ftk._EpochLog, "on_epoch_end", interrupt_after_first_epoch)
     out = tmp_path / "out"
     m = ft.finetune(tiny["cache"], tiny["head_dir"], out, **{**FAST, "epochs": 5})
     assert m["interrupted"] and m["epochs_run"] == 1

@@ -80,6 +80,39 @@ def test_export_is_stored_with_a_sidecar_keyed_by_the_backbone(exported):
     assert not list(exported.parent.glob("*.tmp-*"))  # no temporary file left behind
 
 
+def test_the_export_is_kept_once_per_user_and_a_second_project_reuses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEATX_HOME", str(tmp_path / "home"))
+    messages = []
+    for project in ("birds", "cars"):
+        data = write_photos(tmp_path / project / "photos", per_class=2)
+        cache_path = tmp_path / project / "cache" / "photos.h5"
+        summary = extract(
+            data, cache_path, **TINY, batch_size=4, engine="onnx", log=messages.append
+        )
+        assert summary["engine"] == "onnx"
+        assert not list(cache_path.parent.glob("*.onnx"))  # nothing per project
+    exports = [m for m in messages if m.startswith("exported the backbone")]
+    assert len(exports) == 1 and str(tmp_path / "home") in exports[0]  # the first project only
+    (stored,) = (tmp_path / "home").glob("backbone-*.onnx")
+    assert (
+        onnx_engine.check_stored(stored, onnx_engine.model_key(backbone.fingerprint(**TINY)))
+        is None
+    )
+
+
+def test_the_user_folder_follows_featx_home_then_xdg_cache_home_then_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEATX_HOME", str(tmp_path / "fh"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert onnx_engine.user_dir() == tmp_path / "fh"
+    assert onnx_engine.OnnxEngine(**TINY).onnx_dir == tmp_path / "fh"
+    assert onnx_engine.OnnxEngine(**TINY, onnx_dir=tmp_path / "mine").onnx_dir == tmp_path / "mine"
+    monkeypatch.delenv("FEATX_HOME")
+    assert onnx_engine.user_dir() == tmp_path / "xdg" / "featx"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "me"))
+    assert onnx_engine.user_dir() == tmp_path / "me" / ".cache" / "featx"
+
+
 def test_other_weights_alpha_or_size_get_another_onnx_file(tmp_path):
     weights = tmp_path / "w.h5"
     weights.write_bytes(b"first weights")
@@ -140,6 +173,7 @@ def test_with_a_stored_onnx_file_extraction_never_imports_tensorflow(exported, t
     stamp = path.stat().st_mtime_ns
     data = write_photos(tmp_path / "data", per_class=3)
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["FEATX_HOME"] = str(tmp_path / "home")  # empty: the file an older version left is used
     out = subprocess.run(
         [sys.executable, "-c", REUSE, str(data), str(tmp_path / "cache" / "c.h5")],
         capture_output=True,
@@ -152,6 +186,7 @@ def test_with_a_stored_onnx_file_extraction_never_imports_tensorflow(exported, t
         pytest.skip("a GPU is present: auto picks Keras here")
     assert result == {"engine": "onnx", "extracted": 6, "heavy": []}
     assert path.stat().st_mtime_ns == stamp  # reused, not exported again
+    assert not (tmp_path / "home").exists()
     assert store.read_fingerprint(tmp_path / "cache" / "c.h5")["engine"] == "onnx"
 
 

@@ -160,17 +160,73 @@ def test_csv_output_has_one_flat_row_per_image(tiny, tmp_path):
         assert p1 + p2 == pytest.approx(1.0, abs=2e-6)
 
 
-def test_json_output_is_a_list_of_rows_with_top_k(tiny, tmp_path):
+def test_the_json_file_holds_the_object_that_json_prints(tiny, tmp_path):
     out = tmp_path / "preds.json"
-    result = run(tiny["head"], [str(tiny["data"] / "validation" / "dogs")], output=out, top_k=1)
-    rows = json.loads(out.read_text())
-    assert rows == result["rows"] and len(rows) == 4
-    for r in rows:
+    folder = str(tiny["data"] / "validation" / "dogs")
+    result = run(tiny["head"], [folder], output=out, top_k=1)
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(result)) and written["output"] == str(out)
+    assert len(written["rows"]) == 4 and written["predicted"] == 4
+    for r in written["rows"]:
         assert list(r) == ROW_KEYS
         assert r["label"] == r["predicted"] == "dogs" and r["error"] is None
         assert r["top_k"] == [{"class": "dogs", "probability": r["probability"]}]
+    args = ["predict", str(tiny["head"]), folder, "--engine", "keras", "--top-k", "1"]
+    printed = CliRunner().invoke(cli, [*args, "--json", "--output", str(tmp_path / "cli.json")])
+    assert printed.exit_code == 0, printed.output
+    from_file = json.loads((tmp_path / "cli.json").read_text())
+    from_stdout = json.loads(printed.output)
+    for d in (from_file, from_stdout):
+        d.pop("seconds"), d.pop("images_per_second")
+    assert from_file == from_stdout and from_file["rows"] == written["rows"]
     res = CliRunner().invoke(cli, ["predict", str(tiny["head"]), "x.jpg", "--output", "p.txt"])
     assert res.exit_code == 1 and "name it .csv or .json" in res.output
+
+
+def test_min_confidence_predicts_unknown_below_it_and_keeps_the_probabilities(tiny, tmp_path):
+    folder = [str(tiny["data"] / "validation")]
+    plain = run(tiny["head"], folder)
+    top = sorted(r["probability"] for r in plain["rows"])
+    cut = (top[3] + top[4]) / 2  # between the 4th and 5th most uncertain of 8 rows
+    result = run(tiny["head"], folder, min_confidence=cut)
+    assert result["unknown"] == 4 and result["min_confidence"] == cut
+    for a, b in zip(plain["rows"], result["rows"]):
+        assert a["probability"] == b["probability"] and a["top_k"] == b["top_k"]
+        assert b["predicted"] == (
+            config.UNKNOWN_CLASS if a["probability"] < cut else a["predicted"]
+        )
+    # Unknown rows count as wrong: at most the 4 confident rows can be right.
+    assert result["correct"] == sum(
+        r["predicted"] == r["label"] for r in plain["rows"] if r["probability"] >= cut
+    )
+    assert result["accuracy"] == result["correct"] / 8
+    out = tmp_path / "p.csv"
+    args = ["predict", str(tiny["head"]), *folder, "--engine", "keras", "--output", str(out)]
+    res = CliRunner().invoke(cli, [*args, "--min-confidence", str(cut)])
+    assert res.exit_code == 0, res.output
+    assert f"4 below --min-confidence {cut:g}: predicted 'unknown'" in res.output
+    lines = list(csv.DictReader(out.open()))
+    assert sum(line["predicted"] == "unknown" for line in lines) == 4
+    assert all(float(line["probability"]) > 0 for line in lines)
+    res = CliRunner().invoke(cli, ["predict", str(tiny["head"]), *folder, "--min-confidence", "2"])
+    assert isinstance(res.exception, SystemExit) and res.exit_code == 1
+    assert "--min-confidence is a probability between 0 and 1, got 2.0" in res.output
+
+
+def test_an_export_folder_predicts_like_the_model_it_was_exported_from(tiny, tmp_path):
+    from featx.export import export
+
+    export(tiny["head"], "keras", output=tmp_path / "exported")
+    folder = [str(tiny["data"] / "validation")]
+    exported, head = run(tmp_path / "exported", folder), run(tiny["head"], folder)
+    assert exported["kind"] == "export" and exported["engine"] == "keras"
+    for a, b in zip(exported["rows"], head["rows"]):
+        assert a["path"] == b["path"] and a["predicted"] == b["predicted"]
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+    assert exported["accuracy"] == head["accuracy"]
+    (tmp_path / "exported" / "model.keras").unlink()
+    with pytest.raises(FeatxError, match="model.keras', the model of .*export.json, is missing"):
+        run(tmp_path / "exported", folder)
 
 
 def test_accuracy_is_printed_for_class_folders_and_matches_the_validation_metrics(tiny, tmp_path):
@@ -233,9 +289,10 @@ def test_a_finetune_output_predicts_like_its_warm_start_head(tiny, tmp_path):
 
 def test_the_onnx_engine_predicts_the_same_without_importing_tensorflow(tiny):
     folder = [str(tiny["data"] / "validation")]
-    onnx = predict(tiny["head"], folder, engine="onnx")  # exports the backbone next to the head
+    onnx = predict(tiny["head"], folder, engine="onnx")  # exports the backbone once per user
     assert onnx["engine"] == "onnx"
-    assert list(tiny["root"].glob("backbone-*.onnx"))  # beside the cache, shared with extract
+    assert list(Path(os.environ["FEATX_HOME"]).glob("backbone-*.onnx"))  # shared with extract
+    assert not list(tiny["root"].glob("backbone-*.onnx"))
     for a, b in zip(onnx["rows"], run(tiny["head"], folder)["rows"]):
         assert a["path"] == b["path"] and a["predicted"] == b["predicted"]
         assert a["probability"] == pytest.approx(b["probability"], abs=1e-3)
@@ -248,15 +305,15 @@ def test_the_onnx_engine_predicts_the_same_without_importing_tensorflow(tiny):
     assert json.loads(out.stdout.splitlines()[-1]) == [onnx["accuracy"], False, False]
 
 
-def test_the_onnx_file_is_looked_for_next_to_the_cache_the_head_was_fitted_on(tiny, tmp_path):
-    from featx.predict import _onnx_dir
+def test_an_onnx_file_of_an_older_version_is_looked_for_next_to_the_heads_cache(tiny, tmp_path):
+    from featx.predict import _onnx_dirs
 
     moved = tmp_path / "models" / "cats"  # a head moved away from its cache
     shutil.copytree(tiny["head"], moved)
     meta = json.loads((moved / "head.json").read_text())
     assert meta["cache"] == str(Path(tiny["cache"]).resolve())
-    assert _onnx_dir(moved, meta) == Path(tiny["cache"]).resolve().parent
-    assert _onnx_dir(moved, {**meta, "cache": str(tmp_path / "gone" / "c.h5")}) == moved.parent
+    assert _onnx_dirs(moved, meta) == [Path(tiny["cache"]).resolve().parent, moved.parent]
+    assert _onnx_dirs(moved, {**meta, "cache": str(tmp_path / "gone" / "c.h5")}) == [moved.parent]
 
 
 def test_a_head_is_refused_when_the_backbone_weights_changed(tmp_path):

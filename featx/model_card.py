@@ -1,0 +1,250 @@
+"""The model card: README.md next to every export (`featx export`).
+
+What someone receiving the folder needs without featx: the classes in output order, the data the
+model was trained and measured on, its validation and test metrics, the input contract (size,
+pixel range, what the model does itself), intended use and limits, and how to load it in Python
+and on Android. Built from export.json (written beside it) and the model folder's metrics.json.
+
+TFLite metadata (labels and normalisation inside the .tflite file, as MediaPipe Model Maker writes
+it) would need the `tflite-support` package, which was last released in 2023 and requires
+protobuf < 4, while TensorFlow 2.21 requires protobuf >= 6.31: they cannot be installed together.
+So labels.txt and this card carry that information instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from featx.errors import FeatxError
+
+CARD_FILE = "README.md"
+MARKER = "<!-- featx model card: written by `featx export`, replaced on the next export -->"
+SPLITS = ("train", "validation", "test")
+
+
+def check_writable(folder: str | Path) -> None:
+    """Refuse to replace a README.md in the output folder that featx did not write."""
+    path = Path(folder) / CARD_FILE
+    if path.is_file() and not path.read_text(errors="replace").startswith(MARKER):
+        raise FeatxError(
+            f"'{path}' exists and was not written by featx; export would replace it with the "
+            "model card. Pass another --output folder, or move that file."
+        )
+
+
+def _metrics(model_dir: str | Path) -> dict:
+    try:
+        return json.loads((Path(model_dir) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _f(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
+
+
+def render(info: dict, model_dir: str | Path) -> str:
+    """The model card (Markdown) of an export described by `info` (the content of export.json)."""
+    metrics = _metrics(model_dir)
+    names = list(info["class_names"])
+    size = info["image_size"]
+    source = info.get("source") or {}
+    fp = source.get("fingerprint") or {}
+    fmt, model_file = info["model_format"], info["model_file"]
+    kind = source.get("kind") or "model"
+    what = "fine-tuned end to end" if kind == "finetune" else f"a {source.get('head')} head"
+    lines = [
+        MARKER,
+        f"# Image classifier: {', '.join(names[:6])}{', …' if len(names) > 6 else ''}",
+        "",
+        f"`{model_file}` ({fmt}"
+        + (f", {info['quantize']} quantized" if info.get("quantize", "none") != "none" else "")
+        + f") classifies a {size}x{size} RGB photo into one of {len(names)} classes. It is "
+        f"MobileNetV2 (ImageNet weights, alpha {fp.get('alpha', '?')}) with {what}, trained "
+        f"with featx {info.get('featx_version', '')} and exported on {info.get('created', '')}.",
+        "",
+        "## Classes",
+        "",
+        "In output order (also `labels.txt`, one a line):",
+        "",
+    ]
+    lines += [f"{i}. {name}" for i, name in enumerate(names)]
+
+    counts = (metrics.get("cache") or {}).get("counts") or {}
+    if counts:
+        splits = [s for s in SPLITS if s in counts]
+        rows = [[name, *(counts[s].get(name, 0) for s in splits)] for name in names]
+        rows.append(["**total**", *(sum(counts[s].values()) for s in splits)])
+        lines += ["", "## Data", "", "Images per class and split:", ""]
+        lines += _table(["class", *splits], rows)
+
+    measured = [s for s in ("validation", "test") if isinstance(metrics.get(s), dict)]
+    if measured:
+        lines += [
+            "",
+            "## Metrics",
+            "",
+            "Of the model this export was made from, on images it was not trained on:",
+            "",
+        ]
+        lines += _table(
+            ["split", "images", "accuracy", "balanced accuracy", "macro F1", "log loss"],
+            [
+                [
+                    s,
+                    metrics[s]["n"],
+                    _f(metrics[s]["accuracy"]),
+                    _f(metrics[s]["balanced_accuracy"]),
+                    _f(metrics[s]["macro_f1"]),
+                    _f(metrics[s]["log_loss"]),
+                ]
+                for s in measured
+            ],
+        )
+        per_class = metrics[measured[0]]["per_class"]
+        lines += ["", f"Per class ({measured[0]}):", ""]
+        lines += _table(
+            ["class", "precision", "recall", "F1", "images"],
+            [
+                [n, _f(c["precision"]), _f(c["recall"]), _f(c["f1"]), c["support"]]
+                for n, c in ((n, per_class[n]) for n in names if n in per_class)
+            ],
+        )
+    check = info.get("check") or {}
+    if check:
+        lines += [
+            "",
+            f"The exported file was checked against the in-process model on {check['source']}: "
+            f"largest probability difference {check['max_abs_diff']:.2e} (tolerance "
+            f"{check['tolerance']:g}), same class for {check['same_predictions']}/"
+            f"{check['images']}.",
+        ]
+    validation = info.get("validation")
+    if validation and validation.get("accuracy") is not None:
+        lines.append(
+            f"The exported file itself scored {validation['accuracy']:.4f} on the "
+            f"{validation['n']} validation images."
+        )
+
+    lines += [
+        "",
+        "## Input and output",
+        "",
+        f"- Input: a float32 tensor of shape `(batch, {size}, {size}, 3)`, RGB, pixel values "
+        "0–255, **not normalised**: the model scales them to [-1, 1] itself "
+        "(MobileNetV2's `preprocess_input`).",
+        f"- Resize the whole photo to {size}x{size} without keeping the aspect ratio (bilinear, "
+        "as in training), after applying its EXIF orientation; transparent pixels on white.",
+        f"- Output: `(batch, {len(names)})` softmax probabilities in the order of `labels.txt`.",
+        "",
+        "## Intended use and limits",
+        "",
+        f"- Sorting photos like the training photos into these {len(names)} classes. The metrics "
+        "above hold for photos from the same source; measure again on photos from elsewhere.",
+        "- It always answers with one of these classes, also for a photo of something else. Treat "
+        'a low top probability as "unknown" (as `featx predict --min-confidence` does).',
+        "- Not for decisions about people, or where a wrong class does harm, without a human "
+        "check.",
+        "",
+        "## Load it in Python",
+        "",
+        "```python",
+        "import numpy as np",
+        "from PIL import Image, ImageOps",
+        "",
+        'labels = open("labels.txt").read().splitlines()',
+        'image = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB")',
+        f"x = np.asarray(image.resize(({size}, {size}), Image.BILINEAR), np.float32)[None]",
+    ]
+    if fmt == "keras":
+        lines += [
+            "",
+            "import keras",
+            "",
+            f'model = keras.saving.load_model("{model_file}")',
+            "probabilities = model.predict(x)[0]",
+        ]
+    elif fmt == "savedmodel":
+        lines += [
+            "",
+            "import tensorflow as tf",
+            "",
+            f'model = tf.saved_model.load("{model_file}")',
+            "probabilities = model.serve(tf.constant(x)).numpy()[0]",
+        ]
+    else:
+        lines += [
+            "",
+            "from ai_edge_litert.interpreter import Interpreter  # or tf.lite.Interpreter",
+            "",
+            f'interpreter = Interpreter(model_path="{model_file}")',
+            "interpreter.allocate_tensors()",
+            'interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)',
+            "interpreter.invoke()",
+            'output = interpreter.get_output_details()[0]["index"]',
+            "probabilities = interpreter.get_tensor(output)[0]",
+        ]
+    lines += [
+        "print(labels[int(np.argmax(probabilities))], float(np.max(probabilities)))",
+        "```",
+        "",
+        "With featx installed: `featx predict THIS_FOLDER photos/` (same decoding as training).",
+        "",
+        "## Use it on Android",
+        "",
+    ]
+    if fmt == "tflite":
+        lines += [
+            f"Copy `{model_file}` and `labels.txt` to `app/src/main/assets/` and run it with "
+            "LiteRT (`com.google.ai.edge.litert:litert`, the TensorFlow Lite runtime):",
+            "",
+            "```kotlin",
+            'val model = FileUtil.loadMappedFile(context, "' + model_file + '")',
+            'val labels = FileUtil.loadLabels(context, "labels.txt")',
+            "val interpreter = Interpreter(model)",
+            f"// {size}x{size} RGB, float32 0..255 (not normalised), resized without cropping",
+            f"val input = ByteBuffer.allocateDirect(4 * {size} * {size} * 3)"
+            ".order(ByteOrder.nativeOrder())",
+            f"val scaled = Bitmap.createScaledBitmap(bitmap, {size}, {size}, true)",
+            f"for (y in 0 until {size}) for (x in 0 until {size}) {{",
+            "    val p = scaled.getPixel(x, y)",
+            "    input.putFloat(((p shr 16) and 0xFF).toFloat())",
+            "    input.putFloat(((p shr 8) and 0xFF).toFloat())",
+            "    input.putFloat((p and 0xFF).toFloat())",
+            "}",
+            f"val output = Array(1) {{ FloatArray({len(names)}) }}",
+            "interpreter.run(input, output)",
+            "val best = output[0].indices.maxBy { output[0][it] }",
+            'Log.i("classifier", "${labels[best]} ${output[0][best]}")',
+            "```",
+            "",
+            "The .tflite file carries no TFLite metadata (see the note in featx/model_card.py): "
+            "the labels are in `labels.txt` and the input contract is above.",
+        ]
+    else:
+        lines += [
+            "Export a TFLite file for Android: `featx export MODEL_DIR --format tflite` "
+            "(add `--quantize dynamic` for a ~3.6x smaller file); its model card shows the "
+            "Kotlin code.",
+        ]
+    lines += [
+        "",
+        "## Provenance",
+        "",
+        f"- Made from `{source.get('model_dir')}` ({kind}"
+        + (f", {source['head']} head" if source.get("head") else "")
+        + ").",
+        f"- Backbone: {fp.get('backbone', 'MobileNetV2')}, weights `{fp.get('weights')}` "
+        f"(sha256 {str(fp.get('weights_sha256'))[:12]}), alpha {fp.get('alpha')}, image size "
+        f"{fp.get('image_size')}, Keras {fp.get('keras_version')}.",
+        "- Everything featx recorded is in `export.json`.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""The model card (README.md) of every export: its numbers are the model's, and its Python code
+runs (tiny generated images, random MobileNetV2 at 32 px)."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import TINY, write_split_data
+
+from featx import model_card
+from featx.errors import FeatxError
+from featx.export import export
+from featx.extract import extract
+from featx.fit_head import fit_head
+from featx.predict import predict
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("card")
+    data = write_split_data(root / "data")
+    cache_path = root / "tiny.h5"
+    extract(data, cache_path, batch_size=8, engine="keras", **TINY)
+    metrics = fit_head(cache_path, "logreg", root / "head", C=1.0)
+    result = export(root / "head", "keras", output=root / "export")
+    return {"root": root, "data": data, "metrics": metrics, "result": result}
+
+
+def test_the_card_states_the_classes_data_metrics_and_input_contract(exported):
+    card = (exported["root"] / "export" / "README.md").read_text()
+    m = exported["metrics"]
+    assert card.startswith(model_card.MARKER)
+    assert "1. cats\n2. dogs" not in card and "0. cats\n1. dogs" in card  # output order
+    assert "| cats | 10 | 4 |" in card and "| **total** | 20 | 8 |" in card
+    v = m["validation"]
+    assert (
+        f"| validation | {v['n']} | {v['accuracy']:.4f} | {v['balanced_accuracy']:.4f} | "
+        f"{v['macro_f1']:.4f} | {v['log_loss']:.4f} |" in card
+    )
+    assert "float32 tensor of shape `(batch, 32, 32, 3)`" in card and "**not normalised**" in card
+    assert "`(batch, 2)` softmax probabilities in the order of `labels.txt`" in card
+    assert 'keras.saving.load_model("model.keras")' in card
+    assert "--format tflite" in card  # how to get a file for Android
+    assert json.loads((exported["root"] / "export" / "export.json").read_text())["model_card"] == (
+        "README.md"
+    )
+
+
+def test_the_python_code_of_the_card_runs_and_agrees_with_predict(exported):
+    folder = exported["root"] / "export"
+    card = (folder / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", card, re.S)
+    photo = exported["data"] / "validation" / "dogs" / "dogs01.jpg"
+    (folder / "photo.jpg").write_bytes(photo.read_bytes())
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    label, probability = out.stdout.split()[-2:]
+    row = predict(folder, [str(photo)], engine="keras")["rows"][0]
+    assert label == row["predicted"]
+    assert float(probability) == pytest.approx(row["probability"], abs=1e-3)
+
+
+def test_a_tflite_card_shows_the_interpreter_and_android_code(exported):
+    info = json.loads((exported["root"] / "export" / "export.json").read_text())
+    info.update(model_format="tflite", model_file="model.tflite", quantize="dynamic")
+    card = model_card.render(info, exported["root"] / "head")
+    assert "dynamic quantized" in card and 'Interpreter(model_path="model.tflite")' in card
+    assert "```kotlin" in card and "ByteBuffer.allocateDirect(4 * 32 * 32 * 3)" in card
+    assert "FloatArray(2)" in card and "no TFLite metadata" in card
+
+
+def test_a_readme_of_the_user_in_the_output_folder_is_never_replaced(exported, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    with pytest.raises(FeatxError, match="was not written by featx"):
+        export(exported["root"] / "head", "keras", output=out)
+    assert (out / "README.md").read_text() == "my notes"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"]  # refused before any work
+    with pytest.raises(FeatxError, match="is already an export"):
+        export(exported["root"] / "export", "keras", output=tmp_path / "again")
