@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from featx import backbone, config, outputs, store
+from featx import backbone, config, images, outputs, store
 from featx.errors import FeatxError
 from featx.files import save_keras_atomic, write_text_atomic
 

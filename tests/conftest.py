@@ -130,6 +130,8 @@ def keras_engine_by_default(monkeypatch):
     from featx import config
 
     monkeypatch.setattr(config, "ENGINE", "keras")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def featx_home(tmp_path_factory):
     """FEATX_HOME points at a folder of this session (subprocesses inherit it)."""

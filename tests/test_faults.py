@@ -470,3 +470,22 @@ def test_another_split_of_an_existing_cache_needs_overwrite_which_resplits(tmp_p
     info = CliRunner().invoke(cli, ["info", str(cache)])
     assert "split: --val-split 0.2 --seed 0" in info.output
     assert store.info(cache)["val_split"] == 0.2 and store.info(cache)["seed"] == 0
+
+
+def test_finetune_never_reads_a_cached_path_outside_the_data_folder(tmp_path):
+    from featx import finetune
+
+    data = make_data(tmp_path / "data", per_class=1)
+    (tmp_path / "secret.jpg").write_bytes((data / "cats" / "cats000.jpg").read_bytes())
+    paths = ["cats/cats000.jpg", "../secret.jpg", str(tmp_path / "secret.jpg"), "dogs/dogs000.jpg"]
+    cache = store.Cache(
+        fingerprint={},
+        class_names=["cats", "dogs"],
+        features=np.zeros((4, 8), np.float32),
+        labels=np.array([0, 0, 0, 1], np.int32),
+        splits=np.array(["train"] * 4, dtype=object),
+        rows=store.Rows(paths, np.zeros(4, np.int64), np.zeros(4, np.int64), [""] * 4),
+    )
+    rows, missing = finetune._split_rows(cache, data, log=lambda m: None)
+    assert rows["train"][0] == ["cats/cats000.jpg", "dogs/dogs000.jpg"]
+    assert [m["reason"] for m in missing] == ["outside the data folder; not read"] * 2
