@@ -278,7 +278,10 @@ def leakage(
         return None
     if len(cache.paths) > near_max_images:
         threshold = 2.0  # no cosine similarity reaches it: exact copies only
-    groups, _ = find_duplicates(cache, threshold)
+    try:
+        groups, _ = find_duplicates(cache, threshold)
+    except FeatxError:  # too many similar pairs to list: a warning must not fail the command
+        groups, _ = find_duplicates(cache, 2.0)
     leaks = [g for g in groups if g.cross_split]
     mixed = [g for g in groups if g.cross_label]
     parts = []
