@@ -94,7 +94,7 @@ def scan(
     threshold: float,
     neighbors: int = 0,
     block: int = config.AUDIT_BLOCK_SIZE,
-    max_pairs: int = config.AUDIT_MAX_PAIRS,
+    max_pairs: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Every pair of the unit rows `X` with cosine similarity >= threshold, and each row's highest
     similarities to the other rows, in one pass over block x block tiles on and above the diagonal
@@ -102,7 +102,9 @@ def scan(
 
     Returns (pairs (m, 2) int64 with i < j, their similarities (m,) float32, nearest
     (n, min(neighbors, n - 1)) float32 highest similarities first, or None when neighbors is 0).
+    More than `max_pairs` pairs (default config.AUDIT_MAX_PAIRS) is an error.
     """
+    max_pairs = config.AUDIT_MAX_PAIRS if max_pairs is None else max_pairs
     n = len(X)
     k = max(0, min(int(neighbors), n - 1))
     top = np.full((n, k), -np.inf, np.float32) if k else None
