@@ -146,10 +146,27 @@ def scan(
 
 
 def _merge_top(top: np.ndarray, start: int, S: np.ndarray, k: int) -> None:
-    """Keep in top[start:start+len(S)] the k highest of its values and the rows of S."""
-    part = top[start : start + len(S)]
-    both = np.concatenate([part, S], axis=1)
-    top[start : start + len(S)] = np.partition(both, both.shape[1] - k, axis=1)[:, -k:]
+    """Keep in top[start:start+len(S)] the k highest of its values and of S's rows.
+
+    Once a row has k values, only the entries of S above its lowest one can enter: those few are
+    merged by one sort, instead of partitioning the whole tile again."""
+    rows = slice(start, start + len(S))
+    current = top[rows]
+    floor = current.min(axis=1)
+    if not np.isfinite(floor).all():  # rows seen for the first time: partition the tile
+        both = np.concatenate([current, S], axis=1)
+        top[rows] = np.partition(both, both.shape[1] - k, axis=1)[:, -k:]
+        return
+    r, c = np.nonzero(floor[:, None] < S)
+    if not len(r):
+        return
+    m = len(S)
+    row = np.concatenate([np.repeat(np.arange(m), k), r])
+    value = np.concatenate([current.ravel(), S[r, c]])
+    order = np.lexsort((-value, row))  # by row, highest value first
+    row, value = row[order], value[order]
+    rank = np.arange(len(row)) - np.searchsorted(row, row)  # position within its row
+    top[rows] = value[rank < k].reshape(m, k)  # every row keeps exactly k (it had k)
 
 
 # --- 1. duplicates ------------------------------------------------------------------------------

@@ -103,9 +103,9 @@ EXPORT_QUANTIZED_TOLERANCE = 0.1  # the same for quantized TFLite (a warning, no
 # listed near-identical pairs (dHash distance <= 4) score 0.88-1.0; 0.90 finds 69 of them and flags
 # 30 other pairs, about two thirds of them the same photo cropped or stamped (dHash misses those),
 # the rest look-alike close-ups of one species. Among cats_and_dogs_filtered it flags one pair (the
-# same photo twice). Edited copies of 30 photos found at 0.90: brightness +20 % all, stamped text
-# 97 %, 75 % size 93 %, JPEG quality 30 93 %, 5 % crop 87 %, half size 63 %, blur 57 %, 10 % crop
-# 27 %, quarter size none. Unrelated nearest neighbours score 0.84 at the 99.9th percentile.
+# same photo twice). Edited copies of 30 photos found at 0.90: brightness +20 % and stamped text
+# all, 75 % size and JPEG quality 30 93 %, 5 % crop 87 %, half size and blur 73 %, 10 % crop 13 %,
+# quarter size none. Unrelated nearest neighbours score 0.84 at the 99.9th percentile.
 # Lower finds more crops and more look-alikes; random-weight backbones (tests) need a higher value.
 AUDIT_NEAR_DUPLICATE = 0.90
 AUDIT_BLOCK_SIZE = 2048  # rows per tile of the all-pairs search: 2048 x 2048 float32 = 16 MB
