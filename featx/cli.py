@@ -203,6 +203,16 @@ def extract(
         print_json(summary)
     else:
         click.echo(format_extract_summary(summary))
+    warn_leakage(summary["cache"])
+
+
+def warn_leakage(cache_path) -> None:
+    """One line on stderr when `featx audit` would find leakage or cross-label copies."""
+    from featx.audit import leakage_line
+
+    line = leakage_line(cache_path)
+    if line:
+        click.echo(f"warning: {line}", err=True)
 
 
 def format_extract_summary(s: dict) -> str:
@@ -359,6 +369,11 @@ def finetune(cache_path, head_dir, output, as_json, **options):
     type=click.Choice(["none", "balanced"]),
 )
 @click.option("--seed", default=config.SEED, show_default=True, type=int)
+@click.option(
+    "--exclude-duplicates",
+    is_flag=True,
+    help="Leave out train copies of validation/test images (leakage; see featx audit).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @click.option("--min-accuracy", type=float, help="Exit 1 if validation accuracy is below this.")
 @friendly_errors
@@ -377,11 +392,62 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
         print_json(m)
     else:
         click.echo(format_summary(m))
+    if not options["exclude_duplicates"]:
+        warn_leakage(cache_path)
     accuracy = m["validation"]["accuracy"]
     if min_accuracy is not None and accuracy < min_accuracy:
         raise click.ClickException(
             f"validation accuracy {accuracy:.4f} is below --min-accuracy {min_accuracy}."
         )
+
+
+@cli.command()
+@click.argument("cache_path", type=click.Path(dir_okay=False))
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False),
+    help="Folder to write  [default: <CACHE folder>/<CACHE name>-audit/]",
+)
+@click.option(
+    "--threshold",
+    default=config.AUDIT_NEAR_DUPLICATE,
+    show_default=True,
+    type=float,
+    help="Cosine similarity of features from which two images are near duplicates.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Where CACHE's images are now, if they moved (for the contact sheets).",
+)
+@click.option(
+    "--seed", default=config.SEED, show_default=True, type=int, help="Seeds the CV folds."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print audit.json and a summary as JSON.")
+@friendly_errors
+def audit(cache_path, output, threshold, data_dir, seed, as_json):
+    """Find what spoils a classifier in CACHE: duplicates and leakage, label errors, outliers.
+
+    Exact (sha256) and near (feature cosine) duplicates, marked when they cross splits (leakage)
+    or classes; likely label errors in the train split (out-of-fold logistic regression, then
+    cleanlab); images far from all others; class balance. Writes audit.json, CSV files and
+    contact sheets (PNG). Reads the cache and the images only.
+    """
+    from featx.audit import audit as run_audit
+    from featx.audit import format_summary
+
+    result = run_audit(
+        cache_path,
+        output,
+        threshold=threshold,
+        data_dir=data_dir,
+        seed=seed,
+        log=lambda m: click.echo(m, err=True),
+    )
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(format_summary(result))
 
 
 @cli.command()

@@ -123,3 +123,30 @@ REPORT_THUMBNAIL = 128  # longest side of their thumbnails in pixels (JPEG, embe
 REPORT_CONFUSED_PAIRS = 10  # most-confused class pairs listed in report.html
 IMBALANCE_RATIO = 3.0  # fit-head suggests --class-weight balanced when the largest class has this
 # many times the training images of the smallest
+
+# --- audit ---------------------------------------------------------------------------------------
+# Near duplicates: two images whose features have a cosine similarity >= this. Calibrated with the
+# ImageNet MobileNetV2 at 224 px (bench/audit.py; the README has the table). oxford_flowers17's 70
+# listed near-identical pairs (dHash distance <= 4) score 0.88-1.0; 0.90 finds 69 of them and flags
+# 30 other pairs, about two thirds of them the same photo cropped or stamped (dHash misses those),
+# the rest look-alike close-ups of one species. Among cats_and_dogs_filtered it flags one pair (the
+# same photo twice). Edited copies of 30 photos found at 0.90: brightness +20 % and stamped text
+# all, 75 % size and JPEG quality 30 93 %, 5 % crop 87 %, half size and blur 73 %, 10 % crop 13 %,
+# quarter size none. Unrelated nearest neighbours score 0.84 at the 99.9th percentile.
+# Lower finds more crops and more look-alikes; random-weight backbones (tests) need a higher value.
+AUDIT_NEAR_DUPLICATE = 0.90
+AUDIT_BLOCK_SIZE = 2048  # rows per tile of the all-pairs search: 2048 x 2048 float32 = 16 MB
+AUDIT_MAX_PAIRS = 2_000_000  # more pairs above the threshold than this is an error, not a list
+AUDIT_NEIGHBORS = 10  # outlier score: mean cosine distance to this many most similar images
+# Outlier: robust z-score of that distance, (score - median) / (1.4826 * MAD), above this. It flags
+# 5 of 3,000 cats_and_dogs_filtered photos and 1 of 1,360 flowers; of 10 flower photos planted among
+# the cats and dogs it flags 7, of 10 cat/dog photos planted among the flowers all 10.
+AUDIT_OUTLIER_Z = 3.0
+AUDIT_CV_FOLDS = LOGREG_CV_FOLDS  # out-of-fold probabilities for the label-issue search
+# cleanlab.filter.find_label_issues(filter_by=...): "prune_by_noise_rate" is cleanlab's default
+AUDIT_FILTER_BY = "prune_by_noise_rate"
+AUDIT_IMBALANCE_RATIO = IMBALANCE_RATIO  # hint --class-weight balanced (largest / smallest class)
+AUDIT_QUICK_MAX_IMAGES = 20_000  # extract/fit-head look for near copies up to this many images
+AUDIT_SHEET_ITEMS = 24  # duplicate groups, label issues and outliers shown in each contact sheet
+AUDIT_SHEET_COLUMNS = 6  # thumbnails per row of a contact sheet
+AUDIT_THUMBNAIL = 160  # thumbnail side in pixels

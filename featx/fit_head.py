@@ -67,6 +67,7 @@ def fit_head(
     hidden: int = config.DENSE_HIDDEN,
     class_weight: str = config.CLASS_WEIGHT,
     seed: int = config.SEED,
+    exclude_duplicates: bool = False,
     log=None,
 ) -> dict:
     """Fit a head on the train split of a feature cache, evaluate it, and write it with a report.
@@ -80,6 +81,8 @@ def fit_head(
         epochs, learning_rate, dropout, hidden: Dense head only (see featx.heads.DenseHead).
         class_weight: "none" or "balanced".
         seed: the same seed gives the same head and the same metrics.
+        exclude_duplicates: leave out train images that are exact or near copies of validation
+            or test images (see featx.audit); metrics.json lists them as "excluded_duplicates".
         log: called with one-line messages (notes, warnings); default: silent.
     Returns:
         The metrics written to metrics.json (see featx.report for the keys).
@@ -112,6 +115,13 @@ def fit_head(
     estimator = heads.make_head(head, **options)
     cache = store.read_cache(cache_path)  # refuses non-featx files and other format versions
     check_cache(cache, cache_path)
+    excluded = None
+    if exclude_duplicates:
+        from featx.audit import exclude_leaking
+
+        cache, excluded = exclude_leaking(cache)
+        log(f"excluded {len(excluded)} train copies of validation or test images.")
+        check_cache(cache, cache_path)
     for name, n in cache.counts().get("validation", {}).items():
         if n == 0:
             log(f"warning: class '{name}' has no validation image; its recall is not measured.")
@@ -152,6 +162,8 @@ def fit_head(
             "output": str(out),
         }
     )
+    if excluded is not None:
+        metrics["excluded_duplicates"] = excluded
     cache_file = str(Path(cache_path).resolve())  # absolute: predict/export may run elsewhere
     head_json = heads.save_head(
         estimator, out, cache.class_names, cache.fingerprint, extra={"cache": cache_file}
