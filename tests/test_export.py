@@ -26,6 +26,7 @@ INFO_KEYS = {
     "quantize",
     "model_file",
     "labels_file",
+    "model_card",
     "class_names",
     "image_size",
     "input",
@@ -93,6 +94,7 @@ def test_float_exports_give_the_heads_probabilities(tiny, tmp_path, head, model_
     )
     assert result["model"] == str(model_file) and model_file.exists()
     assert (out / "labels.txt").read_text() == "cats\ndogs\n"
+    assert (out / "README.md").read_text().startswith("<!-- featx model card")
     info = json.loads((out / "export.json").read_text())
     assert set(info) == INFO_KEYS and info["class_names"] == ["cats", "dogs"]
     assert info["image_size"] == 32 and info["input"]["shape"] == [None, 32, 32, 3]
