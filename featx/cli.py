@@ -141,6 +141,14 @@ class Progress:
     type=click.Choice(config.PRECISIONS),
     help="int8: a quantized ONNX backbone, ~2x faster again, features not mixable with fp32.",
 )
+@click.option(
+    "--flip/--no-flip",
+    default=None,
+    help="Also store the features of each image mirrored left-right (~2x the model time); "
+    "fit-head trains on both and predicts from their mean.  [default: the cache's; new: "
+    + ("--flip" if config.FLIP else "--no-flip")
+    + "]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
 def extract(
@@ -156,6 +164,7 @@ def extract(
     overwrite,
     engine,
     precision,
+    flip,
     as_json,
 ):
     """Extract MobileNetV2 features of every image in DATA_DIR into an HDF5 cache.
@@ -180,6 +189,7 @@ def extract(
             overwrite=overwrite,
             engine=engine,
             precision=precision,
+            flip=flip,
             progress=progress,
             log=lambda m: click.echo(m, err=True),
         )

@@ -151,6 +151,7 @@ def extract(
     overwrite: bool = False,
     engine: str = "keras",
     precision: str = "fp32",
+    flip: bool | None = None,
     progress=None,
     log=None,
 ) -> dict:
@@ -166,6 +167,8 @@ def extract(
         engine: "keras", "onnx" or "auto" (see `make_engine`); features of both engines mix.
         precision: "fp32", or "int8" for a quantized ONNX Runtime backbone (see featx.int8); its
             features do not mix with fp32 ones.
+        flip: also store the features of every image mirrored left-right (/features_flip, about
+            2x the model time); None keeps what the cache has (config.FLIP for a new cache).
         progress: called as progress(done, total, images_per_second) after each batch.
         log: called with one-line messages (warnings, notes); default: silent.
     Returns:
@@ -205,14 +208,19 @@ def extract(
             log,
         )
     old = _open_existing(cache_path, fp, overwrite)
+    if flip is None:
+        flip = config.FLIP if old is None else old.features_flip is not None
+    if flip:
+        runner = _WithMirror(runner)
+    reusable = old is not None and _stack_mirror(old, flip, log)
     if old is not None and old.attrs.get("data_dir") not in (None, str(root.resolve())):
         log(f"note: the cache was made from {old.attrs['data_dir']}; matching files by path.")
     dtype = dtype or (str(old.features.dtype) if old is not None else config.FEATURE_DTYPE)
 
     # What is cached already: rows and rejected files, by path.
-    cached = {} if old is None else {p: i for i, p in enumerate(old.paths)}
+    cached = {p: i for i, p in enumerate(old.paths)} if reusable else {}
     cached_rej = {} if old is None else {p: i for i, p in enumerate(old.rejected.paths)}
-    model_keys = {k: fp[k] for k in backbone.MODEL_KEYS}
+    model_keys = {**{k: fp[k] for k in backbone.MODEL_KEYS}, "flip": bool(flip)}
     journal = store.Journal(
         cache_path, hashlib.sha256(json.dumps(model_keys, sort_keys=True).encode()).hexdigest()
     )
@@ -256,7 +264,7 @@ def extract(
 
     if old is None and not cache_path.exists():
         # A valid (empty) cache from the start: a run killed at any point leaves one to open.
-        _write(cache_path, listing, root, fp, {}, {}, {}, dtype, val_split, seed, None)
+        _write(cache_path, listing, root, fp, {}, {}, {}, dtype, val_split, seed, None, flip)
 
     extracted = 0
     timing = {"model_seconds": 0.0, "model_load_seconds": None, "steady_images_per_second": None}
@@ -277,6 +285,7 @@ def extract(
 
     changed = todo or resumed or dropped or old is None or str(old.features.dtype) != dtype
     changed = changed or len(old.rejected.paths) != len(rejected)
+    changed = changed or (old.features_flip is not None) != flip
     splits = images.assign_splits(
         [f for f in listing.files if f.path in rows],
         {} if old is None else dict(zip(old.paths, old.splits)),
@@ -284,7 +293,9 @@ def extract(
         seed,
     )
     if changed:
-        _write(cache_path, listing, root, fp, rows, rejected, splits, dtype, val_split, seed, old)
+        _write(
+            cache_path, listing, root, fp, rows, rejected, splits, dtype, val_split, seed, old, flip
+        )
     journal.clear()
 
     seconds = time.perf_counter() - t0
@@ -307,8 +318,33 @@ def extract(
         **timing,
         "engine": runner.name,
         "precision": precision,
+        "flip": bool(flip),
         "batch_size": batch_size,
     }
+
+
+class _WithMirror:
+    """`--flip`: an engine whose features are [features | features of the mirrored images];
+    extract carries them as one row through the journal, _write splits them again."""
+
+    def __init__(self, engine):
+        self.engine, self.name = engine, engine.name
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        mirrored = np.ascontiguousarray(batch[:, :, ::-1])  # NHWC: reverse the width
+        return np.hstack([self.engine.features(batch), self.engine.features(mirrored)])
+
+
+def _stack_mirror(old: store.Cache, flip: bool, log) -> bool:
+    """Give the old cache's rows the shape of this run's (with --flip: [features | mirrored]);
+    False when they cannot be reused (--flip on a cache without mirrored features)."""
+    if flip and old.features_flip is None:
+        if len(old.paths):
+            log("note: the cache has no features of mirror images; extracting every image again.")
+        return False
+    if flip:
+        old.features = np.hstack([old.features, old.features_flip])
+    return True
 
 
 def _run_pipeline(
@@ -409,8 +445,11 @@ def _counts(listing, rows, splits) -> dict[str, dict[str, int]]:
     return {s: counts[s] for s in config.SPLITS if s in counts}
 
 
-def _write(cache_path, listing, root, fp, rows, rejected, splits, dtype, val_split, seed, old):
-    """Assemble the final state (rows sorted by path) and replace the cache atomically."""
+def _write(
+    cache_path, listing, root, fp, rows, rejected, splits, dtype, val_split, seed, old, flip=False
+):
+    """Assemble the final state (rows sorted by path) and replace the cache atomically; with
+    flip, each row's feature is [features | mirrored], stored as /features and /features_flip."""
     files = [f for f in listing.files if f.path in rows]  # listing is sorted by path
     class_names = sorted({f.class_name for f in files}) or listing.class_names
     index = {c: i for i, c in enumerate(class_names)}
@@ -432,7 +471,7 @@ def _write(cache_path, listing, root, fp, rows, rejected, splits, dtype, val_spl
         store.Cache(
             fingerprint=fp,
             class_names=class_names,
-            features=features,
+            features=features[:, : dim // 2] if flip and dim else features,
             labels=np.array([index[f.class_name] for f in files], np.int32),
             splits=np.array([splits[f.path] for f in files], dtype=object),
             rows=store.Rows(
@@ -449,5 +488,6 @@ def _write(cache_path, listing, root, fp, rows, rejected, splits, dtype, val_spl
             ),
             rejected_reasons=[rejected[p][2] for p in rej_paths],
             attrs=attrs,
+            features_flip=features[:, dim // 2 :] if flip and dim else None,
         ),
     )

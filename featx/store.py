@@ -2,6 +2,8 @@
 
 Layout (all readable with plain h5py):
     /features        (N, D) float32 or float16   pooled backbone features, rows sorted by path
+    /features_flip   (N, D) like /features        optional (`extract --flip`): the same images
+                                                  mirrored left-right, row for row
     /labels          (N,)   int32                 index into /class_names
     /class_names     (C,)   str
     /paths           (N,)   str                   relative to the data folder
@@ -35,6 +37,8 @@ from featx.errors import FeatxError
 FORMAT = "featx-cache"
 FORMAT_VERSION = 1
 _STR = h5py.string_dtype()
+FLIP_DATASET = "features_flip"
+FLIP_TRANSFORM = "the resized image mirrored left-right (width axis reversed) before the backbone"
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Cache:
     rejected: Rows = field(default_factory=Rows)
     rejected_reasons: list[str] = field(default_factory=list)
     attrs: dict = field(default_factory=dict)
+    features_flip: np.ndarray | None = None  # (N, D): the mirror images, row for row; optional
 
     @property
     def paths(self) -> list[str]:
@@ -136,6 +141,7 @@ def read_cache(path: str | Path) -> Cache:
             rejected=_read_rows(rej),
             rejected_reasons=_strs(rej["reasons"]),
             attrs={k: _attr(v) for k, v in f.attrs.items() if k != "fingerprint"},
+            features_flip=f["features_flip"][()] if FLIP_DATASET in f else None,
         )
 
 
@@ -190,6 +196,9 @@ def write_cache(path: str | Path, cache: Cache) -> None:
                 "class_names", data=np.array(cache.class_names, dtype=object), dtype=_STR
             )
             f.create_dataset("features", data=cache.features)
+            if cache.features_flip is not None:
+                flip = f.create_dataset(FLIP_DATASET, data=cache.features_flip)
+                flip.attrs["transform"] = FLIP_TRANSFORM
             f.create_dataset("labels", data=np.asarray(cache.labels, np.int32))
             f.create_dataset("splits", data=np.array(list(cache.splits), dtype=object), dtype=_STR)
             _write_rows(f, cache.rows)
@@ -215,6 +224,7 @@ def info(path: str | Path) -> dict:
         "images": len(cache.paths),
         "feature_dim": int(cache.features.shape[1]) if cache.features.ndim == 2 else 0,
         "dtype": str(cache.features.dtype),
+        "flip": cache.features_flip is not None,
         "class_names": cache.class_names,
         "counts": cache.counts(),
         "rejected": [
