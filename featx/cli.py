@@ -155,6 +155,14 @@ class Progress:
     type=click.Choice(config.PRECISIONS),
     help="int8: a quantized ONNX backbone, ~2x faster again, features not mixable with fp32.",
 )
+@click.option(
+    "--flip/--no-flip",
+    default=None,
+    help="Also store the features of each image mirrored left-right (~2x the model time); "
+    "fit-head trains on both and predicts from their mean.  [default: the cache's; new: "
+    + ("--flip" if config.FLIP else "--no-flip")
+    + "]",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
 def extract(
@@ -170,6 +178,7 @@ def extract(
     overwrite,
     engine,
     precision,
+    flip,
     as_json,
 ):
     """Extract MobileNetV2 features of every image in DATA_DIR into an HDF5 cache.
@@ -194,6 +203,7 @@ def extract(
             overwrite=overwrite,
             engine=engine,
             precision=precision,
+            flip=flip,
             progress=progress,
             log=lambda m: click.echo(m, err=True),
         )
@@ -355,6 +365,18 @@ def finetune(cache_path, head_dir, output, as_json, **options):
 )
 @click.option("--C", "C", type=float, help="logreg: regularisation  [default: chosen by CV]")
 @click.option(
+    "--scaling",
+    type=click.Choice(["auto", *config.SCALING_CHOICES]),
+    help="Feature scaling; auto: chosen with C by CV  "
+    f"[default: {config.SCALING} (logreg), {config.DENSE_SCALING} (dense)]",
+)
+@click.option(
+    "--flip/--no-flip",
+    default=None,
+    help="Train on the mirror images too, predict from the mean of both (extract --flip)  "
+    "[default: when the cache has them]",
+)
+@click.option(
     "--epochs", default=config.DENSE_EPOCHS, show_default=True, type=int, help="dense: at most."
 )
 @click.option("--learning-rate", default=config.DENSE_LEARNING_RATE, show_default=True, type=float)
@@ -380,8 +402,8 @@ def finetune(cache_path, head_dir, output, as_json, **options):
 def fit_head(cache_path, as_json, min_accuracy, **options):
     """Train a classifier head on CACHE's features and report honest metrics.
 
-    logreg: standardised multinomial logistic regression, C chosen by cross-validation on the
-    train split. dense: a small Keras head with early stopping on the validation loss. Writes
+    logreg: multinomial logistic regression, feature scaling and C chosen by cross-validation on
+    the train split. dense: a small Keras head with early stopping on the validation loss. Writes
     the head, metrics.json, confusion_matrix.png, misclassified.csv (dense: training_curves.png).
     """
     from featx.fit_head import fit_head as run_fit_head

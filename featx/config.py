@@ -32,6 +32,7 @@ DECODE_THREADS = 4  # Pillow releases the GIL while decoding; more threads than 
 PREFETCH_BATCHES = 4  # decoded batches waiting for the model; bounds memory
 FEATURE_DTYPE = "float32"  # "float16" halves the cache; features are stored, not recomputed
 FEATURE_DTYPES = ("float32", "float16")  # a cache keeps its dtype unless --dtype asks for the other
+FLIP = False  # placeholder: decided by bench/quality.py
 CACHE_DIR = "cache"  # default folder for caches and trained heads
 
 # --- splits --------------------------------------------------------------------------------------
@@ -84,6 +85,13 @@ AUGMENT_CONTRAST = 0.1  # contrast factor in [0.9, 1.1]
 # --- heads (featx fit-head) ----------------------------------------------------------------------
 HEAD = "logreg"  # "logreg" (seconds, the strong default) or "dense" (a small Keras head)
 CLASS_WEIGHT = "none"  # "balanced": each class weighs n / (classes * count); for uneven classes
+# Feature scaling in front of a head (featx.heads.fit_scaling): "standard" (per-feature mean and
+# standard deviation), "none" (the raw features, centred, in one global unit), "l2" (each image's
+# features to unit length first) or "auto": the logistic regression's cross-validation compares
+# SCALING_CHOICES together with C and keeps the pair with the lowest held-out log loss.
+SCALING = "auto"
+SCALING_CHOICES = ("none", "standard", "l2")  # ties, and caches too small to validate: the first
+DENSE_SCALING = "standard"  # the Dense head's; "auto" runs the logistic regression's choice first
 # Logistic regression: C is chosen by stratified k-fold cross-validation on the train split
 # (lowest held-out log loss) unless --C is given. Each C starts from the previous fit, so the
 # grid is cheap; time grows with the folds.

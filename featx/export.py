@@ -86,8 +86,8 @@ def build_model(model_dir: str | Path) -> tuple[object, dict]:
     """(the end-to-end Keras model of MODEL_DIR, its description).
 
     The description has "kind", "head" (logreg/dense, for a fit-head output), "class_names",
-    "image_size", "fingerprint" (of the backbone) and "cache" (the one it was trained on, if
-    recorded).
+    "image_size", "fingerprint" (of the backbone), "cache" (the one it was trained on, if
+    recorded) and "flip" (the model averages the features of the image and its mirror image).
     """
     kind = predict_mod.model_kind(model_dir)  # a wrong folder is answered before Keras loads
     if kind == "export":
@@ -119,8 +119,11 @@ def build_model(model_dir: str | Path) -> tuple[object, dict]:
     base.trainable = False
     inputs = keras.Input((size, size, 3), dtype="float32", name="image")
     x = backbone.preprocessing_layer()(inputs)
-    x = base(x, training=False)
-    outputs = head.to_keras()(x, training=False)
+    features = base(x, training=False)
+    if head.flip_:  # fitted with mirror images: the mean of the image's and its mirror's features
+        mirrored = base(keras.ops.flip(x, axis=2), training=False)  # NHWC: reverse the width
+        features = keras.layers.Average(name="mean_with_mirror_image")([features, mirrored])
+    outputs = head.to_keras()(features, training=False)
     model = keras.Model(inputs, outputs, name="featx_classifier")
     return model, {
         "kind": kind,
@@ -129,6 +132,7 @@ def build_model(model_dir: str | Path) -> tuple[object, dict]:
         "image_size": size,
         "fingerprint": fp,
         "cache": meta.get("cache"),
+        "flip": bool(head.flip_),
     }
 
 
@@ -436,6 +440,7 @@ def export(
             "model_dir": str(model_dir),
             "kind": described["kind"],
             "head": described["head"],
+            "flip": described.get("flip", False),
             "fingerprint": described["fingerprint"],
         },
         "check": check,

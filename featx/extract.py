@@ -78,6 +78,7 @@ def extract(
     overwrite: bool = False,
     engine: str | None = None,
     precision: str = config.PRECISION,
+    flip: bool | None = None,
     progress=None,
     log=None,
 ) -> dict:
@@ -97,6 +98,8 @@ def extract(
         engine: "keras", "onnx" or "auto" (default: config.ENGINE; see engines.make_engine).
         precision: "fp32", or "int8" for a quantized ONNX Runtime backbone (see featx.int8); its
             features do not mix with fp32 ones.
+        flip: also store the features of every image mirrored left-right (/features_flip, about
+            2x the model time); None keeps what the cache has (config.FLIP for a new cache).
         progress: called as progress(done, total, images_per_second) after each batch.
         log: called with one-line messages (warnings, notes); default: silent.
     Returns:
@@ -106,7 +109,7 @@ def extract(
     log = log or (lambda message: None)
     opts = ExtractOptions(  # every option is checked here, before any work
         weights, image_size, alpha, batch_size, dtype, val_split, seed, overwrite,
-        engine or config.ENGINE, precision,
+        engine or config.ENGINE, precision, flip,
     )  # fmt: skip
     root = Path(data_dir)
     cache_path = Path(cache_path) if cache_path else default_cache_path(root)
@@ -131,9 +134,16 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
     opts = _resolve(opts, previous, listing, cache_path, log)
     runner, fp = engines.for_extract(opts, previous, cache_path, listing, root, log)
     old = engines.compatible_or_none(previous, fp, cache_path, opts.overwrite)
+    flip = opts.flip if opts.flip is not None else config.FLIP if old is None else old.flip
+    opts = dataclasses.replace(opts, flip=flip)
+    if flip:
+        runner = _WithMirror(runner)
+    if old is not None and not _stack_mirror(old, flip, log):
+        old = None  # --flip on a cache without mirrored features: every image again
     if old is not None and old.attrs.get("data_dir") not in (None, str(root.resolve())):
         log(f"note: the cache was made from {old.attrs['data_dir']}; matching files by path.")
-    journal = store.Journal(cache_path, backbone.model_key(fp), backbone.feature_dim(opts.alpha))
+    key = backbone.model_key({**fp, "flip": flip}, (*backbone.MODEL_KEYS, "flip"))
+    journal = store.Journal(cache_path, key, backbone.feature_dim(opts.alpha) * (1 + flip))
     job = _Job(root, opts, fp, runner, journal)
     plan = _plan(listing, _stat_all(root, listing), old, journal.load(), not opts.overwrite)
     if not cache_path.exists():  # a valid (empty) cache at once: a killed run leaves one
@@ -344,11 +354,37 @@ def _append(r: store.Rows, t: _Todo, sha: str) -> None:
     r.file_sha256.append(sha)
 
 
+class _WithMirror:
+    """`--flip`: an engine whose features are [features | features of the mirrored images];
+    extract carries them as one row through the journal, _write splits them again."""
+
+    def __init__(self, engine):
+        self.engine, self.name = engine, engine.name
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        mirrored = np.ascontiguousarray(batch[:, :, ::-1])  # NHWC: reverse the width
+        return np.hstack([self.engine.features(batch), self.engine.features(mirrored)])
+
+
+def _stack_mirror(old: store.Cache, flip: bool, log) -> bool:
+    """Give the old cache's rows the shape of this run's (with --flip: [features | mirrored]);
+    False when they cannot be reused (--flip on a cache without mirrored features)."""
+    if flip and old.features_flip is None:
+        if len(old.paths):
+            log("note: the cache has no features of mirror images; extracting every image again.")
+        return False
+    if flip:
+        old.features = np.hstack([old.features, old.features_flip])
+    return True
+
+
 # --- phase 4: the cache --------------------------------------------------------------------------
 
 
 def _changed(plan: _Plan, old, opts: ExtractOptions) -> bool:
     if old is None or opts.overwrite or plan.todo or plan.resumed or plan.dropped:
+        return True
+    if old.flip != opts.flip:
         return True
     return str(old.features.dtype) != opts.dtype or len(old.rejected.paths) != len(plan.rejected)
 
@@ -359,7 +395,10 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, crea
     files = [f for f in listing.files if f.path in rows]  # listing is sorted by path
     class_names = sorted({f.class_name for f in files}) or listing.class_names
     index = {c: i for i, c in enumerate(class_names)}
-    dim = len(rows[files[0].path][3]) if files else backbone.feature_dim(job.opts.alpha)
+    flip = bool(job.opts.flip)  # each row is then [features | mirrored features]
+    dim = (
+        len(rows[files[0].path][3]) if files else backbone.feature_dim(job.opts.alpha) * (1 + flip)
+    )
     features = np.zeros((len(files), dim), dtype=job.opts.dtype)
     for i, f in enumerate(files):
         features[i] = rows[f.path][3]
@@ -376,7 +415,8 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, crea
         store.Cache(
             fingerprint=job.fingerprint,
             class_names=class_names,
-            features=features,
+            features=features[:, : dim // 2] if flip else features,
+            features_flip=features[:, dim // 2 :] if flip else None,
             labels=np.array([index[f.class_name] for f in files], np.int32),
             splits=np.array([splits[f.path] for f in files], dtype=object),
             rows=store.Rows(
@@ -423,6 +463,7 @@ def _summary(job: _Job, cache_path: Path, listing, plan: _Plan, splits: dict) ->
         "empty_classes": listing.empty_classes,
         "engine": job.runner.name,
         "precision": job.opts.precision,
+        "flip": bool(job.opts.flip),
         "batch_size": job.opts.batch_size,
         "val_split": job.opts.val_split,
         "seed": job.opts.seed,

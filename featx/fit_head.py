@@ -61,6 +61,8 @@ def fit_head(
     output: str | Path | None = None,
     *,
     C: float | None = None,
+    scaling: str | None = None,
+    flip: bool | None = None,
     epochs: int = config.DENSE_EPOCHS,
     learning_rate: float = config.DENSE_LEARNING_RATE,
     dropout: float = config.DENSE_DROPOUT,
@@ -74,10 +76,15 @@ def fit_head(
 
     Args:
         cache_path: a cache written by `featx extract`.
-        head: "logreg" (standardised multinomial logistic regression) or "dense" (a small Keras
-            head); see featx.heads.
+        head: "logreg" (multinomial logistic regression) or "dense" (a small Keras head); see
+            featx.heads.
         output: folder to write to; default <cache folder>/<cache name>-<head>/.
         C: logistic regression only; None chooses it by cross-validation on the train split.
+        scaling: "auto", "standard", "none" or "l2" (featx.heads.fit_scaling); None: the head's
+            default (config.SCALING, config.DENSE_SCALING).
+        flip: train on the mirror images too and predict from the mean of an image's and its
+            mirror image's features; needs a cache made with `featx extract --flip`. None: when
+            the cache has them.
         epochs, learning_rate, dropout, hidden: Dense head only (see featx.heads.DenseHead).
         class_weight: "none" or "balanced".
         seed: the same seed gives the same head and the same metrics.
@@ -98,10 +105,12 @@ def fit_head(
     }
     if head == "logreg":
         ignored = [k for k, (value, default) in dense_options.items() if value != default]
-        options = {"C": C, "class_weight": class_weight, "seed": seed}
+        options = {"C": C, "scaling": scaling or config.SCALING}
+        options.update({"class_weight": class_weight, "seed": seed})
     else:
         ignored = ["C"] if C is not None else []
         options = {
+            "scaling": scaling or config.DENSE_SCALING,
             "epochs": epochs,
             "learning_rate": learning_rate,
             "dropout": dropout,
@@ -126,15 +135,30 @@ def fit_head(
         if n == 0:
             log(f"warning: class '{name}' has no validation image; its recall is not measured.")
     features = cache.features.astype(np.float32, copy=False)  # float16 caches too
+    if flip is None:
+        flip = cache.features_flip is not None
+    elif flip and cache.features_flip is None:
+        raise FeatxError(
+            f"The cache '{cache_path}' has no features of mirror images, which --flip needs. "
+            "Re-run `featx extract --flip` on its data folder (or drop --flip)."
+        )
     data = {
         s: (features[cache.splits == s], cache.labels[cache.splits == s]) for s in report.SPLITS
     }
+    X_train, y_train = data["train"]
+    train_flip = None
+    if flip:  # train on both views; evaluate on the mean of both, as predict and export do
+        mirrored = cache.features_flip.astype(np.float32, copy=False)
+        train_flip = mirrored[cache.splits == "train"]
+        data = {
+            s: (heads.flip_views(X, mirrored[cache.splits == s]), y) for s, (X, y) in data.items()
+        }
 
     if head == "dense":
         import keras  # noqa: F401  (its start-up, seconds, is not part of fit_seconds)
 
     t0 = time.perf_counter()  # fit_seconds: the whole fit, the cross-validation included
-    estimator.fit(*data["train"], *data["validation"])
+    estimator.fit(X_train, y_train, *data["validation"], X_flip=train_flip)
     fit_seconds = time.perf_counter() - t0
 
     metrics, predictions = {}, {}

@@ -8,6 +8,11 @@ Both follow the scikit-learn estimator contract and are interchangeable:
     head.to_keras() -> keras model, (None, D) features -> softmax probabilities
 Labels are integers 0..C-1 (indices into the cache's class_names) and every class must appear in y.
 
+Both scale the features first ("standard", "none" or "l2", see fit_scaling; "auto" lets the
+logistic regression's cross-validation choose). `fit(..., X_flip=F)` adds the features of the
+mirror images as training rows; the head then predicts from flip_views(X, F), the mean of an
+image's and its mirror image's features, and says so (flip_ True, "flip" in head.json).
+
 `to_keras()` is the seam for the later stages (finetune's warm start, predict, export): it gives the
 same probabilities as predict_proba (to float32 rounding) as a Keras model that can sit on top of
 the backbone. `save_head` / `load_head` store a head without pickle: the Dense head as a .keras
@@ -30,7 +35,10 @@ from featx.errors import FeatxError
 from featx.files import write_text_atomic
 
 HEAD_FORMAT = "featx-head"
-HEAD_FORMAT_VERSION = 1
+# 2: the logistic regression's scaling ("scaling" in head.npz) and "flip" in head.json. Version 1
+# heads (standardised, no mirror images) still load; older featx refuses version 2 heads.
+HEAD_FORMAT_VERSION = 2
+READABLE_HEAD_VERSIONS = (1, 2)
 HEADS = ("logreg", "dense")
 CLASS_WEIGHTS = ("none", "balanced")
 
@@ -102,25 +110,113 @@ class _Head(ClassifierMixin, BaseEstimator):
             raise FeatxError(f"This {type(self).__name__} is not fitted yet; call fit() first.")
 
 
+# --- feature scaling, shared by both heads ------------------------------------------------------
+
+SCALINGS = ("auto", *config.SCALING_CHOICES)
+
+
+def _scaling(scaling: str | None) -> str:
+    s = "auto" if scaling is None else str(scaling).lower()
+    if s not in SCALINGS:
+        raise FeatxError(
+            f"scaling must be one of {SCALINGS}, got {scaling!r}. 'auto' lets the "
+            "cross-validation choose."
+        )
+    return s
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    """Each row divided by its L2 norm (keras.layers.UnitNormalization computes the same)."""
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def fit_scaling(X, scaling: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) of the affine step of a feature scaling, fitted on the rows of X:
+
+    - "standard": per-feature mean and standard deviation (scikit-learn's StandardScaler; 1 for
+      a constant feature). Gives rare features the weight of common ones, which can hurt when a
+      feature is active on only a few training images.
+    - "none": per-feature mean and one scale for all features (the root-mean-square of the
+      centred features): the raw features in other units. With an unpenalised intercept this is
+      the same model as scikit-learn's LogisticRegression on the raw features, only C is in the
+      units of the other scalings and lbfgs converges faster.
+    - "l2": the same, on each row divided by its L2 norm first (see apply_scaling).
+    """
+    Z = np.asarray(X, np.float64)
+    if scaling == "l2":
+        Z = _unit_rows(Z)
+    mean = Z.mean(axis=0)
+    if scaling == "standard":
+        scale = Z.std(axis=0)
+    else:
+        scale = np.full(Z.shape[1], np.sqrt(np.mean((Z - mean) ** 2)))
+    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0  # constant features: as StandardScaler
+    return mean, scale
+
+
+def apply_scaling(X, scaling: str, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(X - mean) / scale, on unit-length rows for "l2"; float64."""
+    Z = np.asarray(X, np.float64)
+    if scaling == "l2":
+        Z = _unit_rows(Z)
+    return (Z - mean) / scale
+
+
+def _with_flips(X, y, X_flip):
+    """Training rows: the images, then (with X_flip) their mirror images with the same labels."""
+    if X_flip is None:
+        return X, y
+    return np.concatenate([X, X_flip]), np.concatenate([y, y])
+
+
+def _mirrored(X: np.ndarray, X_flip) -> np.ndarray | None:
+    """X_flip checked against X (row for row the same images), as float32; None stays None."""
+    if X_flip is None:
+        return None
+    X_flip = _features(X_flip)
+    if X_flip.shape != X.shape:
+        raise FeatxError(
+            f"The mirror images' features have shape {X_flip.shape}, the features {X.shape}; "
+            "they must be row for row the same images. Re-run `featx extract --flip`."
+        )
+    return X_flip
+
+
+def flip_views(X, X_flip) -> np.ndarray:
+    """What a head fitted with mirror images (flip_ True) predicts from: the mean of each
+    image's features and those of its mirror image, row for row (float32)."""
+    X = _features(X)
+    return (X + _mirrored(X, X_flip)) / 2
+
+
 # --- logistic regression ------------------------------------------------------------------------
 
 
 class LogRegHead(_Head):
-    """StandardScaler + multinomial LogisticRegression (L2, lbfgs), C chosen by cross-validation.
+    """Feature scaling + multinomial LogisticRegression (L2, lbfgs); scaling and C chosen together
+    by cross-validation.
 
     Args:
         C: inverse regularisation strength; None chooses it from `Cs` by stratified k-fold
             cross-validation on the training data only (lowest mean held-out log loss, ties go to
-            the smaller C). The scaler is refitted inside every fold.
+            the smaller C). The scaling is refitted inside every fold.
         Cs: the grid searched when C is None.
+        scaling: "standard", "none", "l2" (see fit_scaling) or "auto": each of
+            config.SCALING_CHOICES in the same cross-validation, the pair (scaling, C) with the
+            lowest held-out log loss wins (ties: the earlier scaling).
         cv_folds: folds of that cross-validation (fewer when a class has fewer images).
         max_iter: lbfgs iterations per fit.
         class_weight: "none" or "balanced" (weights n / (classes * count) per class).
         seed: seeds the folds.
 
-    Learned: classes_, n_features_in_, C_, cv_results_ ({"C": [...], "log_loss": [...]} or None),
-    mean_, scale_ (the scaler), coef_ ((C, D), or (1, D) for two classes like scikit-learn),
-    intercept_. predict_proba needs only these arrays, so a loaded head is the fitted one.
+    fit(X, y, X_flip=...) also trains on the features of the mirror images (same labels), keeps
+    an image and its mirror in the same fold, and scores held-out images on flip_views(); such
+    a head (flip_ True) expects flip_views() features from then on.
+
+    Learned: classes_, n_features_in_, C_, scaling_, flip_, cv_results_ ({"C": [...],
+    "log_loss": {scaling: [...]}} or None), mean_, scale_ (the affine step of the scaling),
+    coef_ ((C, D), or (1, D) for two classes like scikit-learn), intercept_. predict_proba needs
+    only these, so a loaded head is the fitted one.
     """
 
     kind = "logreg"
@@ -129,6 +225,7 @@ class LogRegHead(_Head):
         self,
         C: float | None = None,
         Cs=config.LOGREG_CS,
+        scaling: str = config.SCALING,
         cv_folds: int = config.LOGREG_CV_FOLDS,
         max_iter: int = config.LOGREG_MAX_ITER,
         class_weight: str = config.CLASS_WEIGHT,
@@ -136,6 +233,7 @@ class LogRegHead(_Head):
     ):
         self.C = C
         self.Cs = Cs
+        self.scaling = scaling
         self.cv_folds = cv_folds
         self.max_iter = max_iter
         self.class_weight = class_weight
@@ -149,18 +247,20 @@ class LogRegHead(_Head):
             C=C, class_weight=cw, max_iter=self.max_iter, warm_start=warm_start, tol=1e-4
         )
 
-    def fit(self, X, y, X_val=None, y_val=None) -> LogRegHead:
-        """Fit on (X, y). X_val/y_val are accepted for the common interface and not used: every
-        choice (the scaler, C) is made on the training data."""
+    def fit(self, X, y, X_val=None, y_val=None, X_flip=None) -> LogRegHead:
+        """Fit on (X, y), and on the mirror images' features X_flip when given. X_val/y_val are
+        accepted for the common interface and not used: every choice (the scaling, C) is made on
+        the training data."""
         import warnings
 
         from sklearn.exceptions import ConvergenceWarning
-        from sklearn.preprocessing import StandardScaler
         from threadpoolctl import threadpool_limits
 
         X = _features(X)
         y, k = _labels(y, len(X))
+        X_flip = _mirrored(X, X_flip)
         _class_weight(self.class_weight)
+        _scaling(self.scaling)
         if self.C is not None and not float(self.C) > 0:
             raise FeatxError(f"C must be > 0, got {self.C!r}.")
         # One BLAS thread: on these small matrices OpenBLAS threads only add overhead, and
@@ -168,56 +268,72 @@ class LogRegHead(_Head):
         with threadpool_limits(config.LOGREG_BLAS_THREADS), warnings.catch_warnings():
             # On separable features lbfgs may stop at max_iter; the fit is still usable.
             warnings.simplefilter("ignore", ConvergenceWarning)
-            if self.C is None:
-                self.C_, self.cv_results_ = self._cross_validate(X, y, k)
-            else:
-                self.C_, self.cv_results_ = float(self.C), None
-            scaler = StandardScaler().fit(X)
-            model = self._model(self.C_).fit(scaler.transform(X), y)
+            self.scaling_, self.C_, self.cv_results_ = self._cross_validate(X, y, k, X_flip)
+            A, yA = _with_flips(X, y, X_flip)
+            self.mean_, self.scale_ = fit_scaling(A, self.scaling_)
+            model = self._model(self.C_).fit(
+                apply_scaling(A, self.scaling_, self.mean_, self.scale_), yA
+            )
         self.classes_ = np.arange(k)
         self.n_features_in_ = X.shape[1]
-        self.mean_ = scaler.mean_.astype(np.float64)
-        self.scale_ = scaler.scale_.astype(np.float64)
+        self.flip_ = X_flip is not None
         self.coef_ = model.coef_.astype(np.float64)
         self.intercept_ = model.intercept_.astype(np.float64)
         return self
 
-    def _cross_validate(self, X, y, k) -> tuple[float, dict | None]:
+    def _cross_validate(self, X, y, k, X_flip=None) -> tuple[str, float, dict | None]:
+        """(scaling, C, the cross-validation curves or None when nothing was chosen)."""
         from sklearn.model_selection import StratifiedKFold
-        from sklearn.preprocessing import StandardScaler
 
-        Cs = sorted(float(c) for c in self.Cs)
-        if not Cs or Cs[0] <= 0:
-            raise FeatxError(f"Cs must be a non-empty list of values > 0, got {self.Cs!r}.")
+        scaling = _scaling(self.scaling)
+        scalings = list(config.SCALING_CHOICES) if scaling == "auto" else [scaling]
+        if self.C is not None:
+            Cs = [float(self.C)]
+        else:
+            Cs = sorted(float(c) for c in self.Cs)
+            if not Cs or Cs[0] <= 0:
+                raise FeatxError(f"Cs must be a non-empty list of values > 0, got {self.Cs!r}.")
+        if len(scalings) * len(Cs) == 1:
+            return scalings[0], Cs[0], None
         folds = min(int(self.cv_folds), int(np.bincount(y, minlength=k).min()))
-        if folds < 2 or len(Cs) == 1:
-            return (Cs[0] if len(Cs) == 1 else config.LOGREG_FALLBACK_C), None
-        losses = np.zeros((folds, len(Cs)))
+        if folds < 2:  # a class with one image: nothing to validate on
+            C = Cs[0] if len(Cs) == 1 else config.LOGREG_FALLBACK_C
+            return scalings[0], C, None
+        losses = np.zeros((len(scalings), folds, len(Cs)))
         splitter = StratifiedKFold(folds, shuffle=True, random_state=self.seed)
         for f, (tr, te) in enumerate(splitter.split(X, y)):
-            scaler = StandardScaler().fit(X[tr])
-            Xtr, Xte = scaler.transform(X[tr]), scaler.transform(X[te])
-            model = self._model(Cs[0], warm_start=True)  # each C starts from the previous fit
-            for j, C in enumerate(Cs):
-                model.set_params(C=C).fit(Xtr, y[tr])
-                p = np.clip(model.predict_proba(Xte)[np.arange(len(te)), y[te]], 1e-15, 1.0)
-                losses[f, j] = -np.mean(np.log(p))
-        mean = losses.mean(axis=0)
-        best = int(np.flatnonzero(mean <= mean.min() + 1e-12)[0])  # ties: the smaller C
-        return Cs[best], {"C": Cs, "log_loss": [round(float(v), 6) for v in mean]}
+            A, yA = _with_flips(X[tr], y[tr], None if X_flip is None else X_flip[tr])
+            held_out = X[te] if X_flip is None else (X[te] + X_flip[te]) / 2
+            for s, name in enumerate(scalings):
+                mean, scale = fit_scaling(A, name)
+                Atr = apply_scaling(A, name, mean, scale)
+                Ate = apply_scaling(held_out, name, mean, scale)
+                model = self._model(Cs[0], warm_start=True)  # each C starts from the previous fit
+                for j, C in enumerate(Cs):
+                    model.set_params(C=C).fit(Atr, yA)
+                    p = model.predict_proba(Ate)[np.arange(len(te)), y[te]]
+                    losses[s, f, j] = -np.mean(np.log(np.clip(p, 1e-15, 1.0)))
+        mean_loss = losses.mean(axis=1)  # (scalings, Cs)
+        # ties: the earlier scaling, then the smaller C
+        best = int(np.flatnonzero(mean_loss.ravel() <= mean_loss.min() + 1e-12)[0])
+        s, j = divmod(best, len(Cs))
+        curves = {n: [round(float(v), 6) for v in row] for n, row in zip(scalings, mean_loss)}
+        return scalings[s], Cs[j], {"C": Cs, "log_loss": curves}
 
     def decision_function(self, X) -> np.ndarray:
         """Logits, (n, C): for two classes [0, z], whose softmax is scikit-learn's sigmoid."""
         self._check_fitted()
-        X = _features(X, self.n_features_in_).astype(np.float64)
-        z = ((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+        X = _features(X, self.n_features_in_)
+        z = apply_scaling(X, self.scaling_, self.mean_, self.scale_) @ self.coef_.T
+        z = z + self.intercept_
         return np.hstack([np.zeros_like(z), z]) if self.coef_.shape[0] == 1 else z
 
     def predict_proba(self, X) -> np.ndarray:
         return _softmax(self.decision_function(X))
 
     def folded_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """(kernel (D, C), bias (C,)) of one Dense layer that includes the scaler."""
+        """(kernel (D, C), bias (C,)) of one Dense layer that includes the affine step of the
+        scaling (for "l2" it takes unit-length rows: to_keras puts a UnitNormalization first)."""
         self._check_fitted()
         coef, intercept = self.coef_, self.intercept_
         if coef.shape[0] == 1:
@@ -228,24 +344,25 @@ class LogRegHead(_Head):
         return kernel, bias
 
     def to_keras(self):
-        """Sequential([Dense(C, softmax)]) on (None, D) features, the scaler folded in."""
+        """Sequential([UnitNormalization (scaling "l2" only), Dense(C, softmax)]) on (None, D)
+        features, the affine step of the scaling folded into the Dense weights."""
         import keras
 
         kernel, bias = self.folded_weights()
-        model = keras.Sequential(
-            [
-                keras.Input((self.n_features_in_,), name="features"),
-                keras.layers.Dense(self.num_classes, activation="softmax", name="head_logits"),
-            ],
-            name="featx_logreg_head",
+        layers = [keras.Input((self.n_features_in_,), name="features")]
+        if self.scaling_ == "l2":
+            layers.append(keras.layers.UnitNormalization(name="unit_length"))
+        layers.append(
+            keras.layers.Dense(self.num_classes, activation="softmax", name="head_logits")
         )
+        model = keras.Sequential(layers, name="featx_logreg_head")
         model.layers[-1].set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
         return model
 
     def summary(self) -> dict:
-        return {"C": self.C_, "cv": self.cv_results_}
+        return {"C": self.C_, "scaling": self.scaling_, "flip": self.flip_, "cv": self.cv_results_}
 
-    # NPZ without pickle: only numeric arrays.
+    # NPZ without pickle: only numeric arrays and one unicode string.
     def _save(self, folder: Path) -> str:
         name = "head.npz"
         np.savez(
@@ -255,6 +372,7 @@ class LogRegHead(_Head):
             coef=self.coef_,
             intercept=self.intercept_,
             C=np.float64(self.C_),
+            scaling=np.array(self.scaling_),
         )
         return name
 
@@ -263,7 +381,10 @@ class LogRegHead(_Head):
             self.mean_, self.scale_ = z["mean"], z["scale"]
             self.coef_, self.intercept_ = z["coef"], z["intercept"]
             self.C_ = float(z["C"])
+            # heads saved before scaling was a choice were standardised
+            self.scaling_ = str(z["scaling"]) if "scaling" in z.files else "standard"
         self.cv_results_ = meta.get("fitted", {}).get("cv")
+        self.flip_ = bool(meta.get("flip", False))
         self.classes_ = np.arange(len(meta["class_names"]))
         self.n_features_in_ = int(self.mean_.shape[0])
 
@@ -272,9 +393,13 @@ class LogRegHead(_Head):
 
 
 class DenseHead(_Head):
-    """Normalization -> [Dense(hidden, relu)] -> Dropout -> Dense(C, softmax), trained with AdamW.
+    """Scaling -> [Dense(hidden, relu)] -> Dropout -> Dense(C, softmax), trained with AdamW.
 
     Args:
+        scaling: the feature scaling in front ("standard", "none", "l2": see fit_scaling), as
+            Keras layers (UnitNormalization for "l2", then Normalization with the fitted mean and
+            scale); "auto": the scaling the logistic regression's cross-validation chooses on the
+            training data (LogRegHead(scaling="auto")).
         hidden: units of the optional hidden layer; 0 for none (a softmax regression).
         dropout: dropout rate before the output layer (0 for none).
         epochs: most epochs; with validation data, training stops when the validation loss has
@@ -288,17 +413,22 @@ class DenseHead(_Head):
         seed: keras.utils.set_random_seed(seed) before building: same seed, same head.
         verbose: Keras' fit verbosity.
 
-    Learned: classes_, n_features_in_, model_ (the Keras model), history_ ({"loss": [...],
-    "val_loss": [...], "accuracy": [...], "val_accuracy": [...]} per epoch: Keras' objective, with
-    the L2 penalty, and the training accuracy with dropout on; plus "log_loss", "val_log_loss"
-    and "inference_accuracy": the log loss and training accuracy of the epoch's weights without
-    dropout and penalty, as metrics.json reports them), best_epoch_ (1-based), epochs_run_.
+    fit(X, y, X_val, y_val, X_flip=...) also trains on the mirror images' features; pass X_val
+    as flip_views() then, which is what such a head (flip_ True) expects from then on.
+
+    Learned: classes_, n_features_in_, scaling_, flip_, model_ (the Keras model), history_
+    ({"loss": [...], "val_loss": [...], "accuracy": [...], "val_accuracy": [...]} per epoch: Keras'
+    objective, with the L2 penalty, and the training accuracy with dropout on; plus "log_loss",
+    "val_log_loss" and "inference_accuracy": the log loss and training accuracy of the epoch's
+    weights without dropout and penalty, as metrics.json reports them), best_epoch_ (1-based),
+    epochs_run_.
     """
 
     kind = "dense"
 
     def __init__(
         self,
+        scaling: str = config.DENSE_SCALING,
         hidden: int = config.DENSE_HIDDEN,
         dropout: float = config.DENSE_DROPOUT,
         epochs: int = config.DENSE_EPOCHS,
@@ -311,6 +441,7 @@ class DenseHead(_Head):
         seed: int = config.SEED,
         verbose: int = 0,
     ):
+        self.scaling = scaling
         self.hidden = hidden
         self.dropout = dropout
         self.epochs = epochs
@@ -338,19 +469,23 @@ class DenseHead(_Head):
             if not ok:
                 raise FeatxError(f"{name} must be {expected}, got {value!r}.")
         _class_weight(self.class_weight)
+        _scaling(self.scaling)
 
     def _build(self, X: np.ndarray, k: int):
         import keras
 
-        norm = keras.layers.Normalization(name="standardize")
-        norm.adapt(X)  # per-feature mean and variance of the training features
+        mean, scale = fit_scaling(X, self.scaling_)
+        scaling = (
+            [keras.layers.UnitNormalization(name="unit_length")] if self.scaling_ == "l2" else []
+        )
+        scaling.append(keras.layers.Normalization(mean=mean, variance=scale**2, name="standardize"))
         l2 = float(self.l2)
 
         def dense(units, activation, name):
             reg = keras.regularizers.L2(l2) if l2 > 0 else None
             return keras.layers.Dense(units, activation, kernel_regularizer=reg, name=name)
 
-        layers = [keras.Input((X.shape[1],), name="features"), norm]
+        layers = [keras.Input((X.shape[1],), name="features"), *scaling]
         if int(self.hidden) > 0:
             layers.append(dense(int(self.hidden), "relu", "hidden"))
         if float(self.dropout) > 0:
@@ -358,17 +493,25 @@ class DenseHead(_Head):
         layers.append(dense(k, "softmax", "probabilities"))
         return keras.Sequential(layers, name="featx_dense_head")
 
-    def fit(self, X, y, X_val=None, y_val=None) -> DenseHead:
-        """Train on (X, y); with (X_val, y_val), stop early on their loss, keep the best epoch."""
+    def fit(self, X, y, X_val=None, y_val=None, X_flip=None) -> DenseHead:
+        """Train on (X, y) (and the mirror images' X_flip); with (X_val, y_val), stop early on
+        their loss, keep the best epoch."""
         import keras
 
         self._check_params()
         X = _features(X)
         y, k = _labels(y, len(X))
+        X_flip = _mirrored(X, X_flip)
         has_val = X_val is not None and len(X_val) > 0
         if has_val:
             X_val = _features(X_val, X.shape[1])
             y_val = np.asarray(y_val, np.int64)
+        self.scaling_ = _scaling(self.scaling)
+        if self.scaling_ == "auto":
+            logreg = LogRegHead(scaling="auto", class_weight=self.class_weight, seed=self.seed)
+            self.scaling_ = logreg.fit(X, y, X_flip=X_flip).scaling_
+        self.flip_ = X_flip is not None
+        X, y = _with_flips(X, y, X_flip)
         keras.utils.set_random_seed(int(self.seed))
         model = self._build(X, k)
         if float(self.weight_decay) > 0:
@@ -454,6 +597,8 @@ class DenseHead(_Head):
 
     def summary(self) -> dict:
         return {
+            "scaling": self.scaling_,
+            "flip": self.flip_,
             "epochs_run": self.epochs_run_,
             "best_epoch": self.best_epoch_,
             "parameters": int(self.model_.count_params()),
@@ -469,6 +614,8 @@ class DenseHead(_Head):
 
         self.model_ = keras.saving.load_model(path, compile=False)  # safe_mode: no lambdas
         fitted = meta.get("fitted", {})
+        self.scaling_ = fitted.get("scaling", "standard")  # standardised before it was a choice
+        self.flip_ = bool(meta.get("flip", False))
         self.epochs_run_ = fitted.get("epochs_run")
         self.best_epoch_ = fitted.get("best_epoch")
         self.history_ = meta.get("history")
@@ -533,7 +680,8 @@ def save_head(
 
     head.json: {"format": "featx-head", "format_version", "featx_version", "head", "file",
     "class_names", "feature_dim", "options" (the head's parameters), "fitted" (its summary()),
-    "fingerprint" (of the cache it was trained on), "history" (dense only)} plus `extra`.
+    "flip" (true: it predicts from flip_views() of an image and its mirror image), "fingerprint"
+    (of the cache it was trained on), "history" (dense only)} plus `extra`.
     Returns the path of head.json.
     """
     head._check_fitted()
@@ -563,6 +711,7 @@ def save_head(
         "feature_dim": int(head.n_features_in_),
         "options": {k: _jsonable(v) for k, v in head.get_params().items()},
         "fitted": _jsonable_tree(head.summary()),
+        "flip": bool(head.flip_),
         "fingerprint": fingerprint,
     }
     if head.kind == "dense":
@@ -591,10 +740,11 @@ def load_head(folder: str | Path) -> tuple[LogRegHead | DenseHead, dict]:
         raise FeatxError(f"'{path}' is not valid JSON ({e}).") from None
     if meta.get("format") != HEAD_FORMAT:
         raise FeatxError(f"'{path}' is not a featx head (no format='{HEAD_FORMAT}').")
-    if meta.get("format_version") != HEAD_FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_HEAD_VERSIONS:
         raise FeatxError(
             f"'{path}' is a featx head of format version {meta.get('format_version')}, this "
-            f"featx reads version {HEAD_FORMAT_VERSION}. Re-run `featx fit-head`."
+            f"featx reads versions {', '.join(map(str, READABLE_HEAD_VERSIONS))}. Re-run "
+            "`featx fit-head` with this featx."
         )
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["options"].items()}
     head = make_head(meta["head"], **options)  # JSON made the tuples (Cs) lists

@@ -66,6 +66,7 @@ class ExtractOptions:
     overwrite: bool = False
     engine: str = config.ENGINE
     precision: str = config.PRECISION
+    flip: bool | None = None  # also the mirror images' features; None: the cache's
 
     def __post_init__(self):
         check_image_size(self.image_size, self.batch_size)

@@ -289,7 +289,11 @@ def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None
         )
 
     def run(batch):
-        return head.predict_proba(runner.features(batch))
+        features = runner.features(batch)
+        if head.flip_:  # fitted with mirror images: predict from the mean of both views
+            mirrored = runner.features(np.ascontiguousarray(batch[:, :, ::-1]))
+            features = heads.flip_views(features, mirrored)
+        return head.predict_proba(features)
 
     return Classifier(kind, list(meta["class_names"]), size, runner.name, meta, run)
 

@@ -2,6 +2,8 @@
 
 Layout (all readable with plain h5py):
     /features        (N, D) float32 or float16   pooled backbone features, rows sorted by path
+    /features_flip   (N, D) like /features        optional (`extract --flip`): the same images
+                                                  mirrored left-right, row for row
     /labels          (N,)   int32                 index into /class_names
     /class_names     (C,)   str
     /paths           (N,)   str                   relative to the data folder
@@ -44,6 +46,8 @@ from featx.files import replaced_atomically, write_text_atomic
 FORMAT = "featx-cache"
 FORMAT_VERSION = 1
 _STR = h5py.string_dtype()
+FLIP_DATASET = "features_flip"
+FLIP_TRANSFORM = "the resized image mirrored left-right (width axis reversed) before the backbone"
 
 
 @dataclass
@@ -70,6 +74,12 @@ class Cache:
     rejected: Rows = field(default_factory=Rows)
     rejected_reasons: list[str] = field(default_factory=list)
     attrs: dict = field(default_factory=dict)
+    features_flip: np.ndarray | None = None  # (N, D): the mirror images, row for row; optional
+
+    @property
+    def flip(self) -> bool:
+        """Whether the cache holds the mirror images' features too (`extract --flip`)."""
+        return self.features_flip is not None
 
     @property
     def paths(self) -> list[str]:
@@ -154,6 +164,7 @@ def read_cache(path: str | Path) -> Cache:
                 rejected=_read_rows(rej),
                 rejected_reasons=_strs(rej["reasons"]),
                 attrs={k: _attr(v) for k, v in f.attrs.items() if k != "fingerprint"},
+                features_flip=f[FLIP_DATASET][()] if FLIP_DATASET in f else None,
             )
         except (OSError, KeyError, ValueError) as e:  # a checksum error is an OSError
             raise damaged(path, e) from None
@@ -210,6 +221,9 @@ def _image(cache: Cache) -> bytes:
         f.attrs["updated"] = now
         f.create_dataset("class_names", data=np.array(cache.class_names, dtype=object), dtype=_STR)
         f.create_dataset("features", data=cache.features, **_CHECKED)
+        if cache.features_flip is not None:
+            flip = f.create_dataset(FLIP_DATASET, data=cache.features_flip, **_CHECKED)
+            flip.attrs["transform"] = FLIP_TRANSFORM
         f.create_dataset("labels", data=np.asarray(cache.labels, np.int32), **_CHECKED)
         f.create_dataset("splits", data=np.array(list(cache.splits), dtype=object), dtype=_STR)
         _write_rows(f, cache.rows)
@@ -314,6 +328,7 @@ def info(path: str | Path) -> dict:
         "images": len(cache.paths),
         "feature_dim": int(cache.features.shape[1]) if cache.features.ndim == 2 else 0,
         "dtype": str(cache.features.dtype),
+        "flip": cache.features_flip is not None,
         "class_names": cache.class_names,
         "counts": cache.counts(),
         "rejected": [

@@ -113,6 +113,29 @@ def test_float_exports_give_the_heads_probabilities(tiny, tmp_path, head, model_
         assert accuracy == info["validation"]["reference_accuracy"] == tiny["accuracy"]
 
 
+@pytest.mark.parametrize("model_format", ["keras", "tflite"])
+def test_a_head_fitted_with_mirror_images_exports_the_mean_of_both_views(model_format, tmp_path):
+    data = write_split_data(tmp_path / "data")
+    cache_path = tmp_path / "flip.h5"
+    extract(data, cache_path, batch_size=8, engine="keras", flip=True, **TINY)
+    metrics = fit_head(cache_path, "logreg", tmp_path / "head", C=1.0, scaling="l2")
+    result = export(tmp_path / "head", model_format, output=tmp_path / "out", cache=cache_path)
+    assert result["source"]["flip"] is True and result["check"]["max_abs_diff"] <= 1e-4
+
+    cache = store.read_cache(cache_path)
+    mask = cache.splits == "validation"
+    pixels = [images.load_image(data / p, 32) for p, m in zip(cache.paths, mask) if m]
+    got = run_exported(Path(result["model"]), model_format, np.stack(pixels).astype(np.float32))
+    head = heads.load_head(tmp_path / "head")[0]
+    expected = head.predict_proba(heads.flip_views(cache.features[mask], cache.features_flip[mask]))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert np.abs(head.predict_proba(cache.features[mask]) - expected).max() > 1e-3
+    accuracy = metrics["validation"]["accuracy"]
+    assert (
+        result["validation"]["accuracy"] == result["validation"]["reference_accuracy"] == accuracy
+    )
+
+
 def test_a_finetune_output_exports_without_its_augmentation_layers(tiny, tmp_path):
     from featx.finetune import finetune
 

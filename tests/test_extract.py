@@ -156,6 +156,58 @@ def test_incremental_run_extracts_only_new_and_changed_files(flat, tmp_path, mon
     assert np.abs(second.features[changed] - old_feature).max() > 1e-3 * np.abs(old_feature).max()
 
 
+def test_flip_stores_the_features_of_the_mirror_image_row_for_row(tmp_path, monkeypatch):
+    # 32 px PNGs (the model's size: no resize), each beside its own mirror image as another file
+    rng = np.random.default_rng(0)
+    for c in ("cats", "dogs"):
+        for i in range(3):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            (tmp_path / "data" / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(tmp_path / "data" / c / f"{c}{i}.png")
+            Image.fromarray(pixels[:, ::-1]).save(tmp_path / "data" / c / f"{c}{i}-mirror.png")
+    cache_path = tmp_path / "c.h5"
+    summary = run(tmp_path / "data", cache_path, flip=True)
+    assert summary["flip"] is True and summary["extracted"] == 12
+    cache = store.read_cache(cache_path)
+    assert cache.features_flip.shape == cache.features.shape == (12, 1280)
+    scale = np.abs(cache.features).max()  # random-weight features are tiny
+    row = {p: i for i, p in enumerate(cache.paths)}
+    for p in cache.paths:
+        twin = p.replace("-mirror.png", ".png") if "-mirror" in p else p[:-4] + "-mirror.png"
+        np.testing.assert_allclose(
+            cache.features_flip[row[p]], cache.features[row[twin]], rtol=1e-4, atol=1e-5 * scale
+        )
+    assert np.abs(cache.features_flip - cache.features).max() > 1e-2 * scale  # not symmetric
+    with h5py.File(cache_path) as f:  # plain h5py reads it, and it says what it is
+        assert (
+            f["features_flip"].shape == (12, 1280)
+            and "mirrored" in f["features_flip"].attrs["transform"]
+        )
+    assert store.info(cache_path)["flip"] is True
+
+    calls = ModelCalls(monkeypatch)
+    kept = run(tmp_path / "data", cache_path)  # the cache's setting is kept, no model work
+    assert kept["flip"] is True and kept["extracted"] == 0 and calls.images == 0
+    (tmp_path / "data" / "cats" / "new.png").write_bytes(
+        (tmp_path / "data" / "cats" / "cats0.png").read_bytes()
+    )
+    added = run(tmp_path / "data", cache_path)
+    assert added["extracted"] == 1 and calls.images == 2 * 4  # the image and its mirror image
+    cache = store.read_cache(cache_path)
+    new, old = cache.paths.index("cats/new.png"), cache.paths.index("cats/cats0.png")
+    np.testing.assert_allclose(
+        cache.features_flip[new], cache.features_flip[old], rtol=1e-4, atol=1e-5 * scale
+    )
+    dropped = run(tmp_path / "data", cache_path, flip=False)
+    assert dropped["flip"] is False and calls.images == 8  # dropping them needs no model work
+    plain = store.read_cache(cache_path)
+    assert plain.features_flip is None
+    np.testing.assert_array_equal(plain.features, cache.features)
+    notes = []
+    again = run(tmp_path / "data", cache_path, flip=True, log=notes.append)
+    assert again["extracted"] == 13 and "extracting every image again" in " ".join(notes)
+
+
 def test_fingerprint_mismatch_is_refused_unless_overwrite(flat, tmp_path):
     cache_path = tmp_path / "c.h5"
     run(flat, cache_path)
@@ -275,6 +327,7 @@ def test_cli_extract_and_info(flat, tmp_path, monkeypatch):
     ] and "extracting 20/20, " in result.output
     result = runner.invoke(cli, ["extract", str(flat), "--cache", str(cache_path), *args, "--json"])
     assert result.exit_code == 0 and '"kept": 20' in result.output
+    assert '"flip": false' in result.output  # the default for a new cache: config.FLIP
     result = runner.invoke(cli, ["info", str(cache_path)])
     assert result.exit_code == 0 and "validation" in result.output and "alpha=0.35" in result.output
 

@@ -56,11 +56,13 @@ def write_synthetic_cache(
     shuffle_labels: bool = False,
     dtype: str = "float32",
     seed: int = 0,
+    flip_noise: float | None = None,
 ) -> Path:
     """A featx cache of Gaussian-cluster "features", one cluster per class.
 
     counts: {split: images per class}; default train 40, validation 15, test 10 per class.
     shuffle_labels: permute the labels within each split (nothing left to learn).
+    flip_noise: also write /features_flip ("mirror images"): the features plus this much noise.
     """
     counts = counts or {"train": (40, 40), "validation": (15, 15), "test": (10, 10)}
     rng = np.random.default_rng(seed)
@@ -88,6 +90,9 @@ def write_synthetic_cache(
         ),
         attrs={"data_dir": "/data/pets", "layout": "splits", "val_split": 0.2, "seed": 0},
     )
+    if flip_noise is not None:
+        noise = flip_noise * rng.normal(size=cache.features.shape)
+        cache.features_flip = (cache.features + noise).astype(dtype)
     store.write_cache(path, cache)
     return path
 
@@ -183,6 +188,57 @@ def test_float16_caches_are_fitted_in_float32(tmp_path):
     path = write_synthetic_cache(tmp_path / "half.h5", dtype="float16")
     m = fit_head(path, "logreg", tmp_path / "out")
     assert m["cache"]["dtype"] == "float16" and m["validation"]["accuracy"] >= 0.95
+
+
+@pytest.mark.parametrize("head", heads.HEADS)
+def test_mirror_images_are_training_rows_and_validation_is_scored_on_the_mean_of_both(
+    head, tmp_path
+):
+    path = write_synthetic_cache(tmp_path / "flip.h5", flip_noise=1.0)
+    options = DENSE if head == "dense" else {}
+    m = fit_head(path, head, tmp_path / "out", **options)  # used when the cache has them
+    assert m["fitted"]["flip"] is True
+    loaded, meta = heads.load_head(tmp_path / "out")
+    assert meta["flip"] is True and loaded.flip_
+    cache = store.read_cache(path)
+    views = cache.splits == "validation"
+    X = heads.flip_views(cache.features[views], cache.features_flip[views])
+    proba = loaded.predict_proba(X)
+    assert report.evaluate(cache.labels[views], proba, cache.class_names) == m["validation"]
+    if head == "logreg":  # trained on 160 rows: both views of the 80 training images
+        refit = heads.LogRegHead(**m["options"]).fit(
+            *cache.split("train"), X_flip=cache.features_flip[cache.splits == "train"]
+        )
+        np.testing.assert_allclose(refit.predict_proba(X), proba, atol=1e-12)
+
+    without = fit_head(path, head, tmp_path / "no-flip", flip=False, **options)
+    assert without["fitted"]["flip"] is False and not heads.load_head(tmp_path / "no-flip")[0].flip_
+    assert without["validation"] != m["validation"]
+    plain = fit_head(write_synthetic_cache(tmp_path / "plain.h5"), head, tmp_path / "p", **options)
+    assert plain["fitted"]["flip"] is False
+    with pytest.raises(FeatxError, match="has no features of mirror images.*extract --flip"):
+        fit_head(tmp_path / "plain.h5", head, tmp_path / "x", flip=True)
+
+
+def test_the_scaling_is_an_option_and_the_choice_is_in_metrics(cache_path, tmp_path):
+    m = fit_head(cache_path, "logreg", tmp_path / "auto")
+    assert m["options"]["scaling"] == config.SCALING == "auto"
+    assert m["fitted"]["scaling"] in config.SCALING_CHOICES
+    assert set(m["fitted"]["cv"]["log_loss"]) == set(config.SCALING_CHOICES)
+    l2 = fit_head(cache_path, "logreg", tmp_path / "l2", scaling="l2")
+    assert l2["options"]["scaling"] == l2["fitted"]["scaling"] == "l2"
+    assert list(l2["fitted"]["cv"]["log_loss"]) == ["l2"]
+    assert l2["fitted"]["cv"]["log_loss"]["l2"] == m["fitted"]["cv"]["log_loss"]["l2"]
+    dense = fit_head(cache_path, "dense", tmp_path / "dense", **DENSE)
+    assert dense["options"]["scaling"] == config.DENSE_SCALING == dense["fitted"]["scaling"]
+    result = CliRunner().invoke(
+        cli, ["fit-head", str(cache_path), "--output", str(tmp_path / "cli"), "--scaling", "none"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "scaling none" in result.stdout
+    assert (
+        json.loads((tmp_path / "cli" / "metrics.json").read_text())["fitted"]["scaling"] == "none"
+    )
 
 
 def test_the_default_output_is_next_to_the_cache(cache_path):

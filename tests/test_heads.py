@@ -78,17 +78,24 @@ def test_balanced_class_weight_raises_minority_recall(kind):
     assert recall["balanced"] > recall["none"] + 0.1, recall
 
 
-def test_logreg_chooses_C_by_cross_validation_on_the_training_data():
+def test_logreg_chooses_scaling_and_C_together_by_cross_validation_on_the_training_data():
     X, y = blobs((60, 60), seed=6)
     head = heads.LogRegHead(Cs=(0.01, 1.0), cv_folds=3).fit(X, y)
-    assert head.C_ in (0.01, 1.0)
-    assert head.cv_results_["C"] == [0.01, 1.0] and len(head.cv_results_["log_loss"]) == 2
-    chosen, best = head.C_, head.cv_results_["C"][int(np.argmin(head.cv_results_["log_loss"]))]
-    assert chosen == best
-    fixed = heads.LogRegHead(C=0.5).fit(X, y)
+    curves = head.cv_results_["log_loss"]
+    assert head.cv_results_["C"] == [0.01, 1.0] and list(curves) == ["none", "standard", "l2"]
+    losses = np.array([curves[s] for s in curves])  # (scalings, Cs)
+    s, j = np.unravel_index(np.argmin(losses), losses.shape)
+    assert (head.scaling_, head.C_) == (list(curves)[s], [0.01, 1.0][j])
+    one = heads.LogRegHead(Cs=(0.01, 1.0), cv_folds=3, scaling="standard").fit(X, y)
+    assert list(one.cv_results_["log_loss"]) == ["standard"] and one.scaling_ == "standard"
+    assert one.cv_results_["log_loss"]["standard"] == curves["standard"]  # same folds
+    fixed = heads.LogRegHead(C=0.5, scaling="standard").fit(X, y)
     assert fixed.C_ == 0.5 and fixed.cv_results_ is None
+    # a fixed C still lets the cross-validation choose the scaling
+    auto_at_C = heads.LogRegHead(C=0.5).fit(X, y).cv_results_["log_loss"]
+    assert list(auto_at_C) == ["none", "standard", "l2"]
     # the validation data never changes a logistic regression (no choice is made with it)
-    with_val = heads.LogRegHead(C=0.5).fit(X, y, X[:10], 1 - y[:10])
+    with_val = heads.LogRegHead(C=0.5, scaling="standard").fit(X, y, X[:10], 1 - y[:10])
     np.testing.assert_array_equal(with_val.coef_, fixed.coef_)
 
 
@@ -99,9 +106,52 @@ def test_logreg_matches_scikit_learn_binary_and_multiclass():
 
     for per_class in ((40, 50), (30, 30, 30)):
         X, y = blobs(per_class, seed=7)
-        ours = heads.LogRegHead(C=0.3).fit(X, y)
+        ours = heads.LogRegHead(C=0.3, scaling="standard").fit(X, y)
         ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.3, max_iter=500)).fit(X, y)
         np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=1e-6)
+
+
+@pytest.mark.parametrize("scaling", ["none", "l2"])
+def test_scaling_none_and_l2_are_plain_logistic_regression_with_C_in_other_units(scaling):
+    # Centring and one global scale s change no model (the intercept is not penalised): the
+    # head at C equals scikit-learn's LogisticRegression at C / s**2 on the raw (or unit) rows.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import normalize
+
+    X, y = blobs((40, 50, 30), seed=7)
+    X = X + 3.0  # features that are not centred, like pooled ReLU activations
+    rows = normalize(X.astype(np.float64)) if scaling == "l2" else X.astype(np.float64)
+    s = np.sqrt(np.mean((rows - rows.mean(axis=0)) ** 2))
+    ours = heads.LogRegHead(C=0.3, scaling=scaling).fit(X, y)
+    assert ours.scaling_ == scaling and np.allclose(ours.scale_, s)
+    ref = LogisticRegression(C=0.3 / s**2, max_iter=5000, tol=1e-10).fit(rows, y)
+    np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(rows), atol=2e-3)
+    if scaling == "l2":  # only the direction of a row counts
+        np.testing.assert_allclose(ours.predict_proba(5 * X), ours.predict_proba(X), atol=1e-6)
+
+
+def test_auto_scaling_avoids_standardising_rare_features_and_wins_on_validation():
+    # 40 informative dense features plus 400 rare ones: each rare feature fires on one or two
+    # training images only, so standardising multiplies it by ~10 and lets noise dominate.
+    rng = np.random.default_rng(0)
+
+    def data(n):
+        y = rng.integers(0, 2, n)
+        dense = rng.normal(size=(n, 40)) + 0.35 * (2 * y[:, None] - 1)
+        rare = (rng.random((n, 400)) < 0.004) * rng.uniform(1, 3, (n, 400))
+        return np.hstack([dense, rare]).astype(np.float32), y.astype(np.int32)
+
+    X, y = data(400)
+    Xv, yv = data(2000)
+    standard = heads.LogRegHead(scaling="standard").fit(X, y)
+    auto = heads.LogRegHead().fit(X, y)
+    assert auto.scaling_ != "standard"
+    curves = auto.cv_results_["log_loss"]
+    assert min(curves[auto.scaling_]) < min(curves["standard"])
+    assert auto.score(Xv, yv) > standard.score(Xv, yv) + 0.02, (
+        auto.score(Xv, yv),
+        standard.score(Xv, yv),
+    )
 
 
 @pytest.mark.parametrize("kind", heads.HEADS)
@@ -123,8 +173,23 @@ def test_the_logreg_file_loads_without_pickle(fitted, tmp_path):
     head, _ = fitted["logreg"]
     heads.save_head(head, tmp_path, ["a", "b", "c"], {})
     with np.load(tmp_path / "head.npz", allow_pickle=False) as z:
-        assert set(z.files) == {"mean", "scale", "coef", "intercept", "C"}
-        assert all(z[k].dtype == np.float64 for k in z.files)
+        assert set(z.files) == {"mean", "scale", "coef", "intercept", "C", "scaling"}
+        assert all(z[k].dtype == np.float64 for k in z.files if k != "scaling")
+        assert str(z["scaling"]) == head.scaling_ and z["scaling"].dtype.kind == "U"
+
+
+def test_a_head_saved_before_scaling_was_a_choice_loads_as_standardised(tmp_path):
+    X, y = blobs((30, 30, 30), seed=15)
+    head = heads.LogRegHead(C=0.5, scaling="standard").fit(X, y)
+    heads.save_head(head, tmp_path, ["a", "b", "c"], {})
+    meta = json.loads((tmp_path / "head.json").read_text())
+    with np.load(tmp_path / "head.npz") as z:  # the files as featx wrote them before #17
+        np.savez(tmp_path / "head.npz", **{k: z[k] for k in z.files if k != "scaling"})
+    del meta["flip"], meta["options"]["scaling"], meta["fitted"]["scaling"], meta["fitted"]["flip"]
+    (tmp_path / "head.json").write_text(json.dumps({**meta, "format_version": 1}))
+    loaded, _ = heads.load_head(tmp_path)
+    assert loaded.scaling_ == "standard" and loaded.flip_ is False
+    np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
 
 
 @pytest.mark.parametrize("kind", heads.HEADS)
@@ -134,6 +199,71 @@ def test_to_keras_reproduces_predict_proba(kind, fitted):
     assert model.input_shape == (None, 16) and model.output_shape == (None, 3)
     out = np.asarray(model.predict(Xv, verbose=0))
     np.testing.assert_allclose(out, head.predict_proba(Xv), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", heads.HEADS)
+@pytest.mark.parametrize("scaling", ["none", "standard", "l2"])
+def test_every_scaling_is_saved_loaded_and_folded_into_keras(kind, scaling, tmp_path):
+    import keras
+
+    X, y = blobs((40, 30, 30), seed=16)
+    X = np.abs(X) * np.linspace(0.1, 3, 16, dtype=np.float32)  # uneven, positive features
+    options = {"C": 0.5} if kind == "logreg" else {}
+    head = make(kind, scaling=scaling, **options).fit(X, y, X, y)
+    assert head.scaling_ == scaling and head.summary()["scaling"] == scaling
+    model = head.to_keras()
+    units = [layer for layer in model.layers if isinstance(layer, keras.layers.UnitNormalization)]
+    assert len(units) == (scaling == "l2")
+    np.testing.assert_allclose(model.predict(X, verbose=0), head.predict_proba(X), atol=1e-5)
+    heads.save_head(head, tmp_path, ["a", "b", "c"], {})
+    loaded, meta = heads.load_head(tmp_path)
+    assert loaded.scaling_ == scaling and meta["fitted"]["scaling"] == scaling
+    np.testing.assert_allclose(loaded.predict_proba(X), head.predict_proba(X), atol=1e-12)
+
+
+def test_dense_head_with_auto_scaling_takes_the_logistic_regressions_choice():
+    X, y = blobs((40, 40), seed=17)
+    X = X + 5.0
+    dense = make("dense", scaling="auto").fit(X, y)
+    assert dense.scaling_ == heads.LogRegHead().fit(X, y).scaling_
+    assert dense.get_params()["scaling"] == "auto"  # the parameter stays what was asked
+
+
+def test_mirror_images_are_extra_training_rows_kept_in_the_same_fold():
+    # With mirror features equal to the originals, training on both is training on each image
+    # twice, which is the plain fit at twice the C. The cross-validation must keep an image and
+    # its mirror in the same fold: then its curve is the plain curve shifted by a factor 2 in C
+    # (were they split apart, held-out images would be in training and their loss far lower).
+    X, y = blobs((40, 40, 40), distance=2.0, seed=18)
+    Cs = (0.05, 0.1, 0.2, 0.4, 0.8)
+    plain = heads.LogRegHead(Cs=Cs, scaling="standard").fit(X, y)
+    both = heads.LogRegHead(Cs=Cs, scaling="standard").fit(X, y, X_flip=X)
+    assert both.flip_ and not plain.flip_ and both.summary()["flip"] is True
+    np.testing.assert_allclose(
+        both.cv_results_["log_loss"]["standard"][:-1],
+        plain.cv_results_["log_loss"]["standard"][1:],
+        rtol=2e-3,
+    )
+    same_c = heads.LogRegHead(C=0.2, scaling="standard")
+    np.testing.assert_allclose(
+        same_c.fit(X, y, X_flip=X).predict_proba(X),
+        heads.LogRegHead(C=0.4, scaling="standard").fit(X, y).predict_proba(X),
+        atol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("kind", heads.HEADS)
+def test_a_head_fitted_with_mirror_images_says_so_in_head_json(kind, tmp_path):
+    X, y = blobs((30, 30), seed=19)
+    F = X + np.random.default_rng(0).normal(scale=0.3, size=X.shape).astype(np.float32)
+    head = make(kind).fit(X, y, heads.flip_views(X, F), y, X_flip=F)
+    assert head.flip_
+    path = heads.save_head(head, tmp_path, ["a", "b"], {})
+    assert json.loads(path.read_text())["flip"] is True
+    assert heads.load_head(tmp_path)[0].flip_ is True
+    np.testing.assert_allclose(heads.flip_views(X, F), (X + F) / 2)
+    with pytest.raises(FeatxError, match="mirror images' features have shape"):
+        make(kind).fit(X, y, X_flip=F[:10])
 
 
 def test_dense_to_keras_leaves_out_dropout_and_l2_but_keeps_the_weights(fitted):
@@ -225,6 +355,10 @@ def test_bad_input_gives_clear_errors(fitted, tmp_path):
         heads.LogRegHead(class_weight="auto").fit(X, y)
     with pytest.raises(FeatxError, match="C must be > 0, got 0"):
         heads.LogRegHead(C=0).fit(X, y)
+    with pytest.raises(FeatxError, match="scaling must be one of .* got 'minmax'"):
+        heads.LogRegHead(scaling="minmax").fit(X, y)
+    with pytest.raises(FeatxError, match="scaling must be one of"):
+        heads.DenseHead(scaling="minmax").fit(X, y)
     with pytest.raises(FeatxError, match=r"dropout must be in \[0, 1\), got 1.5"):
         heads.DenseHead(dropout=1.5).fit(X, y)
     with pytest.raises(FeatxError, match="Unknown head 'svm'"):
@@ -241,5 +375,5 @@ def test_bad_input_gives_clear_errors(fitted, tmp_path):
     heads.save_head(head, tmp_path, ["a", "b", "c"], {})
     meta = json.loads((tmp_path / "head.json").read_text())
     (tmp_path / "head.json").write_text(json.dumps({**meta, "format_version": 99}))
-    with pytest.raises(FeatxError, match="format version 99, this featx reads version 1"):
+    with pytest.raises(FeatxError, match="format version 99, this featx reads versions 1, 2"):
         heads.load_head(tmp_path)

@@ -253,6 +253,26 @@ def test_accuracy_is_printed_for_class_folders_and_matches_the_validation_metric
     assert result["accuracy"] == 0.0 and result["labelled"] == 4
 
 
+def test_a_head_fitted_with_mirror_images_predicts_from_the_mean_of_both_views(tmp_path):
+    data = write_split_data(tmp_path / "data")
+    cache_path = tmp_path / "flip.h5"
+    extract(data, cache_path, batch_size=8, engine="keras", flip=True, **TINY)
+    metrics = fit_head(cache_path, "logreg", tmp_path / "head", C=1.0, scaling="standard")
+    assert metrics["fitted"]["flip"] is True
+    result = run(tmp_path / "head", [str(data / "validation")])
+    cache = store.read_cache(cache_path)
+    head, _ = heads.load_head(tmp_path / "head")
+    both = head.predict_proba(heads.flip_views(cache.features, cache.features_flip))
+    one = head.predict_proba(cache.features)
+    assert np.abs(both - one).max() > 1e-3  # the views differ enough for this test to tell
+    row = {str(data / p): i for i, p in enumerate(cache.paths)}
+    for r in result["rows"]:
+        expected = both[row[r["path"]]]
+        got = [t["probability"] for t in r["top_k"]]
+        np.testing.assert_allclose(got, sorted(expected, reverse=True), atol=1e-4)
+    assert result["accuracy"] == metrics["validation"]["accuracy"]
+
+
 def test_cli_json_and_progress_on_large_inputs(tiny, monkeypatch):
     args = ["predict", str(tiny["head"]), str(tiny["data"] / "train"), "--engine", "keras"]
     res = CliRunner().invoke(cli, [*args, "--json", "--top-k", "1"])

@@ -1,0 +1,437 @@
+"""Model quality: featx's heads against the simplest thing that could work, on four data sets (#17).
+
+For each data set of the quality suite (../shared/data: cats_and_dogs_filtered, oxford_flowers17,
+neu_surface_defects, clothing_small), on one identical split:
+
+1. `featx extract --flip` into --cache-dir (incremental: a second run does no model work). A flat
+   folder (flowers, NEU) is split by featx's own seeded, stratified 80/20 split; the folders with
+   train/validation(/test) keep theirs. The split is read back from the cache, so every row below
+   sees exactly the same images.
+2. The baseline, written plainly with h5py and scikit-learn, NOT featx: the cached features as
+   they are and `LogisticRegression()` with every default, fitted on the train split.
+3. featx: `fit_head` (the library function behind `featx fit-head`) with its defaults, the
+   defaults from before issue 17 (standardised features, no mirror images), and each option.
+4. --multi-scale (slow: extracts every image again at 320 px): logistic regression on the 320 px
+   features and on the 224 + 320 px features side by side; measured here only, not in featx.
+
+Reported per data set on the validation split (clothing_small's test split too, in the JSON):
+accuracy, balanced accuracy and macro-F1, the mean over data sets, and, against the baseline, the
+images only one of the two got right (featx / baseline): their difference over the validation
+size is the accuracy difference, and it is noise when it is within about twice the square root of
+their sum. For oxford_flowers17, the accuracy on the validation images without a near-duplicate
+in the train split (from oxford_flowers17.near_duplicates.txt) shows what the leak is worth.
+
+--timing also measures, on cats_and_dogs_filtered in a temporary folder: `featx extract` with and
+without --flip (cold, the ONNX file already exported) and a warm `featx fit-head` end to end.
+
+Writes bench/results/quality.json (every number, date, machine, command) and prints a table plus
+a Markdown version for the README.
+
+    python bench/quality.py                          # ~5 min once the caches exist
+    python bench/quality.py --timing --multi-scale   # + ~6 min of extraction
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this tree's featx, before an installed one
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+from pipeline import machine  # noqa: E402  (bench/pipeline.py: cores, RAM, versions)
+
+DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
+DEFAULT_CACHE_DIR = REPO / "cache" / "quality"
+DEFAULT_JSON = REPO / "bench" / "results" / "quality.json"
+SETS = ("cats_and_dogs_filtered", "oxford_flowers17", "neu_surface_defects", "clothing_small")
+NEAR_DUPLICATES = {"oxford_flowers17": "oxford_flowers17.near_duplicates.txt"}
+LARGE_SIZE = 320  # --multi-scale: the second input size (the 224 px weights, convolved larger)
+
+# (id, label, head, fit_head options). "default" rows take featx's defaults; the rest change one
+# thing. Options a row leaves out are featx's defaults (flip: used when the cache has it).
+ROWS = (
+    ("logreg", "featx logreg, defaults", "logreg", {}),
+    ("dense", "featx dense, defaults", "dense", {}),
+    ("logreg_before", "logreg before #17: standardised, no flip", "logreg",
+     {"scaling": "standard", "flip": False}),
+    ("logreg_noflip", "logreg --no-flip", "logreg", {"flip": False}),
+    ("logreg_standard", "logreg --scaling standard", "logreg", {"scaling": "standard"}),
+    ("logreg_none", "logreg --scaling none", "logreg", {"scaling": "none"}),
+    ("logreg_l2", "logreg --scaling l2", "logreg", {"scaling": "l2"}),
+    ("logreg_balanced", "logreg --class-weight balanced", "logreg", {"class_weight": "balanced"}),
+    ("dense_before", "dense before #17: standardised, no flip", "dense",
+     {"scaling": "standard", "flip": False}),
+    ("dense_auto", "dense --scaling auto", "dense", {"scaling": "auto"}),
+    ("dense_hidden", "dense --hidden 256", "dense", {"hidden": 256}),
+    ("dense_hidden_auto", "dense --hidden 256 --scaling auto", "dense",
+     {"hidden": 256, "scaling": "auto"}),
+)  # fmt: skip
+QUICK_ROWS = ("logreg", "dense", "logreg_before")
+
+
+# --- the data ----------------------------------------------------------------------------------
+
+
+def run(argv: list[str]) -> tuple[dict, float]:
+    """Run a featx command with --json; (its JSON output, wall seconds)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    t0 = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        sys.exit(f"error: `{shlex.join(argv)}` failed ({done.returncode}):\n{tail}")
+    return json.loads(done.stdout[done.stdout.index("{") :]), seconds
+
+
+def featx(*args) -> list[str]:
+    return [sys.executable, "-m", "featx", *map(str, args)]
+
+
+def extract(data: Path, cache: Path, *options) -> dict:
+    summary, seconds = run(featx("extract", data, "--cache", cache, "--json", *options))
+    return {
+        "cache": str(cache),
+        "extracted": summary["extracted"],
+        "seconds": round(seconds, 2),
+        "engine": summary["engine"],
+        "counts": summary["counts"],
+    }
+
+
+def read_plain(cache: Path) -> dict:
+    """The cache as plain arrays (h5py only): what a user of the baseline would read."""
+    with h5py.File(cache, "r") as f:
+        return {
+            "X": f["features"][()],
+            "y": f["labels"][()],
+            "splits": np.array(f["splits"].asstr()[()]),
+            "paths": np.array(f["paths"].asstr()[()]),
+            "classes": list(f["class_names"].asstr()[()]),
+        }
+
+
+def leaked(data_root: Path, name: str, plain: dict) -> np.ndarray | None:
+    """Validation rows whose near-duplicate (listed by file name) is in the train split."""
+    listing = NEAR_DUPLICATES.get(name)
+    if listing is None or not (data_root / listing).is_file():
+        return None
+    pairs = [line.split()[1:3] for line in (data_root / listing).read_text().splitlines() if line]
+    split_of = {Path(p).name: s for p, s in zip(plain["paths"], plain["splits"])}
+    in_train = {a for a, b in pairs if split_of.get(b) == "train"}
+    in_train |= {b for a, b in pairs if split_of.get(a) == "train"}
+    names = np.array([Path(p).name for p in plain["paths"]])
+    return (plain["splits"] == "validation") & np.isin(names, list(in_train))
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+
+def scores(y_true, y_pred) -> dict:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
+    return {
+        "n": int(len(y_true)),
+        "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
+        "balanced_accuracy": round(float(balanced_accuracy_score(y_true, y_pred)), 4),
+        "macro_f1": round(float(f1_score(y_true, y_pred, average="macro")), 4),
+    }
+
+
+def baseline(plain: dict) -> dict:
+    """scikit-learn's LogisticRegression() with its defaults on the raw cached features."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    train = plain["splits"] == "train"
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # it stops at max_iter=100: as a user
+        model = LogisticRegression().fit(plain["X"][train], plain["y"][train])
+    out = {"fit_seconds": round(time.perf_counter() - t0, 3), "wrong": {}}
+    for split in ("validation", "test"):
+        rows = plain["splits"] == split
+        if rows.any():
+            pred = model.predict(plain["X"][rows])
+            out[split] = scores(plain["y"][rows], pred)
+            out["wrong"][split] = sorted(plain["paths"][rows][pred != plain["y"][rows]])
+    return out
+
+
+def featx_row(cache: Path, head: str, options: dict) -> dict:
+    """fit_head (the library function of `featx fit-head`) in a temporary folder."""
+    from featx.fit_head import fit_head
+
+    with tempfile.TemporaryDirectory(prefix="featx-quality-") as tmp:
+        m = fit_head(cache, head, Path(tmp) / "out", **options)
+        with open(Path(tmp) / "out" / "misclassified.csv", newline="") as fh:
+            wrong_rows = list(csv.DictReader(fh))
+    out = {"fit_seconds": m["fit_seconds"], "fitted": m["fitted"], "wrong": {}}
+    for split in ("validation", "test"):
+        if split in m:
+            out[split] = {
+                k: m[split][k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")
+            }
+            out["wrong"][split] = sorted(r["path"] for r in wrong_rows if r["split"] == split)
+    return out
+
+
+def multi_scale_rows(plain: dict, large: dict) -> dict:
+    """Logistic regression (featx's, default options) on the 320 px features, and on the 224 px
+    and 320 px features side by side. Measured here only: featx has no option for it."""
+    from featx import heads
+
+    if list(large["paths"]) != list(plain["paths"]):
+        sys.exit("error: the 224 px and 320 px caches hold different images; re-run extract.")
+    train, val = plain["splits"] == "train", plain["splits"] == "validation"
+    out = {}
+    for key, X in (
+        ("logreg_320", large["X"]),
+        ("logreg_224_320", np.hstack([plain["X"], large["X"]])),
+    ):
+        t0 = time.perf_counter()
+        head = heads.LogRegHead().fit(X[train], plain["y"][train])
+        pred = head.predict(X[val])
+        out[key] = {
+            "fit_seconds": round(time.perf_counter() - t0, 3),
+            "fitted": head.summary(),
+            "validation": scores(plain["y"][val], pred),
+            "wrong": {"validation": sorted(plain["paths"][val][pred != plain["y"][val]])},
+        }
+    return out
+
+
+def paired(row: dict, base: dict, split: str = "validation") -> dict:
+    """Images only this row got right / only the baseline got right."""
+    mine, theirs = set(row["wrong"].get(split, [])), set(base["wrong"].get(split, []))
+    return {"only_featx_right": len(theirs - mine), "only_baseline_right": len(mine - theirs)}
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+
+
+def benchmark(args) -> dict:
+    data_root = Path(args.data_root).expanduser()
+    cache_dir = Path(args.cache_dir).expanduser()
+    names = args.sets.split(",") if args.sets else list(SETS)
+    missing = [n for n in names if not (data_root / n).is_dir()]
+    if missing:
+        sys.exit(f"error: no {', '.join(missing)} in '{data_root}'; pass --data-root or --sets.")
+    row_specs = [r for r in ROWS if not args.quick or r[0] in QUICK_ROWS]
+    started = dt.datetime.now().astimezone()
+    sets = {}
+    for name in names:
+        print(f"{name}: extracting (incremental)", flush=True)
+        cache = cache_dir / f"{name}.h5"
+        result = {"extract": extract(data_root / name, cache, "--flip")}
+        plain = read_plain(cache)
+        result["classes"] = len(plain["classes"])
+        result["rows"] = {"baseline": baseline(plain)}
+        for key, label, head, options in row_specs:
+            print(f"{name}: {label}", flush=True)
+            result["rows"][key] = featx_row(cache, head, options)
+        if args.multi_scale:
+            large = cache_dir / f"{name}-{LARGE_SIZE}.h5"
+            result["extract_large"] = extract(
+                data_root / name, large, "--image-size", LARGE_SIZE, "--no-flip"
+            )
+            result["rows"].update(multi_scale_rows(plain, read_plain(large)))
+        base = result["rows"]["baseline"]
+        for key, row in result["rows"].items():
+            if key != "baseline":
+                row["paired"] = paired(row, base)
+        mask = leaked(data_root, name, plain)
+        if mask is not None:
+            val_paths = set(plain["paths"][plain["splits"] == "validation"])
+            leaks = set(plain["paths"][mask])
+            clean = len(val_paths) - len(leaks)
+            result["near_duplicates"] = {
+                "validation_images_with_a_duplicate_in_train": len(leaks),
+                "accuracy_without_them": {
+                    key: round(1 - len(set(row["wrong"]["validation"]) - leaks) / clean, 4)
+                    for key, row in result["rows"].items()
+                },
+                "accuracy_on_them": {
+                    key: round(1 - len(set(row["wrong"]["validation"]) & leaks) / len(leaks), 4)
+                    for key, row in result["rows"].items()
+                }
+                if leaks
+                else {},
+            }
+        sets[name] = result
+    labels = {"baseline": "plain LogisticRegression() on raw features"}
+    labels.update({key: label for key, label, _, _ in row_specs})
+    if args.multi_scale:
+        labels["logreg_320"] = f"logreg on {LARGE_SIZE} px features (bench only)"
+        labels["logreg_224_320"] = f"logreg on 224 + {LARGE_SIZE} px features (bench only)"
+    result = {
+        "date": started.isoformat(timespec="seconds"),
+        "command": "python " + shlex.join(["bench/quality.py", *sys.argv[1:]]),
+        "machine": machine(),
+        "data_root": str(data_root),
+        "labels": labels,
+        "sets": sets,
+        "means": means(sets, labels),
+    }
+    if args.timing:
+        result["timing"] = timing(data_root / "cats_and_dogs_filtered", cache_dir)
+    result["seconds_total"] = round((dt.datetime.now().astimezone() - started).total_seconds(), 1)
+    result["markdown"] = markdown(result)
+    return result
+
+
+def means(sets: dict, labels: dict) -> dict:
+    """Per row: the mean validation accuracy, balanced accuracy and macro-F1 over the data sets."""
+    out = {}
+    for key in labels:
+        rows = [s["rows"][key]["validation"] for s in sets.values() if key in s["rows"]]
+        if len(rows) == len(sets):
+            out[key] = {
+                m: round(float(np.mean([r[m] for r in rows])), 4)
+                for m in ("accuracy", "balanced_accuracy", "macro_f1")
+            }
+    return out
+
+
+def timing(data: Path, cache_dir: Path) -> dict:
+    """Cold `featx extract` with and without --flip (the backbone's ONNX file already exported
+    into cache_dir, which is where the temporary caches go), then a warm `featx fit-head`."""
+    out = {}
+    for key, options in (("extract", ["--no-flip"]), ("extract_flip", ["--flip"])):
+        cache = cache_dir / f".timing-{key}.h5"
+        cache.unlink(missing_ok=True)
+        print(f"timing: featx extract {' '.join(options)}", flush=True)
+        out[key] = extract(data, cache, *options)
+        if key == "extract_flip":
+            with tempfile.TemporaryDirectory(prefix="featx-quality-") as tmp:
+                argv = featx("fit-head", cache, "--output", Path(tmp) / "out", "--json")
+                print("timing: featx fit-head (warm)", flush=True)
+                m, seconds = run(argv)
+                out["fit_head_warm"] = {
+                    "seconds": round(seconds, 2),
+                    "fit_seconds": m["fit_seconds"],
+                    "fitted": {k: v for k, v in m["fitted"].items() if k != "cv"},
+                }
+        cache.unlink(missing_ok=True)
+    return out
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def fmt(value, spec=".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def text_table(result: dict) -> str:
+    names = list(result["sets"])
+    short = [n.split("_")[0][:9] for n in names]
+    head = f"{'validation accuracy':<56}" + "".join(f"{s:>10}" for s in short) + f"{'mean':>8}"
+    lines = [head, "-" * len(head)]
+    for key, label in result["labels"].items():
+        cells = []
+        for n in names:
+            row = result["sets"][n]["rows"].get(key)
+            cells.append(f"{row['validation']['accuracy']:>10.4f}" if row else f"{'-':>10}")
+        mean = result["means"].get(key, {}).get("accuracy")
+        lines.append(f"{label[:56]:<56}" + "".join(cells) + f"{fmt(mean):>8}")
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    names = list(result["sets"])
+    lines = [
+        f"Measured {result['date'][:10]} on {m['nproc']} CPU cores ({m['cpu_model']}), "
+        f"Python {m['python']}, scikit-learn; `{result['command']}`. Validation accuracy (in "
+        "brackets: images only featx / only the baseline got right).",
+        "",
+        "| | " + " | ".join(names) + " | mean |",
+        "|---|" + "---:|" * (len(names) + 1),
+    ]
+    for key, label in result["labels"].items():
+        cells = []
+        for n in names:
+            row = result["sets"][n]["rows"].get(key)
+            if row is None:
+                cells.append("-")
+                continue
+            cell = f"{row['validation']['accuracy']:.3f}"
+            if "paired" in row:
+                p = row["paired"]
+                cell += f" ({p['only_featx_right']}/{p['only_baseline_right']})"
+            cells.append(cell)
+        mean = result["means"].get(key, {}).get("accuracy")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {fmt(mean)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--data-root",
+        default=str(DEFAULT_DATA_ROOT),
+        help="folder holding the data sets  [default: ../shared/data]",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=str(DEFAULT_CACHE_DIR),
+        help="where the feature caches go (reused across runs)  [default: cache/quality]",
+    )
+    parser.add_argument("--sets", help=f"comma-separated subset of {','.join(SETS)}")
+    parser.add_argument("--quick", action="store_true", help=f"only the rows {QUICK_ROWS}")
+    parser.add_argument(
+        "--multi-scale", action="store_true", help=f"also extract at {LARGE_SIZE} px and compare"
+    )
+    parser.add_argument(
+        "--timing", action="store_true", help="time extract with/without --flip, warm fit-head"
+    )
+    parser.add_argument(
+        "--json-out",
+        default=str(DEFAULT_JSON),
+        help="where to write the results  [default: bench/results/quality.json]",
+    )
+    args = parser.parse_args(argv)
+    result = benchmark(args)
+    out = Path(args.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(text_table(result))
+    for name, s in result["sets"].items():
+        dup = s.get("near_duplicates")
+        if dup:
+            print(
+                f"\n{name}: {dup['validation_images_with_a_duplicate_in_train']} validation "
+                "images have a near-duplicate in train; accuracy without them: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in dup["accuracy_without_them"].items())
+            )
+    if "timing" in result:
+        print("\ntiming:", json.dumps(result["timing"], indent=1))
+    print("\nMarkdown for the README (Model quality):\n")
+    print(result["markdown"])
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
