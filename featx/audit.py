@@ -289,7 +289,7 @@ def leakage(
 ) -> str | None:
     """What the audit would find of leakage and cross-label copies, in a few words, or None.
     Cheap: exact copies (sha256) always, near copies when the cache has at most `near_max_images`
-    images (about 0.3 s for 3,000). None: config.AUDIT_NEAR_DUPLICATE and AUDIT_QUICK_MAX_IMAGES."""
+    images (0.1-0.5 s for 3,000). None: config.AUDIT_NEAR_DUPLICATE and AUDIT_QUICK_MAX_IMAGES."""
     threshold = config.AUDIT_NEAR_DUPLICATE if threshold is None else threshold
     if near_max_images is None:
         near_max_images = config.AUDIT_QUICK_MAX_IMAGES
