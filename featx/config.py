@@ -32,7 +32,7 @@ DECODE_THREADS = 4  # Pillow releases the GIL while decoding; more threads than 
 PREFETCH_BATCHES = 4  # decoded batches waiting for the model; bounds memory
 FEATURE_DTYPE = "float32"  # "float16" halves the cache; features are stored, not recomputed
 FEATURE_DTYPES = ("float32", "float16")  # a cache keeps its dtype unless --dtype asks for the other
-FLIP = False  # placeholder: decided by bench/quality.py
+FLIP = False  # extract --flip is opt-in until bench/quality.py shows it wins on the mean (#17)
 CACHE_DIR = "cache"  # default folder for caches and trained heads
 
 # --- splits --------------------------------------------------------------------------------------
