@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,99 @@ def build_base(
     return base
 
 
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What makes the features: the one object the stages pass around (timm's pretrained_cfg,
+    nanoGPT's GPTConfig). Every cache and head records its `fingerprint()`, and
+    `from_fingerprint` gives it back; a second backbone or engine plugs in here."""
+
+    weights: str = config.WEIGHTS
+    image_size: int = config.IMAGE_SIZE
+    alpha: float = config.ALPHA
+    precision: str = config.PRECISION
+    int8_sha256: str | None = None  # the quantized .onnx file, with precision "int8"
+
+    @classmethod
+    def from_fingerprint(cls, fp: dict) -> BackboneSpec:
+        try:
+            return cls(
+                str(fp["weights"]),
+                int(fp["image_size"]),
+                float(fp["alpha"]),
+                fp.get("precision", config.PRECISION),
+                fp.get("int8_sha256"),
+            )
+        except KeyError as e:
+            raise FeatxError(f"The fingerprint records no complete backbone (no {e}).") from None
+
+    def fingerprint(self, engine: str = "keras") -> dict:
+        return fingerprint(
+            self.weights, self.image_size, self.alpha, engine, self.precision, self.int8_sha256
+        )
+
+    @property
+    def feature_dim(self) -> int:
+        return feature_dim(self.alpha)
+
+
+def augmentation_layers(seed: int = config.SEED) -> list:
+    """Random flip, rotation, zoom and contrast on 0..255 pixels; identity outside training."""
+    import keras
+
+    return [
+        keras.layers.RandomFlip(config.AUGMENT_FLIP, seed=seed, name="augment_flip"),
+        keras.layers.RandomRotation(
+            config.AUGMENT_ROTATION, seed=seed + 1, name="augment_rotation"
+        ),
+        keras.layers.RandomZoom(config.AUGMENT_ZOOM, seed=seed + 2, name="augment_zoom"),
+        keras.layers.RandomContrast(
+            config.AUGMENT_CONTRAST, value_range=(0, 255), seed=seed + 3, name="augment_contrast"
+        ),
+    ]
+
+
+def compose(
+    spec: BackboneSpec,
+    head=None,
+    *,
+    augment: bool = False,
+    dropout: float = 0.0,
+    flip: bool = False,
+    seed: int = config.SEED,
+    name: str = "featx_model",
+):
+    """The one graph every stage builds, from raw RGB pixels (0..255, NHWC float32):
+    [augmentation] -> preprocessing -> frozen MobileNetV2 (BatchNorm in inference mode, even
+    where fine-tuning unfreezes it) -> [mean with the mirror image's features] -> [dropout ->
+    head]. Without a head it gives the pooled features (extract's Keras engine); with one, class
+    probabilities (finetune, export). The base starts frozen (see finetune.set_trainable)."""
+    import keras
+
+    base = build_base(spec.weights, spec.image_size, spec.alpha)
+    base.trainable = False
+    keras.utils.set_random_seed(seed)  # after build_base, which seeds random weights itself
+    size = spec.image_size
+    inputs = keras.Input((size, size, 3), dtype="float32", name="image")
+    x = inputs
+    for layer in augmentation_layers(seed) if augment else []:
+        x = layer(x)
+    x = preprocessing_layer()(x)
+    features = base(x, training=False)
+    if flip:  # a head fitted with mirror images sees the mean of both views' features
+        mirrored = base(keras.ops.flip(x, axis=2), training=False)  # NHWC: reverse the width
+        features = keras.layers.Average(name="mean_with_mirror_image")([features, mirrored])
+    if head is None:
+        return keras.Model(inputs, features, name=name)
+    if head.input_shape[-1] != features.shape[-1]:
+        raise FeatxError(
+            f"The head takes {head.input_shape[-1]}-d features, the backbone gives "
+            f"{features.shape[-1]}-d ones. Use a head fitted on features of this backbone."
+        )
+    if dropout:
+        features = keras.layers.Dropout(dropout, seed=seed, name="dropout")(features)
+    return keras.Model(inputs, head(features), name=name)
+
+
 @functools.lru_cache(maxsize=4)
 def build_backbone(
     weights: str = config.WEIGHTS,
@@ -244,14 +338,7 @@ def build_backbone(
 
     Cached per process: building MobileNetV2 costs seconds.
     """
-    import keras
-
-    base = build_base(weights, image_size, alpha)
-    base.trainable = False
-    inputs = keras.Input((image_size, image_size, 3), dtype="float32", name="image")
-    x = preprocessing_layer()(inputs)
-    outputs = base(x, training=False)  # BatchNorm in inference mode
-    return keras.Model(inputs, outputs, name="featx_backbone")
+    return compose(BackboneSpec(weights, image_size, alpha), name="featx_backbone")
 
 
 class KerasEngine:

@@ -23,17 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
-from featx import __version__, backbone, config, images, model_card, store
-from featx import predict as predict_mod
+from featx import __version__, artifacts, backbone, config, images, model_card, store
+from featx.artifacts import check_backbone, model_kind, read_finetune_info
+from featx.classifier import load_exported, load_finetune_model, run_batches
 from featx.errors import FeatxError
 from featx.files import replaced_atomically, save_keras_atomic, write_text_atomic
 
 FORMATS = ("keras", "savedmodel", "tflite")
 QUANTIZE = ("none", "float16", "dynamic")
-MODEL_FILES = {"keras": "model.keras", "savedmodel": "saved_model", "tflite": "model.tflite"}
-LABELS_FILE = "labels.txt"
-INFO_FILE = "export.json"
-INFO_FORMAT = "featx-export"
+MODEL_FILES = artifacts.EXPORT_MODEL_FILES
+LABELS_FILE = artifacts.LABELS_FILE
+INFO_FILE = artifacts.EXPORT_INFO
+INFO_FORMAT = artifacts.EXPORT_FORMAT
 
 
 def default_output_dir(model_dir: str | Path, format: str, quantize: str = "none") -> Path:
@@ -89,15 +90,15 @@ def build_model(model_dir: str | Path) -> tuple[object, dict]:
     "image_size", "fingerprint" (of the backbone), "cache" (the one it was trained on, if
     recorded) and "flip" (the model averages the features of the image and its mirror image).
     """
-    kind = predict_mod.model_kind(model_dir)  # a wrong folder is answered before Keras loads
+    kind = model_kind(model_dir)  # a wrong folder is answered before Keras loads
     if kind == "export":
         raise FeatxError(
             f"'{model_dir}' is already an export ({INFO_FILE}). Pass the `featx fit-head` or "
             "`featx finetune` folder it was exported from."
         )
     if kind == "finetune":
-        info = predict_mod.read_finetune_info(model_dir)
-        model = inference_model(predict_mod.load_finetune_model(model_dir))
+        info = read_finetune_info(model_dir)
+        model = inference_model(load_finetune_model(model_dir))
         return model, {
             "kind": kind,
             "head": None,
@@ -106,25 +107,16 @@ def build_model(model_dir: str | Path) -> tuple[object, dict]:
             "fingerprint": info.get("fingerprint"),
             "cache": info.get("cache"),
         }
-    import keras
 
     from featx import heads
 
     head, meta = heads.load_head(model_dir)
     fp = meta.get("fingerprint") or {}
     backbone.require_float(fp, f"The head in '{model_dir}'", "export")
-    predict_mod.check_backbone(fp, f"The head in '{model_dir}'")
-    size, alpha = int(fp["image_size"]), float(fp["alpha"])
-    base = backbone.build_base(fp["weights"], size, alpha)
-    base.trainable = False
-    inputs = keras.Input((size, size, 3), dtype="float32", name="image")
-    x = backbone.preprocessing_layer()(inputs)
-    features = base(x, training=False)
-    if head.flip_:  # fitted with mirror images: the mean of the image's and its mirror's features
-        mirrored = base(keras.ops.flip(x, axis=2), training=False)  # NHWC: reverse the width
-        features = keras.layers.Average(name="mean_with_mirror_image")([features, mirrored])
-    outputs = head.to_keras()(features, training=False)
-    model = keras.Model(inputs, outputs, name="featx_classifier")
+    check_backbone(fp, f"The head in '{model_dir}'")
+    spec = backbone.BackboneSpec.from_fingerprint(fp)
+    size = spec.image_size
+    model = backbone.compose(spec, head.to_keras(), flip=head.flip_, name="featx_classifier")
     return model, {
         "kind": kind,
         "head": meta.get("head"),
@@ -187,50 +179,6 @@ def _write_tflite(model, path: Path, quantize: str) -> None:
         raise FeatxError(f"TFLite conversion failed ({type(e).__name__}: {e}).") from None
     finally:
         shutil.rmtree(saved, ignore_errors=True)
-
-
-def tflite_interpreter(path: str | Path):
-    """A TFLite interpreter: LiteRT's (ai-edge-litert) when installed, else TensorFlow's."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
-        return Interpreter(model_path=str(path))
-
-
-def load_exported(path: str | Path, format: str):
-    """A function (n, size, size, 3) pixels -> (n, C) probabilities running the exported file."""
-    path = Path(path)
-    if format == "keras":
-        import keras
-
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
-        return lambda batch: np.asarray(model.predict_on_batch(np.asarray(batch, np.float32)))
-    if format == "savedmodel":
-        import tensorflow as tf
-
-        loaded = tf.saved_model.load(str(path))  # keep it: `serve` needs its variables alive
-        return lambda batch: loaded.serve(tf.constant(np.asarray(batch, np.float32))).numpy()
-    interpreter = tflite_interpreter(path)
-    inp = interpreter.get_input_details()[0]["index"]
-    out = interpreter.get_output_details()[0]["index"]
-    shape = [None]
-
-    def run(batch):
-        batch = np.asarray(batch, np.float32)
-        if shape[0] != batch.shape:
-            interpreter.resize_tensor_input(inp, batch.shape)
-            interpreter.allocate_tensors()
-            shape[0] = batch.shape
-        interpreter.set_tensor(inp, batch)
-        interpreter.invoke()
-        return interpreter.get_tensor(out).copy()
-
-    return run
 
 
 # --- checks --------------------------------------------------------------------------------------
@@ -344,7 +292,7 @@ def export(
         )
     if not isinstance(check_images, int) or check_images < 1:
         raise FeatxError(f"check_images must be an integer >= 1, got {check_images!r}.")
-    predict_mod.model_kind(model_dir)  # a wrong folder is answered before Keras loads
+    model_kind(model_dir)  # a wrong folder is answered before Keras loads
     if cache is not None and not Path(cache).is_file():
         raise FeatxError(
             f"Cache not found: '{cache}'. Pass the .h5 file `featx extract` wrote, or drop --cache."
@@ -402,7 +350,7 @@ def export(
     validation = None
     if val_paths is not None:
         log(f"evaluating the exported model on {len(val_paths)} validation images ...")
-        proba, failed = predict_mod.run_batches(
+        proba, failed = run_batches(
             run, val_paths, size, len(class_names), batch_size, progress
         )
         ok = np.array([i not in failed for i in range(len(val_paths))], bool)

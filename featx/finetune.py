@@ -70,22 +70,6 @@ def predict_batches(model, data: ImageBatches) -> tuple[np.ndarray, np.ndarray]:
 # --- the model -------------------------------------------------------------------------------
 
 
-def augmentation_layers(seed: int = config.SEED) -> list:
-    """Random flip, rotation, zoom and contrast on 0..255 pixels; identity outside training."""
-    import keras
-
-    return [
-        keras.layers.RandomFlip(config.AUGMENT_FLIP, seed=seed, name="augment_flip"),
-        keras.layers.RandomRotation(
-            config.AUGMENT_ROTATION, seed=seed + 1, name="augment_rotation"
-        ),
-        keras.layers.RandomZoom(config.AUGMENT_ZOOM, seed=seed + 2, name="augment_zoom"),
-        keras.layers.RandomContrast(
-            config.AUGMENT_CONTRAST, value_range=(0, 255), seed=seed + 3, name="augment_contrast"
-        ),
-    ]
-
-
 def build_model(
     fingerprint: dict,
     head_model,
@@ -105,35 +89,17 @@ def build_model(
         dropout: rate of the Dropout between the pooled features and the head.
     The whole base starts frozen; see `set_trainable`.
     """
-    import keras
-
-    weights, size, alpha = fingerprint["weights"], fingerprint["image_size"], fingerprint["alpha"]
-    rebuilt = backbone.fingerprint(weights, size, alpha)
+    spec = backbone.BackboneSpec.from_fingerprint(fingerprint)
     backbone.check_compatible(
         fingerprint,
-        rebuilt,
+        spec.fingerprint(),
         "The cache",
-        f"The weights '{weights}' found now differ from those that made the cache; re-run "
+        f"The weights '{spec.weights}' found now differ from those that made the cache; re-run "
         "`featx extract` (with --overwrite) so features and fine-tuning use the same backbone.",
     )
-    base = backbone.build_base(weights, size, alpha)
-    base.trainable = False
-    keras.utils.set_random_seed(seed)  # after build_base, which seeds random weights itself
-    inputs = keras.Input((size, size, 3), dtype="float32", name="image")
-    x = inputs
-    if augment:
-        for layer in augmentation_layers(seed):
-            x = layer(x)
-    x = backbone.preprocessing_layer()(x)
-    x = base(x, training=False)  # BatchNorm in inference mode, even when unfrozen
-    if head_model.input_shape[-1] != x.shape[-1]:
-        raise FeatxError(
-            f"The head takes {head_model.input_shape[-1]}-d features, the backbone gives "
-            f"{x.shape[-1]}-d ones. Use a head fitted on this cache."
-        )
-    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
-    outputs = head_model(x)
-    return keras.Model(inputs, outputs, name="featx_finetune")
+    return backbone.compose(
+        spec, head_model, augment=augment, dropout=dropout, seed=seed, name="featx_finetune"
+    )
 
 
 def base_of(model):

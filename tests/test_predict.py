@@ -326,7 +326,7 @@ def test_the_onnx_engine_predicts_the_same_without_importing_tensorflow(tiny):
 
 
 def test_an_onnx_file_of_an_older_version_is_looked_for_next_to_the_heads_cache(tiny, tmp_path):
-    from featx.predict import _onnx_dirs
+    from featx.classifier import _onnx_dirs
 
     moved = tmp_path / "models" / "cats"  # a head moved away from its cache
     shutil.copytree(tiny["head"], moved)
