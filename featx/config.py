@@ -117,6 +117,8 @@ PREDICT_PROGRESS_MIN = 100  # show a progress bar from this many images on
 PREDICT_MIN_CONFIDENCE = None  # --min-confidence: rows below it are predicted UNKNOWN_CLASS; off
 UNKNOWN_CLASS = "unknown"  # the prediction of a row below --min-confidence
 EXPORT_FORMAT = "keras"  # "keras" (any backend), "savedmodel" or "tflite" (TensorFlow backend)
+EXPORT_FORMATS = ("keras", "savedmodel", "tflite")
+EXPORT_QUANTIZES = ("none", "float16", "dynamic")
 # TFLite only. "float16" halves the file; "dynamic" stores int8 weights (3.6x smaller). With the
 # cats_and_dogs_filtered logreg model, probabilities on 8 check images moved by 1e-4 (float16) and
 # 5e-4 (dynamic); validation accuracy 0.989 stayed 0.989 / became 0.988. No full-integer option.

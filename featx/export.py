@@ -28,9 +28,10 @@ from featx.artifacts import check_backbone, model_kind, read_finetune_info
 from featx.classifier import load_exported, load_finetune_model, run_batches
 from featx.errors import FeatxError
 from featx.files import replaced_atomically, save_keras_atomic, write_text_atomic
+from featx.options import ExportOptions
 
-FORMATS = ("keras", "savedmodel", "tflite")
-QUANTIZE = ("none", "float16", "dynamic")
+FORMATS = config.EXPORT_FORMATS
+QUANTIZE = config.EXPORT_QUANTIZES
 MODEL_FILES = artifacts.EXPORT_MODEL_FILES
 LABELS_FILE = artifacts.LABELS_FILE
 INFO_FILE = artifacts.EXPORT_INFO
@@ -140,7 +141,11 @@ def _require_tensorflow(format: str) -> None:
         )
 
 
-def _write_saved_model(model, path: Path) -> None:
+def _write_keras(model, path: Path, quantize: str = "none") -> None:
+    save_keras_atomic(model, path)
+
+
+def _write_saved_model(model, path: Path, quantize: str = "none") -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -179,6 +184,9 @@ def _write_tflite(model, path: Path, quantize: str) -> None:
         raise FeatxError(f"TFLite conversion failed ({type(e).__name__}: {e}).") from None
     finally:
         shutil.rmtree(saved, ignore_errors=True)
+
+
+_WRITERS = {"keras": _write_keras, "savedmodel": _write_saved_model, "tflite": _write_tflite}
 
 
 # --- checks --------------------------------------------------------------------------------------
@@ -272,15 +280,7 @@ def export(
     """
     t0 = time.perf_counter()
     log = log or (lambda message: None)
-    if format not in FORMATS:
-        raise FeatxError(f"Unknown format {format!r}; expected one of {', '.join(FORMATS)}.")
-    if quantize not in QUANTIZE:
-        raise FeatxError(f"Unknown quantize {quantize!r}; expected one of {', '.join(QUANTIZE)}.")
-    if quantize != "none" and format != "tflite":
-        raise FeatxError(
-            f"--quantize {quantize} applies to --format tflite only, got --format {format}. "
-            "Drop --quantize, or export to tflite."
-        )
+    opts = ExportOptions(format, quantize, check_images, batch_size)
     if format != "keras":
         _require_tensorflow(format)
     model_dir = Path(model_dir)
@@ -290,8 +290,6 @@ def export(
             f"--output is the folder to write {MODEL_FILES[format]}, {LABELS_FILE} and "
             f"{INFO_FILE} into, got '{out}'. Pass a folder such as '{out.with_suffix('')}'."
         )
-    if not isinstance(check_images, int) or check_images < 1:
-        raise FeatxError(f"check_images must be an integer >= 1, got {check_images!r}.")
     model_kind(model_dir)  # a wrong folder is answered before Keras loads
     if cache is not None and not Path(cache).is_file():
         raise FeatxError(
@@ -300,44 +298,50 @@ def export(
     model_card.check_writable(out)
 
     model, described = build_model(model_dir)
-    size, class_names = described["image_size"], described["class_names"]
     val_paths, val_labels = _open_cache(cache, described) if cache is not None else (None, None)
-    check_paths = val_paths
-    if check_paths is None and described.get("cache"):  # the cache it was trained on, if here
-        try:
-            check_paths = _open_cache(described["cache"], described)[0]
-        except FeatxError:
-            check_paths = None
-
     out.mkdir(parents=True, exist_ok=True)
     path = out / MODEL_FILES[format]
     log(f"exporting {described['kind']} model to {path} ...")
-    if format == "keras":
-        save_keras_atomic(model, path)
-    elif format == "savedmodel":
-        _write_saved_model(model, path)
-    else:
-        _write_tflite(model, path, quantize)
-
+    _WRITERS[format](model, path, quantize)
     run = load_exported(path, format)
-    pixels, source = _check_pixels(check_images, size, check_paths)
+    check = _verify(model, run, path, opts, _check_paths(val_paths, described), log)
+    validation = None
+    if val_paths is not None:
+        log(f"evaluating the exported model on {len(val_paths)} validation images ...")
+        validation = _evaluate(run, val_paths, val_labels, described, opts, progress)
+        validation["reference_accuracy"] = _reference_accuracy(model_dir)
+    info = _record(
+        out, path, model_dir, described, opts, {"check": check, "validation": validation}
+    )
+    return {**info, "output": str(out), "model": str(path), "seconds": time.perf_counter() - t0}
+
+
+def _check_paths(val_paths, described: dict):
+    """Images to compare the models on: the --cache's validation split, else that of the cache
+    the model was trained on when it is still here, else None (random pixels)."""
+    if val_paths is not None or not described.get("cache"):
+        return val_paths
+    try:
+        return _open_cache(described["cache"], described)[0]
+    except FeatxError:
+        return None
+
+
+def _verify(model, run, path: Path, opts: ExportOptions, check_paths, log) -> dict:
+    """Compare the exported file with the in-process model; a float export that differs is
+    removed and refused, a quantized one only warned about."""
+    pixels, source = _check_pixels(opts.check_images, model.input_shape[1], check_paths)
     expected = np.asarray(model.predict_on_batch(pixels.astype(np.float32)), np.float64)
     got = np.asarray(run(pixels), np.float64)
     diff = float(np.abs(got - expected).max())
-    tolerance = config.EXPORT_TOLERANCE if quantize == "none" else config.EXPORT_QUANTIZED_TOLERANCE
-    check = {
-        "images": len(pixels),
-        "source": source,
-        "max_abs_diff": diff,
-        "tolerance": tolerance,
-        "same_predictions": int((got.argmax(1) == expected.argmax(1)).sum()),
-    }
+    quantized = opts.quantize != "none"
+    tolerance = config.EXPORT_QUANTIZED_TOLERANCE if quantized else config.EXPORT_TOLERANCE
     if not diff <= tolerance:
         message = (
             f"The exported model's probabilities differ from the in-process model's by up to "
             f"{diff:.3g} (expected <= {tolerance:g})"
         )
-        if quantize == "none":  # a float export must be the same model: never leave a wrong one
+        if not quantized:  # a float export must be the same model: never leave a wrong one
             if path.is_dir():
                 shutil.rmtree(path)
             else:
@@ -346,28 +350,38 @@ def export(
                 f"{message}; {path} was removed. Report this with your keras/tensorflow versions."
             )
         log(f"warning: {message}; quantization costs more than usual for this model.")
+    return {
+        "images": len(pixels),
+        "source": source,
+        "max_abs_diff": diff,
+        "tolerance": tolerance,
+        "same_predictions": int((got.argmax(1) == expected.argmax(1)).sum()),
+    }
 
-    validation = None
-    if val_paths is not None:
-        log(f"evaluating the exported model on {len(val_paths)} validation images ...")
-        proba, failed = run_batches(
-            run, val_paths, size, len(class_names), batch_size, progress
-        )
-        ok = np.array([i not in failed for i in range(len(val_paths))], bool)
-        correct = int((proba[ok].argmax(1) == val_labels[ok]).sum()) if ok.any() else 0
-        validation = {
-            "n": int(ok.sum()),
-            "failed": len(failed),
-            "accuracy": correct / int(ok.sum()) if ok.any() else None,
-            "reference_accuracy": _reference_accuracy(model_dir),
-        }
 
+def _evaluate(run, val_paths, val_labels, described: dict, opts: ExportOptions, progress):
+    classes = len(described["class_names"])
+    size = described["image_size"]
+    proba, failed = run_batches(run, val_paths, size, classes, opts.batch_size, progress)
+    ok = np.array([i not in failed for i in range(len(val_paths))], bool)
+    correct = int((proba[ok].argmax(1) == val_labels[ok]).sum()) if ok.any() else 0
+    return {
+        "n": int(ok.sum()),
+        "failed": len(failed),
+        "accuracy": correct / int(ok.sum()) if ok.any() else None,
+    }
+
+
+def _record(out: Path, path: Path, model_dir: Path, described: dict, opts, results: dict):
+    """export.json, labels.txt and the model card; returns export.json's content. `results`
+    holds the "check" against the in-process model and the "validation" on the cache."""
+    size, class_names = described["image_size"], described["class_names"]
     info = {
         "format": INFO_FORMAT,
         "featx_version": __version__,
-        "model_format": format,
-        "quantize": quantize,
-        "model_file": MODEL_FILES[format],
+        "model_format": opts.format,
+        "quantize": opts.quantize,
+        "model_file": MODEL_FILES[opts.format],
         "labels_file": LABELS_FILE,
         "model_card": model_card.CARD_FILE,
         "class_names": class_names,
@@ -391,15 +405,14 @@ def export(
             "flip": described.get("flip", False),
             "fingerprint": described["fingerprint"],
         },
-        "check": check,
-        "validation": validation,
+        **results,
         "size_bytes": _size(path),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_text_atomic(out / LABELS_FILE, "".join(f"{c}\n" for c in class_names))
     write_text_atomic(out / INFO_FILE, json.dumps(info, indent=2, default=str) + "\n")
     write_text_atomic(out / model_card.CARD_FILE, model_card.render(info, model_dir))
-    return {**info, "output": str(out), "model": str(path), "seconds": time.perf_counter() - t0}
+    return info
 
 
 def _size(path: Path) -> int:

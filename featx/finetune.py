@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from featx import backbone, config, images, outputs, store
+from featx import artifacts, backbone, config, images, outputs, store
 from featx.errors import FeatxError
 from featx.files import save_keras_atomic, write_text_atomic
+from featx.options import FinetuneOptions
 
 if TYPE_CHECKING:
     from featx.finetune_keras import ImageBatches
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 # Keras is imported inside the functions (and the Keras subclasses live in featx.finetune_keras),
 # so `featx finetune` answers a wrong path at once instead of after loading TensorFlow.
 
-MODEL_FILE = "model.keras"
-INFO_FILE = "finetune.json"
+MODEL_FILE = artifacts.FINETUNE_MODEL
+INFO_FILE = artifacts.FINETUNE_INFO
 
 
 def default_output_dir(cache_path: str | Path) -> Path:
@@ -48,22 +49,20 @@ def default_output_dir(cache_path: str | Path) -> Path:
 def predict_batches(model, data: ImageBatches) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities of every image that decodes, in order: (proba, row indices).
 
-    Decodes on a thread pool a few batches ahead; batches are padded to a fixed size so the
+    Decodes a few batches ahead (images.prefetch); batches are padded to a fixed size so the
     model is traced once.
     """
     probas, rows = [], []
-    n, ahead = len(data), max(1, data.max_queue_size)
-    with ThreadPoolExecutor(max(1, data.workers), thread_name_prefix="featx-finetune") as pool:
-        futures = {i: pool.submit(data.load, i) for i in range(min(n, ahead))}
-        for i in range(n):
-            x, _, kept = futures.pop(i).result()
-            if i + ahead < n:
-                futures[i + ahead] = pool.submit(data.load, i + ahead)
+    ahead, workers = max(1, data.max_queue_size), max(1, data.workers)
+    batches = images.prefetch(([i] for i in range(len(data))), data.load, ahead, workers)
+    try:
+        for _, [(x, _, kept)] in batches:
             batch = np.zeros((data.batch_size, *x.shape[1:]), np.float32)
             batch[: len(x)] = x
-            out = model.predict_on_batch(batch)
-            probas.append(np.asarray(out, np.float32)[: len(x)])
+            probas.append(np.asarray(model.predict_on_batch(batch), np.float32)[: len(x)])
             rows.append(kept)
+    finally:
+        batches.close()
     return np.concatenate(probas), np.concatenate(rows)
 
 
@@ -226,6 +225,23 @@ def _head_validation_accuracy(head_dir: Path) -> float | None:
         return None
 
 
+@dataclass
+class _Job:
+    """One fine-tuning run: its inputs, its model and its data, as _prepare builds them."""
+
+    cache: store.Cache
+    cache_path: Path
+    head_dir: Path
+    root: Path
+    out: Path
+    opts: FinetuneOptions
+    rows: dict  # split -> (paths, labels) of the files on disk
+    missing: list  # [{"path", "reason"}] of the cache's files that are not
+    model: object = None
+    unfrozen: list = field(default_factory=list)
+    data: dict = field(default_factory=dict)  # split -> ImageBatches (evaluation order)
+
+
 def finetune(
     cache_path: str | Path,
     head_dir: str | Path,
@@ -265,50 +281,50 @@ def finetune(
         The metrics written to metrics.json: one object per split for the final model, "before"
         with the warm-started model's, plus epochs, timings and options.
     """
-    from featx import report
-
     t_start = time.perf_counter()
     log = log or (lambda message: None)
-    for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1)):
-        if not isinstance(value, int) or value < low:
-            raise FeatxError(f"{name} must be an integer >= {low}, got {value!r}.")
-    if not learning_rate > 0:
-        raise FeatxError(f"learning_rate must be > 0, got {learning_rate!r}.")
-    if not 0 <= dropout < 1:
-        raise FeatxError(f"dropout must be in [0, 1), got {dropout!r}.")
+    opts = FinetuneOptions(  # every option is checked here, before any work
+        unfreeze_layers, epochs, learning_rate, batch_size, augment, dropout, patience,
+        reduce_lr_on_plateau, seed,
+    )  # fmt: skip
+    job, head = _prepare(cache_path, head_dir, output, data_dir, opts, log)
+    log(f"evaluating the warm-started model on {', '.join(job.rows)} ...")
+    before, before_preds = _evaluate_all(job)
+    head_accuracy = _head_validation_accuracy(job.head_dir)
+    log(
+        f"warm start: validation accuracy {before['validation']['accuracy']:.4f}"
+        + (f" (stage-2 head: {head_accuracy:.4f})" if head_accuracy is not None else "")
+    )
+    info = _start_record(job)
+    trained = _train(job, before_preds["validation"], log)
+    after, after_preds, best_epoch = _keep_best(job, trained, before, before_preds, log)
+    metrics = {
+        **after,
+        "before": before,
+        "head_validation_accuracy": head_accuracy,
+        "epochs_run": len(trained["history"].get("val_loss", [])),
+        "best_epoch": best_epoch,
+        "interrupted": trained["interrupted"],
+        "fit_seconds": round(trained["fit_seconds"], 3),
+        "epoch_seconds": [round(s, 3) for s in trained["epoch_seconds"]],
+        "history": {k: [round(v, 6) for v in vs] for k, vs in trained["history"].items()},
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
+    return _record(job, info, metrics, after_preds, trained, log)
+
+
+def _prepare(cache_path, head_dir, output, data_dir, opts: FinetuneOptions, log):
+    """Inputs checked, the model built (warm-started, top unfrozen, compiled) and the data sets:
+    (job, head)."""
     head_dir = Path(head_dir)
     cache, head, _meta, root = _load_inputs(cache_path, head_dir, data_dir)
-    fp = cache.fingerprint
-    size = int(fp["image_size"])
     out = Path(output) if output else default_output_dir(cache_path)
     if out.resolve() == head_dir.resolve():
         raise FeatxError(
             f"--output '{out}' is the --head folder; fine-tuning would replace the head it "
             "starts from. Pass another --output folder."
         )
-    import keras
-
-    from featx.finetune_keras import ImageBatches, _EpochLog, _KeepBest
-
-    options = {
-        "unfreeze_layers": unfreeze_layers,
-        "epochs": epochs,
-        "learning_rate": learning_rate,
-        "batch_size": batch_size,
-        "augment": augment,
-        "dropout": dropout,
-        "patience": patience,
-        "reduce_lr_on_plateau": reduce_lr_on_plateau,
-        "seed": seed,
-        "augmentation": {
-            "flip": config.AUGMENT_FLIP,
-            "rotation": config.AUGMENT_ROTATION,
-            "zoom": config.AUGMENT_ZOOM,
-            "contrast": config.AUGMENT_CONTRAST,
-        }
-        if augment
-        else None,
-    }
+    from featx.finetune_keras import ImageBatches
 
     rows, missing = _split_rows(cache, root, log)
     for split in ("train", "validation"):
@@ -317,87 +333,99 @@ def finetune(
                 f"None of the {split} images of '{cache_path}' is in '{root}'. Pass --data-dir "
                 "with the folder the cache was extracted from."
             )
-    model = build_model(fp, head.to_keras(), augment=augment, dropout=dropout, seed=seed)
-    unfrozen = set_trainable(model, unfreeze_layers)
-    compile_model(model, learning_rate)
-    log(
-        f"model: {len(unfrozen)} base layers unfrozen"
-        + (f" (from {unfrozen[0]})" if unfrozen else "")
-        + f", {sum(int(np.prod(w.shape)) for w in model.trainable_weights):,} trainable weights"
+    job = _Job(cache, Path(cache_path), head_dir, root, out, opts, rows, missing)
+    job.model = build_model(
+        cache.fingerprint,
+        head.to_keras(),
+        augment=opts.augment,
+        dropout=opts.dropout,
+        seed=opts.seed,
     )
-
-    def batches(split, train=False):
-        paths, labels = rows[split]
-        return ImageBatches(
-            root, paths, labels, size, batch_size, shuffle=train, drop_remainder=train, seed=seed
-        )
-
-    evaluated = {s: batches(s) for s in rows}
-
-    def evaluate_all(splits):
-        result, preds = {}, {}
-        for split in splits:
-            proba, kept = predict_batches(model, evaluated[split])
-            paths, labels = rows[split]
-            result[split] = report.evaluate(labels[kept], proba, cache.class_names)
-            preds[split] = (labels[kept], proba, [paths[i] for i in kept])
-        return result, preds
-
-    log(f"evaluating the warm-started model on {', '.join(rows)} ...")
-    before, before_preds = evaluate_all(rows)
-    head_accuracy = _head_validation_accuracy(head_dir)
+    job.unfrozen = set_trainable(job.model, opts.unfreeze_layers)
+    compile_model(job.model, opts.learning_rate)
     log(
-        f"warm start: validation accuracy {before['validation']['accuracy']:.4f}"
-        + (f" (stage-2 head: {head_accuracy:.4f})" if head_accuracy is not None else "")
+        f"model: {len(job.unfrozen)} base layers unfrozen"
+        + (f" (from {job.unfrozen[0]})" if job.unfrozen else "")
+        + f", {sum(int(np.prod(w.shape)) for w in job.model.trainable_weights):,} trainable weights"
     )
-    warm_weights = model.get_weights()
-    out.mkdir(parents=True, exist_ok=True)
-    model_path = out / MODEL_FILE
+    size = int(cache.fingerprint["image_size"])
+    for split, (paths, labels) in rows.items():
+        job.data[split] = ImageBatches(root, paths, labels, size, opts.batch_size, seed=opts.seed)
+    return job, head
+
+
+def _evaluate_all(job: _Job) -> tuple[dict, dict]:
+    """({split: metrics}, {split: (labels, probabilities, paths)}) of the model as it is now."""
+    from featx import report
+
+    result, preds = {}, {}
+    for split, data in job.data.items():
+        proba, kept = predict_batches(job.model, data)
+        paths, labels = job.rows[split]
+        result[split] = report.evaluate(labels[kept], proba, job.cache.class_names)
+        preds[split] = (labels[kept], proba, [paths[i] for i in kept])
+    return result, preds
+
+
+def _start_record(job: _Job) -> dict:
+    """finetune.json and the warm-started model.keras, before the first epoch, so a killed run
+    leaves a model predict can use, and never a new model beside an older run's class names."""
+    job.out.mkdir(parents=True, exist_ok=True)
     info = {
         "kind": "finetune",
         "complete": False,  # true once training ended; before, model.keras is the best so far
-        "class_names": list(cache.class_names),
-        "image_size": size,
-        "fingerprint": fp,
-        "head_dir": str(head_dir),
-        "cache": str(Path(cache_path).resolve()),
-        "options": options,
+        "class_names": list(job.cache.class_names),
+        "image_size": int(job.cache.fingerprint["image_size"]),
+        "fingerprint": job.cache.fingerprint,
+        "head_dir": str(job.head_dir),
+        "cache": str(job.cache_path.resolve()),
+        "options": job.opts.record(),
     }
-    # Written before the first checkpoint, so a killed run leaves a model predict can use, and
-    # never a new model beside an older run's class names.
-    write_text_atomic(out / INFO_FILE, json.dumps(info, indent=2, default=str))
-    save_keras_atomic(model, model_path)
+    write_text_atomic(job.out / INFO_FILE, json.dumps(info, indent=2, default=str))
+    save_keras_atomic(job.model, job.out / MODEL_FILE)
+    return info
 
-    y_val, proba_val, _ = before_preds["validation"]
+
+def _train(job: _Job, warm_validation: tuple, log) -> dict:
+    """Train with early stopping; `keep` checkpoints the best epoch. Ctrl-C ends training and
+    keeps the best weights so far."""
+    import keras
+
+    from featx.finetune_keras import ImageBatches, _EpochLog, _KeepBest
+
+    opts = job.opts
+    y_val, proba_val, _ = warm_validation
+    correct = int(np.sum(proba_val.argmax(1) == y_val))
+    warm_weights = job.model.get_weights()
     keep = _KeepBest(
-        model_path,
-        len(y_val),
-        int(np.sum(proba_val.argmax(1) == y_val)),
-        _keras_loss(y_val, proba_val),
-        warm_weights,
+        job.out / MODEL_FILE, len(y_val), correct, _keras_loss(y_val, proba_val), warm_weights
     )
-    epoch_log = _EpochLog(log, epochs)
+    epoch_log = _EpochLog(log, opts.epochs)
     callbacks = [
         # Stops when the validation loss stalls; `keep` decides which weights win.
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=opts.patience),
         keep,
         epoch_log,
     ]
-    if reduce_lr_on_plateau:
+    if opts.reduce_lr_on_plateau:
         callbacks.append(
             keras.callbacks.ReduceLROnPlateau(
                 monitor="val_loss", factor=config.FINETUNE_LR_FACTOR, patience=1
             )
         )
-    train = batches("train", train=True)
-    interrupted = False
-    t_fit = time.perf_counter()
-    if epochs:
+    paths, labels = job.rows["train"]
+    size = int(job.cache.fingerprint["image_size"])
+    train = ImageBatches(
+        job.root, paths, labels, size, opts.batch_size,
+        shuffle=True, drop_remainder=True, seed=opts.seed,
+    )  # fmt: skip
+    interrupted, t_fit = False, time.perf_counter()
+    if opts.epochs:
         try:
-            model.fit(
+            job.model.fit(
                 train,
-                validation_data=evaluated["validation"],
-                epochs=epochs,
+                validation_data=job.data["validation"],
+                epochs=opts.epochs,
                 shuffle=False,  # ImageBatches shuffles images, seeded, every epoch
                 callbacks=callbacks,
                 verbose=0,
@@ -405,62 +433,67 @@ def finetune(
         except KeyboardInterrupt:
             interrupted = True
             log("interrupted: keeping the best weights so far")
-    fit_seconds = time.perf_counter() - t_fit
-    history = epoch_log.history
-    epochs_run = len(history.get("val_loss", []))
+    return {
+        "keep": keep,
+        "warm_weights": warm_weights,
+        "train": train,
+        "interrupted": interrupted,
+        "fit_seconds": time.perf_counter() - t_fit,
+        "history": epoch_log.history,
+        "epoch_seconds": epoch_log.seconds,
+    }
 
-    # Never end worse than the warm start: the best epoch must have beaten it (see _KeepBest).
-    model.set_weights(keep.weights)
+
+def _keep_best(job: _Job, trained: dict, before: dict, before_preds: dict, log):
+    """Never end worse than the warm start: the best epoch must have beaten it (see _KeepBest).
+    Returns (metrics, predictions, best_epoch) of the weights kept; saves them."""
+    keep = trained["keep"]
+    job.model.set_weights(keep.weights)
     best_epoch = keep.best_epoch
     after, after_preds = before, before_preds
     if best_epoch:
-        after, after_preds = evaluate_all(rows)
+        after, after_preds = _evaluate_all(job)
         if after["validation"]["accuracy"] < before["validation"]["accuracy"]:  # float noise
             best_epoch, after, after_preds = 0, before, before_preds
-            model.set_weights(warm_weights)
+            job.model.set_weights(trained["warm_weights"])
     else:
         log("no epoch beat the warm start on validation; keeping the warm-start weights")
-    save_keras_atomic(model, model_path)
+    save_keras_atomic(job.model, job.out / MODEL_FILE)
+    return after, after_preds, best_epoch
 
-    skipped = missing + [
+
+def _record(job: _Job, info: dict, metrics: dict, after_preds: dict, trained: dict, log) -> dict:
+    """metrics.json, the plots, report.html and the final finetune.json."""
+    from featx import report
+
+    skipped = job.missing + [
         {"path": p, "reason": r}
-        for ds in (train, *evaluated.values())
+        for ds in (trained["train"], *job.data.values())
         for p, r in sorted(ds.failed.items())
     ]
-    skipped = list({s["path"]: s for s in skipped}.values())
-    metrics = {
-        **after,
-        "before": before,
-        "head_validation_accuracy": head_accuracy,
-        "epochs_run": epochs_run,
-        "best_epoch": best_epoch,
-        "interrupted": interrupted,
-        "fit_seconds": round(fit_seconds, 3),
-        "epoch_seconds": [round(s, 3) for s in epoch_log.seconds],
-        "history": {k: [round(v, 6) for v in vs] for k, vs in history.items()},
-        "seconds": round(time.perf_counter() - t_start, 3),
-        "unfrozen": {"layers": len(unfrozen), "from": unfrozen[0] if unfrozen else None},
-        "skipped": skipped,
-        "options": options,
-        "cache": {
-            "path": str(cache_path),
-            "data_dir": str(root),
-            "counts": cache.counts(),
-            "fingerprint": fp,
+    metrics.update(
+        unfrozen={"layers": len(job.unfrozen), "from": job.unfrozen[0] if job.unfrozen else None},
+        skipped=list({s["path"]: s for s in skipped}.values()),
+        options=job.opts.record(),
+        cache={
+            "path": str(job.cache_path),
+            "data_dir": str(job.root),
+            "counts": job.cache.counts(),
+            "fingerprint": job.cache.fingerprint,
         },
-        "head_dir": str(head_dir),
-        "class_names": list(cache.class_names),
-        "output": str(out),
-    }
+        head_dir=str(job.head_dir),
+        class_names=list(job.cache.class_names),
+        output=str(job.out),
+    )
     written = report.write_report(
-        out,
+        job.out,
         metrics,
         after_preds,
-        history=history,
-        class_names=cache.class_names,
-        data_dir=root,
+        history=trained["history"],
+        class_names=job.cache.class_names,
+        data_dir=job.root,
     )
-    info.update(complete=True, epochs_run=epochs_run, best_epoch=best_epoch)
-    write_text_atomic(out / INFO_FILE, json.dumps(info, indent=2, default=str))
-    outputs.record(out, [MODEL_FILE, INFO_FILE, *written.values()], log)  # drops stale files
+    info.update(complete=True, epochs_run=metrics["epochs_run"], best_epoch=metrics["best_epoch"])
+    write_text_atomic(job.out / INFO_FILE, json.dumps(info, indent=2, default=str))
+    outputs.record(job.out, [MODEL_FILE, INFO_FILE, *written.values()], log)  # drops stale files
     return metrics

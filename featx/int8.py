@@ -56,6 +56,21 @@ def find(folder: Path, fp32_path: Path, sha: str) -> Path | None:
     return None
 
 
+def _calibration_reader(batch: np.ndarray, batch_size: int):
+    """ONNX Runtime's calibration input: `batch` in slices of `batch_size`."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.starts = iter(range(0, len(batch), batch_size))
+
+        def get_next(self):
+            i = next(self.starts, None)
+            return None if i is None else {"image": batch[i : i + batch_size]}
+
+    return Batches()
+
+
 def quantize(
     fp32_path: Path,
     root: Path,
@@ -90,23 +105,7 @@ def quantize(
         sha = json.loads(meta_path.read_text()).get("int8_sha256")
         if sha == onnx_engine.file_sha256(path):
             return path, sha
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quant_pre_process,
-        quantize_static,
-    )
-
-    batch = np.stack(pixels).astype(np.float32)
-
-    class Batches(CalibrationDataReader):
-        def __init__(self):
-            self.starts = iter(range(0, len(batch), batch_size))
-
-        def get_next(self):
-            i = next(self.starts, None)
-            return None if i is None else {"image": batch[i : i + batch_size]}
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
     t0 = time.perf_counter()
     log(f"quantizing the backbone to INT8, calibrated on {len(pixels)} training images ...")
@@ -117,7 +116,7 @@ def quantize(
         quantize_static(
             str(pre),
             str(out),
-            Batches(),
+            _calibration_reader(np.stack(pixels).astype(np.float32), batch_size),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,

@@ -53,14 +53,21 @@ def _f(value) -> str:
 def render(info: dict, model_dir: str | Path) -> str:
     """The model card (Markdown) of an export described by `info` (the content of export.json)."""
     metrics = _metrics(model_dir)
+    sections = (_header, _data, _measured, _contract, _android, _provenance)
+    return "\n".join(line for section in sections for line in section(info, metrics))
+
+
+def _header(info: dict, metrics: dict) -> list[str]:
+    """Title, what the model is, and its classes in output order."""
     names = list(info["class_names"])
     size = info["image_size"]
     source = info.get("source") or {}
     fp = source.get("fingerprint") or {}
     fmt, model_file = info["model_format"], info["model_file"]
     kind = source.get("kind") or "model"
+    lines: list[str] = []
     what = "fine-tuned end to end" if kind == "finetune" else f"a {source.get('head')} head"
-    lines = [
+    lines += [
         MARKER,
         f"# Image classifier: {', '.join(names[:6])}{', …' if len(names) > 6 else ''}",
         "",
@@ -77,6 +84,13 @@ def render(info: dict, model_dir: str | Path) -> str:
     ]
     lines += [f"{i}. {name}" for i, name in enumerate(names)]
 
+    return lines
+
+
+def _data(info: dict, metrics: dict) -> list[str]:
+    """Images per class and split, when the source metrics have them."""
+    names = list(info["class_names"])
+    lines: list[str] = []
     counts = (metrics.get("cache") or {}).get("counts") or {}
     if counts:
         splits = [s for s in SPLITS if s in counts]
@@ -85,6 +99,13 @@ def render(info: dict, model_dir: str | Path) -> str:
         lines += ["", "## Data", "", "Images per class and split:", ""]
         lines += _table(["class", *splits], rows)
 
+    return lines
+
+
+def _measured(info: dict, metrics: dict) -> list[str]:
+    """Metrics of the source model, and the checks of the exported file."""
+    names = list(info["class_names"])
+    lines: list[str] = []
     measured = [s for s in ("validation", "test") if isinstance(metrics.get(s), dict)]
     if measured:
         lines += [
@@ -133,6 +154,15 @@ def render(info: dict, model_dir: str | Path) -> str:
             f"{validation['n']} validation images."
         )
 
+    return lines
+
+
+def _contract(info: dict, metrics: dict) -> list[str]:
+    """Input and output, intended use, and Python code to load it."""
+    names = list(info["class_names"])
+    size = info["image_size"]
+    fmt, model_file = info["model_format"], info["model_file"]
+    lines: list[str] = []
     lines += [
         "",
         "## Input and output",
@@ -200,6 +230,15 @@ def render(info: dict, model_dir: str | Path) -> str:
         "## Use it on Android",
         "",
     ]
+    return lines
+
+
+def _android(info: dict, metrics: dict) -> list[str]:
+    """How to run it on Android (TFLite), or how to get a TFLite file."""
+    names = list(info["class_names"])
+    size = info["image_size"]
+    fmt, model_file = info["model_format"], info["model_file"]
+    lines: list[str] = []
     if fmt == "tflite":
         lines += [
             f"Copy `{model_file}` and `labels.txt` to `app/src/main/assets/` and run it with "
@@ -234,6 +273,15 @@ def render(info: dict, model_dir: str | Path) -> str:
             "(add `--quantize dynamic` for a ~3.6x smaller file); its model card shows the "
             "Kotlin code.",
         ]
+    return lines
+
+
+def _provenance(info: dict, metrics: dict) -> list[str]:
+    """Where it came from."""
+    source = info.get("source") or {}
+    fp = source.get("fingerprint") or {}
+    kind = source.get("kind") or "model"
+    lines: list[str] = []
     lines += [
         "",
         "## Provenance",
@@ -247,4 +295,4 @@ def render(info: dict, model_dir: str | Path) -> str:
         "- Everything featx recorded is in `export.json`.",
         "",
     ]
-    return "\n".join(lines)
+    return lines

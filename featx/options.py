@@ -7,7 +7,8 @@ come from `featx.config`, the only place they are written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from featx import config
 from featx.errors import FeatxError
@@ -18,7 +19,9 @@ def check_int(name: str, value, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise FeatxError(f"{name} must be an integer, got {value!r}.")
     if value < low or (high is not None and value > high):
-        span = f"between {low} and {high}" if high is not None else f">= {low}"
+        span = (
+            f"an integer between {low} and {high}" if high is not None else f"an integer >= {low}"
+        )
         raise FeatxError(f"{name} must be {span}, got {value}.")
 
 
@@ -84,3 +87,88 @@ class ExtractOptions:
                 "--precision int8 runs on ONNX Runtime; pass --engine onnx (or auto), or drop "
                 "--precision int8 to use Keras."
             )
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """What `featx predict` was asked for (see predict.predict)."""
+
+    top_k: int = config.PREDICT_TOP_K
+    batch_size: int = config.BATCH_SIZE
+    engine: str = config.ENGINE
+    min_confidence: float | None = None
+    output: str | None = None
+
+    def __post_init__(self):
+        check_int("top_k", self.top_k, 1)
+        check_int("batch_size", self.batch_size, 1, config.MAX_BATCH_SIZE)
+        check_choice("engine", self.engine, config.ENGINES)
+        if self.min_confidence is not None:
+            ok = isinstance(self.min_confidence, (int, float)) and 0 <= self.min_confidence <= 1
+            if not ok:
+                raise FeatxError(
+                    "--min-confidence is a probability between 0 and 1, got "
+                    f"{self.min_confidence!r}."
+                )
+        if self.output is not None and Path(self.output).suffix.lower() not in (".csv", ".json"):
+            raise FeatxError(
+                f"Cannot tell the format of --output '{self.output}'; name it .csv or .json "
+                "(e.g. predictions.csv)."
+            )
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `featx export` was asked for (see export.export)."""
+
+    format: str = config.EXPORT_FORMAT
+    quantize: str = config.EXPORT_QUANTIZE
+    check_images: int = config.EXPORT_CHECK_IMAGES
+    batch_size: int = config.BATCH_SIZE
+
+    def __post_init__(self):
+        check_choice("format", self.format, config.EXPORT_FORMATS)
+        check_choice("quantize", self.quantize, config.EXPORT_QUANTIZES)
+        if self.quantize != "none" and self.format != "tflite":
+            raise FeatxError(
+                f"--quantize {self.quantize} applies to --format tflite only, got --format "
+                f"{self.format}. Drop --quantize, or export to tflite."
+            )
+        check_int("check_images", self.check_images, 1)
+        check_int("batch_size", self.batch_size, 1, config.MAX_BATCH_SIZE)
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """What `featx finetune` was asked for (see finetune.finetune)."""
+
+    unfreeze_layers: int = config.FINETUNE_UNFREEZE_LAYERS
+    epochs: int = config.FINETUNE_EPOCHS
+    learning_rate: float = config.FINETUNE_LEARNING_RATE
+    batch_size: int = config.FINETUNE_BATCH_SIZE
+    augment: bool = True
+    dropout: float = config.FINETUNE_DROPOUT
+    patience: int = config.FINETUNE_PATIENCE
+    reduce_lr_on_plateau: bool = False
+    seed: int = config.SEED
+
+    def __post_init__(self):
+        check_int("unfreeze_layers", self.unfreeze_layers, 0)
+        check_int("epochs", self.epochs, 0)
+        check_int("batch_size", self.batch_size, 1, config.MAX_BATCH_SIZE)
+        check_int("patience", self.patience, 0)
+        check_int("seed", self.seed, 0)
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise FeatxError(f"learning_rate must be > 0, got {lr!r}.")
+        check_fraction("dropout", self.dropout)
+
+    def record(self) -> dict:
+        """The options as finetune.json and metrics.json record them."""
+        augmentation = {
+            "flip": config.AUGMENT_FLIP,
+            "rotation": config.AUGMENT_ROTATION,
+            "zoom": config.AUGMENT_ZOOM,
+            "contrast": config.AUGMENT_CONTRAST,
+        }
+        return {**asdict(self), "augmentation": augmentation if self.augment else None}

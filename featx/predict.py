@@ -26,6 +26,7 @@ from featx import config, images
 from featx.classifier import load_classifier, run_batches
 from featx.errors import FeatxError
 from featx.files import write_text_atomic
+from featx.options import PredictOptions
 
 OUTPUT_SUFFIXES = (".csv", ".json")
 
@@ -146,24 +147,34 @@ def predict(
         FeatxError when no image at all could be predicted (after writing `output`).
     """
     t0 = time.perf_counter()
-    if not isinstance(top_k, int) or top_k < 1:
-        raise FeatxError(f"top_k must be an integer >= 1, got {top_k!r}.")
-    if min_confidence is not None and not 0 <= min_confidence <= 1:
-        raise FeatxError(
-            f"--min-confidence is a probability between 0 and 1, got {min_confidence!r}."
-        )
-    if output is not None and Path(output).suffix.lower() not in OUTPUT_SUFFIXES:
-        raise FeatxError(
-            f"Cannot tell the format of --output '{output}'; name it .csv or .json "
-            "(e.g. predictions.csv)."
-        )
+    opts = PredictOptions(top_k, batch_size, engine, min_confidence, output and str(output))
     targets = expand_paths(paths)
     if not targets:
         raise FeatxError(
             "No image files found in the given paths (hidden files are skipped). "
             "Pass image files, folders or glob patterns such as 'photos/*.jpg'."
         )
-    model = load_classifier(model_dir, engine, log)
+    model = load_classifier(model_dir, opts.engine, log)
+    rows = _predict_rows(model, targets, opts, progress)
+    result = _summary(model_dir, model, rows, opts, time.perf_counter() - t0)
+    if output is not None and Path(output).suffix.lower() == ".json":
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output, json.dumps(result, indent=2, default=str) + "\n")
+    elif output is not None:
+        write_rows(output, rows, top_k=min(top_k, len(model.class_names)))
+    if not result["predicted"]:
+        first = "; ".join(f"{r['path']}: {r['error']}" for r in rows[:3])
+        more = f" (and {len(rows) - 3} more)" if len(rows) > 3 else ""
+        raise FeatxError(
+            f"None of the {len(rows)} files could be predicted: {first}{more}. "
+            "Pass readable image files (JPEG, PNG, GIF, BMP, WebP, TIFF, HEIC, AVIF)."
+        )
+    return result
+
+
+def _predict_rows(model, targets: list[Target], opts: PredictOptions, progress) -> list[dict]:
+    """One row per target: its prediction, or the reason it has none; rows under
+    opts.min_confidence predict config.UNKNOWN_CLASS (their probabilities stay)."""
     todo = [i for i, t in enumerate(targets) if t.error is None]
     show = progress if progress is not None and len(todo) >= config.PREDICT_PROGRESS_MIN else None
     proba, failed = run_batches(
@@ -171,23 +182,24 @@ def predict(
         [targets[i].path for i in todo],
         model.image_size,
         len(model.class_names),
-        batch_size,
+        opts.batch_size,
         show,
     )
-    rows = [_row(t, model.class_names, None, t.error, top_k) for t in targets]
+    rows = [_row(t, model.class_names, None, t.error, opts.top_k) for t in targets]
     for j, i in enumerate(todo):
-        rows[i] = _row(targets[i], model.class_names, proba[j], failed.get(j), top_k)
-    unknown = 0
+        rows[i] = _row(targets[i], model.class_names, proba[j], failed.get(j), opts.top_k)
     for r in rows:
-        if min_confidence is not None and r["error"] is None and r["probability"] < min_confidence:
+        low = opts.min_confidence is not None and r["error"] is None
+        if low and r["probability"] < opts.min_confidence:
             r["predicted"] = config.UNKNOWN_CLASS
-            unknown += 1
+    return rows
 
+
+def _summary(model_dir, model, rows: list[dict], opts: PredictOptions, seconds: float) -> dict:
     predicted = [r for r in rows if r["error"] is None]
     labelled = [r for r in predicted if r["label"] is not None]
     correct = sum(r["predicted"] == r["label"] for r in labelled)
-    seconds = time.perf_counter() - t0
-    result = {
+    return {
         "model_dir": str(model_dir),
         "kind": model.kind,
         "head": model.meta.get("head") if model.kind == "head" else None,
@@ -196,29 +208,19 @@ def predict(
         "images": len(rows),
         "predicted": len(predicted),
         "errors": len(rows) - len(predicted),
-        "unknown": unknown,
-        "min_confidence": min_confidence,
+        "unknown": sum(
+            opts.min_confidence is not None and r["probability"] < opts.min_confidence
+            for r in predicted
+        ),
+        "min_confidence": opts.min_confidence,
         "accuracy": correct / len(labelled) if labelled else None,
         "labelled": len(labelled),
         "correct": int(correct),
         "seconds": round(seconds, 3),
         "images_per_second": round(len(predicted) / seconds, 2) if predicted else 0.0,
-        "output": str(output) if output is not None else None,
+        "output": opts.output,
         "rows": rows,
     }
-    if output is not None and Path(output).suffix.lower() == ".json":
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(output, json.dumps(result, indent=2, default=str) + "\n")
-    elif output is not None:
-        write_rows(output, rows, top_k=min(top_k, len(model.class_names)))
-    if not predicted:
-        first = "; ".join(f"{r['path']}: {r['error']}" for r in rows[:3])
-        more = f" (and {len(rows) - 3} more)" if len(rows) > 3 else ""
-        raise FeatxError(
-            f"None of the {len(rows)} files could be predicted: {first}{more}. "
-            "Pass readable image files (JPEG, PNG, GIF, BMP, WebP, TIFF, HEIC, AVIF)."
-        )
-    return result
 
 
 def _row(target: Target, class_names, p, error, top_k) -> dict:
