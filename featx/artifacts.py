@@ -44,31 +44,6 @@ def model_kind(model_dir: str | Path) -> str:
     )
 
 
-def read_export_info(model_dir: str | Path) -> dict:
-    """export.json of an export folder, checked: its model file is there."""
-    folder = Path(model_dir)
-    try:
-        info = json.loads((folder / EXPORT_INFO).read_text())
-    except (OSError, ValueError) as e:
-        raise FeatxError(f"Cannot read '{folder / EXPORT_INFO}': {e}.") from None
-    keys = ("model_format", "model_file", "class_names", "image_size")
-    if (
-        not isinstance(info, dict)
-        or info.get("format") != EXPORT_FORMAT
-        or any(k not in info for k in keys)
-    ):
-        raise FeatxError(
-            f"'{folder / EXPORT_INFO}' is not a featx export record (format='featx-export' with "
-            f"{', '.join(keys)}). Re-run `featx export`."
-        )
-    if not (folder / info["model_file"]).exists():
-        raise FeatxError(
-            f"'{folder / info['model_file']}', the model of {folder / EXPORT_INFO}, is missing. "
-            "Re-run `featx export`."
-        )
-    return info
-
-
 def check_backbone(fp: dict, what: str) -> None:
     """Refuse when the backbone weights available now are not those that made the features."""
     try:
@@ -96,21 +71,44 @@ def check_backbone(fp: dict, what: str) -> None:
     )
 
 
-def read_finetune_info(model_dir: str | Path) -> dict:
-    folder = Path(model_dir)
+def _read_record(folder: Path, name: str, marker: tuple[str, str], keys: tuple, command: str):
+    """The JSON record `folder/name`, checked: `marker` is (key, value) it must have, `keys` the
+    keys it must hold. A FeatxError naming the file and `featx COMMAND` to write it again."""
+    path = folder / name
     try:
-        info = json.loads((folder / FINETUNE_INFO).read_text())
+        info = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise FeatxError(f"Cannot read '{folder / FINETUNE_INFO}': {e}.") from None
-    missing = [k for k in ("class_names", "image_size") if k not in info]
-    if info.get("kind") != "finetune" or missing:
+        raise FeatxError(f"Cannot read '{path}': {e}.") from None
+    key, value = marker
+    if not isinstance(info, dict) or info.get(key) != value or any(k not in info for k in keys):
         raise FeatxError(
-            f"'{folder / FINETUNE_INFO}' is not a featx finetune record (kind='finetune' with "
-            f"class_names and image_size). Re-run `featx finetune`."
+            f"'{path}' is not a featx {command} record ({key}='{value}' with "
+            f"{', '.join(keys)}). Re-run `featx {command}`."
         )
-    if not (folder / FINETUNE_MODEL).is_file():
+    return info
+
+
+def _require_model(folder: Path, model_file: str, record: str, command: str) -> None:
+    if not (folder / model_file).exists():
         raise FeatxError(
-            f"'{folder / FINETUNE_MODEL}', the model of {folder / FINETUNE_INFO}, is missing. "
-            "Re-run `featx finetune`."
+            f"'{folder / model_file}', the model of {folder / record}, is missing. "
+            f"Re-run `featx {command}`."
         )
+
+
+def read_export_info(model_dir: str | Path) -> dict:
+    """export.json of an export folder, checked: its model file is there."""
+    folder = Path(model_dir)
+    keys = ("model_format", "model_file", "class_names", "image_size")
+    info = _read_record(folder, EXPORT_INFO, ("format", EXPORT_FORMAT), keys, "export")
+    _require_model(folder, info["model_file"], EXPORT_INFO, "export")
+    return info
+
+
+def read_finetune_info(model_dir: str | Path) -> dict:
+    """finetune.json of a finetune folder, checked: its model.keras is there."""
+    folder = Path(model_dir)
+    keys = ("class_names", "image_size")
+    info = _read_record(folder, FINETUNE_INFO, ("kind", "finetune"), keys, "finetune")
+    _require_model(folder, FINETUNE_MODEL, FINETUNE_INFO, "finetune")
     return info

@@ -91,6 +91,19 @@ class Progress:
             self.bar.__exit__(None, None, None)
 
 
+def echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def with_progress(label: str, as_json: bool, run, *args, **kwargs):
+    """run(*args, progress=..., log=..., **kwargs) with a progress bar unless --json."""
+    progress = Progress(label, enabled=not as_json)
+    try:
+        return run(*args, progress=progress, log=echo_err, **kwargs)
+    finally:
+        progress.close()
+
+
 @cli.command()
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option(
@@ -165,22 +178,7 @@ class Progress:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
-def extract(
-    data_dir,
-    cache_path,
-    weights,
-    image_size,
-    alpha,
-    batch_size,
-    dtype,
-    val_split,
-    seed,
-    overwrite,
-    engine,
-    precision,
-    flip,
-    as_json,
-):
+def extract(data_dir, cache_path, as_json, **options):
     """Extract MobileNetV2 features of every image in DATA_DIR into an HDF5 cache.
 
     DATA_DIR is DATA/CLASS/* (split into train/validation by --val-split) or
@@ -188,27 +186,7 @@ def extract(
     """
     from featx.extract import extract as run_extract
 
-    progress = Progress("extracting", enabled=not as_json)
-    try:
-        summary = run_extract(
-            data_dir,
-            cache_path,
-            weights=weights,
-            image_size=image_size,
-            alpha=alpha,
-            batch_size=batch_size,
-            dtype=dtype,
-            val_split=val_split,
-            seed=seed,
-            overwrite=overwrite,
-            engine=engine,
-            precision=precision,
-            flip=flip,
-            progress=progress,
-            log=lambda m: click.echo(m, err=True),
-        )
-    finally:
-        progress.close()
+    summary = with_progress("extracting", as_json, run_extract, data_dir, cache_path, **options)
     if as_json:
         print_json(summary)
     else:
@@ -337,9 +315,7 @@ def finetune(cache_path, head_dir, output, as_json, **options):
     from featx.finetune import finetune as run_finetune
     from featx.report import format_summary
 
-    m = run_finetune(
-        cache_path, head_dir, output, log=lambda msg: click.echo(msg, err=True), **options
-    )
+    m = run_finetune(cache_path, head_dir, output, log=echo_err, **options)
     if as_json:
         print_json(m)
     else:
@@ -409,7 +385,7 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
     from featx.fit_head import fit_head as run_fit_head
     from featx.report import format_summary
 
-    m = run_fit_head(cache_path, log=lambda msg: click.echo(msg, err=True), **options)
+    m = run_fit_head(cache_path, log=echo_err, **options)
     if as_json:
         print_json(m)
     else:
@@ -464,7 +440,7 @@ def audit(cache_path, output, threshold, data_dir, seed, as_json):
         threshold=threshold,
         data_dir=data_dir,
         seed=seed,
-        log=lambda m: click.echo(m, err=True),
+        log=echo_err,
     )
     if as_json:
         print_json(result)
@@ -503,7 +479,7 @@ def audit(cache_path, output, threshold, data_dir, seed, as_json):
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and the summary as JSON.")
 @friendly_errors
-def predict(model_dir, paths, output, top_k, batch_size, engine, min_confidence, as_json):
+def predict(model_dir, paths, as_json, **options):
     """Classify images with MODEL_DIR, a fit-head, finetune or export output folder.
 
     PATHS are image files, folders (searched recursively) or quoted glob patterns such as
@@ -514,25 +490,11 @@ def predict(model_dir, paths, output, top_k, batch_size, engine, min_confidence,
     from featx.predict import format_summary, format_table
     from featx.predict import predict as run_predict
 
-    progress = Progress("predicting", enabled=not as_json)
-    try:
-        result = run_predict(
-            model_dir,
-            paths,
-            output=output,
-            top_k=top_k,
-            batch_size=batch_size,
-            engine=engine,
-            min_confidence=min_confidence,
-            progress=progress,
-            log=lambda m: click.echo(m, err=True),
-        )
-    finally:
-        progress.close()
+    result = with_progress("predicting", as_json, run_predict, model_dir, paths, **options)
     if as_json:
         print_json(result)
         return
-    if output is None:
+    if options["output"] is None:
         click.echo(format_table(result))
     click.echo(format_summary(result))
 
@@ -577,19 +539,8 @@ def export(model_dir, model_format, quantize, output, cache_path, as_json):
     from featx.export import export as run_export
     from featx.export import format_summary
 
-    progress = Progress("evaluating", enabled=not as_json)
-    try:
-        result = run_export(
-            model_dir,
-            model_format,
-            quantize,
-            output,
-            cache_path,
-            progress=progress,
-            log=lambda m: click.echo(m, err=True),
-        )
-    finally:
-        progress.close()
+    args = (model_dir, model_format, quantize, output, cache_path)
+    result = with_progress("evaluating", as_json, run_export, *args)
     if as_json:
         print_json(result)
     else:
