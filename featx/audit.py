@@ -5,7 +5,8 @@ for the contact sheets. Four findings:
 
 1. Duplicates. Exact copies share a sha256. Near copies (resized, recompressed, cropped a little,
    watermarked) have features whose cosine similarity is >= `threshold`; every pair is compared
-   in blocks (`scan`), so memory stays at a few tiles and 100k images take about a minute.
+   in blocks (`scan`): memory stays at a few tiles (52 MB beyond the features for 100k images),
+   time grows with the square (20k images: 6 s, 100k: 4.5 min on two busy cores).
    Copies are linked into groups (connected components). A group is `cross_split` when its
    members are in more than one split (leakage: the same photo is trained on and evaluated on) and
    `cross_label` when they are filed under more than one class.
