@@ -51,6 +51,7 @@ bench: install $(DATA)
 	$(BIN)/python bench/cores.py --data $(DATA)
 	$(BIN)/python bench/extract.py --data $(DATA)
 	$(BIN)/python bench/pipeline.py --data $(DATA)
+	$(BIN)/python bench/quality.py --timing
 
 bench-finetune: install $(DATA)
 	$(BIN)/python bench/pipeline.py --data $(DATA) --with-finetune --json-out bench/results/pipeline-finetune.json
