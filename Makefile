@@ -52,6 +52,7 @@ bench: install $(DATA)
 	$(BIN)/python bench/decode_memory.py
 	$(BIN)/python bench/extract.py --data $(DATA)
 	$(BIN)/python bench/pipeline.py --data $(DATA)
+	$(BIN)/python bench/quality.py --timing
 
 bench-finetune: install $(DATA)
 	$(BIN)/python bench/pipeline.py --data $(DATA) --with-finetune --json-out bench/results/pipeline-finetune.json

@@ -54,33 +54,38 @@ sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 from pipeline import machine  # noqa: E402  (bench/pipeline.py: cores, RAM, versions)
 
-DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
+from featx import config  # noqa: E402
+
+DEFAULT_DATA_ROOT = os.environ.get("FEATX_QUALITY_DATA") or str(REPO.parent / "shared" / "data")
 DEFAULT_CACHE_DIR = REPO / "cache" / "quality"
 DEFAULT_JSON = REPO / "bench" / "results" / "quality.json"
 SETS = ("cats_and_dogs_filtered", "oxford_flowers17", "neu_surface_defects", "clothing_small")
 NEAR_DUPLICATES = {"oxford_flowers17": "oxford_flowers17.near_duplicates.txt"}
 LARGE_SIZE = 320  # --multi-scale: the second input size (the 224 px weights, convolved larger)
 
-# (id, label, head, fit_head options). "default" rows take featx's defaults; the rest change one
-# thing. Options a row leaves out are featx's defaults (flip: used when the cache has it).
+# (id, label, head, fit_head options). The caches hold mirror images (extract --flip), which
+# fit-head uses by default when they are there; the rows without --flip leave them out, like a
+# cache made by a default `featx extract` (config.FLIP decides which rows those are). Each row
+# changes one thing from featx's defaults.
+DEFAULT = {"flip": config.FLIP}
 ROWS = (
-    ("logreg", "featx logreg, defaults", "logreg", {}),
-    ("dense", "featx dense, defaults", "dense", {}),
-    ("logreg_before", "logreg before #17: standardised, no flip", "logreg",
+    ("logreg", "featx logreg, defaults", "logreg", DEFAULT),
+    ("dense", "featx dense, defaults", "dense", DEFAULT),
+    ("logreg_before", "logreg before #17 (= --scaling standard)", "logreg",
      {"scaling": "standard", "flip": False}),
-    ("logreg_noflip", "logreg --no-flip", "logreg", {"flip": False}),
-    ("logreg_standard", "logreg --scaling standard", "logreg", {"scaling": "standard"}),
-    ("logreg_none", "logreg --scaling none", "logreg", {"scaling": "none"}),
-    ("logreg_l2", "logreg --scaling l2", "logreg", {"scaling": "l2"}),
-    ("logreg_balanced", "logreg --class-weight balanced", "logreg", {"class_weight": "balanced"}),
-    ("dense_before", "dense before #17: standardised, no flip", "dense",
-     {"scaling": "standard", "flip": False}),
-    ("dense_auto", "dense --scaling auto", "dense", {"scaling": "auto"}),
-    ("dense_hidden", "dense --hidden 256", "dense", {"hidden": 256}),
-    ("dense_hidden_auto", "dense --hidden 256 --scaling auto", "dense",
-     {"hidden": 256, "scaling": "auto"}),
+    ("logreg_none", "logreg --scaling none", "logreg", {**DEFAULT, "scaling": "none"}),
+    ("logreg_l2", "logreg --scaling l2", "logreg", {**DEFAULT, "scaling": "l2"}),
+    ("logreg_balanced", "logreg --class-weight balanced", "logreg",
+     {**DEFAULT, "class_weight": "balanced"}),
+    ("logreg_flip", "logreg --flip", "logreg", {"flip": True}),
+    ("logreg_flip_standard", "logreg --flip --scaling standard", "logreg",
+     {"flip": True, "scaling": "standard"}),
+    ("dense_flip", "dense --flip", "dense", {"flip": True}),
+    ("dense_auto", "dense --scaling auto", "dense", {**DEFAULT, "scaling": "auto"}),
+    ("dense_hidden", "dense --hidden 256", "dense", {**DEFAULT, "hidden": 256}),
+    ("dense_hidden_flip", "dense --hidden 256 --flip", "dense", {"hidden": 256, "flip": True}),
 )  # fmt: skip
-QUICK_ROWS = ("logreg", "dense", "logreg_before")
+QUICK_ROWS = ("logreg", "dense", "logreg_before", "logreg_flip")
 
 
 # --- the data ----------------------------------------------------------------------------------
@@ -125,6 +130,7 @@ def read_plain(cache: Path) -> dict:
             "splits": np.array(f["splits"].asstr()[()]),
             "paths": np.array(f["paths"].asstr()[()]),
             "classes": list(f["class_names"].asstr()[()]),
+            "data_dir": f.attrs["data_dir"],
         }
 
 
@@ -177,7 +183,7 @@ def baseline(plain: dict) -> dict:
     return out
 
 
-def featx_row(cache: Path, head: str, options: dict) -> dict:
+def featx_row(cache: Path, head: str, options: dict, data_dir: str) -> dict:
     """fit_head (the library function of `featx fit-head`) in a temporary folder."""
     from featx.fit_head import fit_head
 
@@ -191,7 +197,9 @@ def featx_row(cache: Path, head: str, options: dict) -> dict:
             out[split] = {
                 k: m[split][k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")
             }
-            out["wrong"][split] = sorted(r["path"] for r in wrong_rows if r["split"] == split)
+            out["wrong"][split] = sorted(  # misclassified.csv: paths joined to the data folder
+                os.path.relpath(r["path"], data_dir) for r in wrong_rows if r["split"] == split
+            )
     return out
 
 
@@ -234,8 +242,11 @@ def benchmark(args) -> dict:
     cache_dir = Path(args.cache_dir).expanduser()
     names = args.sets.split(",") if args.sets else list(SETS)
     missing = [n for n in names if not (data_root / n).is_dir()]
-    if missing:
+    if missing and args.sets:
         sys.exit(f"error: no {', '.join(missing)} in '{data_root}'; pass --data-root or --sets.")
+    if missing:  # `make bench` on a machine without the suite: measure what is there
+        print(f"note: {', '.join(missing)} not in '{data_root}'; left out.", file=sys.stderr)
+        names = [n for n in names if n not in missing]
     row_specs = [r for r in ROWS if not args.quick or r[0] in QUICK_ROWS]
     started = dt.datetime.now().astimezone()
     sets = {}
@@ -248,7 +259,7 @@ def benchmark(args) -> dict:
         result["rows"] = {"baseline": baseline(plain)}
         for key, label, head, options in row_specs:
             print(f"{name}: {label}", flush=True)
-            result["rows"][key] = featx_row(cache, head, options)
+            result["rows"][key] = featx_row(cache, head, options, plain["data_dir"])
         if args.multi_scale:
             large = cache_dir / f"{name}-{LARGE_SIZE}.h5"
             result["extract_large"] = extract(
@@ -390,7 +401,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--data-root",
         default=str(DEFAULT_DATA_ROOT),
-        help="folder holding the data sets  [default: ../shared/data]",
+        help="folder holding the data sets  [default: $FEATX_QUALITY_DATA or ../shared/data]",
     )
     parser.add_argument(
         "--cache-dir",
@@ -411,6 +422,9 @@ def main(argv=None) -> int:
         help="where to write the results  [default: bench/results/quality.json]",
     )
     args = parser.parse_args(argv)
+    if not any((Path(args.data_root) / n).is_dir() for n in SETS) and not args.sets:
+        print(f"no data set of the quality suite in '{args.data_root}'; nothing to measure.")
+        return 0
     result = benchmark(args)
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -306,8 +306,9 @@ class LogRegHead(_Head):
             held_out = X[te] if X_flip is None else (X[te] + X_flip[te]) / 2
             for s, name in enumerate(scalings):
                 mean, scale = fit_scaling(A, name)
-                Atr = apply_scaling(A, name, mean, scale)
-                Ate = apply_scaling(held_out, name, mean, scale)
+                # float32: half the memory and ~2x faster lbfgs; the final fit is in float64
+                Atr = apply_scaling(A, name, mean, scale).astype(np.float32)
+                Ate = apply_scaling(held_out, name, mean, scale).astype(np.float32)
                 model = self._model(Cs[0], warm_start=True)  # each C starts from the previous fit
                 for j, C in enumerate(Cs):
                     model.set_params(C=C).fit(Atr, yA)
