@@ -42,6 +42,14 @@ def print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def show(result: dict, as_json: bool, formatter) -> None:
+    """The result as JSON (--json), or as the command's summary."""
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(formatter(result))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="featx")
 @click.option(
@@ -91,6 +99,23 @@ class Progress:
             self.bar.__exit__(None, None, None)
 
 
+def shown(flag: str, default, help: str | None = None, **kwargs):
+    """A click option whose default (from config) is shown in --help."""
+    return click.option(flag, default=default, show_default=True, help=help, **kwargs)
+
+
+def engine_option(help: str):
+    """--engine: what runs the backbone (see featx.engines)."""
+    return shown("--engine", config.ENGINE, help, type=click.Choice(config.ENGINES))
+
+
+def output_folder(default: str):
+    """The --output option of a command that writes a folder."""
+    return click.option(
+        "--output", type=click.Path(file_okay=False), help=f"Folder to write  [default: {default}]"
+    )
+
+
 def echo_err(message: str) -> None:
     click.echo(message, err=True)
 
@@ -112,26 +137,13 @@ def with_progress(label: str, as_json: bool, run, *args, **kwargs):
     type=click.Path(dir_okay=False),
     help="HDF5 file to create or update  [default: cache/<DATA_DIR name>.h5]",
 )
-@click.option(
+@shown(
     "--weights",
-    default=config.WEIGHTS,
-    show_default=True,
-    help="imagenet, none (random, for tests) or a MobileNetV2 no-top .h5 file.",
+    config.WEIGHTS,
+    "imagenet, none (random, for tests) or a MobileNetV2 no-top .h5 file.",
 )
-@click.option(
-    "--image-size",
-    default=config.IMAGE_SIZE,
-    show_default=True,
-    type=int,
-    help="Square input size in pixels.",
-)
-@click.option(
-    "--alpha",
-    default=config.ALPHA,
-    show_default=True,
-    type=float,
-    help="MobileNetV2 width multiplier.",
-)
+@shown("--image-size", config.IMAGE_SIZE, "Square input size in pixels.", type=int)
+@shown("--alpha", config.ALPHA, "MobileNetV2 width multiplier.", type=float)
 @click.option("--batch-size", default=config.BATCH_SIZE, show_default=True, type=int)
 @click.option(
     "--dtype",
@@ -154,19 +166,14 @@ def with_progress(label: str, as_json: bool, run, *args, **kwargs):
     is_flag=True,
     help="Rebuild the cache: a new split, rejected files retried, another backbone allowed.",
 )
-@click.option(
-    "--engine",
-    default=config.ENGINE,
-    show_default=True,
-    type=click.Choice(config.ENGINES),
-    help="onnx: ONNX Runtime, ~2x faster on a CPU; auto: onnx when it can run, no GPU is seen.",
+@engine_option(
+    "onnx: ONNX Runtime, ~2x faster on a CPU; auto: onnx when it can run, no GPU is seen."
 )
-@click.option(
+@shown(
     "--precision",
-    default=config.PRECISION,
-    show_default=True,
+    config.PRECISION,
+    "int8: a quantized ONNX backbone, ~2x faster again, features not mixable with fp32.",
     type=click.Choice(config.PRECISIONS),
-    help="int8: a quantized ONNX backbone, ~2x faster again, features not mixable with fp32.",
 )
 @click.option(
     "--flip/--no-flip",
@@ -187,10 +194,7 @@ def extract(data_dir, cache_path, as_json, **options):
     from featx.extract import extract as run_extract
 
     summary = with_progress("extracting", as_json, run_extract, data_dir, cache_path, **options)
-    if as_json:
-        print_json(summary)
-    else:
-        click.echo(format_extract_summary(summary))
+    show(summary, as_json, format_extract_summary)
     warn_leakage(summary["cache"])
 
 
@@ -262,36 +266,23 @@ def info(cache_path, as_json):
     type=click.Path(file_okay=False),
     help="A `featx fit-head` output folder fitted on CACHE: the warm start.",
 )
-@click.option(
-    "--output",
-    type=click.Path(file_okay=False),
-    help="Folder to write  [default: <CACHE folder>/<CACHE name>-finetune/]",
-)
-@click.option(
+@output_folder("<CACHE folder>/<CACHE name>-finetune/")
+@shown(
     "--unfreeze-layers",
-    default=config.FINETUNE_UNFREEZE_LAYERS,
-    show_default=True,
+    config.FINETUNE_UNFREEZE_LAYERS,
+    "Top layers of MobileNetV2 that train (BatchNorm never does); 0: only the head.",
     type=int,
-    help="Top layers of MobileNetV2 that train (BatchNorm never does); 0: only the head.",
 )
 @click.option("--epochs", default=config.FINETUNE_EPOCHS, show_default=True, type=int)
-@click.option(
-    "--learning-rate", default=config.FINETUNE_LEARNING_RATE, show_default=True, type=float
-)
+@shown("--learning-rate", config.FINETUNE_LEARNING_RATE, type=float)
 @click.option("--batch-size", default=config.FINETUNE_BATCH_SIZE, show_default=True, type=int)
-@click.option(
-    "--augment/--no-augment",
-    default=True,
-    show_default=True,
-    help="Random flip, rotation, zoom and contrast while training.",
-)
+@shown("--augment/--no-augment", True, "Random flip, rotation, zoom and contrast while training.")
 @click.option("--dropout", default=config.FINETUNE_DROPOUT, show_default=True, type=float)
-@click.option(
+@shown(
     "--patience",
-    default=config.FINETUNE_PATIENCE,
-    show_default=True,
+    config.FINETUNE_PATIENCE,
+    "Epochs without a lower validation loss before stopping.",
     type=int,
-    help="Epochs without a lower validation loss before stopping.",
 )
 @click.option(
     "--reduce-lr-on-plateau", is_flag=True, help="Lower the learning rate when it stalls."
@@ -331,14 +322,8 @@ def finetune(cache_path, head_dir, output, as_json, **options):
 
 @cli.command("fit-head")
 @click.argument("cache_path", type=click.Path(dir_okay=False))
-@click.option(
-    "--head", default=config.HEAD, show_default=True, type=click.Choice(["logreg", "dense"])
-)
-@click.option(
-    "--output",
-    type=click.Path(file_okay=False),
-    help="Folder to write  [default: <CACHE folder>/<CACHE name>-<head>/]",
-)
+@shown("--head", config.HEAD, type=click.Choice(["logreg", "dense"]))
+@output_folder("<CACHE folder>/<CACHE name>-<head>/")
 @click.option("--C", "C", type=float, help="logreg: regularisation  [default: chosen by CV]")
 @click.option(
     "--scaling",
@@ -352,20 +337,11 @@ def finetune(cache_path, head_dir, output, as_json, **options):
     help="Train on the mirror images too, predict from the mean of both (extract --flip)  "
     "[default: when the cache has them]",
 )
-@click.option(
-    "--epochs", default=config.DENSE_EPOCHS, show_default=True, type=int, help="dense: at most."
-)
+@shown("--epochs", config.DENSE_EPOCHS, "dense: at most.", type=int)
 @click.option("--learning-rate", default=config.DENSE_LEARNING_RATE, show_default=True, type=float)
 @click.option("--dropout", default=config.DENSE_DROPOUT, show_default=True, type=float)
-@click.option(
-    "--hidden", default=config.DENSE_HIDDEN, show_default=True, type=int, help="dense: 0 = none."
-)
-@click.option(
-    "--class-weight",
-    default=config.CLASS_WEIGHT,
-    show_default=True,
-    type=click.Choice(["none", "balanced"]),
-)
+@shown("--hidden", config.DENSE_HIDDEN, "dense: 0 = none.", type=int)
+@shown("--class-weight", config.CLASS_WEIGHT, type=click.Choice(["none", "balanced"]))
 @click.option("--seed", default=config.SEED, show_default=True, type=int)
 @click.option(
     "--exclude-duplicates",
@@ -386,10 +362,7 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
     from featx.report import format_summary
 
     m = run_fit_head(cache_path, log=echo_err, **options)
-    if as_json:
-        print_json(m)
-    else:
-        click.echo(format_summary(m))
+    show(m, as_json, format_summary)
     if not options["exclude_duplicates"]:
         warn_leakage(cache_path)
     accuracy = m["validation"]["accuracy"]
@@ -401,26 +374,19 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
 
 @cli.command()
 @click.argument("cache_path", type=click.Path(dir_okay=False))
-@click.option(
-    "--output",
-    type=click.Path(file_okay=False),
-    help="Folder to write  [default: <CACHE folder>/<CACHE name>-audit/]",
-)
-@click.option(
+@output_folder("<CACHE folder>/<CACHE name>-audit/")
+@shown(
     "--threshold",
-    default=config.AUDIT_NEAR_DUPLICATE,
-    show_default=True,
+    config.AUDIT_NEAR_DUPLICATE,
+    "Cosine similarity of features from which two images are near duplicates.",
     type=float,
-    help="Cosine similarity of features from which two images are near duplicates.",
 )
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False),
     help="Where CACHE's images are now, if they moved (for the contact sheets).",
 )
-@click.option(
-    "--seed", default=config.SEED, show_default=True, type=int, help="Seeds the CV folds."
-)
+@shown("--seed", config.SEED, "Seeds the CV folds.", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print audit.json and a summary as JSON.")
 @friendly_errors
 def audit(cache_path, output, threshold, data_dir, seed, as_json):
@@ -442,10 +408,7 @@ def audit(cache_path, output, threshold, data_dir, seed, as_json):
         seed=seed,
         log=echo_err,
     )
-    if as_json:
-        print_json(result)
-    else:
-        click.echo(format_summary(result))
+    show(result, as_json, format_summary)
 
 
 @cli.command()
@@ -456,21 +419,9 @@ def audit(cache_path, output, threshold, data_dir, seed, as_json):
     type=click.Path(dir_okay=False),
     help="Write one row per image to this .csv, or the --json object to this .json file.",
 )
-@click.option(
-    "--top-k",
-    default=config.PREDICT_TOP_K,
-    show_default=True,
-    type=int,
-    help="Classes listed per image, most probable first.",
-)
+@shown("--top-k", config.PREDICT_TOP_K, "Classes listed per image, most probable first.", type=int)
 @click.option("--batch-size", default=config.BATCH_SIZE, show_default=True, type=int)
-@click.option(
-    "--engine",
-    default=config.ENGINE,
-    show_default=True,
-    type=click.Choice(config.ENGINES),
-    help="What runs the backbone of a fit-head model (as for extract).",
-)
+@engine_option("What runs the backbone of a fit-head model (as for extract).")
 @click.option(
     "--min-confidence",
     type=float,
@@ -509,18 +460,13 @@ def predict(model_dir, paths, as_json, **options):
     type=click.Choice(["keras", "savedmodel", "tflite"]),
     help="savedmodel and tflite need the TensorFlow backend.",
 )
-@click.option(
+@shown(
     "--quantize",
-    default=config.EXPORT_QUANTIZE,
-    show_default=True,
+    config.EXPORT_QUANTIZE,
+    "TFLite only: float16 weights, or int8 weights (dynamic range).",
     type=click.Choice(["none", "float16", "dynamic"]),
-    help="TFLite only: float16 weights, or int8 weights (dynamic range).",
 )
-@click.option(
-    "--output",
-    type=click.Path(file_okay=False),
-    help="Folder to write  [default: MODEL_DIR/export-<format>[-<quantize>]/]",
-)
+@output_folder("MODEL_DIR/export-<format>[-<quantize>]/")
 @click.option(
     "--cache",
     "cache_path",
@@ -541,10 +487,7 @@ def export(model_dir, model_format, quantize, output, cache_path, as_json):
 
     args = (model_dir, model_format, quantize, output, cache_path)
     result = with_progress("evaluating", as_json, run_export, *args)
-    if as_json:
-        print_json(result)
-    else:
-        click.echo(format_summary(result))
+    show(result, as_json, format_summary)
 
 
 @cli.command()

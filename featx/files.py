@@ -1,12 +1,15 @@
-"""Small file helpers shared by the stages: the one atomic writer, and file hashes."""
+"""Small file helpers shared by the stages: the one atomic writer, JSON records, file hashes."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from featx.errors import FeatxError
 
 
 @contextmanager
@@ -60,3 +63,17 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_json(path: str | Path, missing: str):
+    """The JSON content of `path`; FeatxError(`missing`) when it does not exist, and a one-line
+    error naming the file when it is not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FeatxError(missing) from None
+    except (OSError, ValueError) as e:
+        raise FeatxError(
+            f"'{path}' is not readable JSON ({e}). Re-run the command that wrote it."
+        ) from None

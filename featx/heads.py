@@ -32,7 +32,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from featx import __version__, config
 from featx.errors import FeatxError
-from featx.files import write_text_atomic
+from featx.files import read_json, write_text_atomic
 
 HEAD_FORMAT = "featx-head"
 # 2: the logistic regression's scaling ("scaling" in head.npz) and "flip" in head.json. Version 1
@@ -731,14 +731,9 @@ def load_head(folder: str | Path) -> tuple[LogRegHead | DenseHead, dict]:
     """(head, meta) from a folder written by save_head; meta is head.json as a dict."""
     folder = Path(folder)
     path = folder / "head.json"
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FeatxError(
-            f"No head.json in '{folder}'. Pass the output folder of `featx fit-head`."
-        ) from None
-    except ValueError as e:
-        raise FeatxError(f"'{path}' is not valid JSON ({e}).") from None
+    meta = read_json(
+        path, f"No head.json in '{folder}'. Pass the output folder of `featx fit-head`."
+    )
     if meta.get("format") != HEAD_FORMAT:
         raise FeatxError(f"'{path}' is not a featx head (no format='{HEAD_FORMAT}').")
     if meta.get("format_version") not in READABLE_HEAD_VERSIONS:

@@ -16,7 +16,6 @@ import base64
 import csv
 import html
 import io
-import json
 import time
 from pathlib import Path
 
@@ -24,7 +23,8 @@ import numpy as np
 
 from featx import __version__, config
 from featx.errors import FeatxError
-from featx.files import write_text_atomic
+from featx.files import read_json, write_text_atomic
+from featx.report import class_names_of, imbalance_hint
 
 REPORT_FILE = "report.html"
 SPLITS = ("train", "validation", "test")
@@ -73,17 +73,11 @@ def _e(value) -> str:
 
 def _read_metrics(folder: Path) -> dict:
     path = folder / "metrics.json"
-    try:
-        metrics = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FeatxError(
-            f"No metrics.json in '{folder}'. Pass the output folder of `featx fit-head` or "
-            "`featx finetune`."
-        ) from None
-    except ValueError as e:
-        raise FeatxError(
-            f"'{path}' is not valid JSON ({e}). Re-run the command that wrote it."
-        ) from None
+    metrics = read_json(
+        path,
+        f"No metrics.json in '{folder}'. Pass the output folder of `featx fit-head` or "
+        "`featx finetune`.",
+    )
     if not isinstance(metrics, dict) or not any(isinstance(metrics.get(s), dict) for s in SPLITS):
         raise FeatxError(f"'{path}' holds no split metrics; it is not a featx metrics file.")
     return metrics
@@ -97,13 +91,13 @@ def _read_misclassified(folder: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def _class_names(metrics: dict) -> list[str]:
-    if metrics.get("class_names"):
-        return list(metrics["class_names"])
-    for split in SPLITS:
-        if isinstance(metrics.get(split), dict) and "per_class" in metrics[split]:
-            return list(metrics[split]["per_class"])
-    return []
+def _shown(metrics: dict) -> list[tuple[str, dict]]:
+    """(split, its metrics) of the splits a reader judges the model on that have images."""
+    return [
+        (split, metrics[split])
+        for split in SHOWN_SPLITS
+        if isinstance(metrics.get(split), dict) and metrics[split].get("n")
+    ]
 
 
 def thumbnail(path: str | Path, size: int = config.REPORT_THUMBNAIL) -> str | None:
@@ -194,10 +188,7 @@ def _matrix_tables(cm: np.ndarray, names: list[str]) -> str:
 
 def _per_class(metrics: dict, names: list[str]) -> str:
     parts = []
-    for split in SHOWN_SPLITS:
-        m = metrics.get(split)
-        if not isinstance(m, dict) or not m.get("n"):
-            continue
+    for split, m in _shown(metrics):
         body = "".join(
             f"<tr><td class='name'>{_e(n)}</td><td>{_fmt(c['precision'])}</td>"
             f"<td>{_fmt(c['recall'])}</td><td>{_fmt(c['f1'])}</td><td>{c['support']}</td></tr>"
@@ -236,10 +227,7 @@ def confused_pairs(cm, names: list[str], n: int = config.REPORT_CONFUSED_PAIRS) 
 
 def _confused(metrics: dict, names: list[str]) -> str:
     parts = []
-    for split in SHOWN_SPLITS:
-        m = metrics.get(split)
-        if not isinstance(m, dict) or not m.get("n"):
-            continue
+    for split, m in _shown(metrics):
         pairs = confused_pairs(m["confusion_matrix"], names)
         if not pairs:
             parts.append(f"<p>{_e(split)}: no image was confused.</p>")
@@ -283,7 +271,7 @@ def render(model_dir: str | Path) -> str:
     """The HTML of the report of MODEL_DIR (see the module docstring)."""
     folder = Path(model_dir)
     metrics = _read_metrics(folder)
-    names = _class_names(metrics)
+    names = class_names_of(metrics)
     kind = "finetune" if "before" in metrics else f"{metrics.get('head', '')} head".strip()
     title = f"featx report: {kind}, {len(names)} classes"
     cache = metrics.get("cache") or {}
@@ -300,7 +288,6 @@ def render(model_dir: str | Path) -> str:
                 f"{k} {v}" for k, v in fitted.items() if v is not None and not isinstance(v, dict)
             )
         )
-    from featx.report import imbalance_hint
 
     hint = imbalance_hint(metrics) if metrics.get("head") else None
 
@@ -311,7 +298,7 @@ def render(model_dir: str | Path) -> str:
     ]
     if hint:
         sections.append(f"<p class='note'>{_e(hint)}</p>")
-    shown = [s for s in SHOWN_SPLITS if isinstance(metrics.get(s), dict) and metrics[s].get("n")]
+    shown = [split for split, _ in _shown(metrics)]
     for split in shown or ["train"]:
         cm = np.asarray(metrics[split]["confusion_matrix"])
         sections += [f"<h2>Confusion matrix: {_e(split)}</h2>", _matrix_tables(cm, names)]

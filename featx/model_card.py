@@ -50,6 +50,24 @@ def _f(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
 
 
+def _heading(title: str) -> list[str]:
+    return ["", f"## {title}", ""]
+
+
+def _facts(info: dict) -> tuple:
+    """(names, size, source, fingerprint, format, model file, kind) of an export's info."""
+    source = info.get("source") or {}
+    return (
+        list(info["class_names"]),
+        info["image_size"],
+        source,
+        source.get("fingerprint") or {},
+        info["model_format"],
+        info["model_file"],
+        source.get("kind") or "model",
+    )
+
+
 def render(info: dict, model_dir: str | Path) -> str:
     """The model card (Markdown) of an export described by `info` (the content of export.json)."""
     metrics = _metrics(model_dir)
@@ -59,12 +77,7 @@ def render(info: dict, model_dir: str | Path) -> str:
 
 def _header(info: dict, metrics: dict) -> list[str]:
     """Title, what the model is, and its classes in output order."""
-    names = list(info["class_names"])
-    size = info["image_size"]
-    source = info.get("source") or {}
-    fp = source.get("fingerprint") or {}
-    fmt, model_file = info["model_format"], info["model_file"]
-    kind = source.get("kind") or "model"
+    names, size, source, fp, fmt, model_file, kind = _facts(info)
     lines: list[str] = []
     what = "fine-tuned end to end" if kind == "finetune" else f"a {source.get('head')} head"
     lines += [
@@ -89,7 +102,7 @@ def _header(info: dict, metrics: dict) -> list[str]:
 
 def _data(info: dict, metrics: dict) -> list[str]:
     """Images per class and split, when the source metrics have them."""
-    names = list(info["class_names"])
+    names, size, source, fp, fmt, model_file, kind = _facts(info)
     lines: list[str] = []
     counts = (metrics.get("cache") or {}).get("counts") or {}
     if counts:
@@ -104,7 +117,7 @@ def _data(info: dict, metrics: dict) -> list[str]:
 
 def _measured(info: dict, metrics: dict) -> list[str]:
     """Metrics of the source model, and the checks of the exported file."""
-    names = list(info["class_names"])
+    names, size, source, fp, fmt, model_file, kind = _facts(info)
     lines: list[str] = []
     measured = [s for s in ("validation", "test") if isinstance(metrics.get(s), dict)]
     if measured:
@@ -159,14 +172,9 @@ def _measured(info: dict, metrics: dict) -> list[str]:
 
 def _contract(info: dict, metrics: dict) -> list[str]:
     """Input and output, intended use, and Python code to load it."""
-    names = list(info["class_names"])
-    size = info["image_size"]
-    fmt, model_file = info["model_format"], info["model_file"]
-    lines: list[str] = []
-    lines += [
-        "",
-        "## Input and output",
-        "",
+    names, size, source, fp, fmt, model_file, kind = _facts(info)
+    lines = [
+        *_heading("Input and output"),
         f"- Input: a float32 tensor of shape `(batch, {size}, {size}, 3)`, RGB, pixel values "
         "0–255, **not normalised**: the model scales them to [-1, 1] itself "
         "(MobileNetV2's `preprocess_input`).",
@@ -235,9 +243,7 @@ def _contract(info: dict, metrics: dict) -> list[str]:
 
 def _android(info: dict, metrics: dict) -> list[str]:
     """How to run it on Android (TFLite), or how to get a TFLite file."""
-    names = list(info["class_names"])
-    size = info["image_size"]
-    fmt, model_file = info["model_format"], info["model_file"]
+    names, size, source, fp, fmt, model_file, kind = _facts(info)
     lines: list[str] = []
     if fmt == "tflite":
         lines += [
@@ -278,14 +284,9 @@ def _android(info: dict, metrics: dict) -> list[str]:
 
 def _provenance(info: dict, metrics: dict) -> list[str]:
     """Where it came from."""
-    source = info.get("source") or {}
-    fp = source.get("fingerprint") or {}
-    kind = source.get("kind") or "model"
-    lines: list[str] = []
-    lines += [
-        "",
-        "## Provenance",
-        "",
+    names, size, source, fp, fmt, model_file, kind = _facts(info)
+    lines = [
+        *_heading("Provenance"),
         f"- Made from `{source.get('model_dir')}` ({kind}"
         + (f", {source['head']} head" if source.get("head") else "")
         + ").",
