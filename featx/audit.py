@@ -516,7 +516,12 @@ def audit(
         drawn, missing = _write_sheets(out, report, cache, root)
         files += drawn
     seconds["files"] = time.perf_counter() - t
-    if missing:
+    if missing and root is None:
+        log(
+            "note: the cache records no data folder, so the contact sheets show placeholders; "
+            "pass --data-dir to show the images."
+        )
+    elif missing:
         log(
             f"note: {len(missing)} image(s) of the contact sheets could not be read under "
             f"'{root}' ({next(iter(missing.values()))}: {next(iter(missing))}); they are drawn "
@@ -600,7 +605,7 @@ def _write_sheets(out: Path, report: dict, cache: store.Cache, root: Path | None
         i = index[path]
         image = root / path if root else None
         label = cache.class_names[cache.labels[i]]
-        return Tile(image, [Path(path).name, f"{label} | {cache.splits[i]}", *extra])
+        return Tile(image, [Path(path).name, f"{label} | {cache.splits[i]}", *extra], path)
 
     groups = []
     for n, g in enumerate(report["duplicates"][:top], 1):

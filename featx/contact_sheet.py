@@ -23,10 +23,12 @@ PLACEHOLDER = (200, 200, 200)
 
 @dataclass
 class Tile:
-    """One image and the caption lines under it; image None draws a placeholder."""
+    """One image and the caption lines under it; image None draws a placeholder. `name` names it
+    in the list of unreadable images (default: the image path)."""
 
     image: Path | None
     lines: list[str] = field(default_factory=list)
+    name: str | None = None
 
 
 @dataclass
@@ -83,7 +85,7 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
 def write_sheet(path: str | Path, title: str, rows: list[list[Block]], size: int) -> dict:
     """Draw `rows` of blocks of tiles under `title` into a PNG at `path` (written atomically).
 
-    Returns {"path": the PNG, "unreadable": {image path: reason} for the placeholders drawn}.
+    Returns {"path": the PNG, "unreadable": {tile name: reason} for the placeholders drawn}.
     """
     font, title_font = _font(11), _font(14)
     tiles = [t for row in rows for block in row for t in block.tiles]
@@ -111,7 +113,7 @@ def write_sheet(path: str | Path, title: str, rows: list[list[Block]], size: int
                 x = x0 + c * cell_w
                 image, reason = thumbnail(tile.image, size)
                 if reason:
-                    problems[str(tile.image)] = reason
+                    problems[tile.name or str(tile.image)] = reason
                 sheet.paste(image, (x, y + heading))
                 for i, text in enumerate(tile.lines):
                     xy = (x, y + heading + size + 1 + i * LINE)

@@ -255,7 +255,7 @@ def write_cache(
     class_names=("cats", "dogs", "birds"),
     dim: int = 64,
     seed: int = 0,
-    data_dir: str = "/nowhere",
+    data_dir: str | None = "/nowhere",
     edit=None,
 ) -> Path:
     """A featx cache of Gaussian-cluster features: per_class {split: [images per class]}. Unrelated
@@ -289,6 +289,27 @@ def write_cache(
     )
     store.write_cache(path, cache)
     return path
+
+
+def test_a_cache_without_a_data_folder_gets_placeholders_and_one_note(tmp_path):
+    counts = {"train": [30, 30], "validation": [5, 5]}
+    path = write_cache(tmp_path / "c.h5", counts, ("a", "b"), data_dir=None, edit=_one_copy)
+    notes = []
+    result = audit.audit(path, tmp_path / "out", log=notes.append)
+    assert notes == [
+        "note: the cache records no data folder, so the contact sheets show placeholders; "
+        "pass --data-dir to show the images."
+    ]
+    shown = {p for g in result["duplicates"] for p in g["paths"]}
+    shown |= {d["path"] for d in result["label_issues"] + result["outliers"]}
+    assert {"train/a/0000.jpg", "train/a/0001.jpg"} <= shown
+    assert result["summary"]["unreadable_images"] == len(shown)  # one per image, by cache path
+    assert (tmp_path / "out" / "duplicates.png").is_file()
+
+
+def _one_copy(features, labels, splits, paths, sha):
+    sha[1] = sha[0]  # an exact copy, so there is a duplicates sheet to draw
+    features[1] = features[0]
 
 
 def test_label_flips_in_a_feature_cache_are_found_and_ranked_first(tmp_path):
