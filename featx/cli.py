@@ -200,7 +200,7 @@ def extract(data_dir, cache_path, as_json, **options):
 
 def warn_leakage(cache_path) -> None:
     """One line on stderr when `featx audit` would find leakage or cross-label copies."""
-    from featx.audit import leakage_line
+    from featx.duplicates import leakage_line
 
     line = leakage_line(cache_path)
     if line:

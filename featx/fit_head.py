@@ -126,7 +126,7 @@ def fit_head(
     check_cache(cache, cache_path)
     excluded = None
     if exclude_duplicates:
-        from featx.audit import exclude_leaking
+        from featx.duplicates import exclude_leaking
 
         cache, excluded = exclude_leaking(cache)
         log(f"excluded {len(excluded)} train copies of validation or test images.")
