@@ -95,33 +95,73 @@ def fit_head(
         The metrics written to metrics.json (see featx.report for the keys).
     """
     log = log or (lambda message: None)
+    dense = {"epochs": epochs, "learning_rate": learning_rate, "dropout": dropout, "hidden": hidden}
+    options = _head_options(head, C, scaling, dense, {"class_weight": class_weight, "seed": seed})
+    _note_ignored(head, dense, C, log)
+    estimator = heads.make_head(head, **options)
+    cache, excluded = _load(cache_path, exclude_duplicates, log)
+    train, data, train_flip = _views(cache, cache_path, flip)
+    if head == "dense":
+        import keras  # noqa: F401  (its start-up, seconds, is not part of fit_seconds)
+
+    t0 = time.perf_counter()  # fit_seconds: the whole fit, the cross-validation included
+    estimator.fit(*train, *data["validation"], X_flip=train_flip)
+    fit_seconds = time.perf_counter() - t0
+    metrics, predictions = _evaluate(estimator, cache, data)
+    out = Path(output) if output else default_output_dir(cache_path, head)
+    metrics.update(
+        {
+            "fit_seconds": round(fit_seconds, 3),
+            "head": head,
+            "options": {k: heads._jsonable(v) for k, v in estimator.get_params().items()},
+            "fitted": heads._jsonable_tree(estimator.summary()),
+            "cache": {
+                "path": str(cache_path),
+                "feature_dim": int(cache.features.shape[1]),
+                "dtype": str(cache.features.dtype),
+                "counts": cache.counts(),
+                "fingerprint": cache.fingerprint,
+            },
+            "class_names": list(cache.class_names),
+            "output": str(out),
+        }
+    )
+    if excluded is not None:
+        metrics["excluded_duplicates"] = excluded
+    _record(estimator, cache, cache_path, out, (metrics, predictions), log)
+    return metrics
+
+
+def _head_options(head: str, C, scaling, dense: dict, common: dict) -> dict:
+    """The parameters of the head asked for; the other head's options are left out."""
     if head not in heads.HEADS:
         raise FeatxError(f"Unknown head {head!r}; expected one of {heads.HEADS}.")
-    dense_options = {
-        "epochs": (epochs, config.DENSE_EPOCHS),
-        "learning_rate": (learning_rate, config.DENSE_LEARNING_RATE),
-        "dropout": (dropout, config.DENSE_DROPOUT),
-        "hidden": (hidden, config.DENSE_HIDDEN),
+    if head == "logreg":
+        return {"C": C, "scaling": scaling or config.SCALING, **common}
+    return {"scaling": scaling or config.DENSE_SCALING, **dense, **common}
+
+
+def _note_ignored(head: str, dense: dict, C, log) -> None:
+    """One line when an option of the other head was given: a silent no-op would let users
+    believe they tuned something."""
+    defaults = {
+        "epochs": config.DENSE_EPOCHS,
+        "learning_rate": config.DENSE_LEARNING_RATE,
+        "dropout": config.DENSE_DROPOUT,
+        "hidden": config.DENSE_HIDDEN,
     }
     if head == "logreg":
-        ignored = [k for k, (value, default) in dense_options.items() if value != default]
-        options = {"C": C, "scaling": scaling or config.SCALING}
-        options.update({"class_weight": class_weight, "seed": seed})
+        ignored = [k for k, value in dense.items() if value != defaults[k]]
     else:
         ignored = ["C"] if C is not None else []
-        options = {
-            "scaling": scaling or config.DENSE_SCALING,
-            "epochs": epochs,
-            "learning_rate": learning_rate,
-            "dropout": dropout,
-            "hidden": hidden,
-            "class_weight": class_weight,
-            "seed": seed,
-        }
-    if ignored:  # a silent no-op would let users believe they tuned something
+    if ignored:
         names = ", ".join(f"--{k.replace('_', '-')}" for k in ignored)
         log(f"note: {names} applies to the other head, not to --head {head}; ignored.")
-    estimator = heads.make_head(head, **options)
+
+
+def _load(cache_path, exclude_duplicates: bool, log):
+    """The cache, checked, optionally without the train copies of validation/test images:
+    (cache, excluded paths or None)."""
     cache = store.read_cache(cache_path)  # refuses non-featx files and other format versions
     check_cache(cache, cache_path)
     excluded = None
@@ -134,6 +174,14 @@ def fit_head(
     for name, n in cache.counts().get("validation", {}).items():
         if n == 0:
             log(f"warning: class '{name}' has no validation image; its recall is not measured.")
+    return cache, excluded
+
+
+def _views(cache: store.Cache, cache_path, flip: bool | None):
+    """(plain train (X, y), {split: (X, y)} to evaluate on, mirrored train features or None).
+
+    With flip, training sees the plain and the mirrored train rows, and every split is evaluated
+    on the mean of both views, as predict and export compute it."""
     features = cache.features.astype(np.float32, copy=False)  # float16 caches too
     if flip is None:
         flip = cache.features_flip is not None
@@ -145,22 +193,15 @@ def fit_head(
     data = {
         s: (features[cache.splits == s], cache.labels[cache.splits == s]) for s in report.SPLITS
     }
-    X_train, y_train = data["train"]
-    train_flip = None
-    if flip:  # train on both views; evaluate on the mean of both, as predict and export do
-        mirrored = cache.features_flip.astype(np.float32, copy=False)
-        train_flip = mirrored[cache.splits == "train"]
-        data = {
-            s: (heads.flip_views(X, mirrored[cache.splits == s]), y) for s, (X, y) in data.items()
-        }
+    if not flip:
+        return data["train"], data, None
+    mirrored = cache.features_flip.astype(np.float32, copy=False)
+    views = {s: (heads.flip_views(X, mirrored[cache.splits == s]), y) for s, (X, y) in data.items()}
+    return data["train"], views, mirrored[cache.splits == "train"]
 
-    if head == "dense":
-        import keras  # noqa: F401  (its start-up, seconds, is not part of fit_seconds)
 
-    t0 = time.perf_counter()  # fit_seconds: the whole fit, the cross-validation included
-    estimator.fit(X_train, y_train, *data["validation"], X_flip=train_flip)
-    fit_seconds = time.perf_counter() - t0
-
+def _evaluate(estimator, cache: store.Cache, data: dict):
+    """({split: metrics}, {split: (labels, probabilities, paths)}) of the fitted head."""
     metrics, predictions = {}, {}
     for split, (X, y) in data.items():
         if len(y):
@@ -168,26 +209,12 @@ def fit_head(
             metrics[split] = report.evaluate(y, proba, cache.class_names)
             paths = [p for p, s in zip(cache.paths, cache.splits) if s == split]
             predictions[split] = (y, proba, paths)
-    out = Path(output) if output else default_output_dir(cache_path, head)
-    metrics.update(
-        {
-            "fit_seconds": round(fit_seconds, 3),
-            "head": head,
-            "options": {k: heads._jsonable(v) for k, v in estimator.get_params().items()},
-            "fitted": heads._jsonable_tree(estimator.summary()),
-            "cache": {
-                "path": str(cache_path),
-                "feature_dim": int(features.shape[1]),
-                "dtype": str(cache.features.dtype),
-                "counts": cache.counts(),
-                "fingerprint": cache.fingerprint,
-            },
-            "class_names": list(cache.class_names),
-            "output": str(out),
-        }
-    )
-    if excluded is not None:
-        metrics["excluded_duplicates"] = excluded
+    return metrics, predictions
+
+
+def _record(estimator, cache: store.Cache, cache_path, out: Path, results: tuple, log) -> None:
+    """The head, head.json, metrics.json and the report files; stale files of earlier runs go."""
+    metrics, predictions = results
     cache_file = str(Path(cache_path).resolve())  # absolute: predict/export may run elsewhere
     head_json = heads.save_head(
         estimator, out, cache.class_names, cache.fingerprint, extra={"cache": cache_file}
@@ -202,4 +229,3 @@ def fit_head(
     )
     head_file = json.loads(head_json.read_text())["file"]
     outputs.record(out, [head_json, head_file, *written.values()], log)  # drops stale files
-    return metrics

@@ -27,7 +27,9 @@ def check_int(name: str, value, low: int, high: int | None = None) -> None:
 
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise FeatxError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}.")
+        raise FeatxError(
+            f"Unknown {name} {value!r}; expected one of {', '.join(map(str, choices))}."
+        )
 
 
 def check_fraction(name: str, value, *, closed: bool = False) -> None:
