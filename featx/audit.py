@@ -82,17 +82,9 @@ def check_cache(cache: store.Cache, cache_path) -> None:
             f"The cache '{cache_path}' has no train images; the audit looks for label errors in "
             "the train split. Re-run `featx extract` on DATA/CLASS/* or DATA/train/CLASS/*."
         )
-    if not np.isfinite(cache.features).all():
-        raise FeatxError(
-            f"The cache '{cache_path}' holds non-finite features (NaN or inf). Re-extract it "
-            "with `featx extract --overwrite`."
-        )
 
 
-# --- the blocked similarity search --------------------------------------------------------------
-
-
-# --- 1. duplicates ------------------------------------------------------------------------------
+# --- 1. duplicates: see featx.duplicates ----------------------------------------------------------
 
 
 # --- 2. label issues ----------------------------------------------------------------------------

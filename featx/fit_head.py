@@ -48,11 +48,6 @@ def check_cache(cache: store.Cache, cache_path) -> None:
             f"The cache '{cache_path}' has one class ({cache.class_names}); a classifier needs "
             "at least two class folders."
         )
-    if not np.isfinite(cache.features).all():
-        raise FeatxError(
-            f"The cache '{cache_path}' holds non-finite features (NaN or inf). Re-extract it "
-            "with `featx extract --overwrite`."
-        )
 
 
 def fit_head(

@@ -197,6 +197,7 @@ class OnnxEngine:
         weights: str = config.WEIGHTS,
         image_size: int = config.IMAGE_SIZE,
         alpha: float = config.ALPHA,
+        *,
         onnx_dir: str | Path | None = None,
         threads: int | None = None,
         log=None,
