@@ -62,6 +62,10 @@ DEFAULT_JSON = REPO / "bench" / "results" / "quality.json"
 SETS = ("cats_and_dogs_filtered", "oxford_flowers17", "neu_surface_defects", "clothing_small")
 NEAR_DUPLICATES = {"oxford_flowers17": "oxford_flowers17.near_duplicates.txt"}
 LARGE_SIZE = 320  # --multi-scale: the second input size (the 224 px weights, convolved larger)
+SMALL_PER_CLASS = (10, 25)  # small training sets: images per class drawn from the train split
+SMALL_DRAWS = 10  # random draws per size; the accuracy is their mean
+IMBALANCE_RATIO = 8  # uneven training sets: the largest class this many times the smallest
+IMBALANCE_DRAWS = 5
 
 # (id, label, head, fit_head options). The caches hold mirror images (extract --flip), which
 # fit-head uses by default when they are there; the rows without --flip leave them out, like a
@@ -228,6 +232,95 @@ def multi_scale_rows(plain: dict, large: dict) -> dict:
     return out
 
 
+def small_training_sets(plain: dict, per_class: int, draws: int) -> dict:
+    """Accuracy on the whole validation split when only `per_class` training images per class
+    are there (random draws of the train split): the baseline, featx logreg before #17
+    (standardised) and featx logreg with its defaults. Mean over the draws."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from featx import heads
+
+    X, y, splits = plain["X"], plain["y"], plain["splits"]
+    val = splits == "validation"
+    acc = {"baseline": [], "logreg_before": [], "logreg": []}
+    for draw in range(draws):
+        rng = np.random.default_rng(draw)
+        rows = np.concatenate(
+            [
+                rng.choice(np.flatnonzero((splits == "train") & (y == c)), per_class, replace=False)
+                for c in np.unique(y)
+            ]
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            acc["baseline"].append(LogisticRegression().fit(X[rows], y[rows]).score(X[val], y[val]))
+        before = heads.LogRegHead(scaling="standard").fit(X[rows], y[rows])
+        acc["logreg_before"].append(before.score(X[val], y[val]))
+        acc["logreg"].append(heads.LogRegHead().fit(X[rows], y[rows]).score(X[val], y[val]))
+    return {
+        "per_class": per_class,
+        "draws": draws,
+        "accuracy": {k: round(float(np.mean(v)), 4) for k, v in acc.items()},
+        "worst_draw_vs_baseline": {
+            k: round(float(np.min(np.subtract(v, acc["baseline"]))), 4)
+            for k, v in acc.items()
+            if k != "baseline"
+        },
+    }
+
+
+def imbalanced_training_sets(plain: dict, ratio: float, draws: int) -> dict:
+    """featx logreg with and without --class-weight balanced on uneven training sets: class
+    sizes from the smallest train class down to 1/ratio of it (geometric, in a random order per
+    draw). Evaluated on the validation split as it is, and on a validation subset with the same
+    class proportions as the training set. Mean accuracy and balanced accuracy over the draws."""
+    from featx import heads
+
+    X, y, splits = plain["X"], plain["y"], plain["splits"]
+    k = int(y.max()) + 1
+    n_train = np.bincount(y[splits == "train"], minlength=k).min()
+    n_val = np.bincount(y[splits == "validation"], minlength=k).min()
+    out: dict = {}
+    for draw in range(draws):
+        rng = np.random.default_rng(draw)
+        share = ratio ** (-rng.permutation(k) / (k - 1))
+
+        def pick(split, n, share=share, rng=rng):
+            return np.concatenate(
+                [
+                    rng.choice(
+                        np.flatnonzero((splits == split) & (y == c)),
+                        max(2, round(n * share[c])),
+                        replace=False,
+                    )
+                    for c in range(k)
+                ]
+            )
+
+        train, same = pick("train", n_train), pick("validation", n_val)
+        as_is = np.flatnonzero(splits == "validation")
+        for weight in ("none", "balanced"):
+            head = heads.LogRegHead(class_weight=weight).fit(X[train], y[train])
+            for name, rows in (("validation_as_is", as_is), ("validation_same_shares", same)):
+                s = scores(y[rows], head.predict(X[rows]))
+                for metric in ("accuracy", "balanced_accuracy"):
+                    out.setdefault(name, {}).setdefault(weight, {}).setdefault(metric, [])
+                    out[name][weight][metric].append(s[metric])
+    return {
+        "ratio": ratio,
+        "draws": draws,
+        **{
+            name: {
+                w: {m: round(float(np.mean(v)), 4) for m, v in ms.items()} for w, ms in ws.items()
+            }
+            for name, ws in out.items()
+        },
+    }
+
+
 def paired(row: dict, base: dict, split: str = "validation") -> dict:
     """Images only this row got right / only the baseline got right."""
     mine, theirs = set(row["wrong"].get(split, [])), set(base["wrong"].get(split, []))
@@ -266,6 +359,14 @@ def benchmark(args) -> dict:
                 data_root / name, large, "--image-size", LARGE_SIZE, "--no-flip"
             )
             result["rows"].update(multi_scale_rows(plain, read_plain(large)))
+        if not args.quick:
+            print(f"{name}: small and uneven training sets", flush=True)
+            result["small"] = [
+                small_training_sets(plain, n, SMALL_DRAWS)
+                for n in SMALL_PER_CLASS
+                if n <= np.bincount(plain["y"][plain["splits"] == "train"]).min()
+            ]
+            result["imbalanced"] = imbalanced_training_sets(plain, IMBALANCE_RATIO, IMBALANCE_DRAWS)
         base = result["rows"]["baseline"]
         for key, row in result["rows"].items():
             if key != "baseline":
@@ -307,6 +408,7 @@ def benchmark(args) -> dict:
         result["timing"] = timing(data_root / "cats_and_dogs_filtered", cache_dir)
     result["seconds_total"] = round((dt.datetime.now().astimezone() - started).total_seconds(), 1)
     result["markdown"] = markdown(result)
+    result["markdown_training_sets"] = extra_tables(result)
     return result
 
 
@@ -396,6 +498,65 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def extra_tables(result: dict) -> str:
+    """Markdown: the small training sets and the uneven training sets, when measured."""
+    names = [n for n, s in result["sets"].items() if "small" in s]
+    if not names:
+        return ""
+    head = " | ".join(names) + " | mean |"
+    rule = "|---|---|" + "---:|" * (len(names) + 1)
+    lines = [
+        f"Small training sets: validation accuracy, mean of {SMALL_DRAWS} random draws of the "
+        "train split (in brackets: the worst draw's difference to the baseline).",
+        "",
+        "| train images per class | | " + head,
+        rule,
+    ]
+    labels = {
+        "baseline": "plain LogisticRegression()",
+        "logreg_before": "logreg before #17",
+        "logreg": "featx logreg, defaults",
+    }
+    for n in SMALL_PER_CLASS:
+        for key, label in labels.items():
+            cells, values = [], []
+            for name in names:
+                small = next(
+                    (x for x in result["sets"][name]["small"] if x["per_class"] == n), None
+                )
+                if small is None:
+                    cells.append("-")
+                    continue
+                value = small["accuracy"][key]
+                values.append(value)
+                worst = small["worst_draw_vs_baseline"].get(key)
+                cells.append(f"{value:.3f}" + (f" ({worst:+.3f})" if worst is not None else ""))
+            mean = f"{np.mean(values):.4f}" if len(values) == len(names) else "-"
+            lines.append(f"| {n} | {label} | " + " | ".join(cells) + f" | {mean} |")
+    lines += [
+        "",
+        f"Uneven training sets (largest class {IMBALANCE_RATIO}x the smallest, "
+        f"{IMBALANCE_DRAWS} draws): featx logreg with `--class-weight none` / `balanced`.",
+        "",
+        "| evaluated on | metric | " + head,
+        rule,
+    ]
+    for split in ("validation_as_is", "validation_same_shares"):
+        for metric in ("accuracy", "balanced_accuracy"):
+            cells, values = [], {"none": [], "balanced": []}
+            for name in names:
+                imb = result["sets"][name]["imbalanced"][split]
+                for w in values:
+                    values[w].append(imb[w][metric])
+                cells.append(f"{imb['none'][metric]:.3f} / {imb['balanced'][metric]:.3f}")
+            mean = f"{np.mean(values['none']):.4f} / {np.mean(values['balanced']):.4f}"
+            where = split.replace("_", " ").replace("validation", "validation split")
+            lines.append(
+                f"| {where} | {metric.replace('_', ' ')} | " + " | ".join(cells) + f" | {mean} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -443,6 +604,9 @@ def main(argv=None) -> int:
         print("\ntiming:", json.dumps(result["timing"], indent=1))
     print("\nMarkdown for the README (Model quality):\n")
     print(result["markdown"])
+    if result["markdown_training_sets"]:
+        print()
+        print(result["markdown_training_sets"])
     print(f"\nwrote {out}")
     return 0
 

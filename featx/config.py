@@ -32,7 +32,11 @@ DECODE_THREADS = 4  # Pillow releases the GIL while decoding; more threads than 
 PREFETCH_BATCHES = 4  # decoded batches waiting for the model; bounds memory
 FEATURE_DTYPE = "float32"  # "float16" halves the cache; features are stored, not recomputed
 FEATURE_DTYPES = ("float32", "float16")  # a cache keeps its dtype unless --dtype asks for the other
-FLIP = False  # extract --flip is opt-in until bench/quality.py shows it wins on the mean (#17)
+# --flip: also store the features of every image mirrored left-right (about 2x the model time, and
+# 2x in predict and the export). Off by default: on bench/quality.py it gained +0.02 point of mean
+# validation accuracy with the default logreg head (+1.4 with --head dense, +0.5 with --scaling
+# standard), which does not pay for doubling extraction. Turn it on when accuracy matters more.
+FLIP = False
 CACHE_DIR = "cache"  # default folder for caches and trained heads
 
 # --- splits --------------------------------------------------------------------------------------
@@ -99,6 +103,7 @@ LOGREG_CS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)  # ha
 LOGREG_CV_FOLDS = 5
 LOGREG_MAX_ITER = 500  # lbfgs iterations per fit; standardised features converge in ~10-30
 LOGREG_BLAS_THREADS = 1  # BLAS threads while fitting; more are slower on 2,000 x 1,280 features
+LOGREG_CV_THREADS = None  # cross-validation fits run in this many threads; None: one per core
 LOGREG_FALLBACK_C = 1.0  # used when a class has < 2 training images (no cross-validation)
 # Dense head: Normalization -> [Dense(hidden, relu)] -> Dropout -> Dense(C, softmax), AdamW,
 # early stopping on the validation loss with the best epoch's weights restored.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,13 @@ def _class_weight(class_weight: str | None) -> str:
 def _balanced_weights(y: np.ndarray, k: int) -> np.ndarray:
     """scikit-learn's "balanced": n / (k * count(class))."""
     return len(y) / (k * np.bincount(y, minlength=k).astype(np.float64))
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -299,27 +307,39 @@ class LogRegHead(_Head):
         if folds < 2:  # a class with one image: nothing to validate on
             C = Cs[0] if len(Cs) == 1 else config.LOGREG_FALLBACK_C
             return scalings[0], C, None
-        losses = np.zeros((len(scalings), folds, len(Cs)))
         splitter = StratifiedKFold(folds, shuffle=True, random_state=self.seed)
-        for f, (tr, te) in enumerate(splitter.split(X, y)):
-            A, yA = _with_flips(X[tr], y[tr], None if X_flip is None else X_flip[tr])
-            held_out = X[te] if X_flip is None else (X[te] + X_flip[te]) / 2
-            for s, name in enumerate(scalings):
-                mean, scale = fit_scaling(A, name)
-                # float32: half the memory and ~2x faster lbfgs; the final fit is in float64
-                Atr = apply_scaling(A, name, mean, scale).astype(np.float32)
-                Ate = apply_scaling(held_out, name, mean, scale).astype(np.float32)
-                model = self._model(Cs[0], warm_start=True)  # each C starts from the previous fit
-                for j, C in enumerate(Cs):
-                    model.set_params(C=C).fit(Atr, yA)
-                    p = model.predict_proba(Ate)[np.arange(len(te)), y[te]]
-                    losses[s, f, j] = -np.mean(np.log(np.clip(p, 1e-15, 1.0)))
+        tasks = [
+            (fold, name) for fold in splitter.split(X, y) for name in scalings
+        ]  # each task: one scaling's path over the Cs on one fold; threads share them out
+        workers = min(len(tasks), config.LOGREG_CV_THREADS or _cores())
+        with ThreadPoolExecutor(workers, thread_name_prefix="featx-cv") as pool:
+            paths = list(pool.map(lambda t: self._cv_path(X, y, X_flip, *t, Cs), tasks))
+        losses = np.array(paths).reshape(folds, len(scalings), len(Cs)).transpose(1, 0, 2)
         mean_loss = losses.mean(axis=1)  # (scalings, Cs)
         # ties: the earlier scaling, then the smaller C
         best = int(np.flatnonzero(mean_loss.ravel() <= mean_loss.min() + 1e-12)[0])
         s, j = divmod(best, len(Cs))
         curves = {n: [round(float(v), 6) for v in row] for n, row in zip(scalings, mean_loss)}
         return scalings[s], Cs[j], {"C": Cs, "log_loss": curves}
+
+    def _cv_path(self, X, y, X_flip, fold, scaling: str, Cs: list[float]) -> list[float]:
+        """Held-out log loss of each C on one fold (train, test) with one scaling; each C
+        starts from the previous C's fit. With mirror images, the training rows include those of
+        the training images and the held-out images are scored on flip_views()."""
+        tr, te = fold
+        A, yA = _with_flips(X[tr], y[tr], None if X_flip is None else X_flip[tr])
+        held_out = X[te] if X_flip is None else (X[te] + X_flip[te]) / 2
+        mean, scale = fit_scaling(A, scaling)
+        # float32: half the memory and ~2x faster lbfgs; the final fit is in float64
+        Atr = apply_scaling(A, scaling, mean, scale).astype(np.float32)
+        Ate = apply_scaling(held_out, scaling, mean, scale).astype(np.float32)
+        model = self._model(Cs[0], warm_start=True)
+        losses = []
+        for C in Cs:
+            model.set_params(C=C).fit(Atr, yA)
+            p = model.predict_proba(Ate)[np.arange(len(te)), y[te]]
+            losses.append(float(-np.mean(np.log(np.clip(p, 1e-15, 1.0)))))
+        return losses
 
     def decision_function(self, X) -> np.ndarray:
         """Logits, (n, C): for two classes [0, z], whose softmax is scikit-learn's sigmoid."""
