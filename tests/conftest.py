@@ -1,10 +1,13 @@
-"""Tiny generated images for the tests. Everything is written under pytest's tmp_path at run time;
-no binary test file is committed.
+"""Fixtures for the tests. Everything is written under pytest's tmp_path at run time; no binary
+test file is committed. Every image comes from helpers.write_image.
 
 Fixtures:
-  make_image    -> the `make_image(path, ...)` function below: writes one small image file.
+  make_image    -> the `make_image(path, ...)` function below: writes one small solid image file.
   tiny_dataset  -> a factory `tiny_dataset(layout="flat", classes=2, per_class=6, ...)` that writes
                    a small data folder under tmp_path and returns its path (see `write_dataset`).
+  tiny_model    -> (session) one tiny data folder, its cache and a fitted logistic-regression and
+                   Dense head, built once for every test that needs a trained model. Read-only.
+  tiny_flip     -> (session) a tiny data folder extracted with --flip (mirror images). Read-only.
 `make_image` and `write_dataset` are plain functions too, for helpers of your own.
 Every test session gets its own featx home (FEATX_HOME, where the exported ONNX backbone is
 kept), so no test reads or writes the real ~/.cache/featx.
@@ -13,22 +16,14 @@ kept), so no test reads or writes the real ~/.cache/featx.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from helpers import CLASS_COLOURS, COLOURS, TINY, write_image, write_images, write_split_data
 
 # Class names used by write_dataset, in order; more classes than these are named class6, class7, ...
-CLASS_NAMES = ("cats", "dogs", "birds", "fish", "frogs", "owls")
-# One clearly different colour per class (RGB), so a classifier on these images can succeed.
-CLASS_COLORS = (
-    (220, 40, 40),
-    (40, 40, 220),
-    (40, 200, 40),
-    (230, 200, 30),
-    (160, 40, 200),
-    (30, 200, 200),
-)
+CLASS_NAMES = tuple(CLASS_COLOURS)
 
 
 def make_image(
@@ -39,7 +34,8 @@ def make_image(
     color=(200, 40, 40),
     **save_kwargs,
 ) -> Path:
-    """Write a solid-colour image to `path` (parent folders are created) and return the path.
+    """Write a solid-colour image to `path` (parent folders are created) and return the path:
+    helpers.write_image with noise=0.
 
     Args:
         path: where to write; the suffix does not matter (format detection is by content).
@@ -52,14 +48,7 @@ def make_image(
             e.g. an int for "L"/"I;16", an RGBA 4-tuple for "RGBA".
         save_kwargs: passed to Image.save, e.g. quality=95, exif=..., transparency=0.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(color, tuple) and len(color) == 3 and mode != "RGB":
-        img = Image.new("RGB", size, color).convert(mode)
-    else:
-        img = Image.new(mode, size, color)
-    img.save(path, fmt, **save_kwargs)
-    return path
+    return write_image(path, color, size=size, noise=0, mode=mode, fmt=fmt, **save_kwargs)
 
 
 def write_dataset(
@@ -76,32 +65,20 @@ def write_dataset(
     layout="splits": root/SPLIT/CLASS/CLASS_000.jpg for each name in `splits` (use "val" or
                      "validation"); `per_class` images per class in train, max(1, per_class // 3)
                      in every other split.
-    Classes are CLASS_NAMES[:classes]; each class has its own colour (CLASS_COLORS), varied a
-    little per image so no two files are identical.
+    Classes are CLASS_NAMES[:classes]; each class has its own colour (helpers.class_colour),
+    with a little seeded noise, so no two files are identical.
     """
-    root = Path(root)
     names = [CLASS_NAMES[i] if i < len(CLASS_NAMES) else f"class{i}" for i in range(classes)]
     if layout == "flat":
-        folders = [(root / name, name, i, per_class) for i, name in enumerate(names)]
+        counts = dict.fromkeys(names, per_class)
     elif layout == "splits":
-        folders = [
-            (
-                root / split / name,
-                name,
-                i,
-                per_class if split == "train" else max(1, per_class // 3),
-            )
+        counts = {
+            split: dict.fromkeys(names, per_class if split == "train" else max(1, per_class // 3))
             for split in splits
-            for i, name in enumerate(names)
-        ]
+        }
     else:
         raise ValueError(f"layout must be 'flat' or 'splits', got {layout!r}")
-    for folder, name, i, count in folders:
-        base = CLASS_COLORS[i % len(CLASS_COLORS)]
-        for k in range(count):
-            color = tuple(min(255, c + 3 * k) for c in base)
-            make_image(folder / f"{name}_{k:03d}.jpg", size=size, color=color, quality=90)
-    return root
+    return write_images(root, counts, name="{c}_{i:03d}.jpg", size=size, noise=20, quality=90)
 
 
 @pytest.fixture(name="make_image")
@@ -143,3 +120,94 @@ def featx_home(tmp_path_factory):
         os.environ.pop("FEATX_HOME", None)
     else:
         os.environ["FEATX_HOME"] = old
+
+
+# --- one trained tiny model for the whole session -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """What the `tiny_model` fixture built; every path is read-only for the tests.
+
+    root:     the folder holding all of it (nothing else is written there)
+    data:     write_split_data: {train,validation}/{cats,dogs}/*.jpg, 10 and 4 images per class
+    cache:    its cache, extracted by the Keras engine with the tiny random MobileNetV2 (TINY)
+    logreg:   a fit-head output folder: fit_head(cache, "logreg", C=1.0)
+    dense:    a fit-head output folder: fit_head(cache, "dense", epochs=20)
+    metrics:  {"logreg": metrics, "dense": metrics} as fit_head returned them
+    """
+
+    root: Path
+    data: Path
+    cache: Path
+    logreg: Path
+    dense: Path
+    metrics: dict
+
+
+def _snapshot(root: Path) -> dict:
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _assert_unchanged(root: Path, before: dict, what: str) -> None:
+    after = _snapshot(root)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, (
+        f"a test changed the shared {what} under {root}: {changed[:10]}. Tests must treat session "
+        "fixtures as read-only: copy first (shutil.copytree) and change the copy."
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> TinyModel:
+    """One tiny data folder, its cache and both heads, built once per session (instead of once
+    per test module) for every test that needs a trained model. Read-only: a test that changes a
+    file copies it first; the session ends with an error naming any file that changed."""
+    from featx.extract import extract
+    from featx.fit_head import fit_head
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    data = write_split_data(root / "data")
+    cache = root / "tiny.h5"
+    extract(data, cache, batch_size=8, engine="keras", **TINY)
+    metrics = {
+        "logreg": fit_head(cache, "logreg", root / "logreg", C=1.0),
+        "dense": fit_head(cache, "dense", root / "dense", epochs=20),
+    }
+    model = TinyModel(root, data, cache, root / "logreg", root / "dense", metrics)
+    before = _snapshot(root)
+    yield model
+    _assert_unchanged(root, before, "tiny model")
+
+
+@dataclass(frozen=True)
+class TinyFlip:
+    """What the `tiny_flip` fixture built (read-only): `data`, a folder laid out like the
+    tiny_model's (the same names and counts), and `cache`, extracted from it with flip=True."""
+
+    data: Path
+    cache: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_flip(tmp_path_factory) -> TinyFlip:
+    """A tiny data folder extracted with --flip (features of the mirror images too), once per
+    session. Read-only. Its images have left-right structure (texture "smooth"): the mirror image
+    of per-pixel noise differs from it by noise only, so a head's probabilities on one view and on
+    both differ by ~1e-3 at most, too little for the tests to tell the views apart (measured:
+    2e-1 to 9e-1 here, 1e-4 to 1e-2 for noisy images, depending on the seed)."""
+    from featx.extract import extract
+
+    root = tmp_path_factory.mktemp("tiny-flip")
+    counts = {split: dict.fromkeys(COLOURS, n) for split, n in (("train", 10), ("validation", 4))}
+    smooth = dict(name="{c}{i:02d}.jpg", size=(40, 40), texture="smooth")
+    data = write_images(root / "data", counts, **smooth)
+    cache = root / "flip.h5"
+    extract(data, cache, batch_size=8, engine="keras", flip=True, **TINY)
+    before = _snapshot(root)
+    yield TinyFlip(data, cache)
+    _assert_unchanged(root, before, "flip data and cache")

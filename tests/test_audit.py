@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import REAL_DATA, TINY, WEIGHTS_FILE, write_split_data
+from helpers import COLOURS, REAL_DATA, TINY, WEIGHTS_FILE, write_image, write_split_data
 from PIL import Image
 
 from featx import audit, config, store
@@ -28,17 +28,6 @@ TINY_ARGS = ["--weights", "none", "--alpha", "0.35", "--image-size", "32", "--ba
 # The tiny random backbone maps every image to similar features: unrelated generated images
 # reach a cosine of 0.97 there (ImageNet features: 0.84), so tests on it use a higher threshold.
 TINY_THRESHOLD = 0.98
-COLOURS = {"cats": (200, 60, 60), "dogs": (60, 60, 200)}
-
-
-def structured_image(seed: int, colour) -> Image.Image:
-    """A 64x48 image: a smooth random pattern (an upscaled 4x4 grid) half-blended with the class
-    colour, so images differ at 32 px and the class shows."""
-    rng = np.random.default_rng(seed)
-    grid = Image.fromarray(rng.integers(0, 256, (4, 4, 3)).astype(np.uint8))
-    pattern = np.asarray(grid.resize((64, 48), Image.Resampling.BICUBIC), np.float64)
-    pixels = 0.5 * pattern + 0.5 * np.array(colour, np.float64)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def write_planted_data(root: Path) -> dict:
@@ -47,9 +36,10 @@ def write_planted_data(root: Path) -> dict:
     for s, (split, n) in enumerate((("train", 20), ("validation", 6))):
         for c, (name, colour) in enumerate(COLOURS.items()):
             for i in range(n):
+                # a smooth pattern half-blended with the class colour: images differ at 32 px
                 path = root / split / name / f"{name}{i:02d}.jpg"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                structured_image(1000 * s + 100 * c + i, colour).save(path, quality=90)
+                seed = 1000 * s + 100 * c + i
+                write_image(path, colour, seed=seed, size=(64, 48), texture="smooth", quality=90)
     t = root / "train"
     shutil.copyfile(t / "cats/cats00.jpg", root / "validation/cats/leaked.jpg")  # same bytes
     shutil.copyfile(t / "dogs/dogs01.jpg", t / "cats/dogs01_again.jpg")  # one photo, two classes

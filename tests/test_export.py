@@ -9,14 +9,13 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import TINY, assert_one_line_error, write_split_data
+from helpers import assert_one_line_error
 
 from featx import backbone, heads, images, store
 from featx import export as export_mod
 from featx.cli import cli
 from featx.errors import FeatxError
 from featx.export import export
-from featx.extract import extract
 from featx.fit_head import fit_head
 
 INFO_KEYS = {
@@ -41,21 +40,16 @@ INFO_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A data folder, its cache, and a logistic-regression and a Dense head fitted on it."""
-    root = tmp_path_factory.mktemp("export")
-    data = write_split_data(root / "data")
-    cache_path = root / "tiny.h5"
-    extract(data, cache_path, batch_size=8, engine="keras", **TINY)
-    logreg = fit_head(cache_path, "logreg", root / "logreg", C=1.0)
-    fit_head(cache_path, "dense", root / "dense", epochs=20)
-    cache = store.read_cache(cache_path)
+def tiny(tiny_model):
+    """The session's tiny model (a data folder, its cache, a logistic-regression and a Dense head
+    in root/logreg and root/dense) and its validation images as pixels and cached features."""
+    cache = store.read_cache(tiny_model.cache)
     mask = cache.splits == "validation"
-    paths = [str(data / p) for p, m in zip(cache.paths, mask) if m]
+    paths = [str(tiny_model.data / p) for p, m in zip(cache.paths, mask) if m]
     return {
-        "root": root,
-        "cache": cache_path,
-        "accuracy": logreg["validation"]["accuracy"],
+        "root": tiny_model.root,
+        "cache": tiny_model.cache,
+        "accuracy": tiny_model.metrics["logreg"]["validation"]["accuracy"],
         "pixels": np.stack([images.load_image(p, 32) for p in paths]).astype(np.float32),
         "features": cache.features[mask],
         "labels": cache.labels[mask],
@@ -114,10 +108,10 @@ def test_float_exports_give_the_heads_probabilities(tiny, tmp_path, head, model_
 
 
 @pytest.mark.parametrize("model_format", ["keras", "tflite"])
-def test_a_head_fitted_with_mirror_images_exports_the_mean_of_both_views(model_format, tmp_path):
-    data = write_split_data(tmp_path / "data")
-    cache_path = tmp_path / "flip.h5"
-    extract(data, cache_path, batch_size=8, engine="keras", flip=True, **TINY)
+def test_a_head_fitted_with_mirror_images_exports_the_mean_of_both_views(
+    model_format, tiny_flip, tmp_path
+):
+    data, cache_path = tiny_flip.data, tiny_flip.cache
     metrics = fit_head(cache_path, "logreg", tmp_path / "head", C=1.0, scaling="l2")
     result = export(tmp_path / "head", model_format, output=tmp_path / "out", cache=cache_path)
     assert result["source"]["flip"] is True and result["check"]["max_abs_diff"] <= 1e-4

@@ -12,30 +12,28 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import REAL_DATA, TINY, WEIGHTS_FILE, assert_one_line_error, stable_seed
-from PIL import Image
+from helpers import (
+    CLASS_COLOURS,
+    REAL_DATA,
+    TINY,
+    WEIGHTS_FILE,
+    assert_one_line_error,
+    stable_seed,
+    write_image,
+    write_images,
+)
 
 from featx import backbone, store
 from featx.cli import cli
 from featx.errors import FeatxError
 from featx.extract import extract
 
-COLOURS = {"cats": (200, 60, 60), "dogs": (60, 60, 200), "birds": (60, 200, 60)}
-
-
-def write_image(path: Path, colour, seed: int, size=(48, 40), fmt="JPEG") -> Path:
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(colour) + rng.integers(-40, 40, (size[1], size[0], 3)), 0, 255)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels.astype(np.uint8)).save(path, fmt)
-    return path
+# This module's images: the class colour (CLASS_COLOURS) plus noise in [-40, 40).
+NOISE = 40
 
 
 def make_flat(root: Path, per_class=10, classes=("cats", "dogs")) -> Path:
-    for c in classes:
-        for i in range(per_class):
-            write_image(root / c / f"{c}{i:03d}.jpg", COLOURS[c], seed=stable_seed(c, i))
-    return root
+    return write_images(root, dict.fromkeys(classes, per_class), noise=NOISE)
 
 
 @pytest.fixture
@@ -130,9 +128,9 @@ def test_incremental_run_extracts_only_new_and_changed_files(flat, tmp_path, mon
     first_split = dict(zip(first.paths, first.splits))
     first_feature = dict(zip(first.paths, first.features))
 
-    write_image(flat / "cats" / "new1.jpg", COLOURS["cats"], 1)
-    write_image(flat / "dogs" / "new2.jpg", COLOURS["dogs"], 2)
-    write_image(flat / "dogs" / "dogs001.jpg", (255, 255, 0), 3)  # content changed
+    write_image(flat / "cats" / "new1.jpg", CLASS_COLOURS["cats"], seed=1, noise=NOISE)
+    write_image(flat / "dogs" / "new2.jpg", CLASS_COLOURS["dogs"], seed=2, noise=NOISE)
+    write_image(flat / "dogs" / "dogs001.jpg", (255, 255, 0), seed=3, noise=NOISE)  # changed
     (flat / "cats" / "cats002.jpg").unlink()
     touched = flat / "cats" / "cats003.jpg"  # same content, new mtime
     os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
@@ -158,13 +156,11 @@ def test_incremental_run_extracts_only_new_and_changed_files(flat, tmp_path, mon
 
 def test_flip_stores_the_features_of_the_mirror_image_row_for_row(tmp_path, monkeypatch):
     # 32 px PNGs (the model's size: no resize), each beside its own mirror image as another file
-    rng = np.random.default_rng(0)
     for c in ("cats", "dogs"):
         for i in range(3):
-            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            (tmp_path / "data" / c).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(tmp_path / "data" / c / f"{c}{i}.png")
-            Image.fromarray(pixels[:, ::-1]).save(tmp_path / "data" / c / f"{c}{i}-mirror.png")
+            noise = dict(colour=(128, 128, 128), noise=128, seed=stable_seed(c, i), size=(32, 32))
+            write_image(tmp_path / "data" / c / f"{c}{i}.png", **noise)  # pure noise
+            write_image(tmp_path / "data" / c / f"{c}{i}-mirror.png", mirror=True, **noise)
     cache_path = tmp_path / "c.h5"
     summary = run(tmp_path / "data", cache_path, flip=True)
     assert summary["flip"] is True and summary["extracted"] == 12
@@ -231,7 +227,7 @@ def test_split_folders_are_kept_and_val_means_validation(tmp_path):
     for split, n in [("train", 6), ("val", 3), ("test", 2)]:
         for c in ("cats", "dogs"):
             for i in range(n):
-                write_image(data / split / c / f"{i}.png", COLOURS[c], i, fmt="PNG")
+                write_image(data / split / c / f"{i}.png", CLASS_COLOURS[c], seed=i, noise=NOISE)
     summary = run(data, tmp_path / "c.h5")
     assert summary["layout"] == "splits"
     assert summary["counts"] == {
@@ -248,7 +244,7 @@ def test_split_folders_are_kept_and_val_means_validation(tmp_path):
 
 def test_float16_halves_the_cache_and_is_kept_on_later_runs(flat, tmp_path):
     run(flat, tmp_path / "c.h5", dtype="float16")
-    write_image(flat / "cats" / "later.jpg", COLOURS["cats"], 9)
+    write_image(flat / "cats" / "later.jpg", CLASS_COLOURS["cats"], seed=9, noise=NOISE)
     run(flat, tmp_path / "c.h5")  # no --dtype: the cache keeps float16
     assert store.read_cache(tmp_path / "c.h5").features.dtype == np.float16
 

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import TINY, assert_one_line_error, stable_seed
+from helpers import COLOURS, TINY, assert_one_line_error, write_images
 from PIL import Image
 
 from featx import images, store
@@ -24,18 +24,12 @@ from featx.cli import cli
 from featx.errors import FeatxError
 from featx.extract import extract
 
-COLOURS = {"cats": (200, 60, 60), "dogs": (60, 60, 200)}
 TINY_ARGS = ["--weights", "none", "--alpha", "0.35", "--image-size", "32", "--engine", "keras"]
 
 
 def make_data(root: Path, per_class: int = 6) -> Path:
-    for c, colour in COLOURS.items():
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            rng = np.random.default_rng(stable_seed(c, i))
-            pixels = np.clip(np.array(colour) + rng.integers(-50, 50, (40, 48, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(root / c / f"{c}{i:03d}.jpg")
-    return root
+    """Noisy, distinct JPEGs root/{cats,dogs}/{cats,dogs}NNN.jpg."""
+    return write_images(root, dict.fromkeys(COLOURS, per_class), noise=50)
 
 
 def run(data, cache, **kw):

@@ -34,14 +34,16 @@ def fit_head(cache_path: Path, folder: Path, kind="logreg") -> tuple[Path, heads
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A data folder, its cache and a logistic-regression head fitted on it."""
-    root = tmp_path_factory.mktemp("finetune")
-    data = write_split_data(root / "data")
-    cache_path = root / "tiny.h5"
-    extract(data, cache_path, batch_size=8, **TINY)
-    head_dir, head = fit_head(cache_path, root / "tiny-logreg")
-    return {"root": root, "data": data, "cache": cache_path, "head_dir": head_dir, "head": head}
+def tiny(tiny_model):
+    """The session's tiny model: its data folder, cache and logistic-regression head."""
+    head, _ = heads.load_head(tiny_model.logreg)
+    return {
+        "root": tiny_model.root,
+        "data": tiny_model.data,
+        "cache": tiny_model.cache,
+        "head_dir": tiny_model.logreg,
+        "head": head,
+    }
 
 
 def split_pixels(cache_path, split="validation"):

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from helpers import TINY
+from helpers import TINY, write_images
 from PIL import Image, features
 
 from featx.extract import extract
@@ -58,10 +58,7 @@ def test_heic_orientation_is_applied(tmp_path):
 
 
 def test_heic_files_are_extracted_not_rejected(tmp_path):
-    for c, color in (("cats", RED), ("dogs", BLUE)):
-        for i in range(3):
-            img = Image.new("RGB", (40, 30), tuple(min(255, v + 5 * i) for v in color))
-            (tmp_path / "data" / c).mkdir(parents=True, exist_ok=True)
-            (tmp_path / "data" / c / f"IMG_{i:04d}.HEIC").write_bytes(encode(img, "HEIF"))
+    counts = {"cats": 3, "dogs": 3}
+    write_images(tmp_path / "data", counts, name="IMG_{i:04d}.HEIC", size=(40, 30), fmt="HEIF")
     summary = extract(tmp_path / "data", tmp_path / "c.h5", engine="keras", batch_size=6, **TINY)
     assert summary["rejected"] == [] and summary["extracted"] == 6

@@ -7,29 +7,29 @@ import subprocess
 import sys
 
 import pytest
-from helpers import TINY, write_split_data
 
 from featx import model_card
 from featx.errors import FeatxError
 from featx.export import export
-from featx.extract import extract
-from featx.fit_head import fit_head
 from featx.predict import predict
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tiny_model, tmp_path_factory):
+    """The session's tiny logistic-regression head, exported once as a Keras model."""
     root = tmp_path_factory.mktemp("card")
-    data = write_split_data(root / "data")
-    cache_path = root / "tiny.h5"
-    extract(data, cache_path, batch_size=8, engine="keras", **TINY)
-    metrics = fit_head(cache_path, "logreg", root / "head", C=1.0)
-    result = export(root / "head", "keras", output=root / "export")
-    return {"root": root, "data": data, "metrics": metrics, "result": result}
+    result = export(tiny_model.logreg, "keras", output=root / "export")
+    return {
+        "export": root / "export",
+        "head": tiny_model.logreg,
+        "data": tiny_model.data,
+        "metrics": tiny_model.metrics["logreg"],
+        "result": result,
+    }
 
 
 def test_the_card_states_the_classes_data_metrics_and_input_contract(exported):
-    card = (exported["root"] / "export" / "README.md").read_text()
+    card = (exported["export"] / "README.md").read_text()
     m = exported["metrics"]
     assert card.startswith(model_card.MARKER)
     assert "1. cats\n2. dogs" not in card and "0. cats\n1. dogs" in card  # output order
@@ -43,13 +43,13 @@ def test_the_card_states_the_classes_data_metrics_and_input_contract(exported):
     assert "`(batch, 2)` softmax probabilities in the order of `labels.txt`" in card
     assert 'keras.saving.load_model("model.keras")' in card
     assert "--format tflite" in card  # how to get a file for Android
-    assert json.loads((exported["root"] / "export" / "export.json").read_text())["model_card"] == (
+    assert json.loads((exported["export"] / "export.json").read_text())["model_card"] == (
         "README.md"
     )
 
 
 def test_the_python_code_of_the_card_runs_and_agrees_with_predict(exported):
-    folder = exported["root"] / "export"
+    folder = exported["export"]
     card = (folder / "README.md").read_text()
     (code,) = re.findall(r"```python\n(.*?)```", card, re.S)
     photo = exported["data"] / "validation" / "dogs" / "dogs01.jpg"
@@ -65,9 +65,9 @@ def test_the_python_code_of_the_card_runs_and_agrees_with_predict(exported):
 
 
 def test_a_tflite_card_shows_the_interpreter_and_android_code(exported):
-    info = json.loads((exported["root"] / "export" / "export.json").read_text())
+    info = json.loads((exported["export"] / "export.json").read_text())
     info.update(model_format="tflite", model_file="model.tflite", quantize="dynamic")
-    card = model_card.render(info, exported["root"] / "head")
+    card = model_card.render(info, exported["head"])
     assert "dynamic quantized" in card and 'Interpreter(model_path="model.tflite")' in card
     assert "```kotlin" in card and "ByteBuffer.allocateDirect(4 * 32 * 32 * 3)" in card
     assert "FloatArray(2)" in card and "no TFLite metadata" in card
@@ -78,8 +78,8 @@ def test_a_readme_of_the_user_in_the_output_folder_is_never_replaced(exported, t
     out.mkdir()
     (out / "README.md").write_text("my notes")
     with pytest.raises(FeatxError, match="was not written by featx"):
-        export(exported["root"] / "head", "keras", output=out)
+        export(exported["head"], "keras", output=out)
     assert (out / "README.md").read_text() == "my notes"
     assert sorted(p.name for p in out.iterdir()) == ["README.md"]  # refused before any work
     with pytest.raises(FeatxError, match="is already an export"):
-        export(exported["root"] / "export", "keras", output=tmp_path / "again")
+        export(exported["export"], "keras", output=tmp_path / "again")

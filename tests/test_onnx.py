@@ -12,8 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import REAL_DATA, TINY, WEIGHTS_FILE, assert_one_line_error, stable_seed
-from PIL import Image
+from helpers import (
+    COLOURS,
+    REAL_DATA,
+    TINY,
+    WEIGHTS_FILE,
+    assert_one_line_error,
+    write_images,
+)
 
 from featx import backbone, onnx_engine, store
 from featx.cli import cli
@@ -26,13 +32,7 @@ pytest.importorskip("onnxruntime", reason="the onnx engine needs `pip install 'f
 
 def write_photos(root: Path, per_class: int, start: int = 0) -> Path:
     """Noisy, distinct JPEGs root/{cats,dogs}/NAME.jpg (numbered from `start`)."""
-    for c, colour in (("cats", (200, 60, 60)), ("dogs", (60, 60, 200))):
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(start, start + per_class):
-            rng = np.random.default_rng(stable_seed(c, i))
-            pixels = np.clip(np.array(colour) + rng.integers(-60, 60, (40, 48, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(root / c / f"{c}{i:03d}.jpg")
-    return root
+    return write_images(root, dict.fromkeys(COLOURS, per_class), start=start, noise=60)
 
 
 def close(a, b, rtol=1e-3):

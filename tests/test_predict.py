@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import COLOURS, REAL_DATA, TINY, assert_one_line_error, write_split_data
+from helpers import COLOURS, REAL_DATA, assert_one_line_error, write_split_data
 
 from featx import backbone, config, heads, store
 from featx.cli import cli
@@ -25,15 +25,15 @@ ROW_KEYS = ["path", "predicted", "probability", "top_k", "label", "error"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A data folder, its cache and a fit-head logistic regression on it."""
-    root = tmp_path_factory.mktemp("predict")
-    data = write_split_data(root / "data")
-    cache_path = root / "tiny.h5"
-    extract(data, cache_path, batch_size=8, engine="keras", **TINY)
-    head = root / "tiny-logreg"
-    metrics = fit_head(cache_path, "logreg", head, C=1.0)
-    return {"root": root, "data": data, "cache": cache_path, "head": head, "metrics": metrics}
+def tiny(tiny_model):
+    """The session's tiny model: its data folder, cache and fit-head logistic regression."""
+    return {
+        "root": tiny_model.root,
+        "data": tiny_model.data,
+        "cache": tiny_model.cache,
+        "head": tiny_model.logreg,
+        "metrics": tiny_model.metrics["logreg"],
+    }
 
 
 def run(model_dir, paths, **kwargs):
@@ -253,10 +253,8 @@ def test_accuracy_is_printed_for_class_folders_and_matches_the_validation_metric
     assert result["accuracy"] == 0.0 and result["labelled"] == 4
 
 
-def test_a_head_fitted_with_mirror_images_predicts_from_the_mean_of_both_views(tmp_path):
-    data = write_split_data(tmp_path / "data")
-    cache_path = tmp_path / "flip.h5"
-    extract(data, cache_path, batch_size=8, engine="keras", flip=True, **TINY)
+def test_a_head_fitted_with_mirror_images_predicts_from_the_mean_of_both_views(tiny_flip, tmp_path):
+    data, cache_path = tiny_flip.data, tiny_flip.cache
     metrics = fit_head(cache_path, "logreg", tmp_path / "head", C=1.0, scaling="standard")
     assert metrics["fitted"]["flip"] is True
     result = run(tmp_path / "head", [str(data / "validation")])

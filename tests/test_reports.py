@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import TINY
+from helpers import TINY, write_images
 from PIL import Image
 
 from featx import html_report, outputs, report
@@ -21,16 +21,9 @@ from featx.fit_head import fit_head
 
 
 def write_noise(root: Path, counts: dict, seed: int = 0) -> Path:
-    """root/SPLIT/CLASS/*.png of random noise: classes a head cannot tell apart, so mistakes."""
-    rng = np.random.default_rng(seed)
-    for split, per_class in counts.items():
-        for c, n in per_class.items():
-            folder = root / split / c
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{c}{i:02d}.png")
-    return root
+    """root/SPLIT/CLASS/*.png of pure noise: classes a head cannot tell apart, so mistakes."""
+    noise = dict(colour=(128, 128, 128), noise=128, size=(32, 24))
+    return write_images(root, counts, name="{c}{i:02d}.png", seed=seed, **noise)
 
 
 @pytest.fixture(scope="module")
