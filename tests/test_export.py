@@ -76,6 +76,7 @@ def run_exported(path: Path, model_format: str, pixels: np.ndarray) -> np.ndarra
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "head, model_format",
     [("logreg", "keras"), ("logreg", "savedmodel"), ("logreg", "tflite"), ("dense", "keras")],
@@ -107,6 +108,7 @@ def test_float_exports_give_the_heads_probabilities(tiny, tmp_path, head, model_
         assert accuracy == info["validation"]["reference_accuracy"] == tiny["accuracy"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_format", ["keras", "tflite"])
 def test_a_head_fitted_with_mirror_images_exports_the_mean_of_both_views(
     model_format, tiny_flip, tmp_path
@@ -130,6 +132,7 @@ def test_a_head_fitted_with_mirror_images_exports_the_mean_of_both_views(
     )
 
 
+@pytest.mark.slow
 def test_a_finetune_output_exports_without_its_augmentation_layers(tiny, tmp_path):
     from featx.finetune import finetune
 
@@ -216,6 +219,7 @@ def test_a_float_export_that_disagrees_is_an_error_and_is_removed(tiny, tmp_path
     assert not (tmp_path / "x" / "model.keras").exists()
 
 
+@pytest.mark.slow
 def test_cli_export_reports_the_check_and_prints_json(tiny, tmp_path):
     out = tmp_path / "cli"
     args = ["export", str(tiny["root"] / "logreg"), "--output", str(out)]
