@@ -41,15 +41,15 @@ INFO_KEYS = {
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
-    """The session's tiny model (a data folder, its cache, a logistic-regression and a Dense head
-    in root/logreg and root/dense) and its validation images as pixels and cached features."""
+    """The session's tiny model (a data folder, its cache, a logistic-regression head in
+    root/logreg) and its validation images as pixels and cached features."""
     cache = store.read_cache(tiny_model.cache)
     mask = cache.splits == "validation"
     paths = [str(tiny_model.data / p) for p, m in zip(cache.paths, mask) if m]
     return {
         "root": tiny_model.root,
         "cache": tiny_model.cache,
-        "accuracy": tiny_model.metrics["logreg"]["validation"]["accuracy"],
+        "accuracy": tiny_model.metrics["validation"]["accuracy"],
         "pixels": np.stack([images.load_image(p, 32) for p in paths]).astype(np.float32),
         "features": cache.features[mask],
         "labels": cache.labels[mask],
@@ -81,9 +81,10 @@ def run_exported(path: Path, model_format: str, pixels: np.ndarray) -> np.ndarra
     "head, model_format",
     [("logreg", "keras"), ("logreg", "savedmodel"), ("logreg", "tflite"), ("dense", "keras")],
 )
-def test_float_exports_give_the_heads_probabilities(tiny, tmp_path, head, model_format):
+def test_float_exports_give_the_heads_probabilities(tiny, tiny_dense, tmp_path, head, model_format):
+    head_dir = {"logreg": tiny["root"] / "logreg", "dense": tiny_dense}[head]
     out = tmp_path / "exported"
-    result = export(tiny["root"] / head, model_format, output=out, cache=tiny["cache"])
+    result = export(head_dir, model_format, output=out, cache=tiny["cache"])
     model_file = out / {"keras": "model.keras", "savedmodel": "saved_model"}.get(
         model_format, "model.tflite"
     )
@@ -98,7 +99,7 @@ def test_float_exports_give_the_heads_probabilities(tiny, tmp_path, head, model_
     assert info["check"]["max_abs_diff"] <= 1e-4
 
     # The exported file alone, on decoded pixels, against the head on the cached features.
-    expected = heads.load_head(tiny["root"] / head)[0].predict_proba(tiny["features"])
+    expected = heads.load_head(head_dir)[0].predict_proba(tiny["features"])
     got = run_exported(model_file, model_format, tiny["pixels"])
     assert got.shape == (8, 2)
     np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -23,7 +23,7 @@ def exported(tiny_model, tmp_path_factory):
         "export": root / "export",
         "head": tiny_model.logreg,
         "data": tiny_model.data,
-        "metrics": tiny_model.metrics["logreg"],
+        "metrics": tiny_model.metrics,
         "result": result,
     }
 

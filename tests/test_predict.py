@@ -32,7 +32,7 @@ def tiny(tiny_model):
         "data": tiny_model.data,
         "cache": tiny_model.cache,
         "head": tiny_model.logreg,
-        "metrics": tiny_model.metrics["logreg"],
+        "metrics": tiny_model.metrics,
     }
 
 
