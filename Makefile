@@ -11,7 +11,7 @@ KERAS_MODELS := $(HOME)/.keras/models
 WEIGHTS_SRC := ../shared/weights/mobilenet_v2_1.0_224_no_top.RECONSTRUCTED_from_slim_npy.h5
 WEIGHTS_DST := $(KERAS_MODELS)/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
 
-.PHONY: install weights demo test lint format bench bench-finetune clean
+.PHONY: install weights demo test test-fast lint format bench bench-finetune clean
 
 install: $(VENV)/.installed weights
 
@@ -38,6 +38,10 @@ demo: install $(DATA)
 
 test: install
 	$(BIN)/python -m pytest
+
+# The loop while you work: every test but those marked slow (> ~5 s each); `make test` runs all.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
 	$(BIN)/ruff check featx tests bench

@@ -5,8 +5,9 @@ Fixtures:
   make_image    -> the `make_image(path, ...)` function below: writes one small solid image file.
   tiny_dataset  -> a factory `tiny_dataset(layout="flat", classes=2, per_class=6, ...)` that writes
                    a small data folder under tmp_path and returns its path (see `write_dataset`).
-  tiny_model    -> (session) one tiny data folder, its cache and a fitted logistic-regression and
-                   Dense head, built once for every test that needs a trained model. Read-only.
+  tiny_model    -> (session) one tiny data folder, its cache and a fitted logistic-regression
+                   head, built once for every test that needs a trained model. Read-only.
+  tiny_dense    -> (session) a Dense head fitted on the tiny_model's cache. Read-only.
   tiny_flip     -> (session) a tiny data folder extracted with --flip (mirror images). Read-only.
 `make_image` and `write_dataset` are plain functions too, for helpers of your own.
 Every test session gets its own featx home (FEATX_HOME, where the exported ONNX backbone is
@@ -133,15 +134,14 @@ class TinyModel:
     data:     write_split_data: {train,validation}/{cats,dogs}/*.jpg, 10 and 4 images per class
     cache:    its cache, extracted by the Keras engine with the tiny random MobileNetV2 (TINY)
     logreg:   a fit-head output folder: fit_head(cache, "logreg", C=1.0)
-    dense:    a fit-head output folder: fit_head(cache, "dense", epochs=20)
-    metrics:  {"logreg": metrics, "dense": metrics} as fit_head returned them
+    metrics:  the metrics that fit_head returned for it
+    The Dense head, which only slow tests use, is the `tiny_dense` fixture.
     """
 
     root: Path
     data: Path
     cache: Path
     logreg: Path
-    dense: Path
     metrics: dict
 
 
@@ -164,9 +164,10 @@ def _assert_unchanged(root: Path, before: dict, what: str) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> TinyModel:
-    """One tiny data folder, its cache and both heads, built once per session (instead of once
-    per test module) for every test that needs a trained model. Read-only: a test that changes a
-    file copies it first; the session ends with an error naming any file that changed."""
+    """One tiny data folder, its cache and a logistic-regression head, built once per session
+    (instead of once per test module) for every test that needs a trained model. Read-only: a
+    test that changes a file copies it first; the session ends with an error naming any file
+    that changed."""
     from featx.extract import extract
     from featx.fit_head import fit_head
 
@@ -174,14 +175,23 @@ def tiny_model(tmp_path_factory) -> TinyModel:
     data = write_split_data(root / "data")
     cache = root / "tiny.h5"
     extract(data, cache, batch_size=8, engine="keras", **TINY)
-    metrics = {
-        "logreg": fit_head(cache, "logreg", root / "logreg", C=1.0),
-        "dense": fit_head(cache, "dense", root / "dense", epochs=20),
-    }
-    model = TinyModel(root, data, cache, root / "logreg", root / "dense", metrics)
+    metrics = fit_head(cache, "logreg", root / "logreg", C=1.0)
     before = _snapshot(root)
-    yield model
+    yield TinyModel(root, data, cache, root / "logreg", metrics)
     _assert_unchanged(root, before, "tiny model")
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(tiny_model, tmp_path_factory) -> Path:
+    """A fit-head output folder: a Dense head fitted on the tiny_model's cache (epochs=20), once
+    per session. Read-only."""
+    from featx.fit_head import fit_head
+
+    root = tmp_path_factory.mktemp("tiny-dense")
+    fit_head(tiny_model.cache, "dense", root / "dense", epochs=20)
+    before = _snapshot(root)
+    yield root / "dense"
+    _assert_unchanged(root, before, "tiny Dense head")
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,7 @@ def test_ratios_divide_classic_seconds_by_each_featx_row(pipeline):
     assert ratios["classic_over_cold_onnx"]["featx_val_accuracy"] == 0.99
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real photos not found at {REAL_DATA}")
 @pytest.mark.skipif(not WEIGHTS_FILE.is_file(), reason=f"ImageNet weights not in {WEIGHTS_FILE}")

@@ -41,15 +41,15 @@ INFO_KEYS = {
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
-    """The session's tiny model (a data folder, its cache, a logistic-regression and a Dense head
-    in root/logreg and root/dense) and its validation images as pixels and cached features."""
+    """The session's tiny model (a data folder, its cache, a logistic-regression head in
+    root/logreg) and its validation images as pixels and cached features."""
     cache = store.read_cache(tiny_model.cache)
     mask = cache.splits == "validation"
     paths = [str(tiny_model.data / p) for p, m in zip(cache.paths, mask) if m]
     return {
         "root": tiny_model.root,
         "cache": tiny_model.cache,
-        "accuracy": tiny_model.metrics["logreg"]["validation"]["accuracy"],
+        "accuracy": tiny_model.metrics["validation"]["accuracy"],
         "pixels": np.stack([images.load_image(p, 32) for p in paths]).astype(np.float32),
         "features": cache.features[mask],
         "labels": cache.labels[mask],
@@ -76,13 +76,15 @@ def run_exported(path: Path, model_format: str, pixels: np.ndarray) -> np.ndarra
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "head, model_format",
     [("logreg", "keras"), ("logreg", "savedmodel"), ("logreg", "tflite"), ("dense", "keras")],
 )
-def test_float_exports_give_the_heads_probabilities(tiny, tmp_path, head, model_format):
+def test_float_exports_give_the_heads_probabilities(tiny, tiny_dense, tmp_path, head, model_format):
+    head_dir = {"logreg": tiny["root"] / "logreg", "dense": tiny_dense}[head]
     out = tmp_path / "exported"
-    result = export(tiny["root"] / head, model_format, output=out, cache=tiny["cache"])
+    result = export(head_dir, model_format, output=out, cache=tiny["cache"])
     model_file = out / {"keras": "model.keras", "savedmodel": "saved_model"}.get(
         model_format, "model.tflite"
     )
@@ -97,7 +99,7 @@ def test_float_exports_give_the_heads_probabilities(tiny, tmp_path, head, model_
     assert info["check"]["max_abs_diff"] <= 1e-4
 
     # The exported file alone, on decoded pixels, against the head on the cached features.
-    expected = heads.load_head(tiny["root"] / head)[0].predict_proba(tiny["features"])
+    expected = heads.load_head(head_dir)[0].predict_proba(tiny["features"])
     got = run_exported(model_file, model_format, tiny["pixels"])
     assert got.shape == (8, 2)
     np.testing.assert_allclose(got, expected, atol=1e-4)
@@ -107,6 +109,7 @@ def test_float_exports_give_the_heads_probabilities(tiny, tmp_path, head, model_
         assert accuracy == info["validation"]["reference_accuracy"] == tiny["accuracy"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_format", ["keras", "tflite"])
 def test_a_head_fitted_with_mirror_images_exports_the_mean_of_both_views(
     model_format, tiny_flip, tmp_path
@@ -130,6 +133,7 @@ def test_a_head_fitted_with_mirror_images_exports_the_mean_of_both_views(
     )
 
 
+@pytest.mark.slow
 def test_a_finetune_output_exports_without_its_augmentation_layers(tiny, tmp_path):
     from featx.finetune import finetune
 
@@ -216,6 +220,7 @@ def test_a_float_export_that_disagrees_is_an_error_and_is_removed(tiny, tmp_path
     assert not (tmp_path / "x" / "model.keras").exists()
 
 
+@pytest.mark.slow
 def test_cli_export_reports_the_check_and_prints_json(tiny, tmp_path):
     out = tmp_path / "cli"
     args = ["export", str(tiny["root"] / "logreg"), "--output", str(out)]

@@ -276,6 +276,7 @@ KILLABLE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_leaves_a_usable_cache_and_resume_matches_a_clean_run(tmp_path):
     data = make_flat(tmp_path / "data", per_class=20)
     cache_path = tmp_path / "killed.h5"
@@ -386,6 +387,7 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.skipif(not _has("jax"), reason="jax is not installed (pip install jax)")
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real photos not found at {REAL_DATA}")

@@ -68,6 +68,7 @@ def test_the_journal_removes_only_its_own_files(tmp_path):
 # --- 2. nothing hangs ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_a_fifo_is_rejected_not_opened(tmp_path):
     data = make_data(tmp_path / "data")
@@ -97,6 +98,7 @@ def test_prefetch_stops_at_once_while_a_load_is_stuck():
     gate.set()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_run_within_seconds(tmp_path):
     data = make_data(tmp_path / "data", per_class=300)
     cmd = featx_cmd("extract", data, "--cache", tmp_path / "c.h5", *TINY_ARGS, "--batch-size", "1")
@@ -130,6 +132,7 @@ FULL_DISK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_write_that_fails_for_lack_of_space_is_one_line_and_keeps_the_old_cache(tmp_path):
     data = make_data(tmp_path / "data", per_class=4)
     cache = tmp_path / "c.h5"
@@ -198,6 +201,7 @@ def test_a_second_writer_is_refused_naming_the_first_and_readers_are_not_blocked
     assert run(data, cache)["kept"] == 6  # released: the next writer runs
 
 
+@pytest.mark.slow
 def test_two_concurrent_extracts_lose_nothing(tmp_path):
     data = make_data(tmp_path / "data", per_class=20)
     cache = tmp_path / "c.h5"
@@ -404,6 +408,7 @@ def test_a_bad_journal_part_is_redone_not_trusted(tmp_path):
 # --- 9. smaller ones -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_info_into_a_closed_pipe_exits_quietly(tmp_path):
     data = make_data(tmp_path / "data", per_class=2)
     for i in range(2000):  # 2,000 rejected files: more output than a pipe buffer holds

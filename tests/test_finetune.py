@@ -59,7 +59,7 @@ def weights_by_path(layer) -> dict[str, np.ndarray]:
     return {w.path: keras.ops.convert_to_numpy(w).copy() for w in layer.weights}
 
 
-@pytest.mark.parametrize("kind", ["logreg", "dense"])
+@pytest.mark.parametrize("kind", ["logreg", pytest.param("dense", marks=pytest.mark.slow)])
 def test_the_warm_started_model_reproduces_the_head(tiny, kind, tmp_path):
     head_dir, head = fit_head(tiny["cache"], tmp_path / kind, kind)
     cache = store.read_cache(tiny["cache"])
@@ -77,6 +77,7 @@ def test_the_warm_started_model_reproduces_the_head(tiny, kind, tmp_path):
         assert accuracy >= 0.75
 
 
+@pytest.mark.slow
 def test_training_changes_only_unfrozen_layers_no_batchnorm_statistic_and_saves_safely(
     tiny, tmp_path
 ):
@@ -149,6 +150,7 @@ def test_augmentation_is_active_only_in_training(tiny):
     assert not any(layer.name.startswith("augment") for layer in plain.layers)
 
 
+@pytest.mark.slow
 def test_finetune_writes_a_complete_result_never_worse_than_the_warm_start(tiny, tmp_path):
     out = tmp_path / "out"
     lines = []
@@ -213,6 +215,7 @@ def test_an_epoch_must_beat_the_warm_start_and_the_best_epoch_wins(tmp_path):
     np.testing.assert_array_equal(saved.get_weights()[1], warm[1] + 4)
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_best_weights_and_still_writes_everything(tiny, tmp_path, monkeypatch):
     original = ftk._EpochLog.on_epoch_end
 

@@ -190,6 +190,7 @@ def test_float16_caches_are_fitted_in_float32(tmp_path):
     assert m["cache"]["dtype"] == "float16" and m["validation"]["accuracy"] >= 0.95
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", heads.HEADS)
 def test_mirror_images_are_training_rows_and_validation_is_scored_on_the_mean_of_both(
     head, tmp_path
@@ -374,6 +375,7 @@ def test_cli_an_unwritable_output_is_one_line_not_a_traceback(cache_path, tmp_pa
 # --- real photos, real weights ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.skipif(
     not (REAL_DATA / "train").is_dir(), reason=f"real photos not found at {REAL_DATA}"

@@ -23,7 +23,7 @@ def exported(tiny_model, tmp_path_factory):
         "export": root / "export",
         "head": tiny_model.logreg,
         "data": tiny_model.data,
-        "metrics": tiny_model.metrics["logreg"],
+        "metrics": tiny_model.metrics,
         "result": result,
     }
 
@@ -48,6 +48,7 @@ def test_the_card_states_the_classes_data_metrics_and_input_contract(exported):
     )
 
 
+@pytest.mark.slow
 def test_the_python_code_of_the_card_runs_and_agrees_with_predict(exported):
     folder = exported["export"]
     card = (folder / "README.md").read_text()

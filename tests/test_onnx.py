@@ -45,10 +45,12 @@ def close(a, b, rtol=1e-3):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """One export of the tiny backbone, copied into tests that need a stored .onnx file."""
-    folder = tmp_path_factory.mktemp("onnx")
-    engine = onnx_engine.OnnxEngine(**TINY, onnx_dir=folder)
+def exported(featx_home):
+    """The export of the tiny backbone in this session's FEATX_HOME, where the onnx engine of
+    test_predict and test_int8 finds it too (one export per session, not one per module).
+    Read-only: tests that need a stored .onnx file to change copy it first (copy_export)."""
+    engine = onnx_engine.OnnxEngine(**TINY)
+    assert engine.onnx_dir == featx_home
     engine.load()
     return engine.path
 
@@ -137,6 +139,7 @@ def test_check_stored_accepts_only_a_complete_matching_export(exported, tmp_path
     assert onnx_engine.check_stored(path, key) == "missing"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage bytes", "stale sidecar"])
 def test_corrupt_or_stale_onnx_file_is_rebuilt_not_trusted(exported, tmp_path, damage):
     path = copy_export(exported, tmp_path)
@@ -298,6 +301,7 @@ def test_auto_without_onnxruntime_falls_back_to_keras_with_one_line(no_onnxrunti
     assert store.read_fingerprint(tmp_path / "c.h5")["engine"] == "keras"
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real photos not found at {REAL_DATA}")
 @pytest.mark.skipif(not WEIGHTS_FILE.is_file(), reason=f"ImageNet weights not in {WEIGHTS_FILE}")

@@ -32,7 +32,7 @@ def tiny(tiny_model):
         "data": tiny_model.data,
         "cache": tiny_model.cache,
         "head": tiny_model.logreg,
-        "metrics": tiny_model.metrics["logreg"],
+        "metrics": tiny_model.metrics,
     }
 
 
@@ -213,6 +213,7 @@ def test_min_confidence_predicts_unknown_below_it_and_keeps_the_probabilities(ti
     assert "--min-confidence is a probability between 0 and 1, got 2.0" in res.output
 
 
+@pytest.mark.slow
 def test_an_export_folder_predicts_like_the_model_it_was_exported_from(tiny, tmp_path):
     from featx.export import export
 
@@ -288,6 +289,7 @@ def test_cli_json_and_progress_on_large_inputs(tiny, monkeypatch):
     assert calls == []  # 8 images: below the threshold, no bar
 
 
+@pytest.mark.slow
 def test_a_finetune_output_predicts_like_its_warm_start_head(tiny, tmp_path):
     from featx.finetune import finetune
 
@@ -334,6 +336,7 @@ def test_an_onnx_file_of_an_older_version_is_looked_for_next_to_the_heads_cache(
     assert _onnx_dirs(moved, {**meta, "cache": str(tmp_path / "gone" / "c.h5")}) == [moved.parent]
 
 
+@pytest.mark.slow
 def test_a_head_is_refused_when_the_backbone_weights_changed(tmp_path):
     weights = tmp_path / "mine.weights.h5"
     base = backbone.build_base("none", 32, 0.35)
@@ -392,6 +395,7 @@ def test_expand_paths_recurses_keeps_order_and_names_the_class_folders(tmp_path)
     assert expand_paths([str(tmp_path / "pipe.jpg")])[0].error == "not a regular file"
 
 
+@pytest.mark.slow
 @pytest.mark.real
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real photos not found at {REAL_DATA}")
 def test_real_validation_folder_accuracy_equals_the_fit_head_metrics(tmp_path):

@@ -41,6 +41,7 @@ RUN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_tensorflow_start_up_lines_are_hidden_and_verbose_shows_them():
     def stderr(mode):
         out = subprocess.run(

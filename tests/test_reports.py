@@ -207,6 +207,7 @@ def test_fit_head_suggests_balanced_class_weights_for_uneven_classes(tmp_path):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_the_report_renders_in_a_headless_browser_with_every_thumbnail(noisy, tmp_path):
     page = noisy["out"] / "report.html"
