@@ -1,6 +1,7 @@
 """Classifier heads on cached features: logistic regression and a small Keras Dense head.
 
-Both follow the scikit-learn estimator contract and are interchangeable:
+Both are scikit-learn-style estimators, interchangeable (tests/test_estimator_contract.py checks
+exactly this; they are not check_estimator-compliant: labels are 0..C-1, errors are featx's):
     head = LogRegHead() or DenseHead()             # __init__ stores parameters only
     head.fit(X, y, X_val=None, y_val=None)         # returns self; learned state ends in "_"
     head.predict_proba(X) -> (n, num_classes)      # float64 rows that sum to 1
@@ -51,6 +52,10 @@ def _features(X, n_features: int | None = None) -> np.ndarray:
     X = np.asarray(X)
     if X.ndim != 2:
         raise FeatxError(f"Features must be a 2-d array (images, dims), got shape {X.shape}.")
+    if X.shape[1] == 0:  # Keras' oneDNN kernels abort the process on 0-column inputs
+        raise FeatxError(
+            "Features have 0 columns; expected the backbone's features (images, dims)."
+        )
     if n_features is not None and X.shape[1] != n_features:
         raise FeatxError(
             f"The head was trained on {n_features}-d features, got {X.shape[1]}-d. "
