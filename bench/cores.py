@@ -51,8 +51,10 @@ def main() -> None:
     print(f"{'decoding, 1 thread':28} {1000 / wall:7.1f} images/s, {decode:6.2f} core-ms per image")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     engines = {
-        "keras model alone": backbone.KerasEngine("imagenet", 224, 1.0),
-        "onnx runtime alone": onnx_engine.OnnxEngine("imagenet", 224, 1.0, onnx_dir=args.onnx_dir),
+        "keras model alone": backbone.KerasEngine(backbone.BackboneSpec("imagenet", 224, 1.0)),
+        "onnx runtime alone": onnx_engine.OnnxEngine(
+            backbone.BackboneSpec("imagenet", 224, 1.0), onnx_dir=args.onnx_dir
+        ),
     }
     for name, engine in engines.items():
         model = measure(name, engine.features, pixels)

@@ -267,7 +267,9 @@ def main(argv=None) -> dict:
         log(f"decoding: {rows['decode_threads']['images_per_second']:.0f} images/s")
 
         if "keras" in engines:
-            engine = backbone.KerasEngine(args.weights, args.image_size, args.alpha)
+            engine = backbone.KerasEngine(
+                backbone.BackboneSpec(args.weights, args.image_size, args.alpha)
+            )
             rate = time_batches(engine.features, pixels, args.batch_size)
             rows["a"] = {"images_per_second": rate, "images": len(pixels)}
             log(f"(a) Keras model alone: {rate:.1f} images/s")
@@ -289,9 +291,8 @@ def main(argv=None) -> dict:
         if "onnx" in engines:
             from featx import onnx_engine
 
-            engine = onnx_engine.OnnxEngine(
-                args.weights, args.image_size, args.alpha, onnx_dir=work
-            )
+            spec = backbone.BackboneSpec(args.weights, args.image_size, args.alpha)
+            engine = onnx_engine.OnnxEngine(spec, onnx_dir=work)
             t0 = time.perf_counter()
             engine.load()  # exports into the folder that (d)'s cache uses
             result["onnx_export_seconds"] = round(time.perf_counter() - t0, 2)

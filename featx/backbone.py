@@ -346,13 +346,14 @@ class KerasEngine:
 
     name = "keras"
 
-    def __init__(self, weights: str, image_size: int, alpha: float):
-        self.weights, self.image_size, self.alpha = weights, image_size, alpha
+    def __init__(self, spec: BackboneSpec):
+        self.spec = spec
         self._model = None
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         """(n, size, size, 3) uint8 or float pixels -> (n, dim) float32 features."""
         if self._model is None:
-            self._model = build_backbone(self.weights, self.image_size, self.alpha)
+            spec = self.spec
+            self._model = build_backbone(spec.weights, spec.image_size, spec.alpha)
         out = self._model.predict_on_batch(np.asarray(batch, dtype=np.float32))
         return np.asarray(out, dtype=np.float32)

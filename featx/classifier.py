@@ -94,20 +94,18 @@ def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None
         return Classifier(kind, list(info["class_names"]), size, "keras", info, run)
 
     from featx import heads
+    from featx.backbone import BackboneSpec
     from featx.engines import make_engine
 
     head, meta = heads.load_head(model_dir)
     fp = meta.get("fingerprint") or {}
     check_backbone(fp, f"The head in '{model_dir}'")
-    size, alpha = int(fp["image_size"]), float(fp["alpha"])
     if fp.get("precision", "fp32") == "int8":
         runner = _int8_runner(engine, fp, model_dir, meta, log)
     else:
         runner = make_engine(
             engine,
-            fp["weights"],
-            size,
-            alpha,
+            BackboneSpec.from_fingerprint(fp),
             onnx_dir=config.ONNX_DIR,
             log=log,
             search=_onnx_dirs(model_dir, meta),
@@ -120,6 +118,7 @@ def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None
             features = heads.flip_views(features, mirrored)
         return head.predict_proba(features)
 
+    size = int(fp["image_size"])
     return Classifier(kind, list(meta["class_names"]), size, runner.name, meta, run)
 
 

@@ -11,9 +11,7 @@ from featx import backbone, config, store
 from featx.errors import FeatxError
 
 
-def make_engine(
-    name: str, weights: str, image_size: int, alpha: float, *, onnx_dir=None, log=None, search=()
-):
+def make_engine(name: str, spec: backbone.BackboneSpec, *, onnx_dir=None, log=None, search=()):
     """The engine that runs the backbone; its `.name` is the engine actually used.
 
     name: "keras", "onnx" (ONNX Runtime; its exported .onnx file lives in `onnx_dir`, default the
@@ -24,15 +22,13 @@ def make_engine(
     from featx import onnx_engine
 
     if onnx_engine.choose_engine(name, log) == "onnx":
-        engine = onnx_engine.OnnxEngine(
-            weights, image_size, alpha, onnx_dir=onnx_dir, log=log, search=search
-        )
+        engine = onnx_engine.OnnxEngine(spec, onnx_dir=onnx_dir, log=log, search=search)
         problem = None if name == "onnx" else engine.cannot_export_here()
         if problem is None:
             return engine
         if log is not None:  # auto must never fail where keras would work
             log(f"note: using the Keras engine; {problem}.")
-    return backbone.KerasEngine(weights, image_size, alpha)
+    return backbone.KerasEngine(spec)
 
 
 def for_extract(opts, old, cache_path: Path, listing, root: Path, log):
@@ -41,12 +37,11 @@ def for_extract(opts, old, cache_path: Path, listing, root: Path, log):
     training images."""
     onnx_dir = Path(config.ONNX_DIR or cache_path.parent)  # int8 files; fp32 ones of old versions
     if opts.precision == "fp32":
+        spec = backbone.BackboneSpec(opts.weights, opts.image_size, opts.alpha)
         runner = make_engine(
-            opts.engine, opts.weights, opts.image_size, opts.alpha,
-            onnx_dir=config.ONNX_DIR, log=log, search=[onnx_dir],
-        )  # fmt: skip
-        fp = backbone.fingerprint(opts.weights, opts.image_size, opts.alpha, engine=runner.name)
-        return runner, fp
+            opts.engine, spec, onnx_dir=config.ONNX_DIR, log=log, search=[onnx_dir]
+        )
+        return runner, spec.fingerprint(engine=runner.name)
     from featx import int8, onnx_engine
 
     onnx_engine.import_onnxruntime()  # a clear error when it is missing

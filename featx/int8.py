@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx import config, images, onnx_engine
+from featx import backbone, config, images, onnx_engine
 from featx.errors import FeatxError
 from featx.files import write_text_atomic
 
@@ -151,8 +151,8 @@ def _safe(fn):
 class Int8Engine(onnx_engine.OnnxEngine):
     """ONNX Runtime on a quantized backbone file; same interface as the other engines."""
 
-    def __init__(self, path: Path, weights: str, image_size: int, alpha: float, threads=None):
-        super().__init__(weights, image_size, alpha, onnx_dir=path.parent, threads=threads)
+    def __init__(self, path: Path, spec: backbone.BackboneSpec, threads=None):
+        super().__init__(spec, onnx_dir=path.parent, threads=threads)
         self.int8_path = Path(path)
 
     def cannot_export_here(self) -> str | None:
@@ -181,16 +181,16 @@ def engine(
     `folders`; otherwise the backbone is quantized, calibrated on `listing`'s training images.
     """
     log = log or (lambda message: None)
-    weights, size, alpha = fp["weights"], int(fp["image_size"]), float(fp["alpha"])
+    spec = backbone.BackboneSpec.from_fingerprint({**fp, "precision": "fp32"})
     # The float file is the per-user one (or one an older version left in `folders`); the
     # quantized file, calibrated on this data set, lives in folders[0], next to the cache.
-    fp32 = onnx_engine.OnnxEngine(weights, size, alpha, log=log, search=folders)
+    fp32 = onnx_engine.OnnxEngine(spec, log=log, search=folders)
     sha = fp.get("int8_sha256")
     if sha:
         for folder in folders:
             path = find(Path(folder), fp32.path, sha)
             if path is not None:
-                return Int8Engine(path, weights, size, alpha), sha
+                return Int8Engine(path, spec), sha
         where = " or ".join(f"'{f}'" for f in folders)
         raise FeatxError(
             f"The INT8 backbone this was made with (sha256 {sha[:12]}) is not in {where}. Copy "
@@ -199,5 +199,7 @@ def engine(
         )
     fp32.load()  # exports the fp32 file when it is missing or stale
     files = calibration_files(listing, val_split=val_split, seed=seed)
-    path, sha = quantize(fp32.path, root, files, size, batch_size, log, folder=Path(folders[0]))
-    return Int8Engine(path, weights, size, alpha), sha
+    path, sha = quantize(
+        fp32.path, root, files, spec.image_size, batch_size, log, folder=Path(folders[0])
+    )
+    return Int8Engine(path, spec), sha

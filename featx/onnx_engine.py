@@ -181,7 +181,7 @@ class OnnxEngine:
     """Runs the backbone with ONNX Runtime; same interface as backbone.KerasEngine.
 
     Args:
-        weights, image_size, alpha: the backbone, as for backbone.build_backbone.
+        spec: the backbone (backbone.BackboneSpec); its fp32 graph is what is exported.
         onnx_dir: folder of the exported .onnx files (default: config.ONNX_DIR, else the
             per-user folder, `user_dir()`); a missing or invalid file is exported there.
         threads: ONNX Runtime intra-op threads (default: every core this process may use).
@@ -194,16 +194,14 @@ class OnnxEngine:
 
     def __init__(
         self,
-        weights: str = config.WEIGHTS,
-        image_size: int = config.IMAGE_SIZE,
-        alpha: float = config.ALPHA,
+        spec: backbone.BackboneSpec,
         *,
         onnx_dir: str | Path | None = None,
         threads: int | None = None,
         log=None,
         search=(),
     ):
-        self.weights, self.image_size, self.alpha = weights, image_size, alpha
+        self.spec = spec
         self.onnx_dir = Path(onnx_dir or config.ONNX_DIR or user_dir())
         self.search = [Path(folder) for folder in search]
         self.threads = threads
@@ -217,7 +215,8 @@ class OnnxEngine:
         return self._locate()[1]
 
     def _locate(self) -> tuple[dict, Path]:
-        fp = backbone.fingerprint(self.weights, self.image_size, self.alpha, engine=self.name)
+        spec = self.spec
+        fp = backbone.fingerprint(spec.weights, spec.image_size, spec.alpha, engine=self.name)
         key = model_key(fp)
         path = self.onnx_dir / f"backbone-{key[:16]}.onnx"
         if check_stored(path, key) is not None:  # else: an older version's file, if valid
@@ -259,7 +258,7 @@ class OnnxEngine:
                 problem = f"ONNX Runtime cannot load it: {e}"
         if path.exists():
             self.log(f"note: rebuilding {path} ({problem}).")
-        export(path, fp, self.weights, self.image_size, self.alpha, log=self.log)
+        export(path, fp, self.spec, log=self.log)
         return ort.InferenceSession(str(path), session_options(self.threads), providers())
 
 
@@ -282,13 +281,14 @@ def check_stored(path: Path, key: str) -> str | None:
     return None
 
 
-def export(path: Path, fp: dict, weights: str, image_size: int, alpha: float, log=None) -> None:
+def export(path: Path, fp: dict, spec: backbone.BackboneSpec, log=None) -> None:
     """Export the Keras backbone to `path` atomically, check it against Keras, write the sidecar."""
     log = log or (lambda message: None)
     t0 = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = backbone.build_backbone(weights, image_size, alpha)
-    probe = np.random.default_rng(0).uniform(0, 255, (2, image_size, image_size, 3))
+    model = backbone.build_backbone(spec.weights, spec.image_size, spec.alpha)
+    size = spec.image_size
+    probe = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3))
     probe = probe.astype(np.float32)
     expected = np.asarray(model(probe, training=False))  # export needs a model called once
     with replaced_atomically(path) as tmp:

@@ -22,12 +22,15 @@ from helpers import (
 )
 
 from featx import backbone, onnx_engine, store
+from featx.backbone import BackboneSpec
 from featx.cli import cli
 from featx.engines import make_engine
 from featx.errors import FeatxError
 from featx.extract import extract
 
 pytest.importorskip("onnxruntime", reason="the onnx engine needs `pip install 'featx[onnx]'`")
+
+TINY_SPEC = BackboneSpec(**TINY)
 
 
 def write_photos(root: Path, per_class: int, start: int = 0) -> Path:
@@ -49,7 +52,7 @@ def exported(featx_home):
     """The export of the tiny backbone in this session's FEATX_HOME, where the onnx engine of
     test_predict and test_int8 finds it too (one export per session, not one per module).
     Read-only: tests that need a stored .onnx file to change copy it first (copy_export)."""
-    engine = onnx_engine.OnnxEngine(**TINY)
+    engine = onnx_engine.OnnxEngine(TINY_SPEC)
     assert engine.onnx_dir == featx_home
     engine.load()
     return engine.path
@@ -64,9 +67,9 @@ def copy_export(exported: Path, folder: Path) -> Path:
 
 def test_onnx_features_match_keras_for_uint8_batches(exported):
     batch = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    engine = onnx_engine.OnnxEngine(**TINY, onnx_dir=exported.parent)
+    engine = onnx_engine.OnnxEngine(TINY_SPEC, onnx_dir=exported.parent)
     got = engine.features(batch)
-    expected = backbone.KerasEngine(**TINY).features(batch)
+    expected = backbone.KerasEngine(TINY_SPEC).features(batch)
     assert engine.name == "onnx" and got.dtype == np.float32 and got.shape == (5, 1280)
     assert close(got, expected)
     assert not close(got[1:], expected[:-1])  # different images, different features
@@ -106,8 +109,10 @@ def test_the_user_folder_follows_featx_home_then_xdg_cache_home_then_home(monkey
     monkeypatch.setenv("FEATX_HOME", str(tmp_path / "fh"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert onnx_engine.user_dir() == tmp_path / "fh"
-    assert onnx_engine.OnnxEngine(**TINY).onnx_dir == tmp_path / "fh"
-    assert onnx_engine.OnnxEngine(**TINY, onnx_dir=tmp_path / "mine").onnx_dir == tmp_path / "mine"
+    assert onnx_engine.OnnxEngine(TINY_SPEC).onnx_dir == tmp_path / "fh"
+    assert (
+        onnx_engine.OnnxEngine(TINY_SPEC, onnx_dir=tmp_path / "mine").onnx_dir == tmp_path / "mine"
+    )
     monkeypatch.delenv("FEATX_HOME")
     assert onnx_engine.user_dir() == tmp_path / "xdg" / "featx"
     monkeypatch.delenv("XDG_CACHE_HOME")
@@ -118,11 +123,11 @@ def test_the_user_folder_follows_featx_home_then_xdg_cache_home_then_home(monkey
 def test_other_weights_alpha_or_size_get_another_onnx_file(tmp_path):
     weights = tmp_path / "w.h5"
     weights.write_bytes(b"first weights")
-    first = onnx_engine.OnnxEngine(str(weights), 32, 0.35, onnx_dir=tmp_path).path
+    first = onnx_engine.OnnxEngine(BackboneSpec(str(weights), 32, 0.35), onnx_dir=tmp_path).path
     weights.write_bytes(b"retrained weights, a longer file")
-    second = onnx_engine.OnnxEngine(str(weights), 32, 0.35, onnx_dir=tmp_path).path
-    other_size = onnx_engine.OnnxEngine("none", 64, 0.35, onnx_dir=tmp_path).path
-    other_alpha = onnx_engine.OnnxEngine("none", 32, 0.5, onnx_dir=tmp_path).path
+    second = onnx_engine.OnnxEngine(BackboneSpec(str(weights), 32, 0.35), onnx_dir=tmp_path).path
+    other_size = onnx_engine.OnnxEngine(BackboneSpec("none", 64, 0.35), onnx_dir=tmp_path).path
+    other_alpha = onnx_engine.OnnxEngine(BackboneSpec("none", 32, 0.5), onnx_dir=tmp_path).path
     assert len({first, second, other_size, other_alpha}) == 4
 
 
@@ -150,11 +155,11 @@ def test_corrupt_or_stale_onnx_file_is_rebuilt_not_trusted(exported, tmp_path, d
         meta = json.loads(side.read_text())
         side.write_text(json.dumps({**meta, "model_key": "f" * 64}))
     messages = []
-    engine = onnx_engine.OnnxEngine(**TINY, onnx_dir=tmp_path, log=messages.append)
+    engine = onnx_engine.OnnxEngine(TINY_SPEC, onnx_dir=tmp_path, log=messages.append)
     batch = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     got = engine.features(batch)
     assert any("rebuilding" in m for m in messages) and any("exported" in m for m in messages)
-    assert close(got, backbone.KerasEngine(**TINY).features(batch))
+    assert close(got, backbone.KerasEngine(TINY_SPEC).features(batch))
     key = onnx_engine.model_key(backbone.fingerprint(**TINY))
     assert onnx_engine.check_stored(path, key) is None  # repaired on disk too
 
@@ -219,25 +224,25 @@ def test_a_cache_extends_incrementally_with_the_other_engine(exported, tmp_path,
 
 def test_make_engine_resolves_auto_from_onnxruntime_and_the_gpu(monkeypatch):
     monkeypatch.setattr(onnx_engine, "keras_sees_gpu", lambda: False)
-    assert make_engine("auto", **TINY).name == "onnx"
+    assert make_engine("auto", TINY_SPEC).name == "onnx"
     monkeypatch.setattr(onnx_engine, "keras_sees_gpu", lambda: True)
-    assert make_engine("auto", **TINY).name == "keras"
-    assert make_engine("keras", **TINY).name == "keras"
-    assert make_engine("onnx", **TINY).name == "onnx"  # explicit: even with a GPU
+    assert make_engine("auto", TINY_SPEC).name == "keras"
+    assert make_engine("keras", TINY_SPEC).name == "keras"
+    assert make_engine("onnx", TINY_SPEC).name == "onnx"  # explicit: even with a GPU
     with pytest.raises(FeatxError, match="Unknown engine 'tensorrt'"):
-        make_engine("tensorrt", **TINY)
+        make_engine("tensorrt", TINY_SPEC)
 
 
 def test_auto_uses_keras_when_the_export_could_not_be_stored(exported, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_engine, "keras_sees_gpu", lambda: False)
     monkeypatch.setattr(onnx_engine.os, "access", lambda path, mode: False)  # a read-only disk
     messages = []
-    engine = make_engine("auto", **TINY, onnx_dir=tmp_path / "ro" / "cache", log=messages.append)
+    engine = make_engine("auto", TINY_SPEC, onnx_dir=tmp_path / "ro" / "cache", log=messages.append)
     assert engine.name == "keras"
     assert len(messages) == 1 and "is not writable" in messages[0] and str(tmp_path) in messages[0]
-    assert make_engine("onnx", **TINY, onnx_dir=tmp_path / "ro").name == "onnx"  # explicit
+    assert make_engine("onnx", TINY_SPEC, onnx_dir=tmp_path / "ro").name == "onnx"  # explicit
     copy_export(exported, tmp_path / "stored")  # a valid stored file needs no writing
-    assert make_engine("auto", **TINY, onnx_dir=tmp_path / "stored").name == "onnx"
+    assert make_engine("auto", TINY_SPEC, onnx_dir=tmp_path / "stored").name == "onnx"
 
 
 def test_no_gpu_is_found_without_importing_tensorflow():
@@ -311,7 +316,9 @@ def test_real_weights_onnx_features_match_keras_within_1e4_on_real_photos(tmp_pa
     folders = [REAL_DATA / "validation" / c for c in ("cats", "dogs")]
     photos = [p for folder in folders for p in sorted(folder.glob("*.jpg"))[:8]]
     batch = np.stack([load_image(p) for p in photos])
-    got = onnx_engine.OnnxEngine("imagenet", 224, 1.0, onnx_dir=tmp_path).features(batch)
-    expected = backbone.KerasEngine("imagenet", 224, 1.0).features(batch)
+    got = onnx_engine.OnnxEngine(BackboneSpec("imagenet", 224, 1.0), onnx_dir=tmp_path).features(
+        batch
+    )
+    expected = backbone.KerasEngine(BackboneSpec("imagenet", 224, 1.0)).features(batch)
     assert got.shape == (16, 1280) and expected.max() > 1.0  # real, non-trivial features
     np.testing.assert_allclose(got, expected, atol=1e-4)
