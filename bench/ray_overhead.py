@@ -1,29 +1,30 @@
 """What Ray costs on one machine: `ray_executor.run` vs the in-process engine on the same photos.
 
 Both decode with featx's decoder and run the ImageNet MobileNetV2 (224 px, Keras engine, batch 32)
-on the first --limit photos of cats_and_dogs_filtered (or --data). Each runs as a fresh
-subprocess timed from spawn to exit, so imports, model building and (for Ray) starting a local
-Ray with --workers + 1 CPUs and its actors all count, as they do for a user. Printed per path:
-  total images/s   (images / wall seconds from spawn to exit)
-  steady images/s  (after the first batch: in-process, batches after the first; Ray, the images
-                    of the parts written after the first one over the time between their writes)
-and the ratios Ray / in-process (issue #15's target: total >= 0.7 on 2 CPUs).
+on the first --limit photos of cats_and_dogs_filtered (or --data), half of each class. Each run is
+a fresh subprocess timed from spawn to exit, so imports, model building and (for Ray) starting a
+local Ray of --workers + 1 CPUs, its actors and shutting it down all count, as they do for a user.
+Each path runs twice, on one batch and on all the photos; the difference gives
+  marginal images/s  (the photos' own cost: (n - 32) / (t_n - t_32))
+  fixed s            (what a run costs besides its photos: t_32 - 32 / marginal)
+and the total images/s (n / t_n). Printed: Ray / in-process for both rates (issue #15's target:
+total >= 0.7 on 2 CPUs), and the run size from which the total ratio reaches it.
 
-    python bench/ray_overhead.py               # 300 photos, 1 worker (2 CPUs)
-    python bench/ray_overhead.py --limit 64    # smoke test
+    python bench/ray_overhead.py                 # 300 photos, 1 worker (a local Ray of 2 CPUs)
+    python bench/ray_overhead.py --limit 3000    # all of cats_and_dogs_filtered
 
-N GPUs, on paper. Let r be one actor's steady rate (images/s) and s the fixed cost of a run (Ray
-start, actor start, imports, model build: the total-vs-steady gap measured here, paid once per run
-in parallel by every actor). A run of n images on N actors takes about s + n / (N * r) while
-decoding keeps up: each actor decodes its own images, so decoding scales with the actors' CPUs.
-MobileNetV2 at 224 px runs at roughly 2,000-3,000 images/s on one modern GPU at batch 256 while one
-CPU core decodes a 500x375 JPEG at roughly 300-400 images/s (DCT scaling), so an actor with one GPU
-is decode-bound unless it gets ~8 cores: give each actor 1 GPU and cores/GPUs CPUs (a node with 8
-GPUs and 64 cores: 8 actors of 8 cores, `--workers 8 --gpus-per-worker 1`), or two actors per GPU
-(`--gpus-per-worker 0.5`) to overlap one's decoding with the other's model. With r = 2,000 and
-s = 30 s, 1,000,000 images take 30 + 1e6 / (8 * 2,000) = 93 s on 8 GPUs; the parts (5 KB per
-image in float32) are 5 GB, written by Ray's write tasks and merged by featx afterwards, whose
-cost (reading 5 GB of .npz) is of the order of a minute on one disk.
+N GPUs, on paper. A run of n images on N actors takes about s + n / (N * r): s the fixed cost
+(Ray start, actor start, TensorFlow import and model build, paid once, by all actors in parallel),
+r one actor's marginal rate. Every actor reads and decodes its own images (DECODE_THREADS threads),
+so decoding scales with the actors, but within an actor it does not overlap the model (a batch is
+decoded, then run). Assumed, not measured (no GPU machine was lent for this bench): MobileNetV2 at
+224 px runs at ~2,000 images/s on one recent GPU at batch 256, and one core decodes ~300 of these
+500x375 JPEGs a second (DCT scaling); 4 decoding threads then give r ~ 1,200 / (1 + 1,200 / 2,000)
+~ 750 images/s per GPU actor: decode-bound. Two actors per GPU (`gpus_per_worker=0.5`) overlap
+one's decoding with the other's model (r ~ 1,200 per GPU while the node has the cores). On a node
+of 8 GPUs and 64 cores, 16 actors: with s = 30 s, 1,000,000 images take about
+30 + 1e6 / (8 * 1,200) ~ 135 s. The parts hold 5 KB per image (1280 float32 features): 5 GB for
+a million images, merged by featx afterwards (reading them: about a minute from one disk).
 """
 
 from __future__ import annotations

@@ -235,8 +235,8 @@ def run(
         spec: the backbone; its image_size is the decoded size.
         out_dir: folder for the part files (created). Read them with `read_parts`.
         batch_size: images per actor call (fixed model input shape, like extract's batches).
-        workers: actors, each with its own model. None: cores - 1 on a local Ray, else the
-            cluster's CPUs - 1.
+        workers: actors, each with its own model. None: cores - 1 on a local Ray; on a
+            cluster, its GPUs / gpus_per_worker, or without GPUs its CPUs - 1.
         gpus_per_worker: GPUs reserved per actor; 0.5 puts two actors on one GPU. 0: CPU only.
         ray_address: an existing cluster ("auto", "ray://host:10001", ...). None: start a local
             Ray with workers + 1 CPUs (shut down again at the end), unless this process is
@@ -269,8 +269,8 @@ def run(
             ray.init(address=ray_address, **quiet)
         started = True
     try:
-        if workers is None:  # a cluster: one CPU per actor, one left for reading and writing
-            workers = max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)
+        if workers is None:
+            workers = _cluster_workers(ray.cluster_resources(), gpus_per_worker)
         if log is not None:
             where = ray_address or "a local Ray"
             gpus = f", {gpus_per_worker} GPU each" if gpus_per_worker else ""
@@ -291,6 +291,14 @@ def run(
     finally:
         if started:
             ray.shutdown()
+
+
+def _cluster_workers(resources: dict, gpus_per_worker: float) -> int:
+    """Actors for a cluster: as many as its GPUs hold with `gpus_per_worker`, else one per CPU
+    but one (left for Ray's read and write tasks)."""
+    if gpus_per_worker:
+        return max(1, int(resources.get("GPU", 0) / gpus_per_worker))
+    return max(1, int(resources.get("CPU", 2)) - 1)
 
 
 def _execute(ray, files, root, spec, out_dir, batch_size, workers, gpus, flip, dtype, engine):

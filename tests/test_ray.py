@@ -50,21 +50,26 @@ def in_process_features(root: Path, paths: list[str]) -> np.ndarray:
 @pytest.mark.slow
 def test_ray_parts_equal_the_in_process_features_once_per_path(local_ray, data, tmp_path):
     root, files = data
-    written = ray_executor.run(files, root, SPEC, tmp_path / "parts", batch_size=BATCH, flip=True)
-    assert written and all(p.parent == tmp_path / "parts" for p in written)
-    rows = ray_executor.read_parts(tmp_path / "parts", dim=SPEC.feature_dim)
+    gone = "dogs/deleted-since-listing.jpg"  # a file that vanished must not fail the run
+    parts = tmp_path / "parts"
+    written = ray_executor.run([*files, gone], root, SPEC, parts, batch_size=BATCH, flip=True)
+    assert written and all(p.parent == parts for p in written)
+    rows = ray_executor.read_parts(parts, dim=SPEC.feature_dim)
 
     good = [p for p in files if p != "cats/broken.jpg"]
     assert rows.paths == good  # each once, sorted
-    assert rows.rejected_paths == ["cats/broken.jpg"]
-    assert rows.rejected_reasons == ["not an image (format not recognised)"]  # as extract says
+    assert rows.rejected_paths == ["cats/broken.jpg", gone]
+    assert rows.rejected_reasons == [  # extract's reasons, word for word
+        "not an image (format not recognised)",
+        "unreadable: No such file or directory",
+    ]
     np.testing.assert_allclose(rows.features, in_process_features(root, good), atol=1e-5)
     mirrored = backbone.KerasEngine(SPEC).features(
         np.stack([images.load_image(root / p, SPEC.image_size)[:, ::-1] for p in good])
     )
     np.testing.assert_allclose(rows.features_flip, mirrored, atol=1e-5)
     assert rows.sha256[0] == images.read_file(root / good[0])[1]
-    assert not list((tmp_path / "parts").glob(".*"))  # no temporary file left behind
+    assert not list(parts.glob(".*"))  # no temporary file left behind
 
 
 @needs_ray
@@ -123,6 +128,12 @@ def test_missing_ray_is_a_one_line_error_naming_the_extra(monkeypatch, tmp_path)
         ray_executor.run(["a.jpg"], tmp_path, SPEC, tmp_path / "parts")
     message = str(e.value)
     assert "pip install 'featx[ray]'" in message and "\n" not in message
+
+
+def test_a_cluster_gets_one_actor_per_gpu_share_else_per_cpu_but_one():
+    assert ray_executor._cluster_workers({"CPU": 64.0, "GPU": 8.0}, 0.5) == 16
+    assert ray_executor._cluster_workers({"CPU": 64.0, "GPU": 8.0}, 0) == 63
+    assert ray_executor._cluster_workers({"CPU": 1.0}, 0) == 1
 
 
 def test_nothing_to_extract_starts_no_ray(tmp_path, monkeypatch):
