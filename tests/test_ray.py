@@ -130,6 +130,15 @@ def test_missing_ray_is_a_one_line_error_naming_the_extra(monkeypatch, tmp_path)
     assert "pip install 'featx[ray]'" in message and "\n" not in message
 
 
+def test_actors_get_the_backend_and_grow_gpu_memory_instead_of_preallocating(monkeypatch):
+    monkeypatch.setenv("FEATX_HOME", "/somewhere/featx")
+    env = ray_executor.worker_env("jax")
+    assert env["KERAS_BACKEND"] == "jax" and env["FEATX_HOME"] == "/somewhere/featx"
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+    assert ray_executor.worker_env()["KERAS_BACKEND"] == backbone.keras_backend()
+
+
 def test_a_cluster_gets_one_actor_per_gpu_share_else_per_cpu_but_one():
     assert ray_executor._cluster_workers({"CPU": 64.0, "GPU": 8.0}, 0.5) == 16
     assert ray_executor._cluster_workers({"CPU": 64.0, "GPU": 8.0}, 0) == 63
