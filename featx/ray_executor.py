@@ -1,7 +1,7 @@
 """Stage 1 on a Ray cluster (#15): the backbone in a fixed-size actor pool, one part file per block.
 
     relative paths ──from_items──▶ actors (read + decode + engine, built once per actor)
-        ──rows: path, sha256, features | reason──▶ _PartSink ──▶ OUT_DIR/part-<hash>.npz
+        ──rows: path, sha256, features | reason──▶ _PartSink ──▶ OUT_DIR/ray-<hash>-<n>.npz
 
 Only paths travel into Ray: each actor reads its files with `images.read_file` and decodes them
 with `images.decode_image`, exactly as the single-machine extract does (same pixels, same
@@ -17,11 +17,13 @@ Ray is optional (`pip install 'featx[ray]'`) and imported only inside `run`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,8 @@ from featx import backbone, config, images
 from featx.errors import FeatxError
 from featx.files import replaced_atomically
 
-PART_GLOB = "part-*.npz"
+# `ray-…`, not `part-…`: the cache's own journal batches are `part-PID-NNNNNN.npz` (store v2).
+PART_GLOB = "ray-*.npz"
 # Tests only: the path of a marker file. An actor's second batch that finds no marker there
 # creates it and kills its process (os._exit), like a machine lost mid-run; the retry goes on.
 CRASH_ONCE_ENV = "FEATX_TEST_RAY_CRASH_ONCE"
@@ -78,6 +81,31 @@ def worker_env(backend: str | None = None) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class RayJob:
+    """What every actor needs to know (see `run` for each field); sent to each actor once."""
+
+    root: Path
+    spec: backbone.BackboneSpec
+    out_dir: Path
+    batch_size: int = config.BATCH_SIZE
+    workers: int | None = None
+    gpus_per_worker: float = 0
+    flip: bool = False
+    dtype: str = config.FEATURE_DTYPE
+    engine: str = "keras"
+
+    def __post_init__(self):
+        if self.dtype not in config.FEATURE_DTYPES:
+            raise FeatxError(f"dtype must be one of {config.FEATURE_DTYPES}, got {self.dtype!r}.")
+        if self.workers is not None and self.workers < 1:
+            raise FeatxError(f"workers must be at least 1, got {self.workers}.")
+        if self.gpus_per_worker < 0:
+            raise FeatxError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}.")
+        if self.batch_size < 1:
+            raise FeatxError(f"batch_size must be at least 1, got {self.batch_size}.")
+
+
 # --- in the actors -------------------------------------------------------------------------------
 
 
@@ -85,17 +113,8 @@ class _Extractor:
     """The callable class of `map_batches`: Ray builds one per actor, so the engine (seconds to
     build) is built once per actor, on its first batch."""
 
-    def __init__(
-        self,
-        root: str,
-        spec: backbone.BackboneSpec,
-        engine: str,
-        batch_size: int,
-        flip: bool,
-        dtype: str,
-    ):
-        self.root, self.spec, self.engine_name = Path(root), spec, engine
-        self.batch_size, self.flip, self.dtype = batch_size, flip, dtype
+    def __init__(self, job: RayJob):
+        self.job, self.spec = job, job.spec
         self.engine, self.calls = None, 0
         self.pool = ThreadPoolExecutor(config.DECODE_THREADS, thread_name_prefix="featx-decode")
 
@@ -106,8 +125,8 @@ class _Extractor:
         if self.calls > 1:  # mid-run: after this actor's first batch went on to be written
             _crash_once_for_tests()
         ok = [i for i, r in enumerate(loaded) if r[0] is not None]
-        dim = self.spec.feature_dim * (1 + self.flip)
-        features = np.zeros((len(paths), dim), self.dtype)
+        dim = self.spec.feature_dim * (1 + self.job.flip)
+        features = np.zeros((len(paths), dim), self.job.dtype)
         if ok:
             features[ok] = self._features(np.stack([loaded[i][0] for i in ok]))
         return {
@@ -119,7 +138,7 @@ class _Extractor:
 
     def _load(self, path: str) -> tuple[np.ndarray | None, str, str]:
         """(pixels, sha256, "") or (None, sha256 or "", reason): extract's _load, row for row."""
-        full = images.inside(self.root, path)
+        full = images.inside(self.job.root, path)
         if full is None:
             return None, "", "path outside the data folder"
         try:
@@ -139,12 +158,12 @@ class _Extractor:
         if self.engine is None:
             from featx import engines
 
-            self.engine = engines.make_engine(self.engine_name, self.spec)
+            self.engine = engines.make_engine(self.job.engine, self.spec)
         n, size = len(pixels), self.spec.image_size
-        batch = np.zeros((max(n, self.batch_size), size, size, 3), np.uint8)  # one shape: one
+        batch = np.zeros((max(n, self.job.batch_size), size, size, 3), np.uint8)  # one shape: one
         batch[:n] = pixels  # compile, as extract pads its last batch
         out = self.engine.features(batch)[:n]
-        if self.flip:
+        if self.job.flip:
             mirrored = np.ascontiguousarray(batch[:, :, ::-1])  # NHWC: reverse the width
             out = np.hstack([out, self.engine.features(mirrored)[:n]])
         return out
@@ -158,10 +177,10 @@ def _crash_once_for_tests() -> None:
 
 
 def part_name(paths: Sequence[str]) -> str:
-    """`part-<sha1 of the paths>-<count>.npz`: the same block always gets the same name, so a
+    """`ray-<sha1 of the paths>-<count>.npz`: the same block always gets the same name, so a
     block written again (a retried task) replaces its part instead of adding one."""
     digest = hashlib.sha1("\n".join(sorted(paths)).encode()).hexdigest()[:16]
-    return f"part-{digest}-{len(paths)}.npz"
+    return f"ray-{digest}-{len(paths)}.npz"
 
 
 def write_part(out_dir: Path, cols: dict[str, np.ndarray], flip: bool) -> Path:
@@ -246,51 +265,51 @@ def run(
         engine: engines.make_engine's name ("keras", "onnx", "auto"), built once per actor.
         log: called with one-line progress messages.
     """
-    if dtype not in config.FEATURE_DTYPES:
-        raise FeatxError(f"dtype must be one of {config.FEATURE_DTYPES}, got {dtype!r}.")
-    if workers is not None and workers < 1:
-        raise FeatxError(f"workers must be at least 1, got {workers}.")
-    if gpus_per_worker < 0:
-        raise FeatxError(f"gpus_per_worker must be >= 0, got {gpus_per_worker}.")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    job = RayJob(
+        Path(root).resolve(),
+        spec,
+        Path(out_dir),
+        batch_size=batch_size,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        flip=flip,
+        dtype=dtype,
+        engine=engine,
+    )
+    job.out_dir.mkdir(parents=True, exist_ok=True)
     if not files:
         return []
     ray = import_ray()
+    with _connected(ray, ray_address, workers) as resources:
+        if job.workers is None:
+            job = dataclasses.replace(job, workers=_cluster_workers(resources, gpus_per_worker))
+        if log is not None:
+            gpus = f", {gpus_per_worker} GPU each" if gpus_per_worker else ""
+            where = ray_address or "a local Ray"
+            log(f"ray: {len(files)} images on {where}, {job.workers} workers{gpus}")
+        _execute(ray, job, files)
+    return sorted(job.out_dir.glob(PART_GLOB))
+
+
+@contextmanager
+def _connected(ray, address: str | None, workers: int | None) -> Iterator[dict]:
+    """Ray's cluster resources, within a connection: the one this process already has (left
+    running), the cluster at `address`, or a new local Ray of workers + 1 CPUs (default: every
+    core); a connection made here is closed (a local Ray shut down) at the end."""
     # Ray Data logs its execution plan and timings at INFO on stderr; featx says what it does.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    started = False
-    if not ray.is_initialized():
-        if ray_address is None:
-            workers = workers or default_workers()
-            ray.init(num_cpus=workers + 1, **quiet)
-        else:
-            ray.init(address=ray_address, **quiet)
-        started = True
+    if ray.is_initialized():
+        yield ray.cluster_resources()
+        return
+    if address is None:
+        ray.init(num_cpus=(workers or default_workers()) + 1, **quiet)
+    else:
+        ray.init(address=address, **quiet)
     try:
-        if workers is None:
-            workers = _cluster_workers(ray.cluster_resources(), gpus_per_worker)
-        if log is not None:
-            where = ray_address or "a local Ray"
-            gpus = f", {gpus_per_worker} GPU each" if gpus_per_worker else ""
-            log(f"ray: {len(files)} images on {where}, {workers} workers{gpus}")
-        return _execute(
-            ray,
-            files,
-            Path(root).resolve(),
-            spec,
-            out_dir,
-            batch_size,
-            workers,
-            gpus_per_worker,
-            flip,
-            dtype,
-            engine,
-        )
+        yield ray.cluster_resources()
     finally:
-        if started:
-            ray.shutdown()
+        ray.shutdown()
 
 
 def _cluster_workers(resources: dict, gpus_per_worker: float) -> int:
@@ -301,29 +320,25 @@ def _cluster_workers(resources: dict, gpus_per_worker: float) -> int:
     return max(1, int(resources.get("CPU", 2)) - 1)
 
 
-def _execute(ray, files, root, spec, out_dir, batch_size, workers, gpus, flip, dtype, engine):
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+def _execute(ray, job: RayJob, files: Sequence[str]) -> None:
+    ray.data.DataContext.get_current().enable_progress_bars = False
     # Blocks of about one batch: a part per batch, and work spread over every actor.
-    blocks = max(1, -(-len(files) // batch_size))
+    blocks = max(1, -(-len(files) // job.batch_size))
     ds = ray.data.from_items([{"path": p} for p in files], override_num_blocks=blocks)
     ds = ds.map_batches(
         _Extractor,
-        fn_constructor_kwargs=dict(
-            root=str(root), spec=spec, engine=engine, batch_size=batch_size, flip=flip, dtype=dtype
-        ),
-        batch_size=batch_size,
+        fn_constructor_kwargs={"job": job},
+        batch_size=job.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=workers),
+        compute=ray.data.ActorPoolStrategy(size=job.workers),
         num_cpus=1,
-        num_gpus=gpus or None,
+        num_gpus=job.gpus_per_worker or None,
         runtime_env={"env_vars": worker_env()},
         # No max_restarts / max_task_retries here: Ray Data already restarts a dead actor and
         # runs its batch again without limit (ActorPoolMapOperator._apply_default_remote_args),
         # and passing them (**ray_remote_args) is deprecated in Ray 2.60, removed in 2.64.
     )
-    ds.write_datasink(_part_sink(out_dir, flip))
-    return sorted(out_dir.glob(PART_GLOB))
+    ds.write_datasink(_part_sink(job.out_dir, job.flip))
 
 
 # --- reading the parts back ----------------------------------------------------------------------

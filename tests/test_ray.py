@@ -103,7 +103,7 @@ def test_a_block_written_again_replaces_its_part_and_read_parts_keeps_one_row(tm
     first = ray_executor.write_part(tmp_path, block(["a.jpg", "b.jpg"], 1.0), flip=False)
     again = ray_executor.write_part(tmp_path, block(["a.jpg", "b.jpg"], 1.0), flip=False)
     ray_executor.write_part(tmp_path, block(["b.jpg", "c.jpg"], 1.0), flip=False)
-    assert first == again and len(list(tmp_path.glob("part-*.npz"))) == 2
+    assert first == again and len(list(tmp_path.glob(ray_executor.PART_GLOB))) == 2
     rows = ray_executor.read_parts(tmp_path, dim=4)
     assert rows.paths == ["a.jpg", "b.jpg", "c.jpg"]
     with pytest.raises(FeatxError, match="shape"):
