@@ -306,7 +306,7 @@ def prefetch(chunks, load, ahead: int = config.PREFETCH_BATCHES, workers: int | 
 
     Closing the generator (or Ctrl-C in the consumer) cancels what has not started and returns
     without waiting for the threads, so an interrupted run stops at once."""
-    pool = ThreadPoolExecutor(workers or config.DECODE_THREADS, thread_name_prefix="featx-decode")
+    pool = ThreadPoolExecutor(workers or config.decode_workers(), thread_name_prefix="featx-decode")
     pending: deque = deque()
     chunks = iter(chunks)
 
