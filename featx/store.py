@@ -284,7 +284,8 @@ def _image(cache: Cache, src: Sources) -> bytes:
         if src.flip:
             _virtual(f, FLIP_DATASET, src, blocks).attrs["transform"] = FLIP_TRANSFORM
         f.create_dataset("labels", data=np.asarray(cache.labels, np.int32), **_CHECKED)
-        f.create_dataset("splits", data=np.array(list(cache.splits), dtype=object), dtype=_STR)
+        splits = np.array([str(x).encode() for x in cache.splits], dtype="S10")
+        f.create_dataset("splits", data=splits, **_CHECKED)  # fixed-length: small, checksummed
         _write_rows(f, cache.rows)
         rej = f.create_group("rejected")
         _write_rows(rej, cache.rejected)
