@@ -144,7 +144,17 @@ def with_progress(label: str, as_json: bool, run, *args, **kwargs):
 )
 @shown("--image-size", config.IMAGE_SIZE, "Square input size in pixels.", type=int)
 @shown("--alpha", config.ALPHA, "MobileNetV2 width multiplier.", type=float)
-@click.option("--batch-size", default=config.BATCH_SIZE, show_default=True, type=int)
+@click.option(
+    "--batch-size",
+    type=int,
+    help=f"Images per model call  [default: {config.BATCH_SIZE}; {config.GPU_BATCH_SIZE} when "
+    "Keras runs on a GPU]",
+)
+@click.option(
+    "--workers",
+    type=int,
+    help="Decoding threads  [default: one per core this process may use]",
+)
 @click.option(
     "--dtype",
     type=click.Choice(config.FEATURE_DTYPES),

@@ -64,7 +64,7 @@ class ExtractOptions:
     weights: str = config.WEIGHTS
     image_size: int = config.IMAGE_SIZE
     alpha: float = config.ALPHA
-    batch_size: int = config.BATCH_SIZE
+    batch_size: int | None = None  # None: config.BATCH_SIZE, or GPU_BATCH_SIZE on a GPU
     dtype: str | None = None
     val_split: float | None = None
     seed: int | None = None
@@ -72,9 +72,12 @@ class ExtractOptions:
     engine: str = config.ENGINE
     precision: str = config.PRECISION
     flip: bool | None = None  # also the mirror images' features; None: the cache's
+    workers: int | None = None  # decoding threads; None: one per core (config.decode_workers)
 
     def __post_init__(self):
         check_image_size(self.image_size, self.batch_size)
+        if self.workers is not None:
+            check_int("workers", self.workers, 1, config.MAX_DECODE_WORKERS)
         check_alpha(self.alpha)
         if self.dtype is not None:
             check_choice("dtype", self.dtype, config.FEATURE_DTYPES)
