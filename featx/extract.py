@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx import backbone, config, engines, images, parts, store, stream
+from featx import backbone, config, engines, images, parts, shards, store, stream
 from featx.errors import FeatxError
 from featx.options import ExtractOptions
 
@@ -86,6 +86,7 @@ def extract(
     precision: str = config.PRECISION,
     flip: bool | None = None,
     workers: int | None = None,
+    shard: str | None = None,
     progress=None,
     log=None,
 ) -> dict:
@@ -110,6 +111,8 @@ def extract(
         batch_size: images per model call; None: config.GPU_BATCH_SIZE when Keras runs the
             backbone on a GPU, else config.BATCH_SIZE.
         workers: decoding threads; None: one per core this process may use.
+        shard: "K/N": extract only the images of shard K of N (featx.shards), for N runs in
+            parallel whose caches `featx merge` joins into the cache a single run writes.
         progress: called as progress(done, total, images_per_second) after each batch.
         log: called with one-line messages (warnings, notes); default: silent.
     Returns:
@@ -119,11 +122,11 @@ def extract(
     log = log or (lambda message: None)
     opts = ExtractOptions(  # every option is checked here, before any work
         weights, image_size, alpha, batch_size, dtype, val_split, seed, overwrite,
-        engine or config.ENGINE, precision, flip, workers,
+        engine or config.ENGINE, precision, flip, workers, shard,
     )  # fmt: skip
     root = Path(data_dir)
     cache_path = Path(cache_path) if cache_path else default_cache_path(root)
-    listing = images.find_images(root)
+    listing = shards.restrict(images.find_images(root), opts.shard_numbers)
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
     with store.writer_lock(cache_path):
@@ -175,7 +178,8 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
         timing = _run(job, plan, progress, log)
     job.writer.flush(plan.rows)
     recorded = {} if old is None or opts.overwrite else dict(zip(old.paths, old.splits))
-    kept_files = [f for f in listing.files if f.path in plan.rows]
+    # The other shards' images count too: a flat folder is split as a single run splits it.
+    kept_files = [f for f in listing.files if f.path in plan.rows] + listing.others
     splits = images.assign_splits(kept_files, recorded, opts.val_split, opts.seed)
     keep = committed
     if _changed(plan, old, opts):
@@ -200,6 +204,15 @@ def _resolve(opts: ExtractOptions, old, listing, cache_path: Path, log) -> Extra
     """Fill dtype, val_split and seed from the existing cache (or the defaults); refuse a
     different split of an existing cache unless --overwrite."""
     recorded = {} if old is None or opts.overwrite else old.attrs
+    if old is not None and not opts.overwrite and old.attrs.get("shard") != opts.shard:
+        had = old.attrs.get("shard")
+        raise FeatxError(
+            f"The cache '{cache_path}' holds "
+            + (f"shard {had}" if had else "every image")
+            + "; this run asks for "
+            + (f"shard {opts.shard}" if opts.shard else "every image")
+            + ". Pass --cache OTHER.h5 for another shard (or `featx merge` to join shards)."
+        )
     assigns = listing.layout == "flat" or not any(f.split == "validation" for f in listing.files)
     values = {}
     for name, default in (("val_split", config.VAL_SPLIT), ("seed", config.SEED)):
@@ -443,6 +456,7 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=
         "layout": listing.layout,
         "val_split": float(job.opts.val_split),
         "seed": int(job.opts.seed),
+        "shard": job.opts.shard,
         "created": job.created,
     }
     meta = store.Cache(

@@ -50,6 +50,8 @@ class Listing:
     empty_classes: list[str]
     # (path, reason) left out while listing: links back into the folder, broken links, FIFOs, ...
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # `extract --shard`: the other shards' images, counted when a flat folder is split
+    others: list[ImageFile] = field(default_factory=list)
 
 
 def _visible(entry: os.DirEntry | Path) -> bool:

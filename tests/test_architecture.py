@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "featx"
-STAGES = {"extract", "fit_head", "finetune", "predict", "export", "audit"}
+STAGES = {"extract", "fit_head", "finetune", "predict", "export", "audit", "merge"}
 MAX_FUNCTION_LINES = 80
 MAX_PRIVATE_PARAMETERS = 6
 
