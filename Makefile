@@ -54,6 +54,7 @@ format: install
 bench: install $(DATA)
 	$(BIN)/python bench/cores.py --data $(DATA)
 	$(BIN)/python bench/decode_memory.py
+	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/extract.py --data $(DATA)
 	$(BIN)/python bench/ray_overhead.py --data $(DATA)
 	$(BIN)/python bench/pipeline.py --data $(DATA)

@@ -241,7 +241,7 @@ def main(argv=None) -> dict:
             "image_size": args.image_size,
             "alpha": args.alpha,
             "weights": args.weights,
-            "decode_threads": config.DECODE_THREADS,
+            "decode_threads": config.decode_workers(),
             "prefetch_batches": config.PREFETCH_BATCHES,
             "subprocess_rows": "b, c, d: fresh subprocess, start-up included",
         },
@@ -257,12 +257,12 @@ def main(argv=None) -> dict:
         small_n = min(args.small, max(n // 2, 1))
         small_dir = link_subset(run_dir, pick_files(run_dir, small_n), work / "small")
         result["images"] = n
-        log(f"{n} images from {data}; {config.DECODE_THREADS} decoding threads; {args.engines}")
+        log(f"{n} images from {data}; {config.decode_workers()} decoding threads; {args.engines}")
 
         model_files = files[:: max(1, n // args.model_images)][: args.model_images]
         pixels, rate = decode_all(data, model_files, args.image_size, 1)
         rows["decode_1_thread"] = {"images_per_second": rate, "images": len(model_files)}
-        _, rate = decode_all(data, model_files, args.image_size, config.DECODE_THREADS)
+        _, rate = decode_all(data, model_files, args.image_size, config.decode_workers())
         rows["decode_threads"] = {"images_per_second": rate, "images": len(model_files)}
         log(f"decoding: {rows['decode_threads']['images_per_second']:.0f} images/s")
 
@@ -403,7 +403,7 @@ def measure_int8(fp32_path: Path, data: Path, pixels, run_dir, args, work: Path,
 
 LABELS = {
     "decode_1_thread": "decoding alone, 1 thread",
-    "decode_threads": f"decoding alone, {config.DECODE_THREADS} threads",
+    "decode_threads": f"decoding alone, {config.decode_workers()} threads",
     "a": "(a) Keras model alone, pre-decoded",
     "b": "(b) Keras recipe (image_dataset_from_directory + predict)",
     "c": "(c) featx extract --engine keras (end to end)",

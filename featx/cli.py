@@ -144,7 +144,17 @@ def with_progress(label: str, as_json: bool, run, *args, **kwargs):
 )
 @shown("--image-size", config.IMAGE_SIZE, "Square input size in pixels.", type=int)
 @shown("--alpha", config.ALPHA, "MobileNetV2 width multiplier.", type=float)
-@click.option("--batch-size", default=config.BATCH_SIZE, show_default=True, type=int)
+@click.option(
+    "--batch-size",
+    type=int,
+    help=f"Images per model call  [default: {config.BATCH_SIZE}; {config.GPU_BATCH_SIZE} when "
+    "Keras runs on a GPU]",
+)
+@click.option(
+    "--workers",
+    type=int,
+    help="Decoding threads  [default: one per core this process may use]",
+)
 @click.option(
     "--dtype",
     type=click.Choice(config.FEATURE_DTYPES),
@@ -182,6 +192,12 @@ def with_progress(label: str, as_json: bool, run, *args, **kwargs):
     "fit-head trains on both and predicts from their mean.  [default: the cache's; new: "
     + ("--flip" if config.FLIP else "--no-flip")
     + "]",
+)
+@click.option(
+    "--shard",
+    metavar="K/N",
+    help="Only the images of shard K of N (0..N-1), for N runs in parallel; join their caches "
+    "with `featx merge`.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
@@ -225,6 +241,35 @@ def format_extract_summary(s: dict) -> str:
         + (", int8)" if s.get("precision") == "int8" else ")")
     )
     return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--copy",
+    is_flag=True,
+    help="Copy the features into OUTPUT's own part files (default: refer to the shards' files).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing featx cache at OUTPUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@friendly_errors
+def merge(output, shards, copy, overwrite, as_json):
+    """Join the caches of `featx extract --shard K/N` runs into OUTPUT.
+
+    OUTPUT is the cache a single run over the whole folder writes: the same paths, labels,
+    splits and features. Every shard 0..N-1 must be named once.
+    """
+    from featx.merge import merge as run_merge
+
+    summary = run_merge(output, list(shards), copy=copy, overwrite=overwrite)
+    if as_json:
+        print_json(summary)
+        return
+    click.echo(f"{summary['cache']}: {summary['images']} images from {summary['shards']} shards")
+    for split, per_class in summary["counts"].items():
+        parts = ", ".join(f"{c} {n}" for c, n in per_class.items())
+        click.echo(f"  {split:<10} {sum(per_class.values()):>6} images ({parts})")
 
 
 @cli.command()

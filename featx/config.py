@@ -1,5 +1,7 @@
 """Every default in one place. Change them here, or per run with the matching CLI option."""
 
+import os
+
 # --- backbone ------------------------------------------------------------------------------------
 BACKBONE = "MobileNetV2"  # the only backbone for now; recorded in every fingerprint
 IMAGE_SIZE = 224  # square input in pixels; ImageNet weights exist for 96/128/160/192/224
@@ -22,14 +24,40 @@ PILLOW_BLOCK_SIZE = 64 * 1024 * 1024  # see images.py: huge decoded images go ba
 
 # --- extraction ----------------------------------------------------------------------------------
 BATCH_SIZE = 32  # fixed-size batches (the last one is padded) so the model compiles once
+GPU_BATCH_SIZE = 256  # the default instead when Keras runs the backbone on a GPU: keeps it busy
 # Bounds checked before any work. MobileNetV2 activations grow with image_size**2 x batch_size:
 # at 1024 px a batch of 32 needs ~4 GB; larger sizes only exhaust memory (10000 px died at 9 GB).
 MIN_IMAGE_SIZE = 32  # MobileNetV2's smallest input
 MAX_IMAGE_SIZE = 1024
 MAX_BATCH_SIZE = 1024
 MAX_BATCH_PIXELS = 32 * 1024 * 1024  # batch_size x image_size**2: 32 images of 1024 px
-DECODE_THREADS = 4  # Pillow releases the GIL while decoding; more threads than cores is fine
+# Decoding workers (threads: Pillow releases the GIL while decoding, and bench/scale.py measured
+# threads as fast as processes). None: one per core this process may use (os.sched_getaffinity);
+# `extract --workers N` overrides it.
+DECODE_WORKERS = None
+
+
+def decode_workers() -> int:
+    """DECODE_WORKERS, else the number of cores this process may run on."""
+    if DECODE_WORKERS:
+        return DECODE_WORKERS
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+MAX_DECODE_WORKERS = 256
 PREFETCH_BATCHES = 4  # decoded batches waiting for the model; bounds memory
+# --- the cache's part files (featx/parts.py) --------------------------------------------------
+# Images per part file: 4,096 x 1,280 float32 = 21 MB. Larger parts mean fewer files (245 for a
+# million images) but more memory while one is built and more work redone after a kill.
+PART_ROWS = 4096
+# extract rewrites every feature into fresh parts (compaction) when the parts hold more dead rows
+# (deleted or changed images) than live ones, or the cache's rows map to more than this many runs
+# of consecutive part rows (each is one mapping of the /features virtual dataset).
+COMPACT_DEAD_FRACTION = 0.5
+COMPACT_MAX_BLOCKS = 4096
 FEATURE_DTYPE = "float32"  # "float16" halves the cache; features are stored, not recomputed
 FEATURE_DTYPES = ("float32", "float16")  # a cache keeps its dtype unless --dtype asks for the other
 # --flip: also store the features of every image mirrored left-right (about 2x the model time, and

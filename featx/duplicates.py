@@ -230,12 +230,14 @@ def leakage(
         near_max_images = config.AUDIT_QUICK_MAX_IMAGES
     if len(cache.paths) < 2:
         return None
-    if len(cache.paths) > near_max_images:
+    X = None
+    if len(cache.paths) > near_max_images or cache.features is None:
         threshold = 2.0  # no cosine similarity reaches it: exact copies only
+        X = np.zeros((len(cache.paths), 1), np.float32)  # features are not needed for those
     try:
-        groups, _ = find_duplicates(cache, threshold)
+        groups, _ = find_duplicates(cache, threshold, X=X)
     except FeatxError:  # too many similar pairs to list: a warning must not fail the command
-        groups, _ = find_duplicates(cache, 2.0)
+        groups, _ = find_duplicates(cache, 2.0, X=X)
     leaks = [g for g in groups if g.cross_split]
     mixed = [g for g in groups if g.cross_label]
     parts = []
@@ -252,7 +254,10 @@ def leakage_line(cache_path: str | Path) -> str | None:
     """The one line `featx extract` and `featx fit-head` print at the end when the audit would
     find leakage or cross-label copies ("3 photos are in both train and validation: run
     `featx audit CACHE`"), else None."""
-    found = leakage(store.read_cache(cache_path))
+    cache = store.read_cache(cache_path, features=False)
+    if len(cache.paths) <= config.AUDIT_QUICK_MAX_IMAGES:
+        store.load_features(Path(cache_path), cache)  # near copies too
+    found = leakage(cache)
     return f"{found}: run `featx audit {cache_path}`" if found else None
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featx import backbone, config, store
+from featx import backbone, config, parts, store
 from featx.errors import FeatxError
 
 
@@ -57,7 +57,7 @@ def for_extract(opts, old, cache_path: Path, listing, root: Path, log):
         [onnx_dir],
         root=root,
         listing=listing,
-        batch_size=opts.batch_size,
+        batch_size=opts.batch_size or config.BATCH_SIZE,
         val_split=opts.val_split,
         seed=opts.seed,
         log=log,
@@ -84,14 +84,33 @@ def compatible_or_none(old, fp: dict, cache_path: Path, overwrite: bool):
     return old
 
 
+def batch_size(opts) -> int:
+    """The batch size asked for, else config.GPU_BATCH_SIZE when Keras will run the backbone on
+    a GPU (within MAX_BATCH_PIXELS), else config.BATCH_SIZE."""
+    if opts.batch_size is not None:
+        return opts.batch_size
+    if opts.engine == "onnx" or opts.precision != "fp32":
+        return config.BATCH_SIZE
+    from featx.onnx_engine import keras_sees_gpu
+
+    if not keras_sees_gpu():
+        return config.BATCH_SIZE
+    fits = config.MAX_BATCH_PIXELS // opts.image_size**2
+    return max(config.BATCH_SIZE, min(config.GPU_BATCH_SIZE, fits))
+
+
 def read_previous(cache_path: Path, overwrite: bool):
-    """The existing cache, or None when there is none. With overwrite, a featx cache that cannot
-    be read (damaged, another format version) is rebuilt rather than refused; a file that is not
-    provably a featx cache is never replaced."""
+    """The existing cache without its features (extract refers to them, never loads them), or
+    None when there is none. Every part is checked and its features read once, a part at a time
+    (checksums), so that no damaged feature is carried into the new cache. With overwrite, a featx
+    cache that cannot be read (damaged, a part missing, another format version) is rebuilt rather
+    than refused; a file that is not provably a featx cache is never replaced."""
     if not cache_path.exists():
         return None
     try:
-        return store.read_cache(cache_path)
+        cache = store.read_cache(cache_path, features=False)
+        parts.check_sources(cache_path, cache.sources, read=True)
+        return cache
     except FeatxError:
         if overwrite and store.is_featx_cache(cache_path):
             return None

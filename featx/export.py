@@ -194,7 +194,7 @@ _WRITERS = {"keras": _write_keras, "savedmodel": _write_saved_model, "tflite": _
 
 def _open_cache(cache_path, described: dict):
     """The cache, its validation (paths, labels) and its data folder; refused if incompatible."""
-    cache = store.read_cache(cache_path)
+    cache = store.read_cache(cache_path, features=False)  # paths and labels
     if list(cache.class_names) != described["class_names"]:
         raise FeatxError(
             f"The cache '{cache_path}' has the classes {list(cache.class_names)}, the model "

@@ -3,14 +3,17 @@
 A run holds the cache's writer lock and goes through four phases:
   _resolve  the options against the existing cache (its dtype, split and seed are kept);
   _plan     pure: which files are kept from the cache, resumed from the journal, or to extract;
-  _run      decode ahead in threads, run the model batch by batch, journal each finished batch;
-  _write    assemble the final state and replace the cache atomically.
-On a CPU the model, not Pillow, sets the pace.
+  _run      decode ahead in threads, run the model batch by batch, journal each finished batch
+            and gather the batches into part files (featx.stream) as it goes;
+  _write    name every row's part in a new main file, replaced atomically.
+Features already on disk are referred to, never loaded: memory is bounded by the batches in
+flight and one part, not by the number of images. On a CPU the model, not Pillow, sets the pace.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx import backbone, config, engines, images, store
+from featx import backbone, config, engines, images, parts, shards, store, stream
 from featx.errors import FeatxError
 from featx.options import ExtractOptions
 
@@ -29,14 +32,15 @@ class _Todo:
     size: int
     mtime_ns: int
     old_sha: str | None  # content hash of the cached version, if any
-    old_feature: np.ndarray | None
+    old_ref: tuple | None  # where its features are: (source, row)
 
 
 @dataclass
 class _Plan:
     """The final state as far as it is known without the model, and the work left."""
 
-    rows: dict[str, tuple] = field(default_factory=dict)  # path -> (size, mtime, sha, feature)
+    # path -> (size, mtime, sha, ref): ref is (source, row) once on disk, else the feature
+    rows: dict[str, tuple] = field(default_factory=dict)
     rejected: dict[str, tuple] = field(default_factory=dict)  # path -> (size, mtime, reason)
     todo: list[_Todo] = field(default_factory=list)
     kept: int = 0
@@ -51,7 +55,9 @@ class _Job:
     opts: ExtractOptions
     fingerprint: dict
     runner: object
-    journal: store.Journal
+    journal: parts.Journal
+    writer: stream.PartWriter | None = None
+    created: str | None = None  # the existing cache's creation time, kept by every rewrite
 
 
 def default_cache_path(data_dir: str | Path) -> Path:
@@ -71,7 +77,7 @@ def extract(
     weights: str = config.WEIGHTS,
     image_size: int = config.IMAGE_SIZE,
     alpha: float = config.ALPHA,
-    batch_size: int = config.BATCH_SIZE,
+    batch_size: int | None = None,
     dtype: str | None = None,
     val_split: float | None = None,
     seed: int | None = None,
@@ -79,6 +85,8 @@ def extract(
     engine: str | None = None,
     precision: str = config.PRECISION,
     flip: bool | None = None,
+    workers: int | None = None,
+    shard: str | None = None,
     progress=None,
     log=None,
 ) -> dict:
@@ -100,6 +108,11 @@ def extract(
             features do not mix with fp32 ones.
         flip: also store the features of every image mirrored left-right (/features_flip, about
             2x the model time); None keeps what the cache has (config.FLIP for a new cache).
+        batch_size: images per model call; None: config.GPU_BATCH_SIZE when Keras runs the
+            backbone on a GPU, else config.BATCH_SIZE.
+        workers: decoding threads; None: one per core this process may use.
+        shard: "K/N": extract only the images of shard K of N (featx.shards), for N runs in
+            parallel whose caches `featx merge` joins into the cache a single run writes.
         progress: called as progress(done, total, images_per_second) after each batch.
         log: called with one-line messages (warnings, notes); default: silent.
     Returns:
@@ -109,11 +122,11 @@ def extract(
     log = log or (lambda message: None)
     opts = ExtractOptions(  # every option is checked here, before any work
         weights, image_size, alpha, batch_size, dtype, val_split, seed, overwrite,
-        engine or config.ENGINE, precision, flip,
+        engine or config.ENGINE, precision, flip, workers, shard,
     )  # fmt: skip
     root = Path(data_dir)
     cache_path = Path(cache_path) if cache_path else default_cache_path(root)
-    listing = images.find_images(root)
+    listing = shards.restrict(images.find_images(root), opts.shard_numbers)
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
     with store.writer_lock(cache_path):
@@ -132,33 +145,56 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
     store.remove_stale_temporaries(cache_path)
     previous = engines.read_previous(cache_path, opts.overwrite)
     opts = _resolve(opts, previous, listing, cache_path, log)
+    opts = dataclasses.replace(opts, batch_size=engines.batch_size(opts))
     runner, fp = engines.for_extract(opts, previous, cache_path, listing, root, log)
     old = engines.compatible_or_none(previous, fp, cache_path, opts.overwrite)
     flip = opts.flip if opts.flip is not None else config.FLIP if old is None else old.flip
     opts = dataclasses.replace(opts, flip=flip)
     if flip:
         runner = _WithMirror(runner)
-    if old is not None and not _stack_mirror(old, flip, log):
+    if old is not None and flip and not old.flip:
+        if len(old.paths):
+            log("note: the cache has no features of mirror images; extracting every image again.")
         old = None  # --flip on a cache without mirrored features: every image again
     if old is not None and old.attrs.get("data_dir") not in (None, str(root.resolve())):
         log(f"note: the cache was made from {old.attrs['data_dir']}; matching files by path.")
     key = backbone.model_key({**fp, "flip": flip}, (*backbone.MODEL_KEYS, "flip"))
     journal = store.Journal(cache_path, key, backbone.feature_dim(opts.alpha) * (1 + flip))
-    job = _Job(root, opts, fp, runner, journal)
-    plan = _plan(listing, _stat_all(root, listing), old, journal.load(), not opts.overwrite)
+    created = previous.attrs.get("created") if previous is not None else None
+    job = _Job(
+        root, opts, fp, runner, journal, stream.PartWriter(journal, opts.dtype, flip), created
+    )
+    committed = previous.sources.names if previous is not None else []
+    plan = _plan(
+        listing, _stat_all(root, listing), old, journal.load(committed), not opts.overwrite
+    )
     if not cache_path.exists():  # a valid (empty) cache at once: a killed run leaves one
-        _write(cache_path, job, listing, _Plan(), {}, None)
+        _write(cache_path, job, listing, _Plan(), {})
     timing = {"model_seconds": 0.0, "model_load_seconds": None, "steady_images_per_second": None}
-    if plan.todo:
+    if plan.todo or journal.batches:
         journal.start()
+        _gather_resumed(job, plan)
+    if plan.todo:
         timing = _run(job, plan, progress, log)
+    job.writer.flush(plan.rows)
     recorded = {} if old is None or opts.overwrite else dict(zip(old.paths, old.splits))
-    kept_files = [f for f in listing.files if f.path in plan.rows]
+    # The other shards' images count too: a flat folder is split as a single run splits it.
+    kept_files = [f for f in listing.files if f.path in plan.rows] + listing.others
     splits = images.assign_splits(kept_files, recorded, opts.val_split, opts.seed)
+    keep = committed
     if _changed(plan, old, opts):
-        _write(cache_path, job, listing, plan, splits, previous and previous.attrs.get("created"))
-    journal.clear()
+        keep = _write(cache_path, job, listing, plan, splits, old)
+    journal.clear(keep=keep)
     return job, plan, splits, timing
+
+
+def _gather_resumed(job: _Job, plan: _Plan) -> None:
+    """Rows resumed from journalled batches (features in memory) go into the next part; their
+    batches are deleted once that part is written."""
+    for path, (size, mtime, sha, ref) in plan.rows.items():
+        if isinstance(ref, np.ndarray):
+            job.writer.add(path, size, mtime, sha, ref)
+    job.writer.batches.extend(job.journal.batches)
 
 
 # --- phase 1: the options against the existing cache ---------------------------------------------
@@ -168,6 +204,15 @@ def _resolve(opts: ExtractOptions, old, listing, cache_path: Path, log) -> Extra
     """Fill dtype, val_split and seed from the existing cache (or the defaults); refuse a
     different split of an existing cache unless --overwrite."""
     recorded = {} if old is None or opts.overwrite else old.attrs
+    if old is not None and not opts.overwrite and old.attrs.get("shard") != opts.shard:
+        had = old.attrs.get("shard")
+        raise FeatxError(
+            f"The cache '{cache_path}' holds "
+            + (f"shard {had}" if had else "every image")
+            + "; this run asks for "
+            + (f"shard {opts.shard}" if opts.shard else "every image")
+            + ". Pass --cache OTHER.h5 for another shard (or `featx merge` to join shards)."
+        )
     assigns = listing.layout == "flat" or not any(f.split == "validation" for f in listing.files)
     values = {}
     for name, default in (("val_split", config.VAL_SPLIT), ("seed", config.SEED)):
@@ -182,7 +227,7 @@ def _resolve(opts: ExtractOptions, old, listing, cache_path: Path, log) -> Extra
         if asked is not None and not assigns:
             log(f"note: {option} has no effect: the data folder has its own validation/ split.")
         values[name] = asked if asked is not None else had if had is not None else default
-    dtype = opts.dtype or (str(old.features.dtype) if old is not None else config.FEATURE_DTYPE)
+    dtype = opts.dtype or (old.feature_dtype if old is not None else config.FEATURE_DTYPE)
     return dataclasses.replace(opts, dtype=dtype, **values)
 
 
@@ -217,6 +262,7 @@ def _plan(listing, stats: dict, old, journalled: tuple, keep_rejected: bool = Tr
     for path, reason in listing.skipped:
         plan.rejected[path] = (0, 0, reason)
     cached = {} if old is None else {p: i for i, p in enumerate(old.paths)}
+    refs = [] if old is None else stream.old_refs(old)
     cached_rej = {} if old is None or not keep_rejected else old.rejected.paths
     cached_rej = {p: i for i, p in enumerate(cached_rej)}
     for f in listing.files:
@@ -225,7 +271,7 @@ def _plan(listing, stats: dict, old, journalled: tuple, keep_rejected: bool = Tr
             continue  # vanished since listing
         i, r = cached.get(f.path), cached_rej.get(f.path)
         if i is not None and key == (old.rows.file_size[i], old.rows.file_mtime_ns[i]):
-            plan.rows[f.path] = (*key, old.rows.file_sha256[i], old.features[i])
+            plan.rows[f.path] = (*key, old.rows.file_sha256[i], refs[i])
             plan.kept += 1
         elif r is not None and _same_rejection(old, r, key):
             plan.rejected[f.path] = (*key, old.rejected_reasons[r])
@@ -241,7 +287,7 @@ def _plan(listing, stats: dict, old, journalled: tuple, keep_rejected: bool = Tr
             plan.resumed += 1
         else:
             old_sha = old.rows.file_sha256[i] if i is not None else None
-            plan.todo.append(_Todo(f.path, *key, old_sha, old.features[i] if old_sha else None))
+            plan.todo.append(_Todo(f.path, *key, old_sha, refs[i] if old_sha else None))
     present = {f.path for f in listing.files}
     plan.dropped = 0 if old is None else sum(p not in present for p in old.paths)
     return plan
@@ -255,7 +301,7 @@ def _same_rejection(old, r: int, key: tuple) -> bool:
 # --- phase 3: the model --------------------------------------------------------------------------
 
 
-def _load(root: Path, todo: _Todo, image_size: int):
+def _load(root: Path, todo: _Todo, *, image_size: int):
     """Read and decode one file in a worker thread: ("ok", sha, pixels), ("same", sha, None)
     when the content is unchanged, or ("rejected", reason, None)."""
     try:
@@ -303,7 +349,8 @@ def _run(job: _Job, plan: _Plan, progress, log) -> dict:
     size, batch_size = job.opts.image_size, job.opts.batch_size
     chunks = [plan.todo[i : i + batch_size] for i in range(0, len(plan.todo), batch_size)]
     timer, done, t0 = _Timer(), 0, time.perf_counter()
-    batches = images.prefetch(chunks, lambda t: _load(job.root, t, size))
+    load = functools.partial(_load, job.root, image_size=size)
+    batches = images.prefetch(chunks, load, workers=job.opts.workers)
     try:
         for index, (chunk, results) in enumerate(batches):
             ok = [r[2] for r in results if r[0] == "ok"]
@@ -314,7 +361,7 @@ def _run(job: _Job, plan: _Plan, progress, log) -> dict:
                 t_model = time.perf_counter()
                 feats = job.runner.features(batch)[: len(ok)]
                 timer.add(time.perf_counter() - t_model, len(ok))
-            _record(job.journal, index, chunk, results, feats, plan)
+            _record(job, index, chunk, results, feats, plan)
             done += len(chunk)
             if progress is not None:
                 progress(done, len(plan.todo), done / max(time.perf_counter() - t0, 1e-9))
@@ -326,8 +373,10 @@ def _run(job: _Job, plan: _Plan, progress, log) -> dict:
     return timer.summary()
 
 
-def _record(journal: store.Journal, index: int, chunk, results, feats, plan: _Plan) -> None:
-    """One finished batch into the plan and, as one part file, into the journal."""
+def _record(job: _Job, index: int, chunk, results, feats, plan: _Plan) -> None:
+    """One finished batch into the plan, into the journal as one .npz, and into the part being
+    gathered (written when it is full). A row whose content did not change keeps its reference
+    and is not journalled: a resumed run finds it unchanged again, without the model."""
     part_rows, part_feats, part_rej, reasons = store.Rows(), [], store.Rows(), []
     k = 0
     for t, (status, value, _) in zip(chunk, results):
@@ -336,21 +385,38 @@ def _record(journal: store.Journal, index: int, chunk, results, feats, plan: _Pl
             _append(part_rej, t, "")
             reasons.append(value)
             continue
-        feature = t.old_feature if status == "same" else feats[k]
-        k += status == "ok"
-        plan.extracted += status == "ok"
+        if status == "same":
+            plan.rows[t.path] = (t.size, t.mtime_ns, value, t.old_ref)
+            continue
+        feature = feats[k]
+        k += 1
+        plan.extracted += 1
         plan.rows[t.path] = (t.size, t.mtime_ns, value, feature)
         _append(part_rows, t, value)
-        part_feats.append(np.asarray(feature, np.float32))
-    dim = part_feats[0].shape[0] if part_feats else 0
+        part_feats.append(feature)
+    for r in (part_rows, part_rej):
+        r.file_size, r.file_mtime_ns = np.array(r.file_size, np.int64), np.array(r.file_mtime_ns)
+    dim = feats.shape[1] if feats is not None else 0
     stacked = np.stack(part_feats) if part_feats else np.zeros((0, dim), np.float32)
-    journal.write(index, part_rows, stacked, part_rej, reasons)
+    batch = job.journal.write(index, part_rows, stacked, part_rej, reasons)
+    writer = job.writer
+    writer.batches.append(batch)
+    for i, p in enumerate(part_rows.paths):
+        writer.add(p, int(part_rows.file_size[i]), int(part_rows.file_mtime_ns[i]),
+                   part_rows.file_sha256[i], stacked[i])  # fmt: skip
+    for p, size, mtime, reason in zip(part_rej.paths, part_rej.file_size, part_rej.file_mtime_ns,
+                                      reasons):  # fmt: skip
+        writer.reject(p, int(size), int(mtime), reason)
+    if len(writer) >= config.PART_ROWS:
+        writer.flush(plan.rows)
 
 
 def _append(r: store.Rows, t: _Todo, sha: str) -> None:
+    if not isinstance(r.file_size, list):
+        r.file_size, r.file_mtime_ns = [], []
     r.paths.append(t.path)
-    r.file_size = np.append(r.file_size, t.size)
-    r.file_mtime_ns = np.append(r.file_mtime_ns, t.mtime_ns)
+    r.file_size.append(t.size)
+    r.file_mtime_ns.append(t.mtime_ns)
     r.file_sha256.append(sha)
 
 
@@ -366,75 +432,59 @@ class _WithMirror:
         return np.hstack([self.engine.features(batch), self.engine.features(mirrored)])
 
 
-def _stack_mirror(old: store.Cache, flip: bool, log) -> bool:
-    """Give the old cache's rows the shape of this run's (with --flip: [features | mirrored]);
-    False when they cannot be reused (--flip on a cache without mirrored features)."""
-    if flip and old.features_flip is None:
-        if len(old.paths):
-            log("note: the cache has no features of mirror images; extracting every image again.")
-        return False
-    if flip:
-        old.features = np.hstack([old.features, old.features_flip])
-    return True
-
-
 # --- phase 4: the cache --------------------------------------------------------------------------
 
 
 def _changed(plan: _Plan, old, opts: ExtractOptions) -> bool:
     if old is None or opts.overwrite or plan.todo or plan.resumed or plan.dropped:
         return True
-    if old.flip != opts.flip:
-        return True
-    return str(old.features.dtype) != opts.dtype or len(old.rejected.paths) != len(plan.rejected)
+    if old.flip != opts.flip or old.attrs.get("format_version") != store.FORMAT_VERSION:
+        return True  # a format-1 cache is upgraded
+    return old.feature_dtype != opts.dtype or len(old.rejected.paths) != len(plan.rejected)
 
 
-def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, created) -> None:
-    """Assemble the final state (rows sorted by path) and replace the cache atomically."""
+def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=None):
+    """Name every row's features (rows sorted by path) in a new main file, replaced atomically.
+    Returns the part files it names."""
     rows, rejected = plan.rows, plan.rejected
     files = [f for f in listing.files if f.path in rows]  # listing is sorted by path
     class_names = sorted({f.class_name for f in files}) or listing.class_names
     index = {c: i for i, c in enumerate(class_names)}
-    flip = bool(job.opts.flip)  # each row is then [features | mirrored features]
-    dim = (
-        len(rows[files[0].path][3]) if files else backbone.feature_dim(job.opts.alpha) * (1 + flip)
-    )
-    features = np.zeros((len(files), dim), dtype=job.opts.dtype)
-    for i, f in enumerate(files):
-        features[i] = rows[f.path][3]
     rej_paths = sorted(rejected)
     attrs = {
         "data_dir": str(job.root.resolve()),
         "layout": listing.layout,
         "val_split": float(job.opts.val_split),
         "seed": int(job.opts.seed),
-        "created": created,
+        "shard": job.opts.shard,
+        "created": job.created,
     }
-    store.write_cache(
-        cache_path,
-        store.Cache(
-            fingerprint=job.fingerprint,
-            class_names=class_names,
-            features=features[:, : dim // 2] if flip else features,
-            features_flip=features[:, dim // 2 :] if flip else None,
-            labels=np.array([index[f.class_name] for f in files], np.int32),
-            splits=np.array([splits[f.path] for f in files], dtype=object),
-            rows=store.Rows(
-                [f.path for f in files],
-                np.array([rows[f.path][0] for f in files], np.int64),
-                np.array([rows[f.path][1] for f in files], np.int64),
-                [rows[f.path][2] for f in files],
-            ),
-            rejected=store.Rows(
-                rej_paths,
-                np.array([rejected[p][0] for p in rej_paths], np.int64),
-                np.array([rejected[p][1] for p in rej_paths], np.int64),
-                ["" for _ in rej_paths],
-            ),
-            rejected_reasons=[rejected[p][2] for p in rej_paths],
-            attrs=attrs,
+    meta = store.Cache(
+        fingerprint=job.fingerprint,
+        class_names=class_names,
+        features=None,
+        labels=np.array([index[f.class_name] for f in files], np.int32),
+        splits=np.array([splits[f.path] for f in files], dtype=object),
+        rows=store.Rows(
+            [f.path for f in files],
+            np.array([rows[f.path][0] for f in files], np.int64),
+            np.array([rows[f.path][1] for f in files], np.int64),
+            [rows[f.path][2] for f in files],
         ),
+        rejected=store.Rows(
+            rej_paths,
+            np.array([rejected[p][0] for p in rej_paths], np.int64),
+            np.array([rejected[p][1] for p in rej_paths], np.int64),
+            ["" for _ in rej_paths],
+        ),
+        rejected_reasons=[rejected[p][2] for p in rej_paths],
+        attrs=attrs,
     )
+    return stream.commit(
+        cache_path, meta, [rows[f.path][3] for f in files], job.writer, old,
+        dim=backbone.feature_dim(job.opts.alpha), dtype=job.opts.dtype,
+        flip=bool(job.opts.flip), compact=job.opts.overwrite and old is not None,
+    )  # fmt: skip
 
 
 def _counts(listing, rows, splits) -> dict[str, dict[str, int]]:

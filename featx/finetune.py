@@ -181,7 +181,7 @@ def _split_rows(cache: store.Cache, root: Path, log) -> tuple[dict, list[dict]]:
 def _load_inputs(cache_path, head_dir, data_dir):
     from featx import heads
 
-    cache = store.read_cache(cache_path)
+    cache = store.read_cache(cache_path, features=False)  # paths, labels, splits
     for split in ("train", "validation"):
         if not (cache.splits == split).any():
             raise FeatxError(

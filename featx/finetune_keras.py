@@ -38,10 +38,14 @@ class ImageBatches(keras.utils.PyDataset):
         shuffle: bool = False,
         drop_remainder: bool = False,
         seed: int = config.SEED,
-        workers: int = config.DECODE_THREADS,
+        workers: int | None = None,
         max_queue_size: int = config.PREFETCH_BATCHES,
     ):
-        super().__init__(workers=workers, use_multiprocessing=False, max_queue_size=max_queue_size)
+        super().__init__(
+            workers=workers or config.decode_workers(),
+            use_multiprocessing=False,
+            max_queue_size=max_queue_size,
+        )
         self.root, self.paths = Path(root), list(paths)
         self.labels = np.asarray(labels, np.int32)
         self.image_size, self.batch_size, self.shuffle = image_size, batch_size, shuffle

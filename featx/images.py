@@ -50,6 +50,8 @@ class Listing:
     empty_classes: list[str]
     # (path, reason) left out while listing: links back into the folder, broken links, FIFOs, ...
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # `extract --shard`: the other shards' images, counted when a flat folder is split
+    others: list[ImageFile] = field(default_factory=list)
 
 
 def _visible(entry: os.DirEntry | Path) -> bool:
@@ -302,18 +304,26 @@ def assign_splits(
 
 def prefetch(chunks, load, ahead: int = config.PREFETCH_BATCHES, workers: int | None = None):
     """Yield (chunk, [load(item) for item in chunk]) for each chunk, in order, with the next
-    `ahead` chunks loading in a thread pool meanwhile (Pillow releases the GIL while decoding).
+    `ahead` chunks loading in `workers` threads meanwhile (Pillow releases the GIL while
+    decoding). Each chunk is cut into one slice per worker, loaded as one task: a future per
+    image cost more Python time than decoding a small image.
 
     Closing the generator (or Ctrl-C in the consumer) cancels what has not started and returns
     without waiting for the threads, so an interrupted run stops at once."""
-    pool = ThreadPoolExecutor(workers or config.DECODE_THREADS, thread_name_prefix="featx-decode")
+    workers = workers or config.decode_workers()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="featx-decode")
     pending: deque = deque()
     chunks = iter(chunks)
+
+    def load_all(items) -> list:
+        return [load(item) for item in items]
 
     def submit() -> None:
         chunk = next(chunks, None)
         if chunk is not None:
-            pending.append((chunk, [pool.submit(load, item) for item in chunk]))
+            step = max(1, -(-len(chunk) // workers))
+            slices = [chunk[i : i + step] for i in range(0, len(chunk), step)]
+            pending.append((chunk, [pool.submit(load_all, part) for part in slices]))
 
     try:
         for _ in range(max(1, ahead)):
@@ -321,7 +331,7 @@ def prefetch(chunks, load, ahead: int = config.PREFETCH_BATCHES, workers: int | 
         while pending:
             chunk, futures = pending.popleft()
             submit()
-            yield chunk, [f.result() for f in futures]
+            yield chunk, [r for f in futures for r in f.result()]
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 

@@ -90,7 +90,7 @@ def quantize(
         shas.append((f.path, sha))
         return images.decode_image(data, image_size)
 
-    with ThreadPoolExecutor(config.DECODE_THREADS) as pool:
+    with ThreadPoolExecutor(config.decode_workers()) as pool:
         pixels = [p for p in pool.map(_safe(load), files) if p is not None]
     if len(pixels) < 2:
         raise FeatxError(

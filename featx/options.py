@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from featx import config
+from featx import config, shards
 from featx.errors import FeatxError
 
 
@@ -64,7 +64,7 @@ class ExtractOptions:
     weights: str = config.WEIGHTS
     image_size: int = config.IMAGE_SIZE
     alpha: float = config.ALPHA
-    batch_size: int = config.BATCH_SIZE
+    batch_size: int | None = None  # None: config.BATCH_SIZE, or GPU_BATCH_SIZE on a GPU
     dtype: str | None = None
     val_split: float | None = None
     seed: int | None = None
@@ -72,9 +72,13 @@ class ExtractOptions:
     engine: str = config.ENGINE
     precision: str = config.PRECISION
     flip: bool | None = None  # also the mirror images' features; None: the cache's
+    workers: int | None = None  # decoding threads; None: one per core (config.decode_workers)
+    shard: str | None = None  # "K/N": only the images of shard K of N (featx.shards)
 
     def __post_init__(self):
         check_image_size(self.image_size, self.batch_size)
+        if self.workers is not None:
+            check_int("workers", self.workers, 1, config.MAX_DECODE_WORKERS)
         check_alpha(self.alpha)
         if self.dtype is not None:
             check_choice("dtype", self.dtype, config.FEATURE_DTYPES)
@@ -84,11 +88,22 @@ class ExtractOptions:
             check_int("seed", self.seed, 0)
         check_choice("engine", self.engine, config.ENGINES)
         check_choice("precision", self.precision, config.PRECISIONS)
+        if self.shard is not None:
+            shards.parse(self.shard)
+            if self.precision == "int8":  # each shard would calibrate on other images
+                raise FeatxError(
+                    "--shard needs --precision fp32: an int8 backbone is calibrated on the images "
+                    "a run sees, so shards would not share one. Drop --precision int8."
+                )
         if self.precision == "int8" and self.engine == "keras":
             raise FeatxError(
                 "--precision int8 runs on ONNX Runtime; pass --engine onnx (or auto), or drop "
                 "--precision int8 to use Keras."
             )
+
+    @property
+    def shard_numbers(self) -> tuple[int, int] | None:
+        return None if self.shard is None else shards.parse(self.shard)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""The feature cache: one self-describing HDF5 file (the only module that imports h5py).
+"""The feature cache: a small HDF5 main file and its part files (store.py and parts.py are the
+only modules that import h5py).
 
-Layout (all readable with plain h5py):
-    /features        (N, D) float32 or float16   pooled backbone features, rows sorted by path
+Layout of the main file, format 2 (all readable with plain h5py, rows sorted by path):
+    /features        (N, D) float32 or float16   an HDF5 virtual dataset over the part files
     /features_flip   (N, D) like /features        optional (`extract --flip`): the same images
                                                   mirrored left-right, row for row
     /labels          (N,)   int32                 index into /class_names
@@ -12,23 +13,25 @@ Layout (all readable with plain h5py):
     /file_mtime_ns   (N,)   int64
     /file_sha256     (N,)   str
     /rejected/{paths,reasons,file_size,file_mtime_ns}   files that could not be decoded
+    /sources/{names,ids,rows}   the part files (paths relative to this file's folder), their ids
+                                and row counts
+    /blocks          (B, 3) int64                 [source, first row, count]: which rows of which
+                                                  part are rows of /features, in order
     attrs: format="featx-cache", format_version, fingerprint (JSON), data_dir, layout,
-           val_split, seed, created, updated
+           val_split, seed, feature_dim, feature_dtype, created, updated
+Format 1 held /features itself, without /sources and /blocks; it is read, and the next extract
+upgrades it.
 
-Crash safety: the cache is never modified in place. A new version is assembled in memory, written
-to a temporary file with plain file writes (a full disk is then an ordinary OSError, never a crash
-inside HDF5), fsynced and moved over the old one with os.replace, so a killed run leaves the
-previous, complete cache. Numeric datasets carry HDF5 Fletcher-32 checksums: a flipped bit is a
-one-line error, not silent garbage. Finished batches of a running extraction are journalled as
-small .npz files in `<cache>.parts/` (each written atomically, each validated before reuse); the
-next run reuses them instead of recomputing. One writer at a time: `writer_lock` holds
-`<cache>.lock`; readers never wait, since the file they open is always complete.
+Crash safety: nothing is modified in place. Part files are immutable (see parts.py); the main file
+is rebuilt in memory, written to a temporary file with plain file writes (a full disk is then an
+ordinary OSError, never a crash inside HDF5), fsynced and moved over the old one with os.replace,
+so a killed run leaves the previous, complete cache. Numeric datasets carry HDF5 Fletcher-32
+checksums: a flipped bit is a one-line error, not silent garbage. One writer at a time:
+`writer_lock` holds `<cache>.lock`; readers never wait, since the file they open is complete.
 """
 
 from __future__ import annotations
 
-import errno
-import io
 import json
 import os
 import socket
@@ -40,34 +43,22 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from featx import config, parts
 from featx.errors import FeatxError
-from featx.files import replaced_atomically, write_text_atomic
+from featx.files import replaced_atomically
+from featx.parts import FLIP_DATASET, FLIP_TRANSFORM, Journal, Rows, Sources  # noqa: F401
 
 FORMAT = "featx-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)  # the format versions this featx reads; extract upgrades 1 to 2
 _STR = h5py.string_dtype()
-FLIP_DATASET = "features_flip"
-FLIP_TRANSFORM = "the resized image mirrored left-right (width axis reversed) before the backbone"
-
-
-@dataclass
-class Rows:
-    """Per-image rows; the same columns in the cache and in a journal part."""
-
-    paths: list[str] = field(default_factory=list)
-    file_size: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    file_mtime_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    file_sha256: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
 
 @dataclass
 class Cache:
     fingerprint: dict
     class_names: list[str]
-    features: np.ndarray  # (N, D)
+    features: np.ndarray | None  # (N, D); None when read without features
     labels: np.ndarray  # (N,) int32
     splits: np.ndarray  # (N,) str
     rows: Rows
@@ -75,11 +66,26 @@ class Cache:
     rejected_reasons: list[str] = field(default_factory=list)
     attrs: dict = field(default_factory=dict)
     features_flip: np.ndarray | None = None  # (N, D): the mirror images, row for row; optional
+    sources: Sources | None = None  # where the features are stored (caches read from disk)
 
     @property
     def flip(self) -> bool:
         """Whether the cache holds the mirror images' features too (`extract --flip`)."""
+        if self.features is None and self.sources is not None:
+            return self.sources.flip
         return self.features_flip is not None
+
+    @property
+    def feature_dim(self) -> int:
+        if self.features is None:
+            return self.sources.dim if self.sources is not None else 0
+        return int(self.features.shape[1]) if self.features.ndim == 2 else 0
+
+    @property
+    def feature_dtype(self) -> str:
+        if self.features is None:
+            return self.sources.dtype if self.sources is not None else config.FEATURE_DTYPE
+        return str(self.features.dtype)
 
     @property
     def paths(self) -> list[str]:
@@ -101,19 +107,20 @@ class Cache:
         return out
 
 
-def _check_format(f: h5py.File, path: Path) -> None:
+def _check_format(f: h5py.File, path: Path) -> int:
     if f.attrs.get("format") != FORMAT:
         raise FeatxError(
             f"'{path}' is not a featx cache (no format='{FORMAT}' attribute). "
             "Create one with `featx extract DATA_DIR --cache PATH`."
         )
     version = int(f.attrs.get("format_version", -1))
-    if version != FORMAT_VERSION:
+    if version not in READS:
         raise FeatxError(
-            f"'{path}' is a featx cache of format version {version}, this featx reads version "
-            f"{FORMAT_VERSION}. Re-run `featx extract` with --overwrite, or use the featx "
-            "version that made it."
+            f"'{path}' is a featx cache of format version {version}, this featx reads versions "
+            f"{' and '.join(map(str, READS))}. Re-run `featx extract` with --overwrite, or use "
+            "the featx version that made it."
         )
+    return version
 
 
 def _open(path: str | Path) -> tuple[h5py.File, Path]:
@@ -147,31 +154,67 @@ def _read_rows(g) -> Rows:
     )
 
 
-def read_cache(path: str | Path) -> Cache:
-    """Load a whole cache into memory (3,000 images x 1,280 float32 = 15 MB)."""
+def _sources(f: h5py.File, path: Path, version: int) -> Sources:
+    ds = f["features"]
+    n = len(f["labels"])
+    if version == 1:  # the file is its own single source
+        names, ids, sizes = [path.name], [""], np.array([ds.shape[0]], np.int64)
+        row_source, row_index = np.zeros(n, np.int32), np.arange(n, dtype=np.int64)
+    else:
+        g = f["sources"]
+        names, ids, sizes = _strs(g["names"]), _strs(g["ids"]), g["rows"][()].astype(np.int64)
+        row_source, row_index = Sources.expand(f["blocks"][()].astype(np.int64))
+    if len(row_source) != n:
+        raise ValueError(f"{len(row_source)} feature rows for {n} images")
+    dim = int(f.attrs.get("feature_dim", ds.shape[1] if ds.ndim == 2 else 0))
+    dtype = str(f.attrs.get("feature_dtype", ds.dtype))
+    return Sources(
+        path.parent, names, ids, sizes, row_source, row_index, dim, dtype, FLIP_DATASET in f
+    )
+
+
+def read_cache(path: str | Path, features: bool = True) -> Cache:
+    """Load a cache into memory (3,000 images x 1,280 float32 = 15 MB of features).
+
+    features=False reads everything but the features (paths, labels, splits, file keys, where the
+    features are): what info, finetune, export and extract need; `Cache.sources` says where they
+    are. Every part file is checked (present, the one the cache names) either way."""
     f, path = _open(path)
     with f:
-        _check_format(f, path)
+        version = _check_format(f, path)
         try:
             rej = f["rejected"]
             cache = Cache(
                 fingerprint=json.loads(f.attrs["fingerprint"]),
                 class_names=_strs(f["class_names"]),
-                features=f["features"][()],
+                features=None,
                 labels=f["labels"][()].astype(np.int32),
                 splits=np.array(_strs(f["splits"]), dtype=object),
                 rows=_read_rows(f),
                 rejected=_read_rows(rej),
                 rejected_reasons=_strs(rej["reasons"]),
                 attrs={k: _attr(v) for k, v in f.attrs.items() if k != "fingerprint"},
-                features_flip=f[FLIP_DATASET][()] if FLIP_DATASET in f else None,
+                sources=_sources(f, path, version),
             )
         except (OSError, KeyError, ValueError) as e:  # a checksum error is an OSError
             raise damaged(path, e) from None
-    # Caches written before checksums existed: non-finite features are damage too.
-    if cache.features.size and not np.isfinite(cache.features).all():
-        raise damaged(path, ValueError("non-finite feature values"))
+    parts.check_sources(path, cache.sources)
+    if features:
+        load_features(path, cache)
     return cache
+
+
+def load_features(path: Path, cache: Cache) -> None:
+    """Fill cache.features (and features_flip) from its sources."""
+    src, rows = cache.sources, np.arange(len(cache.paths))
+    try:
+        cache.features = parts.gather(src, rows)
+        cache.features_flip = parts.gather(src, rows, FLIP_DATASET) if src.flip else None
+    except (OSError, KeyError, ValueError) as e:  # a checksum error is an OSError
+        raise damaged(path, e) from None
+    for x in (cache.features, cache.features_flip):  # caches made before checksums existed
+        if x is not None and x.size and not np.isfinite(x).all():
+            raise damaged(path, ValueError("non-finite feature values"))
 
 
 def is_featx_cache(path: str | Path) -> bool:
@@ -195,44 +238,117 @@ def _attr(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
-# Fletcher-32 on every numeric dataset: HDF5 verifies it on each read (strings cannot carry one).
-_CHECKED = {"fletcher32": True}
+_CHECKED = {"fletcher32": True}  # HDF5 verifies it on each read (strings cannot carry one)
+_write_rows = parts.write_rows
 
 
-def _write_rows(g, rows: Rows) -> None:
-    g.create_dataset("paths", data=np.array(rows.paths, dtype=object), dtype=_STR)
-    g.create_dataset("file_size", data=np.asarray(rows.file_size, np.int64), **_CHECKED)
-    g.create_dataset("file_mtime_ns", data=np.asarray(rows.file_mtime_ns, np.int64), **_CHECKED)
-    g.create_dataset("file_sha256", data=np.array(rows.file_sha256, dtype=object), dtype=_STR)
+def _virtual(f, name: str, src: Sources, blocks: np.ndarray) -> h5py.Dataset:
+    """/features (or /features_flip) as a virtual dataset: one mapping per block. A missing part
+    reads as NaN in plain h5py (featx itself checks every part first)."""
+    n = len(src.row_source)
+    if n == 0:
+        return f.create_dataset(name, shape=(0, src.dim), dtype=src.dtype)
+    layout = h5py.VirtualLayout((n, src.dim), src.dtype)
+    vsources = {}
+    at = 0
+    for s, first, count in blocks.tolist():
+        if s not in vsources:
+            shape = (int(src.sizes[s]), src.dim)
+            vsources[s] = h5py.VirtualSource(src.names[s], name, shape=shape, dtype=src.dtype)
+        layout[at : at + count] = vsources[s][first : first + count]
+        at += count
+    return f.create_virtual_dataset(name, layout, fillvalue=np.nan)
 
 
-def _image(cache: Cache) -> bytes:
-    """The HDF5 file of `cache`, built in memory: a failing disk cannot hit HDF5 mid-write."""
+def _image(cache: Cache, src: Sources) -> bytes:
+    """The main file of `cache`, built in memory: a failing disk cannot hit HDF5 mid-write."""
+    import io
+
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["fingerprint"] = json.dumps(cache.fingerprint, sort_keys=True)
+        skip = ("format", "format_version", "updated", "feature_dim", "feature_dtype")
         for k, v in cache.attrs.items():
-            if k not in ("format", "format_version", "updated") and v is not None:
+            if k not in skip and v is not None:
                 f.attrs[k] = v
+        f.attrs["feature_dim"] = src.dim
+        f.attrs["feature_dtype"] = src.dtype
         f.attrs.setdefault("created", now)
         f.attrs["updated"] = now
         f.create_dataset("class_names", data=np.array(cache.class_names, dtype=object), dtype=_STR)
-        f.create_dataset("features", data=cache.features, **_CHECKED)
-        if cache.features_flip is not None:
-            flip = f.create_dataset(FLIP_DATASET, data=cache.features_flip, **_CHECKED)
-            flip.attrs["transform"] = FLIP_TRANSFORM
+        blocks = src.blocks()
+        _virtual(f, "features", src, blocks)
+        if src.flip:
+            _virtual(f, FLIP_DATASET, src, blocks).attrs["transform"] = FLIP_TRANSFORM
         f.create_dataset("labels", data=np.asarray(cache.labels, np.int32), **_CHECKED)
-        f.create_dataset("splits", data=np.array(list(cache.splits), dtype=object), dtype=_STR)
+        splits = np.array([str(x).encode() for x in cache.splits], dtype="S10")
+        f.create_dataset("splits", data=splits, **_CHECKED)  # fixed-length: small, checksummed
         _write_rows(f, cache.rows)
         rej = f.create_group("rejected")
         _write_rows(rej, cache.rejected)
         rej.create_dataset(
             "reasons", data=np.array(cache.rejected_reasons, dtype=object), dtype=_STR
         )
+        g = f.create_group("sources")
+        g.create_dataset("names", data=np.array(src.names, dtype=object), dtype=_STR)
+        g.create_dataset("ids", data=np.array(src.ids, dtype=object), dtype=_STR)
+        g.create_dataset("rows", data=np.asarray(src.sizes, np.int64), **_CHECKED)
+        f.create_dataset("blocks", data=blocks, **(_CHECKED if len(blocks) else {}))
     return buffer.getvalue()
+
+
+def write_main(path: str | Path, cache: Cache, src: Sources) -> None:
+    """Write the main file of `cache`, whose features are in `src` (parts already written),
+    atomically (temporary file, fsync, os.replace). Only the sources rows use are named.
+
+    A full disk raises OSError (ENOSPC) with the temporary file removed and the old cache intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    used = np.unique(src.row_source)
+    renumber = np.full(len(src.names), -1, np.int32)
+    renumber[used] = np.arange(len(used), dtype=np.int32)
+    src = Sources(
+        src.base, [src.names[s] for s in used], [src.ids[s] for s in used], src.sizes[used],
+        renumber[src.row_source], src.row_index, src.dim, src.dtype, src.flip,
+    )  # fmt: skip
+    data = _image(cache, src)
+    try:
+        with replaced_atomically(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as e:  # ENOSPC, EFBIG, EDQUOT: name the cache, not a nameless write
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def write_cache(path: str | Path, cache: Cache) -> None:
+    """Write `cache`, features in memory, to `path`: its features as parts in `<path>.parts/`,
+    then the main file atomically; parts of the previous version there are deleted after."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    journal = Journal(path, "write_cache")
+    journal.start()
+    feats, flip = cache.features, cache.features_flip
+    n, dim = feats.shape[0], feats.shape[1] if feats.ndim == 2 else 0
+    names, ids, sizes = [], [], []
+    row_source, row_index = np.zeros(n, np.int32), np.zeros(n, np.int64)
+    for lo in range(0, n, config.PART_ROWS):
+        hi = min(n, lo + config.PART_ROWS)
+        r = cache.rows
+        rows = Rows(r.paths[lo:hi], r.file_size[lo:hi], r.file_mtime_ns[lo:hi],
+                    list(r.file_sha256[lo:hi]))  # fmt: skip
+        mirrored = None if flip is None else flip[lo:hi]
+        name, id_ = parts.write_part(journal.folder, "write_cache", rows, feats[lo:hi], mirrored)
+        row_source[lo:hi], row_index[lo:hi] = len(names), np.arange(hi - lo)
+        names.append(journal.relative(name))
+        ids.append(id_)
+        sizes.append(hi - lo)
+    src = Sources(path.parent, names, ids, np.array(sizes, np.int64), row_source, row_index,
+                  dim, str(feats.dtype), flip is not None)  # fmt: skip
+    write_main(path, cache, src)
+    journal.clear(keep=names)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -261,21 +377,6 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
-
-
-def write_cache(path: str | Path, cache: Cache) -> None:
-    """Write `cache` to `path` atomically (temporary file, fsync, os.replace).
-
-    A full disk raises OSError (ENOSPC) with the temporary file removed and the old cache intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = _image(cache)
-    try:
-        with replaced_atomically(path) as tmp:
-            tmp.write_bytes(data)
-    except OSError as e:  # ENOSPC, EFBIG, EDQUOT: name the cache, not a nameless write
-        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 # --- one writer per cache ------------------------------------------------------------------------
@@ -322,13 +423,13 @@ def writer_lock(cache_path: str | Path):
 
 def info(path: str | Path) -> dict:
     """What a cache holds: counts per split and class, fingerprint, rejected files."""
-    cache = read_cache(path)
+    cache = read_cache(path, features=False)
     return {
         "path": str(path),
         "images": len(cache.paths),
-        "feature_dim": int(cache.features.shape[1]) if cache.features.ndim == 2 else 0,
-        "dtype": str(cache.features.dtype),
-        "flip": cache.features_flip is not None,
+        "feature_dim": cache.feature_dim,
+        "dtype": cache.feature_dtype,
+        "flip": cache.flip,
         "class_names": cache.class_names,
         "counts": cache.counts(),
         "rejected": [
@@ -340,132 +441,3 @@ def info(path: str | Path) -> dict:
             for k in ("data_dir", "layout", "val_split", "seed", "created", "updated")
         },
     }
-
-
-# --- the journal of finished batches -----------------------------------------------------------
-
-
-class Journal:
-    """Finished batches of an interrupted extraction, in `<cache>.parts/`.
-
-    Each part is one .npz written under a temporary name and renamed, so a part is complete or
-    absent; each is validated before reuse (columns of one length, feature width and dtype,
-    finite values) and a bad one is redone, never trusted. `meta.json` holds the fingerprint key;
-    parts made with another backbone are discarded. The folder carries a marker file: featx
-    only ever deletes its own files (`part-*.npz`, their temporaries, `meta.json`, the marker) from
-    a folder with that marker, and refuses to use a folder of that name that it did not make.
-    """
-
-    MARKER = ".featx-journal"
-    _OWN = ("part-*.npz", ".part-*.npz.tmp-*", "meta.json", ".meta.json.tmp-*")
-
-    def __init__(
-        self, cache_path: str | Path, fingerprint_key: str, feature_dim: int | None = None
-    ):
-        cache_path = Path(cache_path)
-        self.folder = cache_path.with_name(cache_path.name + ".parts")
-        self.key = fingerprint_key
-        self.feature_dim = feature_dim  # expected width of the features; None: not checked
-        self.check_owned()
-
-    def check_owned(self) -> None:
-        """Refuse a `<cache>.parts` that exists and is not featx's journal: it is the user's."""
-        if self.folder.exists() and not (self.folder / self.MARKER).is_file():
-            raise FeatxError(
-                f"'{self.folder}' exists and was not made by featx, which keeps the journal of a "
-                "running extraction there. Move or rename it, or pass --cache OTHER.h5."
-            )
-
-    def _valid_part(self, z) -> bool:
-        n, r = len(z["paths"]), len(z["rejected_paths"])
-        feats = z["features"]
-        if feats.ndim != 2 or feats.shape[0] != n or feats.dtype not in (np.float32, np.float16):
-            return False
-        if n and self.feature_dim is not None and feats.shape[1] != self.feature_dim:
-            return False
-        columns = [("file_size", n), ("file_mtime_ns", n), ("file_sha256", n)]
-        columns += [("rejected_size", r), ("rejected_mtime_ns", r), ("rejected_reasons", r)]
-        return all(z[k].shape == (m,) for k, m in columns) and bool(np.isfinite(feats).all())
-
-    def load(self) -> tuple[dict[str, tuple], dict[str, tuple]]:
-        """Previously finished work: ({path: (size, mtime_ns, sha256, feature)},
-        {path: (size, mtime_ns, reason)}) for rejected files."""
-        done: dict[str, tuple] = {}
-        rejected: dict[str, tuple] = {}
-        meta = self.folder / "meta.json"
-        try:
-            if json.loads(meta.read_text())["key"] != self.key:
-                self.clear()
-                return done, rejected
-        except (OSError, ValueError, KeyError, TypeError):
-            return done, rejected
-        for part in sorted(self.folder.glob("part-*.npz")):
-            try:
-                with np.load(part, allow_pickle=False) as z:
-                    if not self._valid_part(z):
-                        raise ValueError("invalid part")
-                    for i, p in enumerate(z["paths"]):
-                        done[str(p)] = (
-                            int(z["file_size"][i]),
-                            int(z["file_mtime_ns"][i]),
-                            str(z["file_sha256"][i]),
-                            z["features"][i],
-                        )
-                    for i, p in enumerate(z["rejected_paths"]):
-                        rejected[str(p)] = (
-                            int(z["rejected_size"][i]),
-                            int(z["rejected_mtime_ns"][i]),
-                            str(z["rejected_reasons"][i]),
-                        )
-            except Exception:  # an unreadable or invalid part is redone, never trusted
-                part.unlink(missing_ok=True)
-                continue
-        return done, rejected
-
-    def start(self) -> None:
-        self.check_owned()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / self.MARKER).touch()
-        for p in self.folder.glob(".part-*.npz.tmp-*"):  # half-written parts of killed runs
-            p.unlink(missing_ok=True)
-        meta = self.folder / "meta.json"
-        try:
-            if json.loads(meta.read_text())["key"] == self.key:
-                return
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        write_text_atomic(meta, json.dumps({"key": self.key}))
-
-    def write(self, index: int, rows: Rows, features: np.ndarray, rejected: Rows, reasons) -> None:
-        final = self.folder / f"part-{os.getpid()}-{index:06d}.npz"
-        try:
-            with replaced_atomically(final) as tmp, open(tmp, "wb") as fh:
-                np.savez(
-                    fh,
-                    paths=np.array(rows.paths, dtype=str),
-                    file_size=np.asarray(rows.file_size, np.int64),
-                    file_mtime_ns=np.asarray(rows.file_mtime_ns, np.int64),
-                    file_sha256=np.array(rows.file_sha256, dtype=str),
-                    features=features,
-                    rejected_paths=np.array(rejected.paths, dtype=str),
-                    rejected_size=np.asarray(rejected.file_size, np.int64),
-                    rejected_mtime_ns=np.asarray(rejected.file_mtime_ns, np.int64),
-                    rejected_reasons=np.array(list(reasons), dtype=str),
-                )
-        except OSError as e:  # a full disk: name the journal, not a nameless write
-            raise OSError(e.errno, e.strerror, str(final)) from None
-
-    def clear(self) -> None:
-        """Delete featx's own files and then the folder, if nothing else is left in it."""
-        if not (self.folder / self.MARKER).is_file():
-            return
-        for pattern in self._OWN:
-            for p in self.folder.glob(pattern):
-                if p.is_file() and not p.is_symlink():
-                    p.unlink(missing_ok=True)
-        (self.folder / self.MARKER).unlink(missing_ok=True)
-        try:
-            self.folder.rmdir()
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                raise

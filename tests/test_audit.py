@@ -221,6 +221,8 @@ def test_moved_images_are_drawn_as_placeholders_and_said_once(planted, tmp_path)
     shutil.copytree(root, moved)
     copy = tmp_path / "copy.h5"
     shutil.copyfile(cache, copy)
+    parts = cache.with_name(cache.name + ".parts")  # the features: the part files it names
+    shutil.copytree(parts, copy.parent / parts.name, dirs_exist_ok=True)
     c = store.read_cache(copy)
     c.attrs["data_dir"] = str(tmp_path / "gone")
     store.write_cache(copy, c)

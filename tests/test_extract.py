@@ -295,7 +295,10 @@ def test_kill_9_mid_run_leaves_a_usable_cache_and_resume_matches_a_clean_run(tmp
     summary = run(data, cache_path)
     assert summary["resumed"] >= 12 and summary["resumed"] == finished
     assert summary["extracted"] == 40 - finished
-    assert not parts.exists()
+    with h5py.File(cache_path, "r") as f:  # no batch left: only the parts the cache names
+        named = sorted(f["sources/names"].asstr()[()])
+    left = sorted(f"{parts.name}/{p.name}" for p in parts.iterdir() if p.name != ".featx-journal")
+    assert left == named and len(named) == 1
 
     clean = tmp_path / "clean.h5"
     run(data, clean)

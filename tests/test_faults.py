@@ -356,10 +356,13 @@ def test_overwrite_retries_every_rejection(tmp_path):
 
 
 def flip_a_feature_byte(cache: Path) -> None:
-    with h5py.File(cache, "r") as f:
+    with h5py.File(cache, "r") as f:  # /features is a virtual dataset over the part files
+        (source,) = {v.file_name for v in f["features"].virtual_sources()}
+    part = cache.parent / source
+    with h5py.File(part, "r") as f:
         ds = f["features"]
         offset = ds.id.get_chunk_info(0).byte_offset if ds.chunks else ds.id.get_offset()
-    with open(cache, "r+b") as fh:
+    with open(part, "r+b") as fh:
         fh.seek(offset + 5)
         byte = fh.read(1)[0]
         fh.seek(offset + 5)

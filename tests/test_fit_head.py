@@ -281,7 +281,7 @@ def test_bad_caches_are_refused_with_their_message(case, tmp_path):
 
 def test_caches_of_another_featx_version_or_no_cache_are_refused(cache_path, tmp_path):
     _set_format_version(cache_path, store.FORMAT_VERSION + 1)
-    with pytest.raises(FeatxError, match="format version 2, this featx reads version 1"):
+    with pytest.raises(FeatxError, match="format version 3, this featx reads versions 1 and 2"):
         fit_head(cache_path, "logreg", tmp_path / "out")
     with h5py.File(tmp_path / "plain.h5", "w") as f:
         f["x"] = np.zeros(3)

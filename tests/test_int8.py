@@ -56,7 +56,9 @@ def test_later_runs_reuse_the_same_file_and_never_mix_with_fp32(tiny, tmp_path):
     cache_path = tmp_path / "c.h5"
     for p in (path, int8.onnx_engine.sidecar_path(path)):
         shutil.copy2(p, tmp_path / p.name)
-    shutil.copy2(tiny["cache"], cache_path)
+    shutil.copy2(tiny["cache"], cache_path)  # a cache is its main file and its part files
+    parts = tiny["cache"].with_name(tiny["cache"].name + ".parts")
+    shutil.copytree(parts, tmp_path / parts.name)
     summary = extract(data, cache_path, engine="auto", precision="int8", batch_size=8, **TINY)
     assert summary["extracted"] == 1 and summary["kept"] == 28  # the new training image only
     assert (

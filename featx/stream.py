@@ -1,0 +1,147 @@
+"""How `featx extract` writes features as it goes: finished batches gathered into part files, and
+the commit that names them in a new main file (with compaction and the format-1 upgrade).
+
+A row's features are referred to, never carried, once they are on disk: a reference is (source,
+row), the source a file named relative to the cache's folder (a part, or a format-1 cache itself).
+Only the rows of batches not yet gathered into a part are held in memory (at most
+config.PART_ROWS + one batch), so memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from featx import config, parts, store
+
+
+class PartWriter:
+    """Gathers finished batches (already journalled as .npz) into part files of PART_ROWS rows.
+
+    `flip`: rows are [features | mirrored features], split into the part's two datasets."""
+
+    def __init__(self, journal: parts.Journal, dtype: str, flip: bool):
+        self.journal, self.dtype, self.flip = journal, dtype, flip
+        self._reset()
+
+    def _reset(self) -> None:
+        self.rows, self.features, self.batches = parts.Rows(), [], []
+        self.rejected, self.reasons = parts.Rows(), []
+        self._sizes, self._mtimes = [], []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, path: str, size: int, mtime_ns: int, sha: str, feature: np.ndarray) -> None:
+        self.rows.paths.append(path)
+        self._sizes.append(size)
+        self._mtimes.append(mtime_ns)
+        self.rows.file_sha256.append(sha)
+        self.features.append(feature)
+
+    def reject(self, path: str, size: int, mtime_ns: int, reason: str) -> None:
+        self.rejected.paths.append(path)
+        self.rejected.file_size = np.append(self.rejected.file_size, size)
+        self.rejected.file_mtime_ns = np.append(self.rejected.file_mtime_ns, mtime_ns)
+        self.rejected.file_sha256.append("")
+        self.reasons.append(reason)
+
+    def flush(self, plan_rows: dict) -> None:
+        """Write the gathered rows as one part, point their plan rows at it, and delete the
+        batches it replaces (after the part is on disk: a kill in between loses nothing)."""
+        if not len(self) and not len(self.rejected):
+            return
+        self.rows.file_size = np.array(self._sizes, np.int64)
+        self.rows.file_mtime_ns = np.array(self._mtimes, np.int64)
+        width = self.journal.feature_dim or 0
+        feats = np.stack(self.features) if self.features else np.zeros((0, width), np.float32)
+        feats = feats.astype(self.dtype, copy=False)
+        half = feats.shape[1] // 2
+        main, mirrored = (feats[:, :half], feats[:, half:]) if self.flip else (feats, None)
+        name, id_ = parts.write_part(
+            self.journal.folder, self.journal.key, self.rows, np.ascontiguousarray(main),
+            None if mirrored is None else np.ascontiguousarray(mirrored),
+            self.rejected, self.reasons,
+        )  # fmt: skip
+        rel = self.journal.relative(name)
+        self.journal.sizes[rel], self.journal.ids[rel] = len(self), id_
+        for i, p in enumerate(self.rows.paths):
+            plan_rows[p] = (*plan_rows[p][:3], (rel, i))
+        for batch in self.batches:
+            batch.unlink(missing_ok=True)
+        self._reset()
+
+
+def old_refs(old: store.Cache) -> list[tuple[str, int]]:
+    """(source name, row) of each row of an existing cache read without features."""
+    src = old.sources
+    names = src.names
+    return [(names[s], i) for s, i in zip(src.row_source.tolist(), src.row_index.tolist())]
+
+
+def commit(cache_path: Path, meta: store.Cache, refs: list, writer: PartWriter | None, old,
+           *, dim: int, dtype: str, flip: bool, compact: bool = False) -> list[str]:  # fmt: skip
+    """Write the main file of `meta` (no features) whose row i has its features at refs[i];
+    rewrite every feature into fresh parts first when the cache needs compaction (or `compact`).
+    Returns the sources the new main file names."""
+    names: dict[str, int] = {}
+    row_source = np.fromiter((names.setdefault(r[0], len(names)) for r in refs), np.int32,
+                             len(refs))  # fmt: skip
+    row_index = np.fromiter((r[1] for r in refs), np.int64, len(refs))
+    journal = writer.journal if writer is not None else None
+    known_sizes = dict(journal.sizes) if journal is not None else {}
+    known_ids = dict(journal.ids) if journal is not None else {}
+    old_dtype = dtype
+    if old is not None:
+        old_dtype = old.feature_dtype
+        for s, name in enumerate(old.sources.names):
+            known_sizes.setdefault(name, int(old.sources.sizes[s]))
+            known_ids.setdefault(name, old.sources.ids[s])
+    order = list(names)
+    src = store.Sources(
+        cache_path.parent, order, [known_ids[n] for n in order],
+        np.array([known_sizes[n] for n in order], np.int64), row_source, row_index, dim,
+        dtype, flip,
+    )  # fmt: skip
+    if compact or needs_compaction(cache_path, src, old_dtype != dtype and old is not None):
+        src = _compact(cache_path, src, meta, old_dtype, writer)
+    store.write_main(cache_path, meta, src)
+    return src.names
+
+
+def needs_compaction(cache_path: Path, src: store.Sources, dtype_changed: bool) -> bool:
+    """Rewrite every row into fresh parts: the features are in a format-1 cache (the upgrade),
+    another dtype is asked for, dead rows outnumber live ones, or the rows are too fragmented."""
+    if dtype_changed or cache_path.name in src.names:
+        return True
+    total, live = int(src.sizes.sum()), len(src.row_source)
+    if total and total - live > config.COMPACT_DEAD_FRACTION * total:
+        return True
+    return len(src.blocks()) > config.COMPACT_MAX_BLOCKS
+
+
+def _compact(cache_path, src: store.Sources, meta: store.Cache, read_dtype, writer: PartWriter):
+    """Every live row into fresh parts, in row order, PART_ROWS at a time (bounded memory)."""
+    journal = writer.journal
+    journal.start()
+    reading = store.Sources(src.base, src.names, src.ids, src.sizes, src.row_source,
+                            src.row_index, src.dim, read_dtype, src.flip)  # fmt: skip
+    n = len(src.row_source)
+    names, ids, sizes = [], [], []
+    row_source, row_index = np.zeros(n, np.int32), np.zeros(n, np.int64)
+    for lo in range(0, n, config.PART_ROWS):
+        rows = np.arange(lo, min(n, lo + config.PART_ROWS))
+        feats = parts.gather(reading, rows, dtype=src.dtype)
+        mirrored = parts.gather(reading, rows, parts.FLIP_DATASET, src.dtype) if src.flip else None
+        chunk = store.Rows(
+            meta.paths[lo : rows[-1] + 1], meta.rows.file_size[rows],
+            meta.rows.file_mtime_ns[rows], list(meta.rows.file_sha256[lo : rows[-1] + 1]),
+        )  # fmt: skip
+        name, id_ = parts.write_part(journal.folder, journal.key, chunk, feats, mirrored)
+        row_source[rows], row_index[rows] = len(names), np.arange(len(rows))
+        names.append(journal.relative(name))
+        ids.append(id_)
+        sizes.append(len(rows))
+    return store.Sources(src.base, names, ids, np.array(sizes, np.int64), row_source, row_index,
+                         src.dim, src.dtype, src.flip)  # fmt: skip
