@@ -15,15 +15,15 @@ total >= 0.7 on 2 CPUs), and the run size from which the total ratio reaches it.
 
 N GPUs, on paper. A run of n images on N actors takes about s + n / (N * r): s the fixed cost
 (Ray start, actor start, TensorFlow import and model build, paid once, by all actors in parallel),
-r one actor's marginal rate. Every actor reads and decodes its own images (DECODE_THREADS threads),
-so decoding scales with the actors, but within an actor it does not overlap the model (a batch is
-decoded, then run). Assumed, not measured (no GPU machine was lent for this bench): MobileNetV2 at
+r one actor's marginal rate. Every actor reads and decodes its own images (RAY_DECODE_THREADS
+threads), so decoding scales with the actors, but within an actor it does not overlap the model (a
+batch is decoded, then run). Assumed, not measured (no GPU was lent for this bench): MobileNetV2 at
 224 px runs at ~2,000 images/s on one recent GPU at batch 256, and one core decodes ~300 of these
 500x375 JPEGs a second (DCT scaling); 4 decoding threads then give r ~ 1,200 / (1 + 1,200 / 2,000)
 ~ 750 images/s per GPU actor: decode-bound. Two actors per GPU (`gpus_per_worker=0.5`) overlap
-one's decoding with the other's model (r ~ 1,200 per GPU while the node has the cores). On a node
-of 8 GPUs and 64 cores, 16 actors: with s = 30 s, 1,000,000 images take about
-30 + 1e6 / (8 * 1,200) ~ 135 s. The parts hold 5 KB per image (1280 float32 features): 5 GB for
+one's decoding with the other's model: ~1,500 images/s per GPU (2 x 750, under the GPU's 2,000)
+while the node has 8 cores per GPU. On a node of 8 GPUs and 64 cores, 16 actors: with s = 30 s,
+1,000,000 images take about 30 + 1e6 / (8 * 1,500) ~ 115 s. The parts hold 5 KB per image (1280 float32 features): 5 GB for
 a million images, merged by featx afterwards (reading them: about a minute from one disk).
 """
 

@@ -94,6 +94,9 @@ PRECISIONS = ("fp32", "int8")  # --precision of extract; int8: see featx/int8.py
 PRECISION = "fp32"
 INT8_CALIBRATION_IMAGES = 320  # --precision int8: training images that set the activation ranges
 ONNX_SPIN = "0"  # "1" lets idle ONNX Runtime threads spin (steals cores from decoding)
+# extract --executor ray (featx/ray_executor.py): decoding threads in each Ray actor. Not one per
+# core as in a single run: an actor reserves one CPU and shares its node with the other actors.
+RAY_DECODE_THREADS = 4
 
 # --- finetune (stage 3) --------------------------------------------------------------------------
 # The top 39 layers of MobileNetV2 are everything from block_13_expand on: the last four

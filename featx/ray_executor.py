@@ -116,11 +116,15 @@ class _Extractor:
     def __init__(self, job: RayJob):
         self.job, self.spec = job, job.spec
         self.engine, self.calls = None, 0
-        self.pool = ThreadPoolExecutor(config.DECODE_THREADS, thread_name_prefix="featx-decode")
+        self.pool = ThreadPoolExecutor(config.RAY_DECODE_THREADS, thread_name_prefix="featx-decode")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [str(p) for p in batch["path"]]
-        loaded = list(self.pool.map(self._load, paths))
+        # One task per thread, a slice of the batch each (as images.prefetch: a task per image
+        # costs more Python time than decoding a small one).
+        step = max(1, -(-len(paths) // config.RAY_DECODE_THREADS))
+        slices = [paths[i : i + step] for i in range(0, len(paths), step)]
+        loaded = [r for part in self.pool.map(self._load_all, slices) for r in part]
         self.calls += 1
         if self.calls > 1:  # mid-run: after this actor's first batch went on to be written
             _crash_once_for_tests()
@@ -135,6 +139,9 @@ class _Extractor:
             "reason": np.array([r[2] for r in loaded], dtype=str),
             "features": features,
         }
+
+    def _load_all(self, paths: list[str]) -> list[tuple]:
+        return [self._load(p) for p in paths]
 
     def _load(self, path: str) -> tuple[np.ndarray | None, str, str]:
         """(pixels, sha256, "") or (None, sha256 or "", reason): extract's _load, row for row."""
