@@ -17,7 +17,8 @@ from featx import config, parts, store
 
 
 class PartWriter:
-    """Gathers finished batches (already journalled as .npz) into part files of PART_ROWS rows.
+    """Gathers finished batches into part files of PART_ROWS rows; `batches` are the journal
+    files (.npz) of the rows gathered so far, deleted once their part is written.
 
     `flip`: rows are [features | mirrored features], split into the part's two datasets."""
 
@@ -34,28 +35,36 @@ class PartWriter:
         return len(self.rows)
 
     def add(self, path: str, size: int, mtime_ns: int, sha: str, feature: np.ndarray) -> None:
-        self.rows.paths.append(path)
-        self._sizes.append(size)
-        self._mtimes.append(mtime_ns)
-        self.rows.file_sha256.append(sha)
-        self.features.append(feature)
+        self.add_rows(parts.Rows([path], [size], [mtime_ns], [sha]), feature[None])
 
-    def reject(self, path: str, size: int, mtime_ns: int, reason: str) -> None:
-        self.rejected.paths.append(path)
-        self.rejected.file_size = np.append(self.rejected.file_size, size)
-        self.rejected.file_mtime_ns = np.append(self.rejected.file_mtime_ns, mtime_ns)
-        self.rejected.file_sha256.append("")
-        self.reasons.append(reason)
+    def add_rows(self, rows: parts.Rows, features: np.ndarray) -> None:
+        """A block of rows (a finished batch) with their (n, D) features."""
+        self.rows.paths.extend(rows.paths)
+        self._sizes.append(np.asarray(rows.file_size, np.int64))
+        self._mtimes.append(np.asarray(rows.file_mtime_ns, np.int64))
+        self.rows.file_sha256.extend(rows.file_sha256)
+        if len(rows):
+            self.features.append(features)
+
+    def reject(self, rows: parts.Rows, reasons) -> None:
+        """A block of rejected rows with their reasons."""
+        if not len(rows):
+            return
+        self.rejected.paths.extend(rows.paths)
+        self.rejected.file_size = np.append(self.rejected.file_size, rows.file_size)
+        self.rejected.file_mtime_ns = np.append(self.rejected.file_mtime_ns, rows.file_mtime_ns)
+        self.rejected.file_sha256.extend("" for _ in rows.paths)
+        self.reasons.extend(reasons)
 
     def flush(self, plan_rows: dict) -> None:
         """Write the gathered rows as one part, point their plan rows at it, and delete the
         batches it replaces (after the part is on disk: a kill in between loses nothing)."""
         if not len(self) and not len(self.rejected):
             return
-        self.rows.file_size = np.array(self._sizes, np.int64)
-        self.rows.file_mtime_ns = np.array(self._mtimes, np.int64)
+        self.rows.file_size = np.concatenate([np.zeros(0, np.int64), *self._sizes])
+        self.rows.file_mtime_ns = np.concatenate([np.zeros(0, np.int64), *self._mtimes])
         width = self.journal.feature_dim or 0
-        feats = np.stack(self.features) if self.features else np.zeros((0, width), np.float32)
+        feats = np.concatenate(self.features) if self.features else np.zeros((0, width), np.float32)
         feats = feats.astype(self.dtype, copy=False)
         half = feats.shape[1] // 2
         main, mirrored = (feats[:, :half], feats[:, half:]) if self.flip else (feats, None)
