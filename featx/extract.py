@@ -63,8 +63,8 @@ class _Job:
     # finished batches not journalled yet (see _record): (index, rows, features, rejected, reasons)
     pending: list = field(default_factory=list)
     journalled_at: float = 0.0
-    io: ThreadPoolExecutor | None = None  # writes the journal while the next batches decode
-    writing: Future | None = None  # the journal write under way (one at a time, in order)
+    io: ThreadPoolExecutor | None = None  # writes journal and parts while the next batches decode
+    writing: Future | None = None  # the write under way (one at a time, in order)
 
 
 def default_cache_path(data_dir: str | Path) -> Path:
@@ -381,35 +381,29 @@ def _record(job: _Job, index: int, chunk, results, feats, plan: _Plan) -> None:
     full); into the journal at most every config.JOURNAL_SECONDS (a slow batch alone, fast ones
     gathered into one .npz). A row whose content did not change keeps its reference and is not
     journalled: a resumed run finds it unchanged again, without the model."""
-    part_rows, part_feats, part_rej, reasons = store.Rows(), [], store.Rows(), []
-    k = 0
-    for t, (status, value, _) in zip(chunk, results):
-        if status == "rejected":
-            plan.rejected[t.path] = (t.size, t.mtime_ns, value)
-            _append(part_rej, t, "")
-            reasons.append(value)
-            continue
-        if status == "same":
-            plan.rows[t.path] = (t.size, t.mtime_ns, value, t.old_ref)
-            continue
-        feature = feats[k]
-        k += 1
-        plan.rows[t.path] = (t.size, t.mtime_ns, value, feature)
-        _append(part_rows, t, value)
-        part_feats.append(k - 1)
-    plan.extracted += k
-    for r in (part_rows, part_rej):
-        r.file_size, r.file_mtime_ns = np.array(r.file_size, np.int64), np.array(r.file_mtime_ns)
+    ok = [(t, r[1]) for t, r in zip(chunk, results) if r[0] == "ok"]
+    rej, reasons = [], []
+    if len(ok) < len(chunk):  # rejected or unchanged files (rare): one at a time
+        for t, (status, value, _) in zip(chunk, results):
+            if status == "rejected":
+                plan.rejected[t.path] = (t.size, t.mtime_ns, value)
+                rej.append((t, ""))
+                reasons.append(value)
+            elif status == "same":
+                plan.rows[t.path] = (t.size, t.mtime_ns, value, t.old_ref)
     dim = feats.shape[1] if feats is not None else job.journal.feature_dim or 0
-    stacked = feats[part_feats] if part_feats else np.zeros((0, dim), np.float32)
+    stacked = np.array(feats) if ok else np.zeros((0, dim), np.float32)  # a copy: ours to keep
+    plan.rows.update({t.path: (t.size, t.mtime_ns, sha, f) for (t, sha), f in zip(ok, stacked)})
+    plan.extracted += len(ok)
+    part_rows, part_rej = _rows(ok), _rows(rej)
     job.pending.append((index, part_rows, stacked, part_rej, reasons))
     writer = job.writer
     writer.add_rows(part_rows, stacked)
     writer.reject(part_rej, reasons)
     if len(writer) >= config.PART_ROWS:
         _settle(job)  # its .npz is on disk and known before the part replaces it
-        writer.flush(plan.rows)  # the part holds the batches not journalled yet
-        job.pending.clear()
+        job.writing = writer.flush(plan.rows, job.io.submit)  # written while decoding goes on
+        job.pending.clear()  # the part holds the batches not journalled yet
         job.journalled_at = time.perf_counter()
     elif time.perf_counter() - job.journalled_at >= config.JOURNAL_SECONDS:
         _journal(job)
@@ -441,20 +435,23 @@ def _journal(job: _Job, wait: bool = False) -> None:
 
 
 def _settle(job: _Job) -> None:
-    """Wait for the journal write under way; its .npz joins the batches of the part gathered.
-    A failed write (a full disk) raises here."""
+    """Wait for the write under way (a journal .npz, which joins the batches of the part being
+    gathered, or a part). A failed write (a full disk) raises here."""
     writing, job.writing = job.writing, None
-    if writing is not None:
-        job.writer.batches.append(writing.result())
+    batch = writing.result() if writing is not None else None
+    if batch is not None:
+        job.writer.batches.append(batch)
 
 
-def _append(r: store.Rows, t: _Todo, sha: str) -> None:
-    if not isinstance(r.file_size, list):
-        r.file_size, r.file_mtime_ns = [], []
-    r.paths.append(t.path)
-    r.file_size.append(t.size)
-    r.file_mtime_ns.append(t.mtime_ns)
-    r.file_sha256.append(sha)
+def _rows(todo_sha: list) -> store.Rows:
+    """store.Rows of [(_Todo, sha256)]."""
+    n = len(todo_sha)
+    return store.Rows(
+        [t.path for t, _ in todo_sha],
+        np.fromiter((t.size for t, _ in todo_sha), np.int64, n),
+        np.fromiter((t.mtime_ns for t, _ in todo_sha), np.int64, n),
+        [sha for _, sha in todo_sha],
+    )
 
 
 class _WithMirror:

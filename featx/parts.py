@@ -187,11 +187,20 @@ def part_image(key: str, rows: Rows, features, flip_features, rejected: Rows, re
     return buffer.getvalue()
 
 
+def new_id() -> str:
+    """A new part's random id (its file name holds the first 16 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def part_name(id_: str) -> str:
+    return f"features-{id_[:16]}.h5"
+
+
 def write_part(folder: Path, key: str, rows: Rows, features, flip_features, rejected=None,
-               reasons=()) -> tuple[str, str]:  # fmt: skip
+               reasons=(), id_: str | None = None) -> tuple[str, str]:  # fmt: skip
     """Write one part into `folder` atomically; returns (file name, id)."""
-    id_ = uuid.uuid4().hex
-    final = folder / f"features-{id_[:16]}.h5"
+    id_ = id_ or new_id()
+    final = folder / part_name(id_)
     data = part_image(key, rows, features, flip_features, rejected or Rows(), reasons, id_)
     try:
         with replaced_atomically(final) as tmp:

@@ -9,6 +9,7 @@ config.PART_ROWS + one batch), so memory does not grow with the number of images
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +57,15 @@ class PartWriter:
         self.rejected.file_sha256.extend("" for _ in rows.paths)
         self.reasons.extend(reasons)
 
-    def flush(self, plan_rows: dict) -> None:
+    def flush(self, plan_rows: dict, submit=None):
         """Write the gathered rows as one part, point their plan rows at it, and delete the
-        batches it replaces (after the part is on disk: a kill in between loses nothing)."""
+        batches it replaces (after the part is on disk: a kill in between loses nothing).
+
+        `submit` (an executor's): the writing and deleting are done there and its future is
+        returned; the plan rows point at the part at once, so it must finish before a main file
+        names them."""
         if not len(self) and not len(self.rejected):
-            return
+            return None
         self.rows.file_size = np.concatenate([np.zeros(0, np.int64), *self._sizes])
         self.rows.file_mtime_ns = np.concatenate([np.zeros(0, np.int64), *self._mtimes])
         width = self.journal.feature_dim or 0
@@ -68,18 +73,26 @@ class PartWriter:
         feats = feats.astype(self.dtype, copy=False)
         half = feats.shape[1] // 2
         main, mirrored = (feats[:, :half], feats[:, half:]) if self.flip else (feats, None)
-        name, id_ = parts.write_part(
-            self.journal.folder, self.journal.key, self.rows, np.ascontiguousarray(main),
-            None if mirrored is None else np.ascontiguousarray(mirrored),
-            self.rejected, self.reasons,
-        )  # fmt: skip
-        rel = self.journal.relative(name)
+        id_ = parts.new_id()
+        rel = self.journal.relative(parts.part_name(id_))
         self.journal.sizes[rel], self.journal.ids[rel] = len(self), id_
         for i, p in enumerate(self.rows.paths):
             plan_rows[p] = (*plan_rows[p][:3], (rel, i))
-        for batch in self.batches:
-            batch.unlink(missing_ok=True)
+        mirrored = None if mirrored is None else np.ascontiguousarray(mirrored)
+        task = functools.partial(
+            _write_part, self.journal.folder, self.journal.key, self.rows,
+            np.ascontiguousarray(main), mirrored, self.rejected, self.reasons, id_, self.batches,
+        )  # fmt: skip
         self._reset()
+        if submit is None:
+            return task()
+        return submit(task)
+
+
+def _write_part(folder, key, rows, main, mirrored, rejected, reasons, id_, batches) -> None:
+    parts.write_part(folder, key, rows, main, mirrored, rejected, reasons, id_=id_)
+    for batch in batches:
+        batch.unlink(missing_ok=True)
 
 
 def old_refs(old: store.Cache) -> list[tuple[str, int]]:
