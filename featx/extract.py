@@ -3,11 +3,13 @@
 A run holds the cache's writer lock and goes through four phases:
   _resolve  the options against the existing cache (its dtype, split and seed are kept);
   _plan     pure: which files are kept from the cache, resumed from the journal, or to extract;
-  _run      decode ahead in threads, run the model batch by batch, journal each finished batch
-            and gather the batches into part files (featx.stream) as it goes;
+  _run      decode ahead in threads, run the model batch by batch, journal the finished batches
+            (at most every JOURNAL_SECONDS) and gather them into part files (featx.stream) as it
+            goes, the writing done in a background thread;
   _write    name every row's part in a new main file, replaced atomically.
 Features already on disk are referred to, never loaded: memory is bounded by the batches in
-flight and one part, not by the number of images. On a CPU the model, not Pillow, sets the pace.
+flight and two parts (one being written), not by the number of images. On a CPU the model, not
+Pillow, sets the pace.
 """
 
 from __future__ import annotations

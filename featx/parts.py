@@ -7,12 +7,12 @@ name, fsynced and renamed, so it is complete or absent. The main file (store.py)
 it uses, by a path relative to its own folder, with the random id each part carries: a part that
 is missing or was replaced is found before any feature is read.
 
-The journal of a running extraction lives in the same folder: each finished batch is a small
-`part-PID-NNNNNN.npz` (as in format 1), and every config.PART_ROWS images the batches are gathered
-into one part file and deleted, so the folder holds at most N / PART_ROWS parts plus one part's
-worth of batches. A part that no main file names yet is journal: the next run reuses it, and the
-run that commits deletes every part its main file does not name. featx deletes only its own files,
-and only in a folder that carries its marker.
+The journal of a running extraction lives in the same folder: the batches finished since its last
+write (at most config.JOURNAL_SECONDS ago) are one small `part-PID-NNNNNN.npz`, and every
+config.PART_ROWS images the batches are gathered into one part file and deleted, so the folder
+holds at most N / PART_ROWS parts plus one part's worth of batches. A part that no main file names
+yet is journal: the next run reuses it, and the run that commits deletes every part its main file
+does not name. featx deletes only its own files, and only in a folder that carries its marker.
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ class Journal:
             write_text_atomic(self.folder / "meta.json", json.dumps({"key": self.key}))
 
     def write(self, index: int, rows: Rows, features: np.ndarray, rejected: Rows, reasons) -> Path:
-        """One finished batch, as one .npz."""
+        """Finished batches (`index`: the last one's), as one .npz."""
         final = self.folder / f"part-{os.getpid()}-{index:06d}.npz"
         try:
             with replaced_atomically(final) as tmp, open(tmp, "wb") as fh:

@@ -4,7 +4,8 @@ the commit that names them in a new main file (with compaction and the format-1 
 A row's features are referred to, never carried, once they are on disk: a reference is (source,
 row), the source a file named relative to the cache's folder (a part, or a format-1 cache itself).
 Only the rows of batches not yet gathered into a part are held in memory (at most
-config.PART_ROWS + one batch), so memory does not grow with the number of images.
+config.PART_ROWS + one batch, and the previous part while it is written), so memory does not
+grow with the number of images.
 """
 
 from __future__ import annotations
