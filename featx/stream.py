@@ -10,7 +10,7 @@ grow with the number of images.
 
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,20 +80,36 @@ class PartWriter:
         for i, p in enumerate(self.rows.paths):
             plan_rows[p] = (*plan_rows[p][:3], (rel, i))
         mirrored = None if mirrored is None else np.ascontiguousarray(mirrored)
-        task = functools.partial(
-            _write_part, self.journal.folder, self.journal.key, self.rows,
-            np.ascontiguousarray(main), mirrored, self.rejected, self.reasons, id_, self.batches,
+        task = _PartToWrite(
+            self.journal, self.rows, np.ascontiguousarray(main), mirrored, self.rejected,
+            self.reasons, id_, self.batches,
         )  # fmt: skip
         self._reset()
         if submit is None:
-            return task()
-        return submit(task)
+            return task.write()
+        return submit(task.write)
 
 
-def _write_part(folder, key, rows, main, mirrored, rejected, reasons, id_, batches) -> None:
-    parts.write_part(folder, key, rows, main, mirrored, rejected, reasons, id_=id_)
-    for batch in batches:
-        batch.unlink(missing_ok=True)
+@dataclass
+class _PartToWrite:
+    """A gathered part, written (possibly in a background thread) by `write`, after which the
+    journal batches it replaces are deleted."""
+
+    journal: parts.Journal
+    rows: parts.Rows
+    main: np.ndarray
+    mirrored: np.ndarray | None
+    rejected: parts.Rows
+    reasons: list
+    id_: str
+    batches: list
+
+    def write(self) -> None:
+        folder, key = self.journal.folder, self.journal.key
+        parts.write_part(folder, key, self.rows, self.main, self.mirrored, self.rejected,
+                         self.reasons, id_=self.id_)  # fmt: skip
+        for batch in self.batches:
+            batch.unlink(missing_ok=True)
 
 
 def old_refs(old: store.Cache) -> list[tuple[str, int]]:
