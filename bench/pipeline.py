@@ -501,6 +501,14 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def write_results(path, result: dict) -> Path:
+    """Write a benchmark's results as indented JSON to `path` (its folder made) and return it."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
+
+
 def machine() -> dict:
     cpu = "unknown"
     try:
@@ -765,9 +773,7 @@ def main(argv=None) -> int:
         return 0
 
     result = benchmark(args)
-    out = Path(args.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_results(args.json_out, result)
     print()
     print(text_table(result["rows"]))
     print()

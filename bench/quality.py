@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this tree's featx, before an installed one
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 
-from pipeline import machine  # noqa: E402  (bench/pipeline.py: cores, RAM, versions)
+from pipeline import machine, write_results  # noqa: E402  (bench/pipeline.py: cores, RAM, ...)
 
 from featx import config  # noqa: E402
 
@@ -637,9 +637,7 @@ def main(argv=None) -> int:
         print(f"no data set of the quality suite in '{args.data_root}'; nothing to measure.")
         return 0
     result = benchmark(args)
-    out = Path(args.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_results(args.json_out, result)
     print()
     print(text_table(result))
     for name, s in result["sets"].items():

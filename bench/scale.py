@@ -7,7 +7,9 @@ Tiny 64x64 JPEGs (generated once under --root and reused) through `extract` with
   - peak RSS (ru_maxrss) and bytes written (wchar of /proc/self/io: every write() of the process)
     of a new cache of each size, then of adding 50 images to it, as a share of the cache's bytes;
   - images/s of the whole pipeline (null engine) against the decode-only ceiling (read + sha256 +
-    decode, nothing else) at 1, 2 and all workers, in threads and, for the ceiling, in processes.
+    decode, nothing else) at 1, 2 and all workers, in threads and, for the ceiling, in processes;
+    also the pipeline's main loop alone (extract's steady_images_per_second: after the first
+    batch, without listing the folder or writing the last part and the main file).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ io1 = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines(
 print(json.dumps({
     "extracted": s["extracted"], "kept": s["kept"], "seconds": seconds,
     "images_per_second": s["extracted"] / seconds,
+    "steady_images_per_second": s["steady_images_per_second"],
     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "wchar": int(io1["wchar"]) - int(io0["wchar"]),
     "write_bytes": int(io1["write_bytes"]) - int(io0["write_bytes"]),
@@ -156,8 +159,11 @@ def overhead(root: Path, n: int, workers: list[int]) -> list[dict]:
         rows.append({
             "workers": w, "pipeline": run["images_per_second"], "decode_threads": threads,
             "decode_processes": procs, "ratio": run["images_per_second"] / threads,
+            "pipeline_steady": run["steady_images_per_second"],
+            "steady_ratio": run["steady_images_per_second"] / threads,
         })  # fmt: skip
-        log(f"  {w} workers: pipeline {run['images_per_second']:.0f}/s, decoding alone "
+        log(f"  {w} workers: pipeline {run['images_per_second']:.0f}/s "
+            f"({run['steady_images_per_second']:.0f}/s in its main loop), decoding alone "
             f"{threads:.0f}/s in threads, {procs:.0f}/s in processes")  # fmt: skip
     return rows
 

@@ -223,11 +223,17 @@ def warn_leakage(cache_path) -> None:
         click.echo(f"warning: {line}", err=True)
 
 
-def format_extract_summary(s: dict) -> str:
-    lines = [f"cache: {s['cache']}"]
-    for split, per_class in s["counts"].items():
+def format_counts(counts: dict, unit: str = " images") -> list[str]:
+    """One line per split: its size and each class's count ({split: {class: n}})."""
+    lines = []
+    for split, per_class in counts.items():
         parts = ", ".join(f"{c} {n}" for c, n in per_class.items())
-        lines.append(f"  {split:<10} {sum(per_class.values()):>6} images ({parts})")
+        lines.append(f"  {split:<10} {sum(per_class.values()):>6}{unit} ({parts})")
+    return lines
+
+
+def format_extract_summary(s: dict) -> str:
+    lines = [f"cache: {s['cache']}", *format_counts(s["counts"])]
     lines.append(
         f"extracted {s['extracted']} new or changed, kept {s['kept']}, reused {s['resumed']} "
         f"from an interrupted run, dropped {s['dropped']} deleted"
@@ -267,9 +273,8 @@ def merge(output, shards, copy, overwrite, as_json):
         print_json(summary)
         return
     click.echo(f"{summary['cache']}: {summary['images']} images from {summary['shards']} shards")
-    for split, per_class in summary["counts"].items():
-        parts = ", ".join(f"{c} {n}" for c, n in per_class.items())
-        click.echo(f"  {split:<10} {sum(per_class.values()):>6} images ({parts})")
+    for line in format_counts(summary["counts"]):
+        click.echo(line)
 
 
 @cli.command()
@@ -289,9 +294,8 @@ def info(cache_path, as_json):
     assigned = data["layout"] == "flat" or "validation" not in data["counts"]
     how = "validation carved out by featx" if assigned else "from the split folders"
     click.echo(f"split: --val-split {data['val_split']} --seed {data['seed']} ({how})")
-    for split, per_class in data["counts"].items():
-        parts = ", ".join(f"{c} {n}" for c, n in per_class.items())
-        click.echo(f"  {split:<10} {sum(per_class.values()):>6} ({parts})")
+    for line in format_counts(data["counts"], unit=""):
+        click.echo(line)
     fp = data["fingerprint"]
     click.echo(
         f"backbone: {fp['backbone']} alpha={fp['alpha']} image_size={fp['image_size']} "

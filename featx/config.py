@@ -53,6 +53,10 @@ PREFETCH_BATCHES = 4  # decoded batches waiting for the model; bounds memory
 # Images per part file: 4,096 x 1,280 float32 = 21 MB. Larger parts mean fewer files (245 for a
 # million images) but more memory while one is built and more work redone after a kill.
 PART_ROWS = 4096
+# extract journals its finished batches (one .npz) at most every JOURNAL_SECONDS: a slow batch
+# (a real model) is journalled alone, fast ones (small images, a GPU) are gathered into one write,
+# so the journal's fsyncs do not cap the pipeline. A kill -9 redoes at most this much work.
+JOURNAL_SECONDS = 0.25
 # extract rewrites every feature into fresh parts (compaction) when the parts hold more dead rows
 # (deleted or changed images) than live ones, or the cache's rows map to more than this many runs
 # of consecutive part rows (each is one mapping of the /features virtual dataset).

@@ -3,19 +3,23 @@
 A run holds the cache's writer lock and goes through four phases:
   _resolve  the options against the existing cache (its dtype, split and seed are kept);
   _plan     pure: which files are kept from the cache, resumed from the journal, or to extract;
-  _run      decode ahead in threads, run the model batch by batch, journal each finished batch
-            and gather the batches into part files (featx.stream) as it goes;
+  _run      decode ahead in threads, run the model batch by batch, journal the finished batches
+            (at most every JOURNAL_SECONDS) and gather them into part files (featx.stream) as it
+            goes, the writing done in a background thread;
   _write    name every row's part in a new main file, replaced atomically.
 Features already on disk are referred to, never loaded: memory is bounded by the batches in
-flight and one part, not by the number of images. On a CPU the model, not Pillow, sets the pace.
+flight and two parts (one being written), not by the number of images. On a CPU the model, not
+Pillow, sets the pace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +62,11 @@ class _Job:
     journal: parts.Journal
     writer: stream.PartWriter | None = None
     created: str | None = None  # the existing cache's creation time, kept by every rewrite
+    # finished batches not journalled yet (see _record): (index, rows, features, rejected, reasons)
+    pending: list = field(default_factory=list)
+    journalled_at: float = 0.0
+    io: ThreadPoolExecutor | None = None  # writes journal and parts while the next batches decode
+    writing: Future | None = None  # the write under way (one at a time, in order)
 
 
 def default_cache_path(data_dir: str | Path) -> Path:
@@ -236,10 +245,10 @@ def _resolve(opts: ExtractOptions, old, listing, cache_path: Path, log) -> Extra
 
 def _stat_all(root: Path, listing) -> dict[str, tuple[int, int]]:
     """{path: (size, mtime_ns)} of the listed files; a file gone since the listing is left out."""
-    stats = {}
+    stats, base = {}, str(root)
     for f in listing.files:
         try:
-            st = os.stat(root / f.path)
+            st = os.stat(os.path.join(base, f.path))
         except OSError:
             continue
         stats[f.path] = (st.st_size, st.st_mtime_ns)
@@ -305,7 +314,7 @@ def _load(root: Path, todo: _Todo, *, image_size: int):
     """Read and decode one file in a worker thread: ("ok", sha, pixels), ("same", sha, None)
     when the content is unchanged, or ("rejected", reason, None)."""
     try:
-        data, sha = images.read_file(root / todo.path)
+        data, sha = images.read_file(os.path.join(root, todo.path))
     except OSError as e:
         return "rejected", f"unreadable: {e.strerror or e}", None
     except ValueError as e:  # a FIFO, socket or device
@@ -344,12 +353,14 @@ class _Timer:
 
 
 def _run(job: _Job, plan: _Plan, progress, log) -> dict:
-    """Decode ahead in threads, run the model batch by batch, journal each finished batch.
+    """Decode ahead in threads, run the model batch by batch, journal the finished batches.
     Fills plan.rows and plan.rejected; returns the timing (see _Timer)."""
     size, batch_size = job.opts.image_size, job.opts.batch_size
     chunks = [plan.todo[i : i + batch_size] for i in range(0, len(plan.todo), batch_size)]
     timer, done, t0 = _Timer(), 0, time.perf_counter()
+    job.journalled_at = t0
     load = functools.partial(_load, job.root, image_size=size)
+    job.io = ThreadPoolExecutor(1, thread_name_prefix="featx-journal")
     batches = images.prefetch(chunks, load, workers=job.opts.workers)
     try:
         for index, (chunk, results) in enumerate(batches):
@@ -365,59 +376,97 @@ def _run(job: _Job, plan: _Plan, progress, log) -> dict:
             done += len(chunk)
             if progress is not None:
                 progress(done, len(plan.todo), done / max(time.perf_counter() - t0, 1e-9))
+        _settle(job)  # the rows not journalled yet go into the last part, written next
     except KeyboardInterrupt:
+        _journal(job, wait=True)  # the finished batches are kept
         log(f"interrupted: {done} of {len(plan.todo)} images are saved; run again to resume.")
+        raise
+    except Exception:
+        with contextlib.suppress(OSError):  # a full disk: report the error that stopped the run
+            _journal(job, wait=True)
         raise
     finally:
         batches.close()  # stops the decoding threads without waiting for them
+        job.io.shutdown(wait=True)  # a journal write is finished, never cut short
     return timer.summary()
 
 
 def _record(job: _Job, index: int, chunk, results, feats, plan: _Plan) -> None:
-    """One finished batch into the plan, into the journal as one .npz, and into the part being
-    gathered (written when it is full). A row whose content did not change keeps its reference
-    and is not journalled: a resumed run finds it unchanged again, without the model."""
-    part_rows, part_feats, part_rej, reasons = store.Rows(), [], store.Rows(), []
-    k = 0
-    for t, (status, value, _) in zip(chunk, results):
-        if status == "rejected":
-            plan.rejected[t.path] = (t.size, t.mtime_ns, value)
-            _append(part_rej, t, "")
-            reasons.append(value)
-            continue
-        if status == "same":
-            plan.rows[t.path] = (t.size, t.mtime_ns, value, t.old_ref)
-            continue
-        feature = feats[k]
-        k += 1
-        plan.extracted += 1
-        plan.rows[t.path] = (t.size, t.mtime_ns, value, feature)
-        _append(part_rows, t, value)
-        part_feats.append(feature)
-    for r in (part_rows, part_rej):
-        r.file_size, r.file_mtime_ns = np.array(r.file_size, np.int64), np.array(r.file_mtime_ns)
-    dim = feats.shape[1] if feats is not None else 0
-    stacked = np.stack(part_feats) if part_feats else np.zeros((0, dim), np.float32)
-    batch = job.journal.write(index, part_rows, stacked, part_rej, reasons)
+    """One finished batch into the plan and into the part being gathered (written when it is
+    full); into the journal at most every config.JOURNAL_SECONDS (a slow batch alone, fast ones
+    gathered into one .npz). A row whose content did not change keeps its reference and is not
+    journalled: a resumed run finds it unchanged again, without the model."""
+    ok = [(t, r[1]) for t, r in zip(chunk, results) if r[0] == "ok"]
+    rej, reasons = [], []
+    if len(ok) < len(chunk):  # rejected or unchanged files (rare): one at a time
+        for t, (status, value, _) in zip(chunk, results):
+            if status == "rejected":
+                plan.rejected[t.path] = (t.size, t.mtime_ns, value)
+                rej.append((t, ""))
+                reasons.append(value)
+            elif status == "same":
+                plan.rows[t.path] = (t.size, t.mtime_ns, value, t.old_ref)
+    dim = feats.shape[1] if feats is not None else job.journal.feature_dim or 0
+    stacked = np.array(feats) if ok else np.zeros((0, dim), np.float32)  # a copy: ours to keep
+    plan.rows.update({t.path: (t.size, t.mtime_ns, sha, f) for (t, sha), f in zip(ok, stacked)})
+    plan.extracted += len(ok)
+    part_rows, part_rej = _rows(ok), _rows(rej)
+    job.pending.append((index, part_rows, stacked, part_rej, reasons))
     writer = job.writer
-    writer.batches.append(batch)
-    for i, p in enumerate(part_rows.paths):
-        writer.add(p, int(part_rows.file_size[i]), int(part_rows.file_mtime_ns[i]),
-                   part_rows.file_sha256[i], stacked[i])  # fmt: skip
-    for p, size, mtime, reason in zip(part_rej.paths, part_rej.file_size, part_rej.file_mtime_ns,
-                                      reasons):  # fmt: skip
-        writer.reject(p, int(size), int(mtime), reason)
+    writer.add_rows(part_rows, stacked)
+    writer.reject(part_rej, reasons)
     if len(writer) >= config.PART_ROWS:
-        writer.flush(plan.rows)
+        _settle(job)  # its .npz is on disk and known before the part replaces it
+        job.writing = writer.flush(plan.rows, job.io.submit)  # written while decoding goes on
+        job.pending.clear()  # the part holds the batches not journalled yet
+        job.journalled_at = time.perf_counter()
+    elif time.perf_counter() - job.journalled_at >= config.JOURNAL_SECONDS:
+        _journal(job)
 
 
-def _append(r: store.Rows, t: _Todo, sha: str) -> None:
-    if not isinstance(r.file_size, list):
-        r.file_size, r.file_mtime_ns = [], []
-    r.paths.append(t.path)
-    r.file_size.append(t.size)
-    r.file_mtime_ns.append(t.mtime_ns)
-    r.file_sha256.append(sha)
+def _journal(job: _Job, wait: bool = False) -> None:
+    """The finished batches not journalled yet, as one .npz, written in the background after the
+    previous one (`wait`: and finished before returning); its rows join the part gathered."""
+    _settle(job)
+    if job.pending:
+        rows, rej, reasons, feats = store.Rows(), store.Rows(), [], []
+        for _, r, f, j, why in job.pending:
+            rows.paths += r.paths
+            rows.file_sha256 += r.file_sha256
+            rej.paths += j.paths
+            reasons += why
+            feats += [f] if len(f) else []
+        for out, key in ((rows, 1), (rej, 3)):
+            out.file_size = np.concatenate([p[key].file_size for p in job.pending])
+            out.file_mtime_ns = np.concatenate([p[key].file_mtime_ns for p in job.pending])
+        width = job.journal.feature_dim or 0
+        stacked = np.concatenate(feats) if feats else np.zeros((0, width), np.float32)
+        index = job.pending[-1][0]
+        job.writing = job.io.submit(job.journal.write, index, rows, stacked, rej, reasons)
+        job.pending.clear()
+        job.journalled_at = time.perf_counter()
+    if wait:
+        _settle(job)
+
+
+def _settle(job: _Job) -> None:
+    """Wait for the write under way (a journal .npz, which joins the batches of the part being
+    gathered, or a part). A failed write (a full disk) raises here."""
+    writing, job.writing = job.writing, None
+    batch = writing.result() if writing is not None else None
+    if batch is not None:
+        job.writer.batches.append(batch)
+
+
+def _rows(todo_sha: list) -> store.Rows:
+    """store.Rows of [(_Todo, sha256)]."""
+    n = len(todo_sha)
+    return store.Rows(
+        [t.path for t, _ in todo_sha],
+        np.fromiter((t.size for t, _ in todo_sha), np.int64, n),
+        np.fromiter((t.mtime_ns for t, _ in todo_sha), np.int64, n),
+        [sha for _, sha in todo_sha],
+    )
 
 
 class _WithMirror:

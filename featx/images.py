@@ -73,6 +73,14 @@ def _special_kind(mode: int) -> str | None:
     return None
 
 
+def _plain_file(entry: os.DirEntry) -> bool:
+    """A regular file that is no link, as the folder listing says (no system call on Linux)."""
+    try:
+        return not entry.is_symlink() and entry.is_file(follow_symlinks=False)
+    except OSError:
+        return False
+
+
 def _is_dir(entry: os.DirEntry) -> bool:
     try:
         return entry.is_dir()
@@ -148,7 +156,10 @@ class _Walk:
         # A folder's own files first, then its subfolders, each sorted by name (os.walk's order).
         entries.sort(key=lambda e: (_is_dir(e), e.name))
         for e in entries:
-            self.entry(folder / e.name)
+            if _plain_file(e):  # the common case, known from the listing itself: no stat
+                self.found.append(folder / e.name)
+            else:
+                self.entry(folder / e.name)
 
 
 def walk_files(folder: Path, boundary: Path | None = None) -> tuple[list[Path], list[tuple]]:
@@ -171,7 +182,8 @@ def inside(root: Path, rel: str) -> Path | None:
 
 
 def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p))
+    with os.scandir(folder) as it:  # no stat per file: the listing knows what is a folder
+        return sorted(folder / e.name for e in it if _visible(e) and _is_dir(e))
 
 
 def _check_not_too_high(root: Path, class_dirs: list[Path]) -> None:
@@ -228,12 +240,14 @@ def find_images(data_dir: str | Path) -> Listing:
     per_class: Counter = Counter()
     all_classes = set()
     walk = _Walk(root)
+    prefix = os.path.join(str(root), "")
     for split, class_dir in class_dirs:
         all_classes.add(class_dir.name)
         before = len(walk.found)
         walk.entry(class_dir)
         for f in walk.found[before:]:
-            rel = f.relative_to(root).as_posix()
+            rel = str(f)
+            rel = rel[len(prefix) :] if rel.startswith(prefix) else f.relative_to(root).as_posix()
             files.append(ImageFile(rel, class_dir.name, split))
             per_class[class_dir.name] += 1
     class_names = sorted(c for c in all_classes if per_class[c] > 0)
@@ -247,6 +261,8 @@ def find_images(data_dir: str | Path) -> Listing:
             f"({', '.join(class_names) or 'none'}); a classifier needs at least 2. "
             f"Expected DATA/CLASS/image.jpg or DATA/train/CLASS/image.jpg.{hint}"
         )
+    if os.sep != "/":
+        files = [ImageFile(f.path.replace(os.sep, "/"), f.class_name, f.split) for f in files]
     files.sort(key=lambda f: f.path)
     skipped = sorted((p.relative_to(root).as_posix(), why) for p, why in walk.skipped)
     return Listing(layout, files, class_names, empty, skipped)

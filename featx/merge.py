@@ -16,6 +16,7 @@ import numpy as np
 
 from featx import backbone, images, store
 from featx.errors import FeatxError
+from featx.shards import parse as parse_shard
 
 _SAME = ("data_dir", "layout", "val_split", "seed")  # attributes every shard must share
 
@@ -84,7 +85,7 @@ def _check_shards(paths: list[Path], shards: list) -> int:
                 f"{what} was not made with --shard K/N; merge joins the caches of "
                 "`featx extract DATA_DIR --shard K/N` runs."
             )
-        k, n = (int(x) for x in str(text).split("/"))
+        k, n = parse_shard(text)
         if total is not None and n != total:
             raise FeatxError(f"{what} is shard {text}, the others are of {total}; use one N.")
         total = n
@@ -124,11 +125,12 @@ def _join(out: Path, paths: list[Path], shards: list):
                 )
             owner[p] = (s, i)
     order = sorted(owner)
+    where = [owner[p] for p in order]  # (shard, row) of each merged row
     class_names = sorted({c for cache in shards for c in cache.class_names})
     index = {c: i for i, c in enumerate(class_names)}
-    classes = [shards[s].class_names[int(shards[s].labels[i])] for s, i in map(owner.get, order)]
-    splits = _splits(first, order, classes, owner, shards)
-    rows = _rows([shards[s].rows for s in range(len(shards))], [owner[p] for p in order])
+    classes = [shards[s].class_names[int(shards[s].labels[i])] for s, i in where]
+    splits = _splits(first, order, classes, where, shards)
+    rows = _rows([cache.rows for cache in shards], where)
     rejected, reasons = _rejected(shards)
     attrs = {k: first.attrs.get(k) for k in _SAME}
     meta = store.Cache(
@@ -142,14 +144,14 @@ def _join(out: Path, paths: list[Path], shards: list):
         rejected_reasons=reasons,
         attrs=attrs,
     )
-    return meta, _sources(out, shards, [owner[p] for p in order])
+    return meta, _sources(out, shards, where)
 
 
-def _splits(first, order: list[str], classes: list[str], owner: dict, shards: list) -> list[str]:
+def _splits(first, order: list[str], classes: list[str], where: list, shards: list) -> list[str]:
     """A flat folder is split again over every image, exactly as a single fresh run splits it;
     a folder with split folders keeps the splits its layout gives."""
     if first.attrs.get("layout") != "flat":
-        return [str(shards[s].splits[i]) for s, i in map(owner.get, order)]
+        return [str(shards[s].splits[i]) for s, i in where]
     files = [images.ImageFile(p, c, None) for p, c in zip(order, classes)]
     val_split, seed = float(first.attrs["val_split"]), int(first.attrs["seed"])
     assigned = images.assign_splits(files, {}, val_split, seed)

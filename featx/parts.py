@@ -7,12 +7,12 @@ name, fsynced and renamed, so it is complete or absent. The main file (store.py)
 it uses, by a path relative to its own folder, with the random id each part carries: a part that
 is missing or was replaced is found before any feature is read.
 
-The journal of a running extraction lives in the same folder: each finished batch is a small
-`part-PID-NNNNNN.npz` (as in format 1), and every config.PART_ROWS images the batches are gathered
-into one part file and deleted, so the folder holds at most N / PART_ROWS parts plus one part's
-worth of batches. A part that no main file names yet is journal: the next run reuses it, and the
-run that commits deletes every part its main file does not name. featx deletes only its own files,
-and only in a folder that carries its marker.
+The journal of a running extraction lives in the same folder: the batches finished since its last
+write (at most config.JOURNAL_SECONDS ago) are one small `part-PID-NNNNNN.npz`, and every
+config.PART_ROWS images the batches are gathered into one part file and deleted, so the folder
+holds at most N / PART_ROWS parts plus one part's worth of batches. A part that no main file names
+yet is journal: the next run reuses it, and the run that commits deletes every part its main file
+does not name. featx deletes only its own files, and only in a folder that carries its marker.
 """
 
 from __future__ import annotations
@@ -187,11 +187,20 @@ def part_image(key: str, rows: Rows, features, flip_features, rejected: Rows, re
     return buffer.getvalue()
 
 
+def new_id() -> str:
+    """A new part's random id (its file name holds the first 16 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def part_name(id_: str) -> str:
+    return f"features-{id_[:16]}.h5"
+
+
 def write_part(folder: Path, key: str, rows: Rows, features, flip_features, rejected=None,
-               reasons=()) -> tuple[str, str]:  # fmt: skip
+               reasons=(), id_: str | None = None) -> tuple[str, str]:  # fmt: skip
     """Write one part into `folder` atomically; returns (file name, id)."""
-    id_ = uuid.uuid4().hex
-    final = folder / f"features-{id_[:16]}.h5"
+    id_ = id_ or new_id()
+    final = folder / part_name(id_)
     data = part_image(key, rows, features, flip_features, rejected or Rows(), reasons, id_)
     try:
         with replaced_atomically(final) as tmp:
@@ -336,7 +345,7 @@ class Journal:
             write_text_atomic(self.folder / "meta.json", json.dumps({"key": self.key}))
 
     def write(self, index: int, rows: Rows, features: np.ndarray, rejected: Rows, reasons) -> Path:
-        """One finished batch, as one .npz."""
+        """Finished batches (`index`: the last one's), as one .npz."""
         final = self.folder / f"part-{os.getpid()}-{index:06d}.npz"
         try:
             with replaced_atomically(final) as tmp, open(tmp, "wb") as fh:

@@ -46,7 +46,8 @@ def restrict(listing, shard: tuple[int, int] | None):
     if shard is None:
         return listing
     k, n = shard
-    mine = [f for f in listing.files if shard_of(f.path, n) == k]
-    others = [f for f in listing.files if shard_of(f.path, n) != k]
+    mine, others = [], []
+    for f in listing.files:
+        (mine if shard_of(f.path, n) == k else others).append(f)
     skipped = [(p, why) for p, why in listing.skipped if shard_of(p, n) == k]
     return dataclasses.replace(listing, files=mine, skipped=skipped, others=others)

@@ -4,11 +4,13 @@ the commit that names them in a new main file (with compaction and the format-1 
 A row's features are referred to, never carried, once they are on disk: a reference is (source,
 row), the source a file named relative to the cache's folder (a part, or a format-1 cache itself).
 Only the rows of batches not yet gathered into a part are held in memory (at most
-config.PART_ROWS + one batch), so memory does not grow with the number of images.
+config.PART_ROWS + one batch, and the previous part while it is written), so memory does not
+grow with the number of images.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,8 @@ from featx import config, parts, store
 
 
 class PartWriter:
-    """Gathers finished batches (already journalled as .npz) into part files of PART_ROWS rows.
+    """Gathers finished batches into part files of PART_ROWS rows; `batches` are the journal
+    files (.npz) of the rows gathered so far, deleted once their part is written.
 
     `flip`: rows are [features | mirrored features], split into the part's two datasets."""
 
@@ -34,43 +37,79 @@ class PartWriter:
         return len(self.rows)
 
     def add(self, path: str, size: int, mtime_ns: int, sha: str, feature: np.ndarray) -> None:
-        self.rows.paths.append(path)
-        self._sizes.append(size)
-        self._mtimes.append(mtime_ns)
-        self.rows.file_sha256.append(sha)
-        self.features.append(feature)
+        self.add_rows(parts.Rows([path], [size], [mtime_ns], [sha]), feature[None])
 
-    def reject(self, path: str, size: int, mtime_ns: int, reason: str) -> None:
-        self.rejected.paths.append(path)
-        self.rejected.file_size = np.append(self.rejected.file_size, size)
-        self.rejected.file_mtime_ns = np.append(self.rejected.file_mtime_ns, mtime_ns)
-        self.rejected.file_sha256.append("")
-        self.reasons.append(reason)
+    def add_rows(self, rows: parts.Rows, features: np.ndarray) -> None:
+        """A block of rows (a finished batch) with their (n, D) features."""
+        self.rows.paths.extend(rows.paths)
+        self._sizes.append(np.asarray(rows.file_size, np.int64))
+        self._mtimes.append(np.asarray(rows.file_mtime_ns, np.int64))
+        self.rows.file_sha256.extend(rows.file_sha256)
+        if len(rows):
+            self.features.append(features)
 
-    def flush(self, plan_rows: dict) -> None:
-        """Write the gathered rows as one part, point their plan rows at it, and delete the
-        batches it replaces (after the part is on disk: a kill in between loses nothing)."""
-        if not len(self) and not len(self.rejected):
+    def reject(self, rows: parts.Rows, reasons) -> None:
+        """A block of rejected rows with their reasons."""
+        if not len(rows):
             return
-        self.rows.file_size = np.array(self._sizes, np.int64)
-        self.rows.file_mtime_ns = np.array(self._mtimes, np.int64)
+        self.rejected.paths.extend(rows.paths)
+        self.rejected.file_size = np.append(self.rejected.file_size, rows.file_size)
+        self.rejected.file_mtime_ns = np.append(self.rejected.file_mtime_ns, rows.file_mtime_ns)
+        self.rejected.file_sha256.extend("" for _ in rows.paths)
+        self.reasons.extend(reasons)
+
+    def flush(self, plan_rows: dict, submit=None):
+        """Write the gathered rows as one part, point their plan rows at it, and delete the
+        batches it replaces (after the part is on disk: a kill in between loses nothing).
+
+        `submit` (an executor's): the writing and deleting are done there and its future is
+        returned; the plan rows point at the part at once, so it must finish before a main file
+        names them."""
+        if not len(self) and not len(self.rejected):
+            return None
+        self.rows.file_size = np.concatenate([np.zeros(0, np.int64), *self._sizes])
+        self.rows.file_mtime_ns = np.concatenate([np.zeros(0, np.int64), *self._mtimes])
         width = self.journal.feature_dim or 0
-        feats = np.stack(self.features) if self.features else np.zeros((0, width), np.float32)
+        feats = np.concatenate(self.features) if self.features else np.zeros((0, width), np.float32)
         feats = feats.astype(self.dtype, copy=False)
         half = feats.shape[1] // 2
         main, mirrored = (feats[:, :half], feats[:, half:]) if self.flip else (feats, None)
-        name, id_ = parts.write_part(
-            self.journal.folder, self.journal.key, self.rows, np.ascontiguousarray(main),
-            None if mirrored is None else np.ascontiguousarray(mirrored),
-            self.rejected, self.reasons,
-        )  # fmt: skip
-        rel = self.journal.relative(name)
+        id_ = parts.new_id()
+        rel = self.journal.relative(parts.part_name(id_))
         self.journal.sizes[rel], self.journal.ids[rel] = len(self), id_
         for i, p in enumerate(self.rows.paths):
             plan_rows[p] = (*plan_rows[p][:3], (rel, i))
+        mirrored = None if mirrored is None else np.ascontiguousarray(mirrored)
+        task = _PartToWrite(
+            self.journal, self.rows, np.ascontiguousarray(main), mirrored, self.rejected,
+            self.reasons, id_, self.batches,
+        )  # fmt: skip
+        self._reset()
+        if submit is None:
+            return task.write()
+        return submit(task.write)
+
+
+@dataclass
+class _PartToWrite:
+    """A gathered part, written (possibly in a background thread) by `write`, after which the
+    journal batches it replaces are deleted."""
+
+    journal: parts.Journal
+    rows: parts.Rows
+    main: np.ndarray
+    mirrored: np.ndarray | None
+    rejected: parts.Rows
+    reasons: list
+    id_: str
+    batches: list
+
+    def write(self) -> None:
+        folder, key = self.journal.folder, self.journal.key
+        parts.write_part(folder, key, self.rows, self.main, self.mirrored, self.rejected,
+                         self.reasons, id_=self.id_)  # fmt: skip
         for batch in self.batches:
             batch.unlink(missing_ok=True)
-        self._reset()
 
 
 def old_refs(old: store.Cache) -> list[tuple[str, int]]:

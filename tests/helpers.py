@@ -8,6 +8,7 @@ colour, or a smooth pattern), so images are distinct, deterministic and tell the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import zlib
 from pathlib import Path
@@ -168,3 +169,12 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert lines and lines[-1].startswith("Error: "), result.output
     for fragment in fragments:
         assert fragment in lines[-1], f"{fragment!r} not in {lines[-1]!r}"
+
+
+def load_bench(name: str):
+    """The module of bench/NAME.py (bench/ is scripts, not a package), for testing its helpers."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,23 +1,19 @@
 """bench/pipeline.py: its measuring helpers, and a --quick run on a few real photos (no timings)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import REAL_DATA, WEIGHTS_FILE
+from helpers import REAL_DATA, WEIGHTS_FILE, load_bench
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "pipeline.py"
 
 
 @pytest.fixture(scope="module")
 def pipeline():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("pipeline")
 
 
 def test_run_step_measures_the_peak_memory_of_that_child_alone(pipeline, tmp_path):

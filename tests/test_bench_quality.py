@@ -1,22 +1,15 @@
 """bench/quality.py: the plain baseline, the paired counts and the near-duplicate leak, on small
 synthetic caches (the benchmark itself runs on the real data sets with `make bench`)."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers import load_bench
 from test_fit_head import write_synthetic_cache
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
 
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("quality")
 
 
 def test_paired_counts_add_up_to_the_accuracy_difference(quality, tmp_path):

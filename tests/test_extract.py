@@ -270,8 +270,9 @@ KILLABLE = textwrap.dedent(
         time.sleep(0.4)
         return real(engine, batch)
     backbone.KerasEngine.features = slow
+    # engine="keras": the slow engine above, not an ONNX Runtime one that "auto" may pick
     extract(sys.argv[1], sys.argv[2], weights="none", alpha=0.35, image_size=32,
-                    batch_size=4)
+                    batch_size=4, engine="keras")
     """
 )
 

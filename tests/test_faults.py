@@ -1,6 +1,7 @@
 """Faults a real user meets: foreign folders, FIFOs, full disks, two writers, absurd options, links,
 transient errors, flipped bits, bad journal parts, broken pipes. Each test failed before the fix."""
 
+import functools
 import json
 import os
 import shutil
@@ -102,7 +103,12 @@ def test_prefetch_stops_at_once_while_a_load_is_stuck():
 def test_ctrl_c_stops_a_run_within_seconds(tmp_path):
     data = make_data(tmp_path / "data", per_class=300)
     cmd = featx_cmd("extract", data, "--cache", tmp_path / "c.h5", *TINY_ARGS, "--batch-size", "1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that starts the suite in the background (`pytest &`) ignores SIGINT, and a child
+    # inherits that; Ctrl-C at a terminal is what is tested, so the child gets the default.
+    default_sigint = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     parts = tmp_path / "c.h5.parts"
     deadline = time.monotonic() + 120
     while not list(parts.glob("part-*.npz")) and time.monotonic() < deadline:
