@@ -153,7 +153,8 @@ def with_progress(label: str, as_json: bool, run, *args, **kwargs):
 @click.option(
     "--workers",
     type=int,
-    help="Decoding threads  [default: one per core this process may use]",
+    help="Decoding threads; with --executor ray, Ray actors  [default: one per core this "
+    "process may use; Ray: cores - 1, or GPUs / --gpus-per-worker]",
 )
 @click.option(
     "--dtype",
@@ -198,6 +199,23 @@ def with_progress(label: str, as_json: bool, run, *args, **kwargs):
     metavar="K/N",
     help="Only the images of shard K of N (0..N-1), for N runs in parallel; join their caches "
     "with `featx merge`.",
+)
+@shown(
+    "--executor",
+    config.EXECUTOR,
+    "ray: run the backbone on Ray Data actors (pip install 'featx[ray]'); same cache, same resume.",
+    type=click.Choice(config.EXECUTORS),
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDR",
+    help="With --executor ray: the cluster (auto, ray://HOST:10001)  [default: a local Ray]",
+)
+@shown(
+    "--gpus-per-worker",
+    config.GPUS_PER_WORKER,
+    "With --executor ray: GPUs reserved per actor; 0.5 puts two actors on one GPU.",
+    type=float,
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors

@@ -101,6 +101,11 @@ ONNX_SPIN = "0"  # "1" lets idle ONNX Runtime threads spin (steals cores from de
 # extract --executor ray (featx/ray_executor.py): decoding threads in each Ray actor. Not one per
 # core as in a single run: an actor reserves one CPU and shares its node with the other actors.
 RAY_DECODE_THREADS = 4
+# "local": this process decodes and runs the backbone; "ray": a Ray cluster does
+# (`featx extract --executor ray`, `pip install 'featx[ray]'`).
+EXECUTORS = ("local", "ray")
+EXECUTOR = "local"
+GPUS_PER_WORKER = 0  # GPUs reserved per Ray actor; 0: CPU only, 0.5: two actors share one GPU
 
 # --- finetune (stage 3) --------------------------------------------------------------------------
 # The top 39 layers of MobileNetV2 are everything from block_13_expand on: the last four

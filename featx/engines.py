@@ -86,14 +86,16 @@ def compatible_or_none(old, fp: dict, cache_path: Path, overwrite: bool):
 
 def batch_size(opts) -> int:
     """The batch size asked for, else config.GPU_BATCH_SIZE when Keras will run the backbone on
-    a GPU (within MAX_BATCH_PIXELS), else config.BATCH_SIZE."""
+    a GPU (within MAX_BATCH_PIXELS; on Ray: when its actors get GPUs), else config.BATCH_SIZE."""
     if opts.batch_size is not None:
         return opts.batch_size
     if opts.engine == "onnx" or opts.precision != "fp32":
         return config.BATCH_SIZE
     from featx.onnx_engine import keras_sees_gpu
 
-    if not keras_sees_gpu():
+    # On Ray the actors' devices count, not this process's.
+    on_gpu = opts.gpus_per_worker > 0 if opts.executor == "ray" else keras_sees_gpu()
+    if not on_gpu:
         return config.BATCH_SIZE
     fits = config.MAX_BATCH_PIXELS // opts.image_size**2
     return max(config.BATCH_SIZE, min(config.GPU_BATCH_SIZE, fits))

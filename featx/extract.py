@@ -67,6 +67,7 @@ class _Job:
     journalled_at: float = 0.0
     io: ThreadPoolExecutor | None = None  # writes journal and parts while the next batches decode
     writing: Future | None = None  # the write under way (one at a time, in order)
+    committed: list = field(default_factory=list)  # the parts the existing cache names
 
 
 def default_cache_path(data_dir: str | Path) -> Path:
@@ -96,6 +97,9 @@ def extract(
     flip: bool | None = None,
     workers: int | None = None,
     shard: str | None = None,
+    executor: str = config.EXECUTOR,
+    ray_address: str | None = None,
+    gpus_per_worker: float = config.GPUS_PER_WORKER,
     progress=None,
     log=None,
 ) -> dict:
@@ -119,9 +123,17 @@ def extract(
             2x the model time); None keeps what the cache has (config.FLIP for a new cache).
         batch_size: images per model call; None: config.GPU_BATCH_SIZE when Keras runs the
             backbone on a GPU, else config.BATCH_SIZE.
-        workers: decoding threads; None: one per core this process may use.
+        workers: decoding threads; None: one per core this process may use. With
+            executor="ray": the Ray actors (each with its own model and RAY_DECODE_THREADS
+            decoding threads); None: cores - 1 on a local Ray, GPUs / gpus_per_worker (else
+            CPUs - 1) on a cluster.
         shard: "K/N": extract only the images of shard K of N (featx.shards), for N runs in
             parallel whose caches `featx merge` joins into the cache a single run writes.
+        executor: "local" (this process) or "ray": the images still to extract run on Ray Data
+            (featx.ray_executor; `pip install 'featx[ray]'`), which writes the cache's part
+            files; the cache is the one a local run writes, and resumes the same way.
+        ray_address: the Ray cluster to use ("auto", "ray://host:10001"); None: a local Ray.
+        gpus_per_worker: GPUs reserved per Ray actor (0: CPU only; 0.5: two per GPU).
         progress: called as progress(done, total, images_per_second) after each batch.
         log: called with one-line messages (warnings, notes); default: silent.
     Returns:
@@ -131,8 +143,13 @@ def extract(
     log = log or (lambda message: None)
     opts = ExtractOptions(  # every option is checked here, before any work
         weights, image_size, alpha, batch_size, dtype, val_split, seed, overwrite,
-        engine or config.ENGINE, precision, flip, workers, shard,
+        engine or config.ENGINE, precision, flip, workers, shard, executor, ray_address,
+        gpus_per_worker,
     )  # fmt: skip
+    if opts.executor == "ray":
+        from featx.ray_executor import check_installed
+
+        check_installed()  # before any work: a one-line error, the cache untouched
     root = Path(data_dir)
     cache_path = Path(cache_path) if cache_path else default_cache_path(root)
     listing = shards.restrict(images.find_images(root), opts.shard_numbers)
@@ -155,6 +172,8 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
     previous = engines.read_previous(cache_path, opts.overwrite)
     opts = _resolve(opts, previous, listing, cache_path, log)
     opts = dataclasses.replace(opts, batch_size=engines.batch_size(opts))
+    if opts.executor == "ray" and opts.gpus_per_worker and opts.engine == "auto":
+        opts = dataclasses.replace(opts, engine="keras")  # the GPU actors', not this CPU's choice
     runner, fp = engines.for_extract(opts, previous, cache_path, listing, root, log)
     old = engines.compatible_or_none(previous, fp, cache_path, opts.overwrite)
     flip = opts.flip if opts.flip is not None else config.FLIP if old is None else old.flip
@@ -173,7 +192,7 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
     job = _Job(
         root, opts, fp, runner, journal, stream.PartWriter(journal, opts.dtype, flip), created
     )
-    committed = previous.sources.names if previous is not None else []
+    committed = job.committed = previous.sources.names if previous is not None else []
     plan = _plan(
         listing, _stat_all(root, listing), old, journal.load(committed), not opts.overwrite
     )
@@ -184,7 +203,7 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
         journal.start()
         _gather_resumed(job, plan)
     if plan.todo:
-        timing = _run(job, plan, progress, log)
+        timing = (_run_ray if opts.executor == "ray" else _run)(job, plan, progress, log)
     job.writer.flush(plan.rows)
     recorded = {} if old is None or opts.overwrite else dict(zip(old.paths, old.splits))
     # The other shards' images count too: a flat folder is split as a single run splits it.
@@ -311,20 +330,8 @@ def _same_rejection(old, r: int, key: tuple) -> bool:
 
 
 def _load(root: Path, todo: _Todo, *, image_size: int):
-    """Read and decode one file in a worker thread: ("ok", sha, pixels), ("same", sha, None)
-    when the content is unchanged, or ("rejected", reason, None)."""
-    try:
-        data, sha = images.read_file(os.path.join(root, todo.path))
-    except OSError as e:
-        return "rejected", f"unreadable: {e.strerror or e}", None
-    except ValueError as e:  # a FIFO, socket or device
-        return "rejected", str(e), None
-    if todo.old_sha is not None and sha == todo.old_sha:
-        return "same", sha, None
-    try:
-        return "ok", sha, images.decode_image(data, image_size)
-    except Exception as e:  # any decoder failure skips the file, with its reason
-        return "rejected", str(e) or type(e).__name__, None
+    """Read and decode one file in a worker thread (images.load_for_cache)."""
+    return images.load_for_cache(os.path.join(root, todo.path), image_size, todo.old_sha)
 
 
 class _Timer:
@@ -389,6 +396,46 @@ def _run(job: _Job, plan: _Plan, progress, log) -> dict:
         batches.close()  # stops the decoding threads without waiting for them
         job.io.shutdown(wait=True)  # a journal write is finished, never cut short
     return timer.summary()
+
+
+def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
+    """The model phase on Ray (featx.ray_executor): its actors write part files into the
+    journal folder, read back here as the parts of an interrupted run are. Every file to extract
+    must come back, as features or a rejection: Ray's at-least-once delivery may write a block
+    twice (the same part), never none."""
+    from featx import ray_executor
+
+    opts, t0 = job.opts, time.perf_counter()
+    ray_job = ray_executor.RayJob(
+        job.root.resolve(), backbone.BackboneSpec(opts.weights, opts.image_size, opts.alpha),
+        job.journal.folder.resolve(), job.journal.key, parts.new_id(), opts.batch_size,
+        opts.workers, opts.gpus_per_worker, bool(opts.flip), opts.dtype, job.runner.name,
+    )  # fmt: skip
+    todo = [(t.path, t.size, t.mtime_ns) for t in plan.todo]
+    try:
+        ray_executor.run(todo, ray_job, ray_address=opts.ray_address, progress=progress, log=log)
+    except KeyboardInterrupt:
+        log("interrupted: the parts Ray wrote are kept; run again to resume.")
+        raise
+    done, rejected = job.journal.load(job.committed)
+    missing = []
+    for t in plan.todo:
+        key = (t.size, t.mtime_ns)
+        if t.path in done and done[t.path][:2] == key:
+            plan.rows[t.path] = done[t.path]
+            plan.extracted += 1
+        elif t.path in rejected and rejected[t.path][:2] == key:
+            plan.rejected[t.path] = rejected[t.path]
+        else:
+            missing.append(t.path)
+    if missing:
+        raise FeatxError(
+            f"Ray finished, but {len(missing)} images have no result (e.g. '{missing[0]}'); the "
+            "cache was not changed. Run again: what Ray did write is kept."
+        )
+    if progress is not None:  # the last parts may have come after the watcher's last look
+        progress(len(todo), len(todo), len(todo) / max(time.perf_counter() - t0, 1e-9))
+    return {"model_seconds": None, "model_load_seconds": None, "steady_images_per_second": None}
 
 
 def _record(job: _Job, index: int, chunk, results, feats, plan: _Plan) -> None:

@@ -454,6 +454,24 @@ def decode_image(
         raise ValueError(f"corrupt or truncated image ({fmt}): {reason}") from None
 
 
+def load_for_cache(path: str | Path, image_size: int, old_sha: str | None = None) -> tuple:
+    """Read and decode one file for the cache, never raising for a bad one: ("ok", sha256,
+    pixels), ("same", sha256, None) when its content hash is `old_sha` (unchanged: no decoding),
+    or ("rejected", reason, None). The one loader of extract and its Ray actors."""
+    try:
+        data, sha = read_file(path)
+    except OSError as e:
+        return "rejected", f"unreadable: {e.strerror or e}", None
+    except ValueError as e:  # a FIFO, socket or device
+        return "rejected", str(e), None
+    if old_sha is not None and sha == old_sha:
+        return "same", sha, None
+    try:
+        return "ok", sha, decode_image(data, image_size)
+    except Exception as e:  # any decoder failure rejects the file, with its reason
+        return "rejected", str(e) or type(e).__name__, None
+
+
 def read_file(path: str | Path) -> tuple[bytes, str]:
     """The file's bytes and their sha256 (the content key that detects real changes).
 

@@ -74,11 +74,16 @@ class ExtractOptions:
     flip: bool | None = None  # also the mirror images' features; None: the cache's
     workers: int | None = None  # decoding threads; None: one per core (config.decode_workers)
     shard: str | None = None  # "K/N": only the images of shard K of N (featx.shards)
+    # "ray": the backbone runs on Ray (featx.ray_executor); workers are then its actors
+    executor: str = config.EXECUTOR
+    ray_address: str | None = None  # None: a local Ray of this machine's cores
+    gpus_per_worker: float = config.GPUS_PER_WORKER  # GPUs per Ray actor
 
     def __post_init__(self):
         check_image_size(self.image_size, self.batch_size)
         if self.workers is not None:
             check_int("workers", self.workers, 1, config.MAX_DECODE_WORKERS)
+        self._check_executor()
         check_alpha(self.alpha)
         if self.dtype is not None:
             check_choice("dtype", self.dtype, config.FEATURE_DTYPES)
@@ -99,6 +104,24 @@ class ExtractOptions:
             raise FeatxError(
                 "--precision int8 runs on ONNX Runtime; pass --engine onnx (or auto), or drop "
                 "--precision int8 to use Keras."
+            )
+
+    def _check_executor(self) -> None:
+        check_choice("executor", self.executor, config.EXECUTORS)
+        ok = isinstance(self.gpus_per_worker, (int, float)) and not isinstance(
+            self.gpus_per_worker, bool
+        )
+        if not ok or self.gpus_per_worker < 0:
+            raise FeatxError(
+                f"gpus_per_worker must be a number >= 0, got {self.gpus_per_worker!r}."
+            )
+        if self.executor != "ray" and (self.ray_address or self.gpus_per_worker):
+            option = "--ray-address" if self.ray_address else "--gpus-per-worker"
+            raise FeatxError(f"{option} is an option of the Ray executor; add --executor ray.")
+        if self.executor == "ray" and self.precision == "int8":  # calibrated on the driver
+            raise FeatxError(
+                "--executor ray needs --precision fp32: the int8 backbone is a file calibrated "
+                "by one process. Drop --precision int8."
             )
 
     @property

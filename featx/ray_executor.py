@@ -1,43 +1,63 @@
-"""Stage 1 on a Ray cluster (#15): the backbone in a fixed-size actor pool, one part file per block.
+"""Stage 1 on Ray (#15): `featx extract --executor ray`. The backbone runs in a fixed-size actor
+pool, and every block of results becomes one of the cache's own part files.
 
-    relative paths ──from_items──▶ actors (read + decode + engine, built once per actor)
-        ──rows: path, sha256, features | reason──▶ _PartSink ──▶ OUT_DIR/ray-<hash>-<n>.npz
+    blocks of (path, size, mtime) ──from_items──▶ actors: read + decode + engine (built once each)
+        ──rows: path, sha256, features | reason──▶ _PartSink ──▶ <cache>.parts/features-<id>.h5
 
-Only paths travel into Ray: each actor reads its files with `images.read_file` and decodes them
-with `images.decode_image`, exactly as the single-machine extract does (same pixels, same
-rejection reasons, same sha256 content key; a missing or unreadable file is a rejected row, never
-a failed job), so the object store holds paths and features, never pixels. Each block of results
-is written by a Ray Data Datasink to its own `.npz` part, atomically (`files.replaced_atomically`),
-named by a hash of its paths: a retried block overwrites its own part. Ray retries a dead actor's
-batch (at-least-once), so a path may still arrive in two parts; `read_parts` keeps one row per
-path. Which files to extract (resume) and merging into the cache are the caller's (extract).
+Only paths travel into Ray: each actor reads and decodes its files with
+`images.load_for_cache`, as the single-machine extract does (same pixels, same rejection reasons,
+same sha256 content key; a missing or unreadable file is a rejected row, never a failed job), so
+the object store holds paths and features, never pixels. A Ray Data Datasink writes each block as
+a part file of the cache's journal folder (`parts.write_part`: checksummed, replaced atomically),
+named from the run and the block's paths: a block Ray runs again (an actor died) replaces its own
+part. extract then reads the parts back as it reads the parts of an interrupted run
+(`parts.Journal.load`), so resuming after a driver killed mid-run is featx's own: the next run
+finds the parts written so far and sends only the rest to Ray. Ray's checkpointing is not used.
 
-Ray is optional (`pip install 'featx[ray]'`) and imported only inside `run`.
+Ray is optional (`pip install 'featx[ray]'`) and imported only inside `run`. On a cluster, every
+node must see the data folder and the cache's folder at the same paths (a shared disk).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from featx import backbone, config, images
+from featx import backbone, config, images, parts
 from featx.errors import FeatxError
-from featx.files import replaced_atomically
 
-# `ray-…`, not `part-…`: the cache's own journal batches are `part-PID-NNNNNN.npz` (store v2).
-PART_GLOB = "ray-*.npz"
-# Tests only: the path of a marker file. An actor's second batch that finds no marker there
-# creates it and kills its process (os._exit), like a machine lost mid-run; the retry goes on.
+# Tests only. CRASH_ONCE: the path of a marker file; an actor's second call that finds no marker
+# there creates it and kills its process (os._exit), like a machine lost mid-run. DELAY: seconds
+# each actor call sleeps, so that a test can kill the driver mid-run.
 CRASH_ONCE_ENV = "FEATX_TEST_RAY_CRASH_ONCE"
+DELAY_ENV = "FEATX_TEST_RAY_DELAY"
+
+
+INSTALL_HINT = "pip install 'featx[ray]'"
+
+
+def check_installed() -> None:
+    """A one-line FeatxError when Ray Data is not installed (without importing it: seconds)."""
+    try:
+        found = all(importlib.util.find_spec(m) is not None for m in ("ray", "pyarrow"))
+    except (ImportError, ValueError):  # a module set to None, or without a spec
+        found = False
+    if not found:
+        raise FeatxError(
+            f"--executor ray needs Ray Data, which is not installed. Install it with: "
+            f"{INSTALL_HINT}"
+        )
 
 
 def import_ray():
@@ -48,21 +68,14 @@ def import_ray():
     except ImportError as e:
         raise FeatxError(
             f"--executor ray needs Ray Data, which is not installed ({e}). "
-            "Install it with: pip install 'featx[ray]'"
+            f"Install it with: {INSTALL_HINT}"
         ) from None
     return ray
 
 
 def default_workers() -> int:
     """One actor per core but one: Ray's own read and write tasks need a core too."""
-    return max(1, _cores() - 1)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    return max(1, config.decode_workers() - 1)
 
 
 def worker_env(backend: str | None = None) -> dict[str, str]:
@@ -75,22 +88,28 @@ def worker_env(backend: str | None = None) -> dict[str, str]:
         "XLA_PYTHON_CLIENT_PREALLOCATE": "false",  # JAX takes 75 % of the GPU at start otherwise
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",  # TensorFlow takes all of it otherwise
     }
-    for name in (config.HOME_ENV, "KERAS_HOME", CRASH_ONCE_ENV):  # weights, ONNX files, tests
-        if os.environ.get(name):
-            env[name] = os.environ[name]
+    names = (config.HOME_ENV, "KERAS_HOME", CRASH_ONCE_ENV, DELAY_ENV)  # weights, ONNX, tests
+    env.update({name: os.environ[name] for name in names if os.environ.get(name)})
     return env
 
 
 @dataclass(frozen=True)
 class RayJob:
-    """What every actor needs to know (see `run` for each field); sent to each actor once."""
+    """What every actor needs to know; sent to each actor once.
+
+    folder, key: the cache's journal folder and the fingerprint key its parts carry
+    (parts.Journal). run_id names this run's parts. engine: the engine the driver resolved
+    ("keras" or "onnx"; the cache's fingerprint names it). workers: actors; None: cores - 1 on a
+    local Ray, on a cluster its GPUs / gpus_per_worker, else its CPUs - 1."""
 
     root: Path
     spec: backbone.BackboneSpec
-    out_dir: Path
+    folder: Path
+    key: str
+    run_id: str
     batch_size: int = config.BATCH_SIZE
     workers: int | None = None
-    gpus_per_worker: float = 0
+    gpus_per_worker: float = config.GPUS_PER_WORKER
     flip: bool = False
     dtype: str = config.FEATURE_DTYPE
     engine: str = "keras"
@@ -106,58 +125,66 @@ class RayJob:
             raise FeatxError(f"batch_size must be at least 1, got {self.batch_size}.")
 
 
+def blocks(todo: Sequence[tuple[str, int, int]], job: RayJob) -> list[list[tuple]]:
+    """`todo` cut into blocks of block_rows images: one actor call and one part file each."""
+    rows = block_rows(len(todo), job)
+    return [list(todo[i : i + rows]) for i in range(0, len(todo), rows)]
+
+
+def block_rows(n: int, job: RayJob) -> int:
+    """Rows per block (one actor call, one part file): enough blocks to keep every actor busy
+    (four each), at most config.PART_ROWS (so a million images make ~250 parts, not 30,000), in
+    whole batches."""
+    per_block = -(-n // (4 * (job.workers or 1)))
+    per_block = -(-per_block // job.batch_size) * job.batch_size
+    return max(job.batch_size, min(config.PART_ROWS, per_block))
+
+
 # --- in the actors -------------------------------------------------------------------------------
 
 
 class _Extractor:
     """The callable class of `map_batches`: Ray builds one per actor, so the engine (seconds to
-    build) is built once per actor, on its first batch."""
+    build) is built once per actor, on its first block."""
 
     def __init__(self, job: RayJob):
         self.job, self.spec = job, job.spec
         self.engine, self.calls = None, 0
-        self.pool = ThreadPoolExecutor(config.RAY_DECODE_THREADS, thread_name_prefix="featx-decode")
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        paths = [str(p) for p in batch["path"]]
-        # One task per thread, a slice of the batch each (as images.prefetch: a task per image
-        # costs more Python time than decoding a small one).
-        step = max(1, -(-len(paths) // config.RAY_DECODE_THREADS))
-        slices = [paths[i : i + step] for i in range(0, len(paths), step)]
-        loaded = [r for part in self.pool.map(self._load_all, slices) for r in part]
+    def __call__(self, blocks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One row per block of images in; one row per image out (see _execute)."""
         self.calls += 1
-        if self.calls > 1:  # mid-run: after this actor's first batch went on to be written
-            _crash_once_for_tests()
-        ok = [i for i, r in enumerate(loaded) if r[0] is not None]
+        _test_hooks(self.calls)
+        paths = [str(p) for block in blocks["paths"] for p in block]
+        n, step = len(paths), self.job.batch_size
         dim = self.spec.feature_dim * (1 + self.job.flip)
-        features = np.zeros((len(paths), dim), self.job.dtype)
-        if ok:
-            features[ok] = self._features(np.stack([loaded[i][0] for i in ok]))
+        features = np.zeros((n, dim), self.job.dtype)
+        sha, reason = [""] * n, [""] * n
+        chunks = [list(range(i, min(n, i + step))) for i in range(0, n, step)]
+        # Batches decode in threads while the model runs the one before, as in extract.
+        batches = images.prefetch(chunks, lambda i: self._load(paths[i]),
+                                  workers=config.RAY_DECODE_THREADS)  # fmt: skip
+        for chunk, results in batches:
+            ok = [i for i, r in zip(chunk, results) if r[0] == "ok"]
+            for i, (status, value, _) in zip(chunk, results):
+                sha[i], reason[i] = (value, "") if status == "ok" else ("", value)
+            if ok:
+                pixels = [r[2] for r in results if r[0] == "ok"]
+                features[ok] = self._features(np.stack(pixels))
         return {
             "path": np.array(paths, dtype=str),
-            "sha256": np.array([r[1] for r in loaded], dtype=str),
-            "reason": np.array([r[2] for r in loaded], dtype=str),
+            "size": np.concatenate([np.asarray(b, np.int64) for b in blocks["sizes"]]),
+            "mtime_ns": np.concatenate([np.asarray(b, np.int64) for b in blocks["mtimes"]]),
+            "sha256": np.array(sha, dtype=str),
+            "reason": np.array(reason, dtype=str),
             "features": features,
         }
 
-    def _load_all(self, paths: list[str]) -> list[tuple]:
-        return [self._load(p) for p in paths]
-
-    def _load(self, path: str) -> tuple[np.ndarray | None, str, str]:
-        """(pixels, sha256, "") or (None, sha256 or "", reason): extract's _load, row for row."""
+    def _load(self, path: str) -> tuple:
         full = images.inside(self.job.root, path)
         if full is None:
-            return None, "", "path outside the data folder"
-        try:
-            data, sha = images.read_file(full)
-        except OSError as e:
-            return None, "", f"unreadable: {e.strerror or e}"
-        except ValueError as e:  # a FIFO, socket or device
-            return None, "", str(e)
-        try:
-            return images.decode_image(data, self.spec.image_size), sha, ""
-        except Exception as e:  # any decoder failure rejects the file, with its reason
-            return None, sha, str(e) or type(e).__name__
+            return "rejected", "path outside the data folder", None
+        return images.load_for_cache(full, self.spec.image_size)
 
     def _features(self, pixels: np.ndarray) -> np.ndarray:
         """Features of (n, size, size, 3) pixels, n <= the batch size; with flip, each row is
@@ -167,7 +194,7 @@ class _Extractor:
 
             self.engine = engines.make_engine(self.job.engine, self.spec)
         n, size = len(pixels), self.spec.image_size
-        batch = np.zeros((max(n, self.job.batch_size), size, size, 3), np.uint8)  # one shape: one
+        batch = np.zeros((self.job.batch_size, size, size, 3), np.uint8)  # one shape: one
         batch[:n] = pixels  # compile, as extract pads its last batch
         out = self.engine.features(batch)[:n]
         if self.job.flip:
@@ -176,43 +203,45 @@ class _Extractor:
         return out
 
 
-def _crash_once_for_tests() -> None:
+def _test_hooks(calls: int) -> None:
+    delay = os.environ.get(DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
     marker = os.environ.get(CRASH_ONCE_ENV)
-    if marker and not os.path.exists(marker):
+    if calls > 1 and marker and not os.path.exists(marker):  # mid-run: after a first block
         Path(marker).write_text(str(os.getpid()))
         os._exit(1)  # no cleanup, no exception: the process is gone, as on a lost machine
 
 
-def part_name(paths: Sequence[str]) -> str:
-    """`ray-<sha1 of the paths>-<count>.npz`: the same block always gets the same name, so a
-    block written again (a retried task) replaces its part instead of adding one."""
-    digest = hashlib.sha1("\n".join(sorted(paths)).encode()).hexdigest()[:16]
-    return f"ray-{digest}-{len(paths)}.npz"
+def part_id(run_id: str, paths: Sequence[str]) -> str:
+    """The id of a block's part: the same block of the same run always gets the same id (so a
+    block written again replaces its part instead of adding one); another run, another id (a
+    committed part is never overwritten)."""
+    return hashlib.sha256("\n".join([run_id, *sorted(paths)]).encode()).hexdigest()[:32]
 
 
-def write_part(out_dir: Path, cols: dict[str, np.ndarray], flip: bool) -> Path:
-    """One block of actor rows (path, sha256, reason, features) as one part file, atomically."""
+def write_block(job: RayJob, cols: dict[str, np.ndarray]) -> str:
+    """One block of actor rows as one part file of the journal folder, atomically; its name."""
     paths = np.asarray(cols["path"], dtype=str)
     reasons = np.asarray(cols["reason"], dtype=str)
-    features = np.asarray(cols["features"])
+    sizes = np.asarray(cols["size"], np.int64)
+    mtimes = np.asarray(cols["mtime_ns"], np.int64)
     ok = reasons == ""
-    dim = features.shape[1] // 2 if flip else features.shape[1]
-    arrays = {
-        "paths": paths[ok],
-        "sha256": np.asarray(cols["sha256"], dtype=str)[ok],
-        "features": features[ok, :dim],
-        "rejected_paths": paths[~ok],
-        "rejected_reasons": reasons[~ok],
-    }
-    if flip:
-        arrays["features_flip"] = features[ok, dim:]
-    path = Path(out_dir) / part_name(paths.tolist())
-    with replaced_atomically(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)  # plain str and float arrays: loads with allow_pickle=False
-    return path
+    kept = parts.Rows(paths[ok].tolist(), sizes[ok], mtimes[ok],
+                      np.asarray(cols["sha256"], dtype=str)[ok].tolist())  # fmt: skip
+    rejected = parts.Rows(paths[~ok].tolist(), sizes[~ok], mtimes[~ok], [""] * int((~ok).sum()))
+    features = np.asarray(cols["features"])[ok]
+    dim = job.spec.feature_dim
+    main = np.ascontiguousarray(features[:, :dim])
+    mirrored = np.ascontiguousarray(features[:, dim:]) if job.flip else None
+    name, _ = parts.write_part(
+        job.folder, job.key, kept, main, mirrored, rejected, reasons[~ok].tolist(),
+        id_=part_id(job.run_id, paths.tolist()),
+    )  # fmt: skip
+    return name
 
 
-def _part_sink(out_dir: Path, flip: bool):
+def _part_sink(job: RayJob):
     """A Ray Data Datasink writing each block it gets as one part (made here, where Ray is
     imported: featx itself must import without Ray)."""
     from ray.data import Datasink
@@ -223,8 +252,11 @@ def _part_sink(out_dir: Path, flip: bool):
             written = []
             for block in blocks:
                 cols = BlockAccessor.for_block(block).to_numpy()
-                if len(cols["path"]):
-                    written.append(str(write_part(out_dir, cols, flip)))
+                # Ray may hand over several calls' rows as one block: parts of at most
+                # PART_ROWS rows, as a local run writes.
+                for lo in range(0, len(cols["path"]), config.PART_ROWS):
+                    piece = {k: v[lo : lo + config.PART_ROWS] for k, v in cols.items()}
+                    written.append(write_block(job, piece))
             return written
 
         def get_name(self) -> str:
@@ -237,65 +269,70 @@ def _part_sink(out_dir: Path, flip: bool):
 
 
 def run(
-    files: Sequence[str],
-    root: str | Path,
-    spec: backbone.BackboneSpec,
-    out_dir: str | Path,
+    todo: Sequence[tuple[str, int, int]],
+    job: RayJob,
     *,
-    batch_size: int = config.BATCH_SIZE,
-    workers: int | None = None,
-    gpus_per_worker: float = 0,
     ray_address: str | None = None,
-    flip: bool = False,
-    dtype: str = config.FEATURE_DTYPE,
-    engine: str = "keras",
+    progress: Callable[[int, int, float], None] | None = None,
     log: Callable[[str], None] | None = None,
-) -> list[Path]:
-    """Extract the features of `files` on Ray; return the part files in `out_dir` (those of an
-    earlier, interrupted run into the same folder too: `read_parts` reads them all, once each).
+) -> int:
+    """Extract the features of `todo` on Ray into part files of `job.folder`; returns the number
+    of actors used. extract reads the parts back (parts.Journal.load).
 
     Args:
-        files: the images still to extract, relative to `root` (forward slashes), as the cache
-            records them; the caller leaves out what the cache already holds (resume).
-        root: the data folder. Every Ray node must see it at the same path (a shared disk).
-        spec: the backbone; its image_size is the decoded size.
-        out_dir: folder for the part files (created). Read them with `read_parts`.
-        batch_size: images per actor call (fixed model input shape, like extract's batches).
-        workers: actors, each with its own model. None: cores - 1 on a local Ray; on a
-            cluster, its GPUs / gpus_per_worker, or without GPUs its CPUs - 1.
-        gpus_per_worker: GPUs reserved per actor; 0.5 puts two actors on one GPU. 0: CPU only.
+        todo: (path relative to job.root with forward slashes, size, mtime_ns) of each image
+            still to extract, as the cache records them.
+        job: see RayJob. job.folder must exist (parts.Journal.start).
         ray_address: an existing cluster ("auto", "ray://host:10001", ...). None: start a local
             Ray with workers + 1 CPUs (shut down again at the end), unless this process is
             already connected to one (then that one is used and left running).
-        flip: also the features of the mirror images (the part's `features_flip`).
-        dtype: "float32" or "float16", the features' type in the parts.
-        engine: engines.make_engine's name ("keras", "onnx", "auto"), built once per actor.
+        progress: called as progress(done, total, images_per_second) from a thread that watches
+            the parts appear (about once a second while the count changes).
         log: called with one-line progress messages.
     """
-    job = RayJob(
-        Path(root).resolve(),
-        spec,
-        Path(out_dir),
-        batch_size=batch_size,
-        workers=workers,
-        gpus_per_worker=gpus_per_worker,
-        flip=flip,
-        dtype=dtype,
-        engine=engine,
-    )
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    if not files:
-        return []
+    if not todo:
+        return 0
     ray = import_ray()
-    with _connected(ray, ray_address, workers) as resources:
+    with _connected(ray, ray_address, job.workers) as resources:
         if job.workers is None:
-            job = dataclasses.replace(job, workers=_cluster_workers(resources, gpus_per_worker))
+            job = dataclasses.replace(job, workers=_cluster_workers(resources, job.gpus_per_worker))
         if log is not None:
-            gpus = f", {gpus_per_worker} GPU each" if gpus_per_worker else ""
+            gpus = f", {job.gpus_per_worker} GPU each" if job.gpus_per_worker else ""
             where = ray_address or "a local Ray"
-            log(f"ray: {len(files)} images on {where}, {job.workers} workers{gpus}")
-        _execute(ray, job, files)
-    return sorted(job.out_dir.glob(PART_GLOB))
+            log(f"ray: {len(todo)} images on {where}, {job.workers} workers{gpus}")
+        cut = blocks(todo, job)
+        with _watching(job, cut, progress):
+            _execute(ray, job, cut)
+    return job.workers
+
+
+@contextmanager
+def _watching(job: RayJob, cut: list[list[tuple]], progress) -> Iterator[None]:
+    """Report progress from the parts written so far: each block's part name is known ahead
+    (part_id), so a thread counts the images of the parts that exist."""
+    if progress is None:
+        yield
+        return
+    expected = {
+        job.folder / parts.part_name(part_id(job.run_id, [t[0] for t in b])): len(b) for b in cut
+    }
+    total, stop, t0 = sum(expected.values()), threading.Event(), time.perf_counter()
+
+    def watch() -> None:
+        reported = 0
+        while not stop.wait(1.0):
+            done = sum(n for path, n in expected.items() if path.exists())
+            if done != reported and done < total:  # the caller reports the end
+                reported = done
+                progress(done, total, done / max(time.perf_counter() - t0, 1e-9))
+
+    thread = threading.Thread(target=watch, name="featx-ray-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextmanager
@@ -309,8 +346,8 @@ def _connected(ray, address: str | None, workers: int | None) -> Iterator[dict]:
     if ray.is_initialized():
         yield ray.cluster_resources()
         return
-    if address is None:
-        ray.init(num_cpus=(workers or default_workers()) + 1, **quiet)
+    if address is None:  # "local": a new Ray of our own, never someone's `ray start` cluster
+        ray.init(address="local", num_cpus=(workers or default_workers()) + 1, **quiet)
     else:
         ray.init(address=address, **quiet)
     try:
@@ -327,15 +364,19 @@ def _cluster_workers(resources: dict, gpus_per_worker: float) -> int:
     return max(1, int(resources.get("CPU", 2)) - 1)
 
 
-def _execute(ray, job: RayJob, files: Sequence[str]) -> None:
+def _execute(ray, job: RayJob, cut: list[list[tuple]]) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
-    # Blocks of about one batch: a part per batch, and work spread over every actor.
-    blocks = max(1, -(-len(files) // job.batch_size))
-    ds = ray.data.from_items([{"path": p} for p in files], override_num_blocks=blocks)
+    # One item per block of images, one block per actor call (batch_size=1), so blocks are
+    # exactly as `blocks` cuts them: Ray would bundle rows of several blocks into one call.
+    items = [
+        {"paths": [t[0] for t in b], "sizes": [t[1] for t in b], "mtimes": [t[2] for t in b]}
+        for b in cut
+    ]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         _Extractor,
         fn_constructor_kwargs={"job": job},
-        batch_size=job.batch_size,
+        batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=job.workers),
         num_cpus=1,
@@ -345,92 +386,4 @@ def _execute(ray, job: RayJob, files: Sequence[str]) -> None:
         # runs its batch again without limit (ActorPoolMapOperator._apply_default_remote_args),
         # and passing them (**ray_remote_args) is deprecated in Ray 2.60, removed in 2.64.
     )
-    ds.write_datasink(_part_sink(job.out_dir, job.flip))
-
-
-# --- reading the parts back ----------------------------------------------------------------------
-
-
-@dataclass
-class Parts:
-    """Every row of a folder of part files, one per path, sorted by path."""
-
-    paths: list[str]
-    sha256: list[str]  # of the file's content, as the cache's file_sha256
-    features: np.ndarray  # (n, D)
-    features_flip: np.ndarray | None  # (n, D) with flip, else None
-    rejected_paths: list[str]
-    rejected_reasons: list[str]
-
-
-def read_parts(out_dir: str | Path, dim: int | None = None) -> Parts:
-    """Load the parts `run` wrote into `out_dir`: one row per path (Ray delivers at least once,
-    so a retried block may have left a second part holding the same paths), sorted by path.
-
-    A path with features in one part and a rejection in another (a transient read error, then
-    success) keeps its features. Raises FeatxError naming the part when one is unreadable or its
-    features have the wrong shape, type or non-finite values (`dim`: the expected width).
-    """
-    rows: dict[str, tuple] = {}
-    rejected: dict[str, str] = {}
-    kinds = set()
-    for part in sorted(Path(out_dir).glob(PART_GLOB)):
-        z = _load_part(part, dim)
-        flip = z.get("features_flip")
-        kinds.add((z["features"].shape[1], str(z["features"].dtype), flip is not None))
-        for i, p in enumerate(z["paths"].tolist()):
-            rows.setdefault(
-                p, (z["sha256"][i], z["features"][i], None if flip is None else flip[i])
-            )
-        rejected.update(zip(z["rejected_paths"].tolist(), z["rejected_reasons"].tolist()))
-    if len(kinds) > 1:
-        raise FeatxError(
-            f"The parts in '{out_dir}' differ in (width, dtype, flip): {sorted(kinds)}. They come "
-            "from different runs; delete the folder and run again."
-        )
-    width, dtype, flip = kinds.pop() if kinds else (dim or 0, config.FEATURE_DTYPE, False)
-    paths = sorted(rows)
-    rej = sorted(p for p in rejected if p not in rows)
-
-    def stack(k: int) -> np.ndarray:
-        return np.stack([rows[p][k] for p in paths]) if paths else np.zeros((0, width), dtype)
-
-    return Parts(
-        paths=paths,
-        sha256=[str(rows[p][0]) for p in paths],
-        features=stack(1),
-        features_flip=stack(2) if flip else None,
-        rejected_paths=rej,
-        rejected_reasons=[rejected[p] for p in rej],
-    )
-
-
-def _load_part(part: Path, dim: int | None) -> dict[str, np.ndarray]:
-    fix = "Delete it and run again (its images are then extracted again)."
-    try:
-        with np.load(part, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise FeatxError(f"The part file '{part}' is unreadable ({e}). {fix}") from None
-    missing = {"paths", "sha256", "features", "rejected_paths", "rejected_reasons"} - set(arrays)
-    if missing:
-        raise FeatxError(f"The part file '{part}' lacks {sorted(missing)}. {fix}")
-    n = len(arrays["paths"])
-    for key in ("features", "features_flip"):
-        f = arrays.get(key)
-        if f is None:
-            continue
-        problem = None
-        if f.ndim != 2 or f.shape[0] != n or (dim is not None and f.shape[1] != dim):
-            problem = f"shape {f.shape}, expected ({n}, {dim or 'D'})"
-        elif str(f.dtype) not in config.FEATURE_DTYPES:
-            problem = f"dtype {f.dtype}, expected one of {config.FEATURE_DTYPES}"
-        elif not np.isfinite(f).all():
-            problem = "non-finite values (NaN or inf)"
-        if problem:
-            raise FeatxError(f"The part file '{part}' has {key} of {problem}. {fix}")
-    if len(arrays["sha256"]) != n or len(arrays["rejected_reasons"]) != len(
-        arrays["rejected_paths"]
-    ):
-        raise FeatxError(f"The part file '{part}' has columns of different lengths. {fix}")
-    return arrays
+    ds.write_datasink(_part_sink(job))

@@ -1,30 +1,38 @@
-"""The Ray executor (#15) on a local Ray of 2 CPUs: the same features as the in-process engine,
-every path exactly once, a dead worker survived. Skipped where Ray is not installed."""
+"""`featx extract --executor ray` (#15) on a local Ray of 2 CPUs: the cache a local run writes, a
+worker that dies survived, a driver killed with kill -9 resumed. The Ray tests skip where Ray is
+not installed (`pip install 'featx[ray]'`); the rest need no Ray."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY, write_images
+from click.testing import CliRunner
+from helpers import TINY, assert_one_line_error, write_images
 
-from featx import backbone, images, ray_executor
+from featx import backbone, parts, ray_executor, store
+from featx.cli import cli
 from featx.errors import FeatxError
+from featx.extract import extract
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray is optional: pip install 'featx[ray]'"
 )
 SPEC = backbone.BackboneSpec(**TINY)
-BATCH = 8
+RUN = dict(engine="keras", batch_size=4, **TINY)
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray for the module (starting one costs seconds); run() uses it and leaves it."""
+    """One local Ray for the module (starting one costs seconds); extract uses it, leaves it."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -32,102 +40,210 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> tuple[Path, list[str]]:
-    """~40 generated images and one corrupt file; (root, relative paths)."""
-    root = write_images(tmp_path_factory.mktemp("ray-data"), {"cats": 20, "dogs": 20})
-    (root / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
-    return root, files
+def make_data(root: Path) -> Path:
+    """40 generated images and one corrupt file."""
+    data = write_images(root, {"cats": 20, "dogs": 20}, noise=40)
+    (data / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return data
 
 
-def in_process_features(root: Path, paths: list[str]) -> np.ndarray:
-    pixels = np.stack([images.load_image(root / p, SPEC.image_size) for p in paths])
-    return backbone.KerasEngine(SPEC).features(pixels)
+def assert_same_cache(got: Path, expected: Path) -> None:
+    a, b = store.read_cache(got), store.read_cache(expected)
+    assert a.paths == b.paths and list(a.splits) == list(b.splits)
+    assert a.class_names == b.class_names and a.fingerprint == b.fingerprint
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.rejected.paths == b.rejected.paths and a.rejected_reasons == b.rejected_reasons
+    scale = np.abs(b.features).max()
+    np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-5 * scale)
+    if b.features_flip is not None:
+        np.testing.assert_allclose(a.features_flip, b.features_flip, rtol=1e-4, atol=1e-5 * scale)
+
+
+def parts_folder(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".parts")
 
 
 @needs_ray
 @pytest.mark.slow
-def test_ray_parts_equal_the_in_process_features_once_per_path(local_ray, data, tmp_path):
-    root, files = data
-    gone = "dogs/deleted-since-listing.jpg"  # a file that vanished must not fail the run
-    parts = tmp_path / "parts"
-    written = ray_executor.run([*files, gone], root, SPEC, parts, batch_size=BATCH, flip=True)
-    assert written and all(p.parent == parts for p in written)
-    rows = ray_executor.read_parts(parts, dim=SPEC.feature_dim)
-
-    good = [p for p in files if p != "cats/broken.jpg"]
-    assert rows.paths == good  # each once, sorted
-    assert rows.rejected_paths == ["cats/broken.jpg", gone]
-    assert rows.rejected_reasons == [  # extract's reasons, word for word
-        "not an image (format not recognised)",
-        "unreadable: No such file or directory",
+def test_ray_writes_the_cache_a_local_run_writes(local_ray, tmp_path):
+    data = make_data(tmp_path / "data")
+    local = tmp_path / "local.h5"
+    extract(data, local, flip=True, **RUN)
+    messages, progress = [], []
+    cache = tmp_path / "ray.h5"
+    summary = extract(
+        data, cache, flip=True, executor="ray", log=messages.append,
+        progress=lambda done, total, rate: progress.append((done, total)), **RUN,
+    )  # fmt: skip
+    assert progress[-1] == (41, 41) and progress == sorted(progress)
+    assert summary["extracted"] == 40 and summary["images"] == 40
+    assert summary["rejected"] == [
+        {"path": "cats/broken.jpg", "reason": "not an image (format not recognised)"}
     ]
-    np.testing.assert_allclose(rows.features, in_process_features(root, good), atol=1e-5)
-    mirrored = backbone.KerasEngine(SPEC).features(
-        np.stack([images.load_image(root / p, SPEC.image_size)[:, ::-1] for p in good])
-    )
-    np.testing.assert_allclose(rows.features_flip, mirrored, atol=1e-5)
-    assert rows.sha256[0] == images.read_file(root / good[0])[1]
-    assert not list(parts.glob(".*"))  # no temporary file left behind
+    assert any(m.startswith("ray: 41 images on a local Ray") for m in messages), messages
+    assert_same_cache(cache, local)
+    # Nothing left over: only the parts the cache names, and no temporary file.
+    with h5py_file(cache) as f:
+        named = sorted(f["sources/names"].asstr()[()])
+    left = sorted(f"{parts_folder(cache).name}/{p.name}" for p in parts_folder(cache).iterdir())
+    assert left == sorted([*named, f"{parts_folder(cache).name}/{parts.Journal.MARKER}"])
+
+    # Incremental, as a local run: 3 new images extracted, the rest kept.
+    write_images(data, {"dogs": 3}, name="new{i}.jpg", noise=40, seed=7)
+    again = extract(data, cache, executor="ray", **RUN)
+    assert again["extracted"] == 3 and again["kept"] == 41
+    extract(data, local, **RUN)
+    assert_same_cache(cache, local)
+
+
+def h5py_file(path: Path):
+    import h5py
+
+    return h5py.File(path, "r")
 
 
 @needs_ray
 @pytest.mark.slow
-def test_a_worker_that_dies_mid_run_loses_and_duplicates_nothing(
-    local_ray, data, tmp_path, monkeypatch
-):
-    root, files = data
+def test_a_worker_that_dies_mid_run_loses_and_duplicates_nothing(local_ray, tmp_path, monkeypatch):
+    data = make_data(tmp_path / "data")
     marker = tmp_path / "crashed-once"
     monkeypatch.setenv(ray_executor.CRASH_ONCE_ENV, str(marker))  # the actors' runtime_env
-    ray_executor.run(files, root, SPEC, tmp_path / "parts", batch_size=BATCH, dtype="float16")
+    cache = tmp_path / "ray.h5"
+    summary = extract(data, cache, executor="ray", dtype="float16", **RUN)
     assert marker.exists(), "no worker died: the test proved nothing"
-
-    rows = ray_executor.read_parts(tmp_path / "parts")
-    assert rows.paths == [p for p in files if p != "cats/broken.jpg"]  # each once, sorted
-    assert rows.rejected_paths == ["cats/broken.jpg"]
-    assert rows.features.dtype == np.float16 and rows.features_flip is None
-
-
-def test_a_block_written_again_replaces_its_part_and_read_parts_keeps_one_row(tmp_path):
-    # What a retried Ray task does: the same block again (same name), or the same paths in
-    # another bundling (another name). No Ray needed.
-    def block(paths, value):
-        return {
-            "path": np.array(paths),
-            "sha256": np.array(["x"] * len(paths)),
-            "reason": np.array([""] * len(paths)),
-            "features": np.full((len(paths), 4), value, np.float32),
-        }
-
-    first = ray_executor.write_part(tmp_path, block(["a.jpg", "b.jpg"], 1.0), flip=False)
-    again = ray_executor.write_part(tmp_path, block(["a.jpg", "b.jpg"], 1.0), flip=False)
-    ray_executor.write_part(tmp_path, block(["b.jpg", "c.jpg"], 1.0), flip=False)
-    assert first == again and len(list(tmp_path.glob(ray_executor.PART_GLOB))) == 2
-    rows = ray_executor.read_parts(tmp_path, dim=4)
-    assert rows.paths == ["a.jpg", "b.jpg", "c.jpg"]
-    with pytest.raises(FeatxError, match="shape"):
-        ray_executor.read_parts(tmp_path, dim=8)
+    assert summary["extracted"] == 40 and len(summary["rejected"]) == 1
+    monkeypatch.delenv(ray_executor.CRASH_ONCE_ENV)
+    local = tmp_path / "local.h5"
+    extract(data, local, dtype="float16", **RUN)
+    assert_same_cache(cache, local)  # every path once (and paths == a local run's)
 
 
-def test_a_part_with_non_finite_features_is_refused_by_name(tmp_path):
-    bad = {
-        "path": np.array(["a.jpg"]),
-        "sha256": np.array(["x"]),
-        "reason": np.array([""]),
-        "features": np.array([[np.nan, 0.0]], np.float32),
+KILLABLE = textwrap.dedent(
+    """
+    import sys
+    from featx.extract import extract
+    extract(sys.argv[1], sys.argv[2], engine="keras", batch_size=4, executor="ray", workers=1,
+            weights="none", alpha=0.35, image_size=32)
+    """
+)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_driver_killed_mid_run_resumes_to_the_same_cache(local_ray, tmp_path):
+    data = make_data(tmp_path / "data")
+    cache = tmp_path / "ray.h5"
+    env = {**os.environ, ray_executor.DELAY_ENV: "1.0"}  # each block takes a second or more
+    # Its own session: the Ray it starts is killed with it after the test, whatever happens.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE, str(data), str(cache)], env=env, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 240
+        while not list(parts_folder(cache).glob("features-*.h5")):
+            assert proc.poll() is None, "the Ray run ended before it could be killed"
+            assert time.time() < deadline, "no part written after 240 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only
+        proc.wait()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if _group_alive(proc.pid) else None
+    assert store.info(cache)["images"] == 0  # the cache opens: empty, but valid
+    written = len(list(parts_folder(cache).glob("features-*.h5")))
+    assert 1 <= written < 4, written  # mid-run: 4 blocks of 12 (41 images, 1 actor)
+
+    summary = extract(data, cache, executor="ray", **RUN)
+    assert summary["resumed"] >= 11 and summary["resumed"] + summary["extracted"] == 41
+    local = tmp_path / "local.h5"
+    extract(data, local, **RUN)
+    assert_same_cache(cache, local)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
+
+
+# --- without Ray ---------------------------------------------------------------------------------
+
+
+def job(tmp_path: Path, **kwargs) -> ray_executor.RayJob:
+    folder = tmp_path / "c.h5.parts"  # the journal's folder (parts.Journal.start makes it)
+    return ray_executor.RayJob(tmp_path, SPEC, folder, "key", **{"run_id": "run-1", **kwargs})
+
+
+def block(paths, value=1.0, reasons=None, dim=SPEC.feature_dim) -> dict:
+    n = len(paths)
+    return {
+        "path": np.array(paths),
+        "size": np.arange(n, dtype=np.int64) + 100,
+        "mtime_ns": np.arange(n, dtype=np.int64) + 10**18,
+        "sha256": np.array(["ab" * 32] * n),
+        "reason": np.array(reasons or [""] * n),
+        "features": np.full((n, dim), value, np.float32),
     }
-    part = ray_executor.write_part(tmp_path, bad, flip=False)
-    with pytest.raises(FeatxError, match=f"{part.name}.*non-finite"):
-        ray_executor.read_parts(tmp_path)
+
+
+def test_a_block_is_a_part_the_journal_resumes_and_a_retried_block_replaces_it(tmp_path):
+    journal = parts.Journal(tmp_path / "c.h5", "key", SPEC.feature_dim)
+    journal.start()
+    j = job(tmp_path)
+    first = ray_executor.write_block(j, block(["a.jpg", "b.jpg", "c.png"], reasons=["", "", "bad"]))
+    again = ray_executor.write_block(j, block(["a.jpg", "b.jpg", "c.png"], reasons=["", "", "bad"]))
+    assert first == again and len(list(j.folder.glob("features-*.h5"))) == 1
+    done, rejected = journal.load()
+    assert sorted(done) == ["a.jpg", "b.jpg"] and done["b.jpg"][:3] == (101, 10**18 + 1, "ab" * 32)
+    assert done["a.jpg"][3] == (f"c.h5.parts/{first}", 0)  # a reference, not the features
+    assert rejected == {"c.png": (102, 10**18 + 2, "bad")}
+
+    # Another run's block of the same paths is another part: a committed part is never rewritten.
+    other = ray_executor.write_block(job(tmp_path, run_id="run-2"), block(["a.jpg", "b.jpg"]))
+    assert other != first
+    # Another backbone's parts are not resumed.
+    assert parts.Journal(tmp_path / "c.h5", "other", SPEC.feature_dim).load() == ({}, {})
+
+
+def test_blocks_keep_every_actor_busy_and_stay_within_a_part(tmp_path):
+    assert ray_executor.block_rows(41, job(tmp_path, batch_size=4, workers=1)) == 12
+    assert ray_executor.block_rows(10**6, job(tmp_path, batch_size=32, workers=8)) == 4096
+    assert ray_executor.block_rows(3, job(tmp_path, batch_size=32, workers=8)) == 32
+
+
+def test_options_of_the_ray_executor_are_checked_before_any_work(tmp_path):
+    data = write_images(tmp_path / "data", {"a": 2, "b": 2})
+    with pytest.raises(FeatxError, match="--ray-address is an option of the Ray executor"):
+        extract(data, tmp_path / "c.h5", ray_address="auto", **RUN)
+    with pytest.raises(FeatxError, match="--gpus-per-worker is an option"):
+        extract(data, tmp_path / "c.h5", gpus_per_worker=1, **RUN)
+    with pytest.raises(FeatxError, match="gpus_per_worker must be a number >= 0"):
+        extract(data, tmp_path / "c.h5", executor="ray", gpus_per_worker=-1, **RUN)
+    with pytest.raises(FeatxError, match="needs --precision fp32"):
+        extract(data, tmp_path / "c.h5", executor="ray", precision="int8", **TINY)
+    with pytest.raises(FeatxError, match="Unknown executor 'spark'"):
+        extract(data, tmp_path / "c.h5", executor="spark", **RUN)
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_cli_ray_options_without_the_ray_executor_are_one_line_errors(tmp_path):
+    data = write_images(tmp_path / "data", {"a": 2, "b": 2})
+    args = ["extract", str(data), "--cache", str(tmp_path / "c.h5"), "--weights", "none"]
+    result = CliRunner().invoke(cli, [*args, "--gpus-per-worker", "0.5"])
+    assert_one_line_error(result, "--gpus-per-worker", "--executor ray")
+    result = CliRunner().invoke(cli, [*args, "--executor", "ray", "--gpus-per-worker", "-1"])
+    assert_one_line_error(result, "gpus_per_worker must be a number >= 0")
 
 
 def test_missing_ray_is_a_one_line_error_naming_the_extra(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    with pytest.raises(FeatxError) as e:
-        ray_executor.run(["a.jpg"], tmp_path, SPEC, tmp_path / "parts")
-    message = str(e.value)
-    assert "pip install 'featx[ray]'" in message and "\n" not in message
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    data = write_images(tmp_path / "data", {"a": 2, "b": 2})
+    result = CliRunner().invoke(
+        cli, ["extract", str(data), "--cache", str(tmp_path / "c.h5"), "--executor", "ray"]
+    )
+    assert_one_line_error(result, "pip install 'featx[ray]'")
+    assert not (tmp_path / "c.h5").exists()  # refused before any work
 
 
 def test_actors_get_the_backend_and_grow_gpu_memory_instead_of_preallocating(monkeypatch):
@@ -147,7 +263,7 @@ def test_a_cluster_gets_one_actor_per_gpu_share_else_per_cpu_but_one():
 
 def test_nothing_to_extract_starts_no_ray(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # would fail if run() imported it
-    assert ray_executor.run([], tmp_path, SPEC, tmp_path / "parts") == []
+    assert ray_executor.run([], job(tmp_path)) == 0
 
 
 def test_importing_the_executor_loads_neither_ray_nor_keras():
