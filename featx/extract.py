@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featx import backbone, config, engines, images, parts, shards, store, stream
+from featx import backbone, config, engines, images, parts, ray_executor, shards, store, stream
 from featx.errors import FeatxError
 from featx.options import ExtractOptions
 
@@ -123,17 +123,14 @@ def extract(
             2x the model time); None keeps what the cache has (config.FLIP for a new cache).
         batch_size: images per model call; None: config.GPU_BATCH_SIZE when Keras runs the
             backbone on a GPU, else config.BATCH_SIZE.
-        workers: decoding threads; None: one per core this process may use. With
-            executor="ray": the Ray actors (each with its own model and RAY_DECODE_THREADS
-            decoding threads); None: cores - 1 on a local Ray, GPUs / gpus_per_worker (else
-            CPUs - 1) on a cluster.
+        workers: decoding threads; None: one per core this process may use. With executor="ray",
+            Ray actors; None: cores - 1, on a cluster GPUs / gpus_per_worker (else CPUs - 1).
         shard: "K/N": extract only the images of shard K of N (featx.shards), for N runs in
             parallel whose caches `featx merge` joins into the cache a single run writes.
-        executor: "local" (this process) or "ray": the images still to extract run on Ray Data
-            (featx.ray_executor; `pip install 'featx[ray]'`), which writes the cache's part
-            files; the cache is the one a local run writes, and resumes the same way.
-        ray_address: the Ray cluster to use ("auto", "ray://host:10001"); None: a local Ray.
-        gpus_per_worker: GPUs reserved per Ray actor (0: CPU only; 0.5: two per GPU).
+        executor: "local", or "ray": the images to extract run on Ray Data (featx.ray_executor),
+            whose actors write the cache's parts; the cache and its resume are a local run's.
+        ray_address, gpus_per_worker: the Ray cluster ("auto", "ray://host:10001"; None: a
+            local Ray) and the GPUs reserved per actor (0: CPU only; 0.5: two per GPU).
         progress: called as progress(done, total, images_per_second) after each batch.
         log: called with one-line messages (warnings, notes); default: silent.
     Returns:
@@ -147,9 +144,7 @@ def extract(
         gpus_per_worker,
     )  # fmt: skip
     if opts.executor == "ray":
-        from featx.ray_executor import check_installed
-
-        check_installed()  # before any work: a one-line error, the cache untouched
+        ray_executor.check_installed()  # before any work: one line, the cache untouched
     root = Path(data_dir)
     cache_path = Path(cache_path) if cache_path else default_cache_path(root)
     listing = shards.restrict(images.find_images(root), opts.shard_numbers)
@@ -403,8 +398,6 @@ def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
     journal folder, read back here as the parts of an interrupted run are. Every file to extract
     must come back, as features or a rejection: Ray's at-least-once delivery may write a block
     twice (the same part), never none."""
-    from featx import ray_executor
-
     opts, t0 = job.opts, time.perf_counter()
     ray_job = ray_executor.RayJob(
         job.root.resolve(), backbone.BackboneSpec(opts.weights, opts.image_size, opts.alpha),
