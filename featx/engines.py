@@ -7,8 +7,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from featx import backbone, config, parts, store
 from featx.errors import FeatxError
+
+
+class WithMirror:
+    """`--flip`: an engine whose features are [features | features of the mirrored images], one
+    row per image; extract and its Ray actors carry them as one row, the part splits them."""
+
+    def __init__(self, engine):
+        self.engine, self.name = engine, engine.name
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        mirrored = np.ascontiguousarray(batch[:, :, ::-1])  # NHWC: reverse the width
+        return np.hstack([self.engine.features(batch), self.engine.features(mirrored)])
 
 
 def make_engine(name: str, spec: backbone.BackboneSpec, *, onnx_dir=None, log=None, search=()):

@@ -174,7 +174,7 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
     flip = opts.flip if opts.flip is not None else config.FLIP if old is None else old.flip
     opts = dataclasses.replace(opts, flip=flip)
     if flip:
-        runner = _WithMirror(runner)
+        runner = engines.WithMirror(runner)
     if old is not None and flip and not old.flip:
         if len(old.paths):
             log("note: the cache has no features of mirror images; extracting every image again.")
@@ -507,18 +507,6 @@ def _rows(todo_sha: list) -> store.Rows:
         np.fromiter((t.mtime_ns for t, _ in todo_sha), np.int64, n),
         [sha for _, sha in todo_sha],
     )
-
-
-class _WithMirror:
-    """`--flip`: an engine whose features are [features | features of the mirrored images];
-    extract carries them as one row through the journal, _write splits them again."""
-
-    def __init__(self, engine):
-        self.engine, self.name = engine, engine.name
-
-    def features(self, batch: np.ndarray) -> np.ndarray:
-        mirrored = np.ascontiguousarray(batch[:, :, ::-1])  # NHWC: reverse the width
-        return np.hstack([self.engine.features(batch), self.engine.features(mirrored)])
 
 
 # --- phase 4: the cache --------------------------------------------------------------------------

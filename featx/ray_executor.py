@@ -188,19 +188,16 @@ class _Extractor:
 
     def _features(self, pixels: np.ndarray) -> np.ndarray:
         """Features of (n, size, size, 3) pixels, n <= the batch size; with flip, each row is
-        [features | features of the mirror image] (as extract's _WithMirror)."""
+        [features | features of the mirror image] (engines.WithMirror, as extract)."""
         if self.engine is None:
             from featx import engines
 
-            self.engine = engines.make_engine(self.job.engine, self.spec)
+            engine = engines.make_engine(self.job.engine, self.spec)
+            self.engine = engines.WithMirror(engine) if self.job.flip else engine
         n, size = len(pixels), self.spec.image_size
         batch = np.zeros((self.job.batch_size, size, size, 3), np.uint8)  # one shape: one
         batch[:n] = pixels  # compile, as extract pads its last batch
-        out = self.engine.features(batch)[:n]
-        if self.job.flip:
-            mirrored = np.ascontiguousarray(batch[:, :, ::-1])  # NHWC: reverse the width
-            out = np.hstack([out, self.engine.features(mirrored)[:n]])
-        return out
+        return self.engine.features(batch)[:n]
 
 
 def _test_hooks(calls: int) -> None:
