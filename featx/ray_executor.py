@@ -100,7 +100,8 @@ class RayJob:
     folder, key: the cache's journal folder and the fingerprint key its parts carry
     (parts.Journal). run_id names this run's parts. engine: the engine the driver resolved
     ("keras" or "onnx"; the cache's fingerprint names it). workers: actors; None: cores - 1 on a
-    local Ray, on a cluster its GPUs / gpus_per_worker, else its CPUs - 1."""
+    local Ray, on a cluster its GPUs / gpus_per_worker, else its CPUs - 1. extract builds it from
+    ExtractOptions, which have checked every value."""
 
     root: Path
     spec: backbone.BackboneSpec
@@ -113,16 +114,6 @@ class RayJob:
     flip: bool = False
     dtype: str = config.FEATURE_DTYPE
     engine: str = "keras"
-
-    def __post_init__(self):
-        if self.dtype not in config.FEATURE_DTYPES:
-            raise FeatxError(f"dtype must be one of {config.FEATURE_DTYPES}, got {self.dtype!r}.")
-        if self.workers is not None and self.workers < 1:
-            raise FeatxError(f"workers must be at least 1, got {self.workers}.")
-        if self.gpus_per_worker < 0:
-            raise FeatxError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}.")
-        if self.batch_size < 1:
-            raise FeatxError(f"batch_size must be at least 1, got {self.batch_size}.")
 
 
 def blocks(todo: Sequence[tuple[str, int, int]], job: RayJob) -> list[list[tuple]]:
