@@ -410,7 +410,9 @@ def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
     except KeyboardInterrupt:
         log("interrupted: the parts Ray wrote are kept; run again to resume.")
         raise
-    done, rejected = job.journal.load(job.committed)
+    # Only the parts Ray wrote: the committed ones and those this run resumed were read already
+    # (and one holding an older version of a file to extract must not answer for it).
+    done, rejected = job.journal.load([*job.committed, *job.journal.sizes])
     missing = []
     for t in plan.todo:
         key = (t.size, t.mtime_ns)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +117,29 @@ def test_a_worker_that_dies_mid_run_loses_and_duplicates_nothing(local_ray, tmp_
     local = tmp_path / "local.h5"
     extract(data, local, dtype="float16", **RUN)
     assert_same_cache(cache, local)  # every path once (and paths == a local run's)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_changed_file_takes_its_new_features_not_an_older_journal_part(local_ray, tmp_path):
+    data = make_data(tmp_path / "data")
+    cache = tmp_path / "ray.h5"
+    extract(data, cache, executor="ray", **RUN)
+    # An interrupted run's part that still holds the old version of a file, named to be read
+    # last: the file then changes, so the next run must extract it again and use that.
+    (first,) = sorted(parts_folder(cache).glob("features-*.h5"))[:1]
+    stale = parts_folder(cache) / ("features-" + "f" * 16 + ".h5")
+    shutil.copyfile(first, stale)
+    with h5py_file(first) as f:
+        changed = f["paths"].asstr()[0]
+    write_images(tmp_path / "other", {"x": 1}, noise=40, seed=99)
+    shutil.copyfile(next((tmp_path / "other" / "x").iterdir()), data / changed)
+
+    summary = extract(data, cache, executor="ray", **RUN)
+    assert summary["extracted"] == 1 and not stale.exists()
+    local = tmp_path / "local.h5"
+    extract(data, local, **RUN)
+    assert_same_cache(cache, local)
 
 
 KILLABLE = textwrap.dedent(
