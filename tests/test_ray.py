@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -84,7 +85,7 @@ def test_ray_writes_the_cache_a_local_run_writes(local_ray, tmp_path):
     assert any(m.startswith("ray: 41 images on a local Ray") for m in messages), messages
     assert_same_cache(cache, local)
     # Nothing left over: only the parts the cache names, and no temporary file.
-    with h5py_file(cache) as f:
+    with h5py.File(cache, "r") as f:
         named = sorted(f["sources/names"].asstr()[()])
     left = sorted(f"{parts_folder(cache).name}/{p.name}" for p in parts_folder(cache).iterdir())
     assert left == sorted([*named, f"{parts_folder(cache).name}/{parts.Journal.MARKER}"])
@@ -95,12 +96,6 @@ def test_ray_writes_the_cache_a_local_run_writes(local_ray, tmp_path):
     assert again["extracted"] == 3 and again["kept"] == 41
     extract(data, local, **RUN)
     assert_same_cache(cache, local)
-
-
-def h5py_file(path: Path):
-    import h5py
-
-    return h5py.File(path, "r")
 
 
 @needs_ray
@@ -130,7 +125,7 @@ def test_a_changed_file_takes_its_new_features_not_an_older_journal_part(local_r
     (first,) = sorted(parts_folder(cache).glob("features-*.h5"))[:1]
     stale = parts_folder(cache) / ("features-" + "f" * 16 + ".h5")
     shutil.copyfile(first, stale)
-    with h5py_file(first) as f:
+    with h5py.File(first, "r") as f:
         changed = f["paths"].asstr()[0]
     write_images(tmp_path / "other", {"x": 1}, noise=40, seed=99)
     shutil.copyfile(next((tmp_path / "other" / "x").iterdir()), data / changed)
@@ -177,7 +172,7 @@ def test_a_driver_killed_mid_run_resumes_to_the_same_cache(local_ray, tmp_path):
     assert 1 <= len(written) < 4, written  # mid-run: 4 blocks of 12 (41 images, 1 actor)
     rows = rejected = 0
     for part in written:
-        with h5py_file(part) as f:
+        with h5py.File(part, "r") as f:
             rows, rejected = rows + len(f["paths"]), rejected + len(f["rejected/paths"])
 
     summary = extract(data, cache, executor="ray", **RUN)
