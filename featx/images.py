@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import operator
 import os
 import stat
 import threading
@@ -54,8 +55,12 @@ class Listing:
     others: list[ImageFile] = field(default_factory=list)
 
 
+_HIDDEN = (".", "__")  # names that start so are not listed
+_NAME = operator.attrgetter("name")
+
+
 def _visible(entry: os.DirEntry | Path) -> bool:
-    return not entry.name.startswith(".") and not entry.name.startswith("__")
+    return not entry.name.startswith(_HIDDEN)
 
 
 def _within(path: str, folder: str) -> bool:
@@ -76,7 +81,7 @@ def _special_kind(mode: int) -> str | None:
 def _plain_file(entry: os.DirEntry) -> bool:
     """A regular file that is no link, as the folder listing says (no system call on Linux)."""
     try:
-        return not entry.is_symlink() and entry.is_file(follow_symlinks=False)
+        return entry.is_file(follow_symlinks=False)  # False for a link, whatever it points to
     except OSError:
         return False
 
@@ -96,7 +101,7 @@ class _Walk:
 
     def __init__(self, boundary: Path):
         self.boundary = os.path.realpath(boundary)
-        self.found: list[Path] = []
+        self.found: list[str] = []  # str, not Path: a Path per file cost more than listing it
         self.skipped: list[tuple[Path, str]] = []
         self._seen: set[str] = set()
 
@@ -139,7 +144,7 @@ class _Walk:
         elif _special_kind(st.st_mode):
             self.skipped.append((path, f"not a regular file ({_special_kind(st.st_mode)})"))
         else:
-            self.found.append(path)
+            self.found.append(str(path))
 
     def folder(self, folder: Path) -> None:
         real = os.path.realpath(folder)
@@ -149,17 +154,22 @@ class _Walk:
         self._seen.add(real)
         try:
             with os.scandir(folder) as it:
-                entries = [e for e in it if _visible(e)]
+                entries = [e for e in it if not e.name.startswith(_HIDDEN)]
         except OSError as e:
             self.skipped.append((folder, f"unreadable folder: {e.strerror or e}"))
             return
         # A folder's own files first, then its subfolders, each sorted by name (os.walk's order).
-        entries.sort(key=lambda e: (_is_dir(e), e.name))
+        entries.sort(key=_NAME)
+        subfolders = []
         for e in entries:
             if _plain_file(e):  # the common case, known from the listing itself: no stat
-                self.found.append(folder / e.name)
+                self.found.append(e.path)
+            elif _is_dir(e):
+                subfolders.append(e)
             else:
-                self.entry(folder / e.name)
+                self.entry(Path(e.path))
+        for e in subfolders:
+            self.entry(Path(e.path))
 
 
 def walk_files(folder: Path, boundary: Path | None = None) -> tuple[list[Path], list[tuple]]:
@@ -169,7 +179,7 @@ def walk_files(folder: Path, boundary: Path | None = None) -> tuple[list[Path], 
     elsewhere are followed."""
     walk = _Walk(boundary or folder)
     walk.folder(Path(folder))
-    return walk.found, walk.skipped
+    return [Path(p) for p in walk.found], walk.skipped
 
 
 def inside(root: Path, rel: str) -> Path | None:
@@ -189,7 +199,9 @@ def _subfolders(folder: Path) -> list[Path]:
 def _check_not_too_high(root: Path, class_dirs: list[Path]) -> None:
     """A class folder that holds split folders means DATA_DIR is one level too high."""
     for c in class_dirs:
-        inner = [p.name for p in _subfolders(c) if p.name.lower() in config.SPLIT_FOLDER_NAMES]
+        with os.scandir(c) as it:  # the split names first: a class folder holds many files
+            inner = [e for e in it if e.name.lower() in config.SPLIT_FOLDER_NAMES]
+        inner = sorted(e.name for e in inner if _is_dir(e))
         if inner:
             raise FeatxError(
                 f"'{c}' looks like a data folder, not a class: it holds split folders "
@@ -245,11 +257,11 @@ def find_images(data_dir: str | Path) -> Listing:
         all_classes.add(class_dir.name)
         before = len(walk.found)
         walk.entry(class_dir)
+        name = class_dir.name
         for f in walk.found[before:]:
-            rel = str(f)
-            rel = rel[len(prefix) :] if rel.startswith(prefix) else f.relative_to(root).as_posix()
-            files.append(ImageFile(rel, class_dir.name, split))
-            per_class[class_dir.name] += 1
+            rel = f[len(prefix) :] if f.startswith(prefix) else Path(f).relative_to(root).as_posix()
+            files.append(ImageFile(rel, name, split))
+        per_class[name] += len(walk.found) - before
     class_names = sorted(c for c in all_classes if per_class[c] > 0)
     empty = sorted(c for c in all_classes if per_class[c] == 0)
     if len(class_names) < 2:
