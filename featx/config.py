@@ -53,6 +53,10 @@ PREFETCH_BATCHES = 4  # decoded batches waiting for the model; bounds memory
 # Images per part file: 4,096 x 1,280 float32 = 21 MB. Larger parts mean fewer files (245 for a
 # million images) but more memory while one is built and more work redone after a kill.
 PART_ROWS = 4096
+# A journal write that finds at least PART_MIN_ROWS rows waiting and no journal batch for the part
+# being gathered writes them as a part at once (a fast pipeline writes each feature once, not as a
+# batch and then in its part). Parts hold PART_MIN_ROWS to PART_ROWS rows then (the last one less).
+PART_MIN_ROWS = 1024
 # extract journals its finished batches (one .npz) at most every JOURNAL_SECONDS: a slow batch
 # (a real model) is journalled alone, fast ones (small images, a GPU) are gathered into one write,
 # so the journal's fsyncs do not cap the pipeline. A kill -9 redoes at most this much work.

@@ -434,10 +434,11 @@ def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
 
 
 def _record(job: _Job, index: int, chunk, results, feats, plan: _Plan) -> None:
-    """One finished batch into the plan and into the part being gathered (written when it is
-    full); into the journal at most every config.JOURNAL_SECONDS (a slow batch alone, fast ones
-    gathered into one .npz). A row whose content did not change keeps its reference and is not
-    journalled: a resumed run finds it unchanged again, without the model."""
+    """One finished batch into the part being gathered (written when it is full: its rows join
+    plan.rows then); into the journal at most every config.JOURNAL_SECONDS (a slow batch alone,
+    fast ones gathered into one .npz, or written straight as a part when they are many, see
+    _tick). A row whose content did not change keeps its reference and is not journalled: a
+    resumed run finds it unchanged again, without the model."""
     ok = [(t, r[1]) for t, r in zip(chunk, results) if r[0] == "ok"]
     rej, reasons = [], []
     if len(ok) < len(chunk):  # rejected or unchanged files (rare): one at a time
@@ -450,7 +451,6 @@ def _record(job: _Job, index: int, chunk, results, feats, plan: _Plan) -> None:
                 plan.rows[t.path] = (t.size, t.mtime_ns, value, t.old_ref)
     dim = feats.shape[1] if feats is not None else job.journal.feature_dim or 0
     stacked = np.array(feats) if ok else np.zeros((0, dim), np.float32)  # a copy: ours to keep
-    plan.rows.update({t.path: (t.size, t.mtime_ns, sha, f) for (t, sha), f in zip(ok, stacked)})
     plan.extracted += len(ok)
     part_rows, part_rej = _rows(ok), _rows(rej)
     job.pending.append((index, part_rows, stacked, part_rej, reasons))
@@ -458,12 +458,30 @@ def _record(job: _Job, index: int, chunk, results, feats, plan: _Plan) -> None:
     writer.add_rows(part_rows, stacked)
     writer.reject(part_rej, reasons)
     if len(writer) >= config.PART_ROWS:
-        _settle(job)  # its .npz is on disk and known before the part replaces it
-        job.writing = writer.flush(plan.rows, job.io.submit)  # written while decoding goes on
-        job.pending.clear()  # the part holds the batches not journalled yet
-        job.journalled_at = time.perf_counter()
+        _write_part(job, plan)
     elif time.perf_counter() - job.journalled_at >= config.JOURNAL_SECONDS:
+        _tick(job, plan)
+
+
+def _tick(job: _Job, plan: _Plan) -> None:
+    """The journal's turn: the finished batches not journalled yet go to disk. When the part being
+    gathered has no journal batch yet and already PART_MIN_ROWS rows (a fast pipeline), they are
+    written as a part at once: each feature is written once, not as a batch and then again in its
+    part."""
+    _settle(job)  # a batch still being written joins writer.batches
+    if not job.writer.batches and len(job.writer) >= config.PART_MIN_ROWS:
+        _write_part(job, plan)
+    else:
         _journal(job)
+
+
+def _write_part(job: _Job, plan: _Plan) -> None:
+    """The rows gathered so far as one part, written in the background while decoding goes on;
+    the part holds the batches not journalled yet."""
+    _settle(job)  # its .npz is on disk and known before the part replaces it
+    job.writing = job.writer.flush(plan.rows, job.io.submit)
+    job.pending.clear()
+    job.journalled_at = time.perf_counter()
 
 
 def _journal(job: _Job, wait: bool = False) -> None:

@@ -10,6 +10,7 @@ grow with the number of images.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from featx import config, parts, store
 
 
 class PartWriter:
-    """Gathers finished batches into part files of PART_ROWS rows; `batches` are the journal
-    files (.npz) of the rows gathered so far, deleted once their part is written.
+    """Gathers finished batches into part files of at most PART_ROWS rows; `batches` are the
+    journal files (.npz) of the rows gathered so far, deleted once their part is written.
 
     `flip`: rows are [features | mirrored features], split into the part's two datasets."""
 
@@ -59,8 +60,9 @@ class PartWriter:
         self.reasons.extend(reasons)
 
     def flush(self, plan_rows: dict, submit=None):
-        """Write the gathered rows as one part, point their plan rows at it, and delete the
-        batches it replaces (after the part is on disk: a kill in between loses nothing).
+        """Write the gathered rows as one part, set their plan rows ({path: (size, mtime, sha,
+        (part, row))}), and delete the batches it replaces (after the part is on disk: a kill in
+        between loses nothing).
 
         `submit` (an executor's): the writing and deleting are done there and its future is
         returned; the plan rows point at the part at once, so it must finish before a main file
@@ -77,8 +79,9 @@ class PartWriter:
         id_ = parts.new_id()
         rel = self.journal.relative(parts.part_name(id_))
         self.journal.sizes[rel], self.journal.ids[rel] = len(self), id_
-        for i, p in enumerate(self.rows.paths):
-            plan_rows[p] = (*plan_rows[p][:3], (rel, i))
+        rows, refs = self.rows, zip(itertools.repeat(rel), range(len(self)))
+        keys = zip(rows.file_size.tolist(), rows.file_mtime_ns.tolist(), rows.file_sha256, refs)
+        plan_rows.update(zip(rows.paths, keys))  # (size, mtime, sha, ref), without a loop
         mirrored = None if mirrored is None else np.ascontiguousarray(mirrored)
         task = _PartToWrite(
             self.journal, self.rows, np.ascontiguousarray(main), mirrored, self.rejected,

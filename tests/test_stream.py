@@ -133,6 +133,43 @@ def test_the_journal_is_gathered_into_bounded_parts(fake_engine, tmp_path, monke
     assert len(store.read_cache(cache).features) == 20
 
 
+def test_fast_batches_are_written_once_as_parts_and_an_interrupted_run_resumes(
+    fake_engine, tmp_path, monkeypatch
+):
+    """PART_MIN_ROWS: a journal write that finds enough rows and no journal batch writes a part."""
+    monkeypatch.setattr(config, "PART_MIN_ROWS", 4)
+    monkeypatch.setattr(config, "JOURNAL_SECONDS", 0.0)  # every batch is the journal's turn
+    data = make_data(tmp_path / "data", per_class=10)
+    batches = []
+    monkeypatch.setattr(store.Journal, "write", lambda self, *a: batches.append(a))
+    calls = {"n": 0}
+
+    class Interrupted(PixelEngine):
+        def features(self, batch):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return super().features(batch)
+
+    monkeypatch.setattr(
+        engines, "for_extract", lambda opts, *a: (Interrupted(), backbone.fingerprint(
+            opts.weights, opts.image_size, opts.alpha, engine="keras"))
+    )  # fmt: skip
+    cache = tmp_path / "c.h5"
+    with pytest.raises(KeyboardInterrupt):
+        run(data, cache)
+    assert len(part_files(cache)) == 2 and not batches  # two parts of 4 rows, no .npz
+    summary = run(data, cache)
+    assert (summary["resumed"], summary["extracted"]) == (8, 12) and not batches
+    assert len(part_files(cache)) == 5
+    clean = tmp_path / "clean.h5"
+    monkeypatch.setattr(config, "PART_MIN_ROWS", 1024)
+    run(data, clean)
+    a, b = store.read_cache(cache), store.read_cache(clean)
+    assert a.paths == b.paths and list(a.splits) == list(b.splits)
+    np.testing.assert_array_equal(a.features, b.features)
+
+
 def write_v1(path: Path, cache: store.Cache) -> None:
     """A cache as featx wrote it before format 2: /features inside the file."""
     S = h5py.string_dtype()
