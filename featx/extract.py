@@ -545,6 +545,9 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=
     Returns the part files it names."""
     rows, rejected = plan.rows, plan.rejected
     files = [f for f in listing.files if f.path in rows]  # listing is sorted by path
+    paths = [f.path for f in files]
+    # (size, mtime, sha, ref) columns in one pass (a lookup per row, not four)
+    sizes, mtimes, shas, refs = zip(*map(rows.__getitem__, paths)) if files else ([],) * 4
     class_names = sorted({f.class_name for f in files}) or listing.class_names
     index = {c: i for i, c in enumerate(class_names)}
     rej_paths = sorted(rejected)
@@ -561,13 +564,8 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=
         class_names=class_names,
         features=None,
         labels=np.array([index[f.class_name] for f in files], np.int32),
-        splits=np.array([splits[f.path] for f in files], dtype=object),
-        rows=store.Rows(
-            [f.path for f in files],
-            np.array([rows[f.path][0] for f in files], np.int64),
-            np.array([rows[f.path][1] for f in files], np.int64),
-            [rows[f.path][2] for f in files],
-        ),
+        splits=np.array(list(map(splits.__getitem__, paths)), dtype=object),
+        rows=store.Rows(paths, np.array(sizes, np.int64), np.array(mtimes, np.int64), list(shas)),
         rejected=store.Rows(
             rej_paths,
             np.array([rejected[p][0] for p in rej_paths], np.int64),
@@ -578,7 +576,7 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=
         attrs=attrs,
     )
     return stream.commit(
-        cache_path, meta, [rows[f.path][3] for f in files], job.writer, old,
+        cache_path, meta, list(refs), job.writer, old,
         dim=backbone.feature_dim(job.opts.alpha), dtype=job.opts.dtype,
         flip=bool(job.opts.flip), compact=job.opts.overwrite and old is not None,
     )  # fmt: skip

@@ -280,9 +280,11 @@ def find_images(data_dir: str | Path) -> Listing:
     return Listing(layout, files, class_names, empty, skipped)
 
 
-def _rank(seed: int, path: str) -> str:
-    # A per-file pseudo-random key: the split of a file never depends on which other files exist.
-    return hashlib.sha1(f"{seed}:{path}".encode()).hexdigest()
+def _rank_key(seed: int):
+    """A per-file pseudo-random sort key, sha1 of "seed:path": the split of a file never depends
+    on which other files exist. One call per path; the digest sorts as its hex digest does."""
+    prefix, sha1 = f"{seed}:".encode(), hashlib.sha1
+    return lambda path: sha1(prefix + path.encode()).digest()
 
 
 def assign_splits(
@@ -325,7 +327,7 @@ def assign_splits(
         if val_split > 0 and n >= 2:
             target = max(1, min(target, n - 1))  # keep at least one image on each side
         need = max(0, target - carved[class_name])
-        for i, path in enumerate(sorted(paths, key=lambda p: _rank(seed, p))):
+        for i, path in enumerate(sorted(paths, key=_rank_key(seed))):
             result[path] = "validation" if i < need else "train"
     return result
 

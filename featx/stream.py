@@ -127,10 +127,10 @@ def commit(cache_path: Path, meta: store.Cache, refs: list, writer: PartWriter |
     """Write the main file of `meta` (no features) whose row i has its features at refs[i];
     rewrite every feature into fresh parts first when the cache needs compaction (or `compact`).
     Returns the sources the new main file names."""
-    names: dict[str, int] = {}
-    row_source = np.fromiter((names.setdefault(r[0], len(names)) for r in refs), np.int32,
-                             len(refs))  # fmt: skip
-    row_index = np.fromiter((r[1] for r in refs), np.int64, len(refs))
+    sources, rows = zip(*refs) if refs else ((), ())
+    names = {name: s for s, name in enumerate(dict.fromkeys(sources))}  # in order of first use
+    row_source = np.fromiter(map(names.__getitem__, sources), np.int32, len(refs))
+    row_index = np.fromiter(rows, np.int64, len(refs))
     journal = writer.journal if writer is not None else None
     known_sizes = dict(journal.sizes) if journal is not None else {}
     known_ids = dict(journal.ids) if journal is not None else {}
