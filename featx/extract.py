@@ -324,7 +324,7 @@ def _same_rejection(old, r: int, key: tuple) -> bool:
 # --- phase 3: the model --------------------------------------------------------------------------
 
 
-def _load(root: Path, todo: _Todo, *, image_size: int):
+def _load(root: str, todo: _Todo, *, image_size: int):
     """Read and decode one file in a worker thread (images.load_for_cache)."""
     return images.load_for_cache(os.path.join(root, todo.path), image_size, todo.old_sha)
 
@@ -361,7 +361,7 @@ def _run(job: _Job, plan: _Plan, progress, log) -> dict:
     chunks = [plan.todo[i : i + batch_size] for i in range(0, len(plan.todo), batch_size)]
     timer, done, t0 = _Timer(), 0, time.perf_counter()
     job.journalled_at = t0
-    load = functools.partial(_load, job.root, image_size=size)
+    load = functools.partial(_load, str(job.root), image_size=size)  # str: no Path per image
     job.io = ThreadPoolExecutor(1, thread_name_prefix="featx-journal")
     batches = images.prefetch(chunks, load, workers=job.opts.workers)
     try:
