@@ -450,13 +450,13 @@ def _record(job: _Job, index: int, chunk, results, feats, plan: _Plan) -> None:
             elif status == "same":
                 plan.rows[t.path] = (t.size, t.mtime_ns, value, t.old_ref)
     dim = feats.shape[1] if feats is not None else job.journal.feature_dim or 0
-    stacked = np.array(feats) if ok else np.zeros((0, dim), np.float32)  # a copy: ours to keep
     plan.extracted += len(ok)
     part_rows, part_rej = _rows(ok), _rows(rej)
-    job.pending.append((index, part_rows, stacked, part_rej, reasons))
     writer = job.writer
-    writer.add_rows(part_rows, stacked)
+    # the features copied into the part being gathered: ours to keep, the journal's too
+    stacked = writer.add_rows(part_rows, feats if ok else np.zeros((0, dim), np.float32))
     writer.reject(part_rej, reasons)
+    job.pending.append((index, part_rows, stacked, part_rej, reasons))
     if len(writer) >= config.PART_ROWS:
         _write_part(job, plan)
     elif time.perf_counter() - job.journalled_at >= config.JOURNAL_SECONDS:

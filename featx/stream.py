@@ -30,9 +30,13 @@ class PartWriter:
         self._reset()
 
     def _reset(self) -> None:
-        self.rows, self.features, self.batches = parts.Rows(), [], []
+        self.rows, self.batches = parts.Rows(), []
         self.rejected, self.reasons = parts.Rows(), []
         self._sizes, self._mtimes = [], []
+        # The features of the rows gathered, _buffer[:_filled]: one array a part, filled batch by
+        # batch, written as it is (no list of batches concatenated into a second copy).
+        self._buffer: np.ndarray | None = None
+        self._filled = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -40,14 +44,29 @@ class PartWriter:
     def add(self, path: str, size: int, mtime_ns: int, sha: str, feature: np.ndarray) -> None:
         self.add_rows(parts.Rows([path], [size], [mtime_ns], [sha]), feature[None])
 
-    def add_rows(self, rows: parts.Rows, features: np.ndarray) -> None:
-        """A block of rows (a finished batch) with their (n, D) features."""
+    def add_rows(self, rows: parts.Rows, features: np.ndarray) -> np.ndarray:
+        """A block of rows (a finished batch) with their (n, D) features, which are copied: the
+        caller may reuse its array. Returns the copy (kept until the part is written)."""
         self.rows.paths.extend(rows.paths)
         self._sizes.append(np.asarray(rows.file_size, np.int64))
         self._mtimes.append(np.asarray(rows.file_mtime_ns, np.int64))
         self.rows.file_sha256.extend(rows.file_sha256)
-        if len(rows):
-            self.features.append(features)
+        return self._keep(features) if len(rows) else features[:0]
+
+    def _keep(self, features: np.ndarray) -> np.ndarray:
+        n, end = len(features), self._filled + len(features)
+        old = self._buffer
+        dtype = np.result_type(np.float32, features, *(() if old is None else (old,)))
+        if old is None or end > len(old) or dtype != old.dtype:
+            # PART_ROWS rows and a batch, allocated once a part (np.empty: a page of memory is
+            # used once a row is written there); again only if resumed rows exceed it, or to
+            # hold a wider dtype (as concatenating the batches would: no value is rounded).
+            self._buffer = np.empty((max(end, config.PART_ROWS + n), features.shape[1]), dtype)
+            if old is not None:
+                self._buffer[: self._filled] = old[: self._filled]
+        self._buffer[self._filled : end] = features
+        self._filled = end
+        return self._buffer[end - n : end]
 
     def reject(self, rows: parts.Rows, reasons) -> None:
         """A block of rejected rows with their reasons."""
@@ -72,7 +91,8 @@ class PartWriter:
         self.rows.file_size = np.concatenate([np.zeros(0, np.int64), *self._sizes])
         self.rows.file_mtime_ns = np.concatenate([np.zeros(0, np.int64), *self._mtimes])
         width = self.journal.feature_dim or 0
-        feats = np.concatenate(self.features) if self.features else np.zeros((0, width), np.float32)
+        feats = self._buffer[: self._filled] if self._buffer is not None else None
+        feats = np.zeros((0, width), np.float32) if feats is None else feats
         feats = feats.astype(self.dtype, copy=False)
         half = feats.shape[1] // 2
         main, mirrored = (feats[:, :half], feats[:, half:]) if self.flip else (feats, None)

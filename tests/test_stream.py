@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import COLOURS, TINY, assert_one_line_error, write_images
 
-from featx import backbone, config, engines, extract, images, store
+from featx import backbone, config, engines, extract, images, store, stream
 from featx.cli import cli
 from featx.errors import FeatxError
 from featx.options import ExtractOptions
@@ -168,6 +168,36 @@ def test_fast_batches_are_written_once_as_parts_and_an_interrupted_run_resumes(
     a, b = store.read_cache(cache), store.read_cache(clean)
     assert a.paths == b.paths and list(a.splits) == list(b.splits)
     np.testing.assert_array_equal(a.features, b.features)
+
+
+def test_the_part_writer_keeps_every_row_exactly_past_its_buffer_and_across_dtypes(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(config, "PART_ROWS", 4)  # a buffer of 4 rows and a batch: it must grow
+    journal = store.Journal(tmp_path / "c.h5", "k", 3)
+    journal.start()
+    writer = stream.PartWriter(journal, "float32", flip=False)
+    blocks = [np.full((1, 3), 0.1, np.float16)] + [np.random.rand(n, 3) for n in (2, 5, 3)]
+    blocks[1] = blocks[1].astype(np.float32)  # float16, float32, then float64: promoted, as
+    # concatenating them would, never rounded to the first block's dtype
+    originals = [b.copy() for b in blocks]
+    paths, kept = [], []
+    for b in blocks:
+        names = [f"x{len(paths) + i}" for i in range(len(b))]
+        paths += names
+        rows = store.Rows(names, np.zeros(len(b), np.int64), np.zeros(len(b), np.int64),
+                          ["0" * 64] * len(b))  # fmt: skip
+        kept.append(writer.add_rows(rows, b))
+        b[:] = 7  # the caller reuses its array: the writer kept a copy
+    for k, b in zip(kept, originals):
+        np.testing.assert_array_equal(k, b)
+    plan_rows = {}
+    writer.flush(plan_rows)
+    (name,) = {ref[0] for *_, ref in plan_rows.values()}
+    with h5py.File(tmp_path / name, "r") as f:
+        expected = np.concatenate(originals).astype(np.float32)
+        np.testing.assert_array_equal(f["features"][()], expected)
+        assert list(f["paths"].asstr()[()]) == paths
 
 
 def write_v1(path: Path, cache: store.Cache) -> None:
