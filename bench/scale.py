@@ -7,7 +7,8 @@ Tiny 64x64 JPEGs (generated once under --root and reused) through `extract` with
   - peak RSS (ru_maxrss) and bytes written (wchar of /proc/self/io: every write() of the process)
     of a new cache of each size, then of adding 50 images to it, as a share of the cache's bytes;
   - images/s of the whole pipeline (null engine) against the decode-only ceiling (read + sha256 +
-    decode, nothing else) at 1, 2 and all workers, in threads and, for the ceiling, in processes;
+    decode through featx.decoding, nothing else) at 1, 2 and all workers, in threads and in
+    processes (each against its own ceiling; median of --repeats interleaved runs);
     also the pipeline's main loop alone (extract's steady_images_per_second: after the first
     batch, without listing the folder or writing the last part and the main file).
 """
@@ -20,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +43,11 @@ def for_extract(opts, old, cache_path, listing, root, log):
     return Null(), backbone.fingerprint("none", 32, 0.35, engine="keras")
 
 engines.for_extract = for_extract
-data, cache, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data, cache, workers, decode_in = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 io0 = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
 t0 = time.perf_counter()
-s = extract(data, cache, weights="none", alpha=0.35, image_size=32, workers=workers or None)
+s = extract(data, cache, weights="none", alpha=0.35, image_size=32, workers=workers or None,
+            decode_in=decode_in)
 seconds = time.perf_counter() - t0
 io1 = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
 print(json.dumps({
@@ -56,6 +57,7 @@ print(json.dumps({
     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "wchar": int(io1["wchar"]) - int(io0["wchar"]),
     "write_bytes": int(io1["write_bytes"]) - int(io0["write_bytes"]),
+    "decoded_in": s["decoded_in"],
 }))
 """
 
@@ -82,10 +84,10 @@ def generate(root: Path, n: int) -> Path:
     return folder
 
 
-def child(data: Path, cache: Path, workers: int = 0) -> dict:
+def child(data: Path, cache: Path, workers: int = 0, decode_in: str = "auto") -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(data), str(cache), str(workers)],
+        [sys.executable, "-c", CHILD, str(data), str(cache), str(workers), decode_in],
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -121,50 +123,55 @@ def scale_run(root: Path, n: int) -> dict:
     return result
 
 
-def decode_ceiling(data: Path, workers: int, processes: bool) -> float:
-    """images/s of read + sha256 + decode alone (featx's decoder, the prefetch pool)."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    from featx import images
-
-    files = sorted(p for c in "ab" for p in (data / c).iterdir())
-    t0 = time.perf_counter()
-    if processes:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_decode, files, chunksize=64))
-    else:
-        chunks = [files[i : i + 32] for i in range(0, len(files), 32)]
-        for _ in images.prefetch(chunks, _decode, workers=workers):
-            pass
-    return len(files) / (time.perf_counter() - t0)
+CEILING = """
+import sys, time
+from featx import decoding
+root, workers, processes = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "processes"
+files = sorted(f"{c}/{name}" for c in "ab" for name in __import__("os").listdir(f"{root}/{c}"))
+chunks = [[(f, None) for f in files[i : i + 32]] for i in range(0, len(files), 32)]
+t0 = time.perf_counter()
+for _ in decoding.decode(chunks, root, 32, workers=workers, processes=processes):
+    pass
+print(len(files) / (time.perf_counter() - t0))
+"""
 
 
-def _decode(path):
-    from featx import images
+def decode_ceiling(data: Path, workers: int, decode_in: str) -> float:
+    """images/s of read + sha256 + decode alone: featx.decoding on the same workers (processes
+    started as extract starts them, counted in), nothing else; in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", CEILING, str(data), str(workers), decode_in],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    return float(out.stdout.strip().splitlines()[-1])
 
-    data, _ = images.read_file(path)
-    return images.decode_image(data, 32)
 
-
-def overhead(root: Path, n: int, workers: list[int]) -> list[dict]:
+def overhead(root: Path, n: int, workers: list[int], repeats: int) -> list[dict]:
+    """The null-engine pipeline against the decode-only ceiling, threads and processes, each
+    measured `repeats` times interleaved (the median kept): the machine is shared and noisy."""
     data = generate(root, n)
     rows = []
     for w in workers:
-        cache = root / f"overhead-{w}.h5"
-        run = child(data, cache, w)
-        shutil.rmtree(cache.with_name(cache.name + ".parts"), ignore_errors=True)
-        cache.unlink()
-        threads = decode_ceiling(data, w, processes=False)
-        procs = decode_ceiling(data, w, processes=True)
-        rows.append({
-            "workers": w, "pipeline": run["images_per_second"], "decode_threads": threads,
-            "decode_processes": procs, "ratio": run["images_per_second"] / threads,
-            "pipeline_steady": run["steady_images_per_second"],
-            "steady_ratio": run["steady_images_per_second"] / threads,
-        })  # fmt: skip
-        log(f"  {w} workers: pipeline {run['images_per_second']:.0f}/s "
-            f"({run['steady_images_per_second']:.0f}/s in its main loop), decoding alone "
-            f"{threads:.0f}/s in threads, {procs:.0f}/s in processes")  # fmt: skip
+        for decode_in in ("threads", "processes"):
+            runs, ceilings = [], []
+            for _ in range(repeats):
+                cache = root / f"overhead-{w}.h5"
+                runs.append(child(data, cache, w, decode_in))
+                shutil.rmtree(cache.with_name(cache.name + ".parts"), ignore_errors=True)
+                cache.unlink()
+                ceilings.append(decode_ceiling(data, w, decode_in))
+            pipeline = float(np.median([r["images_per_second"] for r in runs]))
+            steady = float(np.median([r["steady_images_per_second"] for r in runs]))
+            ceiling = float(np.median(ceilings))
+            rows.append({
+                "workers": w, "decode_in": decode_in, "pipeline": pipeline, "ceiling": ceiling,
+                "ratio": pipeline / ceiling, "pipeline_steady": steady,
+                "steady_ratio": steady / ceiling,
+            })  # fmt: skip
+            log(f"  {w} workers, {decode_in}: pipeline {pipeline:.0f}/s ({steady:.0f}/s in "
+                f"its main loop), decoding alone {ceiling:.0f}/s: "
+                f"{pipeline / ceiling:.2f}")  # fmt: skip
     return rows
 
 
@@ -173,6 +180,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[6000, 60000])
     parser.add_argument("--root", type=Path, default=Path("/tmp/featx-scale"))
     parser.add_argument("--overhead-images", type=int, default=6000)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json-out", type=Path, default=ROOT / "bench/results/scale.json")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
@@ -192,7 +200,9 @@ def main() -> None:
         result["peak_rss_growth_mib"] = grow
         log(f"peak RSS {b['images']} - {a['images']} images: {grow:+.0f} MiB")
     log(f"null engine against the decode-only ceiling ({args.overhead_images} images):")
-    result["overhead"] = overhead(args.root, args.overhead_images, sorted({1, 2, cores}))
+    result["overhead"] = overhead(
+        args.root, args.overhead_images, sorted({1, 2, cores}), args.repeats
+    )
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

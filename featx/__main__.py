@@ -1,3 +1,4 @@
 from featx.cli import main
 
-main()
+if __name__ == "__main__":  # decoding processes import this module again
+    main()

@@ -153,8 +153,15 @@ def with_progress(label: str, as_json: bool, run, *args, **kwargs):
 @click.option(
     "--workers",
     type=int,
-    help="Decoding threads; with --executor ray, Ray actors  [default: one per core this "
-    "process may use; Ray: cores - 1, or GPUs / --gpus-per-worker]",
+    help="Decoding threads or processes; with --executor ray, Ray actors  [default: one per "
+    "core this process may use; Ray: cores - 1, or GPUs / --gpus-per-worker]",
+)
+@shown(
+    "--decode-in",
+    config.DECODE_IN,
+    "Decode in threads or processes; auto: processes when the model runs on a GPU, for "
+    f"{config.PROCESS_DECODE_MIN_IMAGES:,}+ images on 2+ workers.",
+    type=click.Choice(config.DECODE_INS),
 )
 @click.option(
     "--dtype",

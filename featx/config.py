@@ -31,9 +31,8 @@ MIN_IMAGE_SIZE = 32  # MobileNetV2's smallest input
 MAX_IMAGE_SIZE = 1024
 MAX_BATCH_SIZE = 1024
 MAX_BATCH_PIXELS = 32 * 1024 * 1024  # batch_size x image_size**2: 32 images of 1024 px
-# Decoding workers (threads: Pillow releases the GIL while decoding, and bench/scale.py measured
-# threads as fast as processes). None: one per core this process may use (os.sched_getaffinity);
-# `extract --workers N` overrides it.
+# Decoding workers. None: one per core this process may use (os.sched_getaffinity); `extract
+# --workers N` overrides it.
 DECODE_WORKERS = None
 
 
@@ -48,6 +47,13 @@ def decode_workers() -> int:
 
 
 MAX_DECODE_WORKERS = 256
+# Threads or processes (featx/decoding.py). Processes decode small images up to 2.4x faster on
+# 2 cores (Pillow's Python code holds the GIL), photos as fast as threads, and take ~0.3 s to
+# start. "auto" takes them where decoding sets the pace: the model on a GPU, 2 workers or more,
+# PROCESS_DECODE_MIN_IMAGES images or more; a model on this CPU is 10x slower than decoding.
+DECODE_IN = "auto"
+DECODE_INS = ("auto", "threads", "processes")
+PROCESS_DECODE_MIN_IMAGES = 1000
 PREFETCH_BATCHES = 4  # decoded batches waiting for the model; bounds memory
 # --- the cache's part files (featx/parts.py) --------------------------------------------------
 # Images per part file: 4,096 x 1,280 float32 = 21 MB. Larger parts mean fewer files (245 for a

@@ -3,9 +3,9 @@
 A run holds the cache's writer lock and goes through four phases:
   _resolve  the options against the existing cache (its dtype, split and seed are kept);
   _plan     pure: which files are kept from the cache, resumed from the journal, or to extract;
-  _run      decode ahead in threads, run the model batch by batch, journal the finished batches
-            (at most every JOURNAL_SECONDS) and gather them into part files (featx.stream) as it
-            goes, the writing done in a background thread;
+  _run      decode ahead (threads or processes: featx.decoding), run the model batch by batch,
+            journal the finished batches (at most every JOURNAL_SECONDS) and gather them into
+            part files (featx.stream) as it goes, the writing done in a background thread;
   _write    name every row's part in a new main file, replaced atomically.
 Features already on disk are referred to, never loaded: memory is bounded by the batches in
 flight and two parts (one being written), not by the number of images. On a CPU the model, not
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
-from featx import backbone, config, engines, images, parts, ray_executor, shards, store, stream
+from featx import (
+    backbone,
+    config,
+    decoding,
+    engines,
+    images,
+    parts,
+    ray_executor,
+    shards,
+    store,
+    stream,
+)
 from featx.errors import FeatxError
 from featx.options import ExtractOptions
 
@@ -100,6 +110,7 @@ def extract(
     executor: str = config.EXECUTOR,
     ray_address: str | None = None,
     gpus_per_worker: float = config.GPUS_PER_WORKER,
+    decode_in: str = config.DECODE_IN,
     progress=None,
     log=None,
 ) -> dict:
@@ -123,8 +134,12 @@ def extract(
             2x the model time); None keeps what the cache has (config.FLIP for a new cache).
         batch_size: images per model call; None: config.GPU_BATCH_SIZE when Keras runs the
             backbone on a GPU, else config.BATCH_SIZE.
-        workers: decoding threads; None: one per core this process may use. With executor="ray",
-            Ray actors; None: cores - 1, on a cluster GPUs / gpus_per_worker (else CPUs - 1).
+        workers: decoding threads or processes; None: one per core this process may use. With
+            executor="ray", Ray actors; None: cores - 1, on a cluster GPUs / gpus_per_worker.
+        decode_in: "threads", "processes" or "auto": processes when the model runs on a GPU,
+            for config.PROCESS_DECODE_MIN_IMAGES images or more on 2 workers or more.
+            Processes re-import a script's main module: call featx under
+            `if __name__ == "__main__":` there.
         shard: "K/N": extract only the images of shard K of N (featx.shards), for N runs in
             parallel whose caches `featx merge` joins into the cache a single run writes.
         executor: "local", or "ray": the images to extract run on Ray Data (featx.ray_executor),
@@ -141,12 +156,14 @@ def extract(
     opts = ExtractOptions(  # every option is checked here, before any work
         weights, image_size, alpha, batch_size, dtype, val_split, seed, overwrite,
         engine or config.ENGINE, precision, flip, workers, shard, executor, ray_address,
-        gpus_per_worker,
+        gpus_per_worker, decode_in,
     )  # fmt: skip
     if opts.executor == "ray":
         ray_executor.check_installed()  # before any work: one line, the cache untouched
     root = Path(data_dir)
     cache_path = Path(cache_path) if cache_path else default_cache_path(root)
+    if opts.executor == "local":
+        decoding.warm_up(opts.decode_in, opts.workers or config.decode_workers())
     listing = shards.restrict(images.find_images(root), opts.shard_numbers)
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
@@ -193,7 +210,8 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
     )
     if not cache_path.exists():  # a valid (empty) cache at once: a killed run leaves one
         _write(cache_path, job, listing, _Plan(), {})
-    timing = {"model_seconds": 0.0, "model_load_seconds": None, "steady_images_per_second": None}
+    timing = {"model_seconds": 0.0, "model_load_seconds": None, "steady_images_per_second": None,
+              "decoded_in": None}  # fmt: skip
     if plan.todo or journal.batches:
         journal.start()
         _gather_resumed(job, plan)
@@ -324,11 +342,6 @@ def _same_rejection(old, r: int, key: tuple) -> bool:
 # --- phase 3: the model --------------------------------------------------------------------------
 
 
-def _load(root: str, todo: _Todo, *, image_size: int):
-    """Read and decode one file in a worker thread (images.load_for_cache)."""
-    return images.load_for_cache(os.path.join(root, todo.path), image_size, todo.old_sha)
-
-
 class _Timer:
     """model_seconds (inside the engine), model_load_seconds (the first call, which imports and
     builds the model) and steady_images_per_second (after it: the rate a long run tends to)."""
@@ -355,17 +368,22 @@ class _Timer:
 
 
 def _run(job: _Job, plan: _Plan, progress, log) -> dict:
-    """Decode ahead in threads, run the model batch by batch, journal the finished batches.
+    """Decode ahead (featx.decoding), run the model batch by batch, journal the finished batches.
     Fills plan.rows and plan.rejected; returns the timing (see _Timer)."""
     size, batch_size = job.opts.image_size, job.opts.batch_size
     chunks = [plan.todo[i : i + batch_size] for i in range(0, len(plan.todo), batch_size)]
     timer, done, t0 = _Timer(), 0, time.perf_counter()
     job.journalled_at = t0
-    load = functools.partial(_load, str(job.root), image_size=size)  # str: no Path per image
+    workers = job.opts.workers or config.decode_workers()
+    how = decoding.choose(job.opts.decode_in, workers, len(plan.todo), engines.on_gpu(job.runner))
     job.io = ThreadPoolExecutor(1, thread_name_prefix="featx-journal")
-    batches = images.prefetch(chunks, load, workers=job.opts.workers)
+    items = ([(t.path, t.old_sha) for t in chunk] for chunk in chunks)  # what a worker needs
+    batches = decoding.decode(
+        items, str(job.root), size, workers=workers, processes=how == "processes"
+    )  # str root: no Path per image
     try:
-        for index, (chunk, results) in enumerate(batches):
+        for index, (_, results) in enumerate(batches):
+            chunk = chunks[index]
             ok = [r[2] for r in results if r[0] == "ok"]
             feats = None
             if ok:
@@ -390,7 +408,7 @@ def _run(job: _Job, plan: _Plan, progress, log) -> dict:
     finally:
         batches.close()  # stops the decoding threads without waiting for them
         job.io.shutdown(wait=True)  # a journal write is finished, never cut short
-    return timer.summary()
+    return {**timer.summary(), "decoded_in": how}
 
 
 def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
@@ -430,7 +448,12 @@ def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
         )
     if progress is not None:  # the last parts may have come after the watcher's last look
         progress(len(todo), len(todo), len(todo) / max(time.perf_counter() - t0, 1e-9))
-    return {"model_seconds": None, "model_load_seconds": None, "steady_images_per_second": None}
+    return {
+        "model_seconds": None,
+        "model_load_seconds": None,
+        "steady_images_per_second": None,
+        "decoded_in": "threads",
+    }  # fmt: skip: Ray's actors decode in threads
 
 
 def _record(job: _Job, index: int, chunk, results, feats, plan: _Plan) -> None:

@@ -78,6 +78,7 @@ class ExtractOptions:
     executor: str = config.EXECUTOR
     ray_address: str | None = None  # None: a local Ray of this machine's cores
     gpus_per_worker: float = config.GPUS_PER_WORKER  # GPUs per Ray actor
+    decode_in: str = config.DECODE_IN  # "threads", "processes" or "auto" (featx.decoding)
 
     def __post_init__(self):
         check_image_size(self.image_size, self.batch_size)
@@ -118,6 +119,12 @@ class ExtractOptions:
         if self.executor != "ray" and (self.ray_address or self.gpus_per_worker):
             option = "--ray-address" if self.ray_address else "--gpus-per-worker"
             raise FeatxError(f"{option} is an option of the Ray executor; add --executor ray.")
+        check_choice("decode_in", self.decode_in, config.DECODE_INS)
+        if self.executor == "ray" and self.decode_in == "processes":
+            raise FeatxError(
+                "--decode-in processes is an option of the local executor: Ray's actors are "
+                "processes already, each decoding in threads. Drop --decode-in."
+            )
         if self.executor == "ray" and self.precision == "int8":  # calibrated on the driver
             raise FeatxError(
                 "--executor ray needs --precision fp32: the int8 backbone is a file calibrated "
