@@ -114,10 +114,10 @@ _BROKEN = (
 )
 
 
-def warm_up(decode_in: str, workers: int) -> None:
-    """Start the process that forks the decoding processes now, if they may be used: it imports
-    numpy and Pillow (~0.2 s) on another core while this one lists the folder."""
-    if decode_in != "threads" and workers >= 2 and _context().get_start_method() == "forkserver":
+def warm_up() -> None:
+    """Start the process that forks the decoding processes now: it imports numpy and Pillow
+    (~0.2 s) on another core while this one lists the folder; decode() needs it ready."""
+    if _context().get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
         with contextlib.suppress(Exception):  # only an early start: decode() starts it anyway

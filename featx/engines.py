@@ -103,16 +103,22 @@ def batch_size(opts) -> int:
     a GPU (within MAX_BATCH_PIXELS; on Ray: when its actors get GPUs), else config.BATCH_SIZE."""
     if opts.batch_size is not None:
         return opts.batch_size
-    if opts.engine == "onnx" or opts.precision != "fp32":
-        return config.BATCH_SIZE
-    from featx.onnx_engine import keras_sees_gpu
-
-    # On Ray the actors' devices count, not this process's.
-    on_gpu = opts.gpus_per_worker > 0 if opts.executor == "ray" else keras_sees_gpu()
-    if not on_gpu:
+    if not gpu_expected(opts):
         return config.BATCH_SIZE
     fits = config.MAX_BATCH_PIXELS // opts.image_size**2
     return max(config.BATCH_SIZE, min(config.GPU_BATCH_SIZE, fits))
+
+
+def gpu_expected(opts) -> bool:
+    """Whether the backbone will run on a GPU, before the engine is made: Keras (asked for, or
+    chosen by auto) seeing one; on Ray, its actors getting GPUs."""
+    if opts.engine == "onnx" or opts.precision != "fp32":
+        return False
+    if opts.executor == "ray":  # the actors' devices count, not this process's
+        return opts.gpus_per_worker > 0
+    from featx.onnx_engine import keras_sees_gpu
+
+    return keras_sees_gpu()
 
 
 def on_gpu(runner) -> bool:

@@ -134,12 +134,9 @@ def extract(
             2x the model time); None keeps what the cache has (config.FLIP for a new cache).
         batch_size: images per model call; None: config.GPU_BATCH_SIZE when Keras runs the
             backbone on a GPU, else config.BATCH_SIZE.
-        workers: decoding threads or processes; None: one per core this process may use. With
-            executor="ray", Ray actors; None: cores - 1, on a cluster GPUs / gpus_per_worker.
-        decode_in: "threads", "processes" or "auto": processes when the model runs on a GPU,
-            for config.PROCESS_DECODE_MIN_IMAGES images or more on 2 workers or more.
-            Processes re-import a script's main module: call featx under
-            `if __name__ == "__main__":` there.
+        workers: decoding workers (None: one per core); with executor="ray", Ray actors.
+        decode_in: "threads", "processes" or "auto" (featx.decoding.choose). Processes import
+            a calling script again: call featx under `if __name__ == "__main__":` there.
         shard: "K/N": extract only the images of shard K of N (featx.shards), for N runs in
             parallel whose caches `featx merge` joins into the cache a single run writes.
         executor: "local", or "ray": the images to extract run on Ray Data (featx.ray_executor),
@@ -158,12 +155,9 @@ def extract(
         engine or config.ENGINE, precision, flip, workers, shard, executor, ray_address,
         gpus_per_worker, decode_in,
     )  # fmt: skip
-    if opts.executor == "ray":
-        ray_executor.check_installed()  # before any work: one line, the cache untouched
+    _start(opts)
     root = Path(data_dir)
     cache_path = Path(cache_path) if cache_path else default_cache_path(root)
-    if opts.executor == "local":
-        decoding.warm_up(opts.decode_in, opts.workers or config.decode_workers())
     listing = shards.restrict(images.find_images(root), opts.shard_numbers)
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
@@ -176,6 +170,17 @@ def extract(
     summary["seconds"] = round(seconds, 3)
     summary["images_per_second"] = round(extracted / seconds, 2) if extracted else 0.0
     return {**summary, **timing}
+
+
+def _start(opts: ExtractOptions) -> None:
+    """Before any work: Ray must be installed (one line, the cache untouched); decoding processes
+    that may be used have their forkserver started, importing Pillow while the folder is listed."""
+    if opts.executor == "ray":
+        ray_executor.check_installed()
+        return
+    auto = opts.decode_in == "auto" and (opts.workers or config.decode_workers()) >= 2
+    if opts.decode_in == "processes" or (auto and engines.gpu_expected(opts)):
+        decoding.warm_up()
 
 
 def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progress, log):

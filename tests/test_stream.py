@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import COLOURS, TINY, assert_one_line_error, write_images
 
-from featx import backbone, config, engines, extract, images, store, stream
+from featx import backbone, config, decoding, engines, extract, images, store, stream
 from featx.cli import cli
 from featx.errors import FeatxError
 from featx.options import ExtractOptions
@@ -289,13 +289,13 @@ def _peak_bytes(root: Path, n: int, monkeypatch) -> int:
             (root / c / f"{i:06d}.jpg").touch()
     pixels = np.zeros((32, 32, 3), np.uint8)
 
-    def load(root_, todo, *, image_size):
-        return "ok", f"{hash(todo.path):064x}"[-64:], pixels
+    def load(root_, image_size, item):
+        return "ok", f"{hash(item[0]):064x}"[-64:], pixels
 
-    monkeypatch.setattr(extract, "_load", load)
+    monkeypatch.setattr(decoding, "load_one", load)
     tracemalloc.start()
-    try:
-        extract.extract(root, root.with_suffix(".h5"), **TINY, batch_size=256)
+    try:  # in threads: tracemalloc sees this process only
+        extract.extract(root, root.with_suffix(".h5"), **TINY, batch_size=256, decode_in="threads")
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
