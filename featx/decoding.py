@@ -29,7 +29,7 @@ from featx.errors import FeatxError
 
 
 def choose(decode_in: str, workers: int, num_images: int, model_on_gpu: bool) -> str:
-    """ "threads" or "processes" for `decode_in` ("auto", "threads", "processes"). Auto takes
+    """Where to decode: `decode_in` ("threads" or "processes") as asked, or for "auto",
     processes where decoding sets the pace: the model runs on a GPU, on 2 workers or more, for
     config.PROCESS_DECODE_MIN_IMAGES images or more (processes take ~0.3 s to start). With the
     model on this CPU it costs 17-20 core-ms an image against decoding's 2 (bench/cores.py):
