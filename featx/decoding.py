@@ -156,7 +156,7 @@ def _start_worker(pixels, shape, root: str, image_size: int, budget) -> None:
     rows = np.frombuffer(pixels, np.uint8).reshape(shape)
     _worker.update(pixels=rows, root=root, size=image_size)
     # The pixel budget is shared by all the workers, as it is by threads in one process.
-    images._PIXEL_BUDGET = _SharedPixelBudget(*budget)
+    images._PIXEL_BUDGET = images._PixelBudget(*budget)
     parent = multiprocessing.parent_process()
     if parent is not None:  # a parent killed with -9 must not leave its workers behind
         threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
@@ -176,25 +176,3 @@ def _decode_rows(slot: int, start: int, items: list) -> list:
             rows[row] = decoded
         out.append((status, value))
     return out
-
-
-class _SharedPixelBudget(images._PixelBudget):
-    """images._PixelBudget over a multiprocessing Condition and a shared counter."""
-
-    def __init__(self, pixels: int, cond, used):
-        self.limit, self._cond, self._used = pixels, cond, used
-
-    @property
-    def used(self) -> int:
-        return self._used.value
-
-    def acquire(self, pixels: int) -> None:
-        with self._cond:
-            while self._used.value and self._used.value + pixels > self.limit:
-                self._cond.wait()
-            self._used.value += pixels
-
-    def release(self, pixels: int) -> None:
-        with self._cond:
-            self._used.value -= pixels
-            self._cond.notify_all()

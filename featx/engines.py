@@ -121,16 +121,6 @@ def gpu_expected(opts) -> bool:
     return keras_sees_gpu()
 
 
-def on_gpu(runner) -> bool:
-    """Whether `runner` (make_engine's) runs the backbone on a GPU: Keras seeing one (ONNX
-    Runtime runs on the CPU here)."""
-    if runner.name != "keras":
-        return False
-    from featx.onnx_engine import keras_sees_gpu
-
-    return keras_sees_gpu()
-
-
 def read_previous(cache_path: Path, overwrite: bool):
     """The existing cache without its features (extract refers to them, never loads them), or
     None when there is none. Every part is checked and its features read once, a part at a time

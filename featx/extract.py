@@ -380,7 +380,8 @@ def _run(job: _Job, plan: _Plan, progress, log) -> dict:
     timer, done, t0 = _Timer(), 0, time.perf_counter()
     job.journalled_at = t0
     workers = job.opts.workers or config.decode_workers()
-    how = decoding.choose(job.opts.decode_in, workers, len(plan.todo), engines.on_gpu(job.runner))
+    on_gpu = engines.gpu_expected(job.opts)
+    how = decoding.choose(job.opts.decode_in, workers, len(plan.todo), on_gpu)
     job.io = ThreadPoolExecutor(1, thread_name_prefix="featx-journal")
     items = ([(t.path, t.old_sha) for t in chunk] for chunk in chunks)  # what a worker needs
     batches = decoding.decode(

@@ -395,22 +395,33 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 class _PixelBudget:
     """Bounds the pixels being decoded at once by all threads together: a few huge images (a
     9400x9400 PNG is 265 MB decoded) wait for each other instead of adding up; small ones never
-    wait. One image larger than the budget still decodes, alone."""
+    wait. One image larger than the budget still decodes, alone. Decoding processes share one
+    (featx.decoding): a multiprocessing Condition and a shared counter (anything with .value)."""
 
-    def __init__(self, pixels: int):
-        self.limit, self.used = pixels, 0
-        self._cond = threading.Condition()
+    def __init__(self, pixels: int, cond=None, counter=None):
+        self.limit = pixels
+        self._cond = cond if cond is not None else threading.Condition()
+        self._counter = counter if counter is not None else _Counter()
+
+    @property
+    def used(self) -> int:
+        return self._counter.value
 
     def acquire(self, pixels: int) -> None:
         with self._cond:
             while self.used and self.used + pixels > self.limit:
                 self._cond.wait()
-            self.used += pixels
+            self._counter.value += pixels
 
     def release(self, pixels: int) -> None:
         with self._cond:
-            self.used -= pixels
+            self._counter.value -= pixels
             self._cond.notify_all()
+
+
+@dataclass
+class _Counter:
+    value: int = 0
 
 
 _PIXEL_BUDGET = _PixelBudget(config.DECODE_PIXEL_BUDGET)

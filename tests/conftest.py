@@ -9,6 +9,7 @@ Fixtures:
                    head, built once for every test that needs a trained model. Read-only.
   tiny_dense    -> (session) a Dense head fitted on the tiny_model's cache. Read-only.
   tiny_flip     -> (session) a tiny data folder extracted with --flip (mirror images). Read-only.
+  fake_engine   -> extract runs helpers.PixelEngine instead of the model.
 `make_image` and `write_dataset` are plain functions too, for helpers of your own.
 Every test session gets its own featx home (FEATX_HOME, where the exported ONNX backbone is
 kept), so no test reads or writes the real ~/.cache/featx.
@@ -21,7 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import CLASS_COLOURS, COLOURS, TINY, write_image, write_images, write_split_data
+from helpers import (
+    CLASS_COLOURS,
+    COLOURS,
+    TINY,
+    PixelEngine,
+    write_image,
+    write_images,
+    write_split_data,
+)
 
 # Class names used by write_dataset, in order; more classes than these are named class6, class7, ...
 CLASS_NAMES = tuple(CLASS_COLOURS)
@@ -221,3 +230,15 @@ def tiny_flip(tmp_path_factory) -> TinyFlip:
     before = _snapshot(root)
     yield TinyFlip(data, cache)
     _assert_unchanged(root, before, "flip data and cache")
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    """extract runs PixelEngine (features from pixels, no model) under a Keras fingerprint."""
+    from featx import backbone, engines
+
+    def for_extract(opts, old, cache_path, listing, root, log):
+        fp = backbone.fingerprint(opts.weights, opts.image_size, opts.alpha, engine="keras")
+        return PixelEngine(), fp
+
+    monkeypatch.setattr(engines, "for_extract", for_extract)

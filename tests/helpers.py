@@ -178,3 +178,13 @@ def load_bench(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class PixelEngine:
+    """Features = the first 1,280 pixel values of each image: distinct per image, no model
+    (the `fake_engine` fixture makes extract use it)."""
+
+    name = "keras"
+
+    def features(self, batch):
+        return batch.reshape(len(batch), -1)[:, :1280].astype(np.float32)

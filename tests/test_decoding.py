@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import COLOURS, TINY, assert_one_line_error, write_images
 
-from featx import backbone, config, decoding, engines, extract, images
+from featx import config, decoding, engines, extract, images
 from featx.errors import FeatxError
 from featx.options import ExtractOptions
 
@@ -154,7 +154,7 @@ def _alive(pid: int) -> bool:
 
 def test_the_shared_pixel_budget_makes_large_images_wait_for_each_other():
     ctx = multiprocessing.get_context("spawn")
-    budget = decoding._SharedPixelBudget(100, ctx.Condition(), ctx.RawValue("q", 0))
+    budget = images._PixelBudget(100, ctx.Condition(), ctx.RawValue("q", 0))
     budget.acquire(60)
     got = threading.Event()
 
@@ -181,22 +181,6 @@ def test_choose_takes_processes_only_where_they_pay():
     assert decoding.choose("processes", 1, 1, model_on_gpu=False) == "processes"
 
 
-class PixelEngine:
-    name = "keras"
-
-    def features(self, batch):
-        return batch.reshape(len(batch), -1)[:, :1280].astype(np.float32)
-
-
-@pytest.fixture
-def fake_engine(monkeypatch):
-    def for_extract(opts, old, cache_path, listing, root, log):
-        fp = backbone.fingerprint(opts.weights, opts.image_size, opts.alpha, engine="keras")
-        return PixelEngine(), fp
-
-    monkeypatch.setattr(engines, "for_extract", for_extract)
-
-
 def read(cache: Path) -> dict:
     with h5py.File(cache, "r") as f:
         return {
@@ -211,7 +195,7 @@ def test_extract_in_processes_writes_the_cache_threads_write(data, tmp_path, fak
     kw = {**TINY, "batch_size": 4, "workers": 2}
     by_threads = extract.extract(data, tmp_path / "t.h5", decode_in="threads", **kw)
     monkeypatch.setattr(config, "PROCESS_DECODE_MIN_IMAGES", 5)  # auto: processes from 5 images
-    monkeypatch.setattr(engines, "on_gpu", lambda runner: True)  # ... with the model on a GPU
+    monkeypatch.setattr(engines, "gpu_expected", lambda opts: True)  # ... with the model on a GPU
     by_procs = extract.extract(data, tmp_path / "p.h5", **kw)
     assert by_threads["decoded_in"] == "threads" and by_procs["decoded_in"] == "processes"
     a, b = read(tmp_path / "t.h5"), read(tmp_path / "p.h5")

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import COLOURS, TINY, assert_one_line_error, write_images
+from helpers import COLOURS, TINY, PixelEngine, assert_one_line_error, write_images
 
 from featx import backbone, config, decoding, engines, extract, images, store, stream
 from featx.cli import cli
@@ -23,24 +23,6 @@ from featx.errors import FeatxError
 from featx.options import ExtractOptions
 
 DIM = 1280
-
-
-class PixelEngine:
-    """Features = the first 1,280 pixel values of each image: distinct per image, no model."""
-
-    name = "keras"
-
-    def features(self, batch):
-        return batch.reshape(len(batch), -1)[:, :DIM].astype(np.float32)
-
-
-@pytest.fixture
-def fake_engine(monkeypatch):
-    def for_extract(opts, old, cache_path, listing, root, log):
-        fp = backbone.fingerprint(opts.weights, opts.image_size, opts.alpha, engine="keras")
-        return PixelEngine(), fp
-
-    monkeypatch.setattr(engines, "for_extract", for_extract)
 
 
 def run(data, cache, **kw):
