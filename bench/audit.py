@@ -41,7 +41,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from featx import audit, config, store  # noqa: E402
+from featx import config  # noqa: E402
+from featx.cache import store  # noqa: E402
+from featx.commands import audit  # noqa: E402
+from featx.quality import duplicates  # noqa: E402
 
 SHARED = Path(os.environ.get("FEATX_SHARED_DATA") or REPO.parent / "shared" / "data")
 DEFAULT_JSON = REPO / "bench" / "results" / "audit.json"
@@ -94,7 +97,7 @@ def flowers(work: Path) -> dict:
     }
     group_of = {p: n for n, g in enumerate(result["duplicates"]) for p in g["paths"]}
     found = {k for k in known if len({group_of.get(p, -1 - i) for i, p in enumerate(k)}) == 1}
-    pairs, sims, _ = audit.scan(audit.unit_rows(c.features), config.AUDIT_NEAR_DUPLICATE)
+    pairs, sims, _ = duplicates.scan(duplicates.unit_rows(c.features), config.AUDIT_NEAR_DUPLICATE)
     flagged = {frozenset((c.paths[i], c.paths[j])): float(s) for (i, j), s in zip(pairs, sims)}
     label = dict(zip(c.paths, c.labels.tolist()))
     other = sorted(((s, *sorted(k)) for k, s in flagged.items() if k not in known), reverse=True)
@@ -233,7 +236,7 @@ def threshold_table(work: Path, flowers_cache: Path, cats_cache: Path) -> dict:
     cache = work / "edited.h5"
     featx("extract", str(data), "--cache", str(cache), "--val-split", "0")
     c = store.read_cache(cache)
-    x = audit.unit_rows(c.features)
+    x = duplicates.unit_rows(c.features)
     index = {p: i for i, p in enumerate(c.paths)}
     sims: dict[str, list[float]] = {name: [] for name in edits()}
     names = list(edits())
@@ -249,18 +252,18 @@ def threshold_table(work: Path, flowers_cache: Path, cats_cache: Path) -> dict:
             line.split() for line in (SHARED / "oxford_flowers17.near_duplicates.txt").open()
         )
     }
-    xf = audit.unit_rows(fl.features)
-    xc = audit.unit_rows(store.read_cache(cats_cache).features)
-    _, _, nearest = audit.scan(xc, 2.0, neighbors=1)
+    xf = duplicates.unit_rows(fl.features)
+    xc = duplicates.unit_rows(store.read_cache(cats_cache).features)
+    _, _, nearest = duplicates.scan(xc, 2.0, neighbors=1)
     rows = []
     for t in THRESHOLDS:
-        pairs = {frozenset(p) for p in audit.scan(xf, t)[0].tolist()}
+        pairs = {frozenset(p) for p in duplicates.scan(xf, t)[0].tolist()}
         rows.append(
             {
                 "threshold": t,
                 "flowers_found": len(pairs & known),
                 "flowers_other_pairs": len(pairs - known),
-                "cats_dogs_pairs": len(audit.scan(xc, t)[0]),
+                "cats_dogs_pairs": len(duplicates.scan(xc, t)[0]),
                 "edits_found": {
                     k: round(float(np.mean(np.array(v) >= t)), 2) for k, v in sims.items()
                 },
@@ -288,9 +291,9 @@ def outliers(flowers_cache: Path, cats_cache: Path, planted: int = 10) -> dict:
     for name, other in (("flowers", "cats_dogs"), ("cats_dogs", "flowers")):
         base, extra = caches[name].features, caches[other].features
         pick = extra[rng.choice(len(extra), planted, replace=False)]
-        clean = audit.find_outliers(audit.scan(audit.unit_rows(base), 2.0, 10)[2])
+        clean = audit.find_outliers(duplicates.scan(duplicates.unit_rows(base), 2.0, 10)[2])
         mixed = np.vstack([base, pick])
-        found = audit.find_outliers(audit.scan(audit.unit_rows(mixed), 2.0, 10)[2])
+        found = audit.find_outliers(duplicates.scan(duplicates.unit_rows(mixed), 2.0, 10)[2])
         out[name] = {
             "images": len(base),
             "flagged": len(clean),
@@ -306,8 +309,9 @@ def outliers(flowers_cache: Path, cats_cache: Path, planted: int = 10) -> dict:
 def leakage_check_seconds(cache: Path) -> float:
     """The check extract and fit-head run at their end, in a process that has their imports."""
     code = (
-        "import time, featx.fit_head, featx.extract, featx.audit, scipy.sparse.csgraph\n"
-        f"t = time.perf_counter(); featx.audit.leakage_line({str(cache)!r})\n"
+        "import time, featx.commands.fit_head, featx.commands.extract, featx.commands.audit\n"
+        "import scipy.sparse.csgraph, featx.quality.duplicates\n"
+        f"t = time.perf_counter(); featx.quality.duplicates.leakage_line({str(cache)!r})\n"
         "print(time.perf_counter() - t)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -328,10 +332,10 @@ def scale(n: int, dim: int = 1280) -> dict:
     import tracemalloc
 
     rng = np.random.default_rng(0)
-    x = audit.unit_rows(rng.random((n, dim), dtype=np.float32) ** 3)
+    x = duplicates.unit_rows(rng.random((n, dim), dtype=np.float32) ** 3)
     tracemalloc.start()
     t = time.perf_counter()
-    audit.scan(x, config.AUDIT_NEAR_DUPLICATE, neighbors=config.AUDIT_NEIGHBORS)
+    duplicates.scan(x, config.AUDIT_NEAR_DUPLICATE, neighbors=config.AUDIT_NEIGHBORS)
     seconds = time.perf_counter() - t
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

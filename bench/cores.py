@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featx import backbone, images, onnx_engine
+from featx.backbone import mobilenet, onnx_engine
+from featx.images import decoder
 
 DEFAULT_DATA = os.environ.get("FEATX_DATA") or str(
     Path(__file__).resolve().parents[2] / "shared" / "data" / "cats_and_dogs_filtered"
@@ -45,15 +46,15 @@ def main() -> None:
     files = sorted(Path(args.data).rglob("*.jpg"))
     files = files[:: max(1, len(files) // args.images)][: args.images]
     t0, c0 = time.perf_counter(), time.process_time()
-    pixels = np.stack([images.decode_image(images.read_file(f)[0], 224) for f in files])
+    pixels = np.stack([decoder.decode_image(decoder.read_file(f)[0], 224) for f in files])
     decode = 1000 * (time.process_time() - c0) / len(files)
     wall = 1000 * (time.perf_counter() - t0) / len(files)
     print(f"{'decoding, 1 thread':28} {1000 / wall:7.1f} images/s, {decode:6.2f} core-ms per image")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     engines = {
-        "keras model alone": backbone.KerasEngine(backbone.BackboneSpec("imagenet", 224, 1.0)),
+        "keras model alone": mobilenet.KerasEngine(mobilenet.BackboneSpec("imagenet", 224, 1.0)),
         "onnx runtime alone": onnx_engine.OnnxEngine(
-            backbone.BackboneSpec("imagenet", 224, 1.0), onnx_dir=args.onnx_dir
+            mobilenet.BackboneSpec("imagenet", 224, 1.0), onnx_dir=args.onnx_dir
         ),
     }
     for name, engine in engines.items():

@@ -17,12 +17,12 @@ from pathlib import Path
 
 CHILD = """
 import json, resource, sys, time
-from featx import images
+from featx.images import decoder, decoding
 if sys.argv[1] == "unbounded":
-    images._PIXEL_BUDGET = images._PixelBudget(10**15)
+    decoder._PIXEL_BUDGET = decoder._PixelBudget(10**15)
 files = sys.argv[2:]
 t0 = time.perf_counter()
-list(images.prefetch([files], lambda p: images.load_image(p, 224), workers=4))
+list(decoding.prefetch([files], lambda p: decoder.load_image(p, 224), workers=4))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"peak_mib": round(peak), "seconds": round(time.perf_counter() - t0, 1)}))
 """

@@ -38,7 +38,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from featx import backbone, config, images  # noqa: E402
+from featx import config  # noqa: E402
+from featx.backbone import mobilenet  # noqa: E402
+from featx.images import decoder, finder  # noqa: E402
 
 DEFAULT_DATA = os.environ.get("FEATX_DATA") or str(
     REPO.parent / "shared" / "data" / "cats_and_dogs_filtered"
@@ -70,13 +72,13 @@ import json, sys, time
 t0 = time.perf_counter()
 import keras
 import tensorflow as tf
-from featx import backbone
+from featx.backbone import mobilenet
 data, weights = sys.argv[1], sys.argv[2]
 size, alpha, batch = int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 model = keras.applications.MobileNetV2(
     input_shape=(size, size, 3), alpha=alpha, include_top=False, pooling="avg", weights=None
 )
-path = backbone.resolve_weights(weights, size, alpha)
+path = mobilenet.resolve_weights(weights, size, alpha)
 if path:
     model.load_weights(path)
 ds = keras.utils.image_dataset_from_directory(data, image_size=(size, size), batch_size=batch)
@@ -93,9 +95,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def pick_files(data: Path, limit: int | None) -> list[images.ImageFile]:
+def pick_files(data: Path, limit: int | None) -> list[finder.ImageFile]:
     """`limit` files spread evenly over the sorted listing (every split and class)."""
-    files = images.find_images(data).files
+    files = finder.find_images(data).files
     if limit is None or limit >= len(files):
         return files
     step = len(files) / limit
@@ -167,8 +169,8 @@ def decode_all(root: Path, files, size: int, threads: int) -> tuple[np.ndarray, 
     """Decode through featx's own reader and decoder in `threads` threads; pixels and images/s."""
 
     def one(f):
-        data, _ = images.read_file(root / f.path)
-        return images.decode_image(data, size)
+        data, _ = decoder.read_file(root / f.path)
+        return decoder.decode_image(data, size)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
@@ -182,7 +184,7 @@ def logreg_accuracy(cache_path: Path) -> float | None:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from featx import store
+    from featx.cache import store
 
     cache = store.read_cache(cache_path)
     (x_train, y_train), (x_val, y_val) = cache.split("train"), cache.split("validation")
@@ -219,7 +221,7 @@ def main(argv=None) -> dict:
     if not set(engines) <= {"keras", "onnx"}:
         p.error(f"--engines takes keras and/or onnx, got {args.engines!r}")
     if "onnx" in engines:
-        from featx import onnx_engine
+        from featx.backbone import onnx_engine
 
         if not onnx_engine.onnxruntime_available():
             log("onnxruntime is not installed: skipping (d) and (e) (pip install 'featx[onnx]')")
@@ -267,8 +269,8 @@ def main(argv=None) -> dict:
         log(f"decoding: {rows['decode_threads']['images_per_second']:.0f} images/s")
 
         if "keras" in engines:
-            engine = backbone.KerasEngine(
-                backbone.BackboneSpec(args.weights, args.image_size, args.alpha)
+            engine = mobilenet.KerasEngine(
+                mobilenet.BackboneSpec(args.weights, args.image_size, args.alpha)
             )
             rate = time_batches(engine.features, pixels, args.batch_size)
             rows["a"] = {"images_per_second": rate, "images": len(pixels)}
@@ -289,9 +291,9 @@ def main(argv=None) -> dict:
             log(f"(c) featx extract --engine keras: {rows['c']['images_per_second']:.1f} images/s")
 
         if "onnx" in engines:
-            from featx import onnx_engine
+            from featx.backbone import onnx_engine
 
-            spec = backbone.BackboneSpec(args.weights, args.image_size, args.alpha)
+            spec = mobilenet.BackboneSpec(args.weights, args.image_size, args.alpha)
             engine = onnx_engine.OnnxEngine(spec, onnx_dir=work)
             t0 = time.perf_counter()
             engine.load()  # exports into the folder that (d)'s cache uses
@@ -316,7 +318,7 @@ def main(argv=None) -> dict:
         result["peak_memory"] = memory
 
         if "c" in rows and "d" in rows:
-            from featx import store
+            from featx.cache import store
 
             kc, oc = store.read_cache(work / "c.h5"), store.read_cache(work / "d.h5")
             assert kc.paths == oc.paths
@@ -366,16 +368,17 @@ def main(argv=None) -> dict:
 
 
 def measure_int8(fp32_path: Path, data: Path, pixels, run_dir, args, work: Path, rows) -> dict:
-    """`featx extract --precision int8` (featx.int8: static QDQ quantization, per-channel weights,
-    uint8 activations, MinMax calibration on the run's training images): quantization time,
+    """`featx extract --precision int8` (backbone.int8: static QDQ quantization, per-channel
+    weights, uint8 activations, MinMax calibration on the run's training images): quantization time,
     ONNX Runtime INT8 alone (e8), featx end to end (d8) and logistic-regression accuracy."""
     import onnxruntime
 
-    from featx import int8, onnx_engine, store
+    from featx.backbone import int8, onnx_engine
+    from featx.cache import store
 
     # Quantize here, as `featx extract --precision int8` would on its first run, so that (d8)
     # times the extraction, not the one-time quantization (reported apart).
-    files = int8.calibration_files(images.find_images(run_dir))  # featx's own choice
+    files = int8.calibration_files(finder.find_images(run_dir))  # featx's own choice
     t0 = time.perf_counter()
     path, _ = int8.quantize(fp32_path, run_dir, files, args.image_size, args.batch_size, log)
     out = {

@@ -189,7 +189,7 @@ def baseline(plain: dict) -> dict:
 
 def featx_row(cache: Path, head: str, options: dict, data_dir: str) -> dict:
     """fit_head (the library function of `featx fit-head`) in a temporary folder."""
-    from featx.fit_head import fit_head
+    from featx.commands.fit_head import fit_head
 
     with tempfile.TemporaryDirectory(prefix="featx-quality-") as tmp:
         m = fit_head(cache, head, Path(tmp) / "out", **options)
@@ -210,7 +210,7 @@ def featx_row(cache: Path, head: str, options: dict, data_dir: str) -> dict:
 def multi_scale_rows(plain: dict, large: dict) -> dict:
     """Logistic regression (featx's, default options) on the 320 px features, and on the 224 px
     and 320 px features side by side. Measured here only: featx has no option for it."""
-    from featx import heads
+    from featx.heads import estimators
 
     if list(large["paths"]) != list(plain["paths"]):
         sys.exit("error: the 224 px and 320 px caches hold different images; re-run extract.")
@@ -221,7 +221,7 @@ def multi_scale_rows(plain: dict, large: dict) -> dict:
         ("logreg_224_320", np.hstack([plain["X"], large["X"]])),
     ):
         t0 = time.perf_counter()
-        head = heads.LogRegHead().fit(X[train], plain["y"][train])
+        head = estimators.LogRegHead().fit(X[train], plain["y"][train])
         pred = head.predict(X[val])
         out[key] = {
             "fit_seconds": round(time.perf_counter() - t0, 3),
@@ -241,7 +241,7 @@ def small_training_sets(plain: dict, per_class: int, draws: int) -> dict:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    from featx import heads
+    from featx.heads import estimators
 
     X, y, splits = plain["X"], plain["y"], plain["splits"]
     val = splits == "validation"
@@ -257,9 +257,9 @@ def small_training_sets(plain: dict, per_class: int, draws: int) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             acc["baseline"].append(LogisticRegression().fit(X[rows], y[rows]).score(X[val], y[val]))
-        before = heads.LogRegHead(scaling="standard").fit(X[rows], y[rows])
+        before = estimators.LogRegHead(scaling="standard").fit(X[rows], y[rows])
         acc["logreg_before"].append(before.score(X[val], y[val]))
-        acc["logreg"].append(heads.LogRegHead().fit(X[rows], y[rows]).score(X[val], y[val]))
+        acc["logreg"].append(estimators.LogRegHead().fit(X[rows], y[rows]).score(X[val], y[val]))
     return {
         "per_class": per_class,
         "draws": draws,
@@ -277,7 +277,7 @@ def imbalanced_training_sets(plain: dict, ratio: float, draws: int) -> dict:
     sizes from the smallest train class down to 1/ratio of it (geometric, in a random order per
     draw). Evaluated on the validation split as it is, and on a validation subset with the same
     class proportions as the training set. Mean accuracy and balanced accuracy over the draws."""
-    from featx import heads
+    from featx.heads import estimators
 
     X, y, splits = plain["X"], plain["y"], plain["splits"]
     k = int(y.max()) + 1
@@ -303,7 +303,7 @@ def imbalanced_training_sets(plain: dict, ratio: float, draws: int) -> dict:
         train, same = pick("train", n_train), pick("validation", n_val)
         as_is = np.flatnonzero(splits == "validation")
         for weight in ("none", "balanced"):
-            head = heads.LogRegHead(class_weight=weight).fit(X[train], y[train])
+            head = estimators.LogRegHead(class_weight=weight).fit(X[train], y[train])
             for name, rows in (("validation_as_is", as_is), ("validation_same_shares", same)):
                 s = scores(y[rows], head.predict(X[rows]))
                 for metric in ("accuracy", "balanced_accuracy"):

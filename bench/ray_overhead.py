@@ -80,9 +80,9 @@ def main() -> None:
     ap.add_argument("--engine", default="auto", help="the same engine for both executors")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from featx import images
+    from featx.images import finder
 
-    listing = images.find_images(args.data)
+    listing = finder.find_images(args.data)
     per_class = args.limit // len(listing.class_names)  # the same number of each class
     by_class = [[f.path for f in listing.files if f.class_name == c][:per_class]
                 for c in listing.class_names]  # fmt: skip

@@ -7,7 +7,7 @@ Tiny 64x64 JPEGs (generated once under --root and reused) through `extract` with
   - peak RSS (ru_maxrss) and bytes written (wchar of /proc/self/io: every write() of the process)
     of a new cache of each size, then of adding 50 images to it, as a share of the cache's bytes;
   - images/s of the whole pipeline (null engine) against the decode-only ceiling (read + sha256 +
-    decode through featx.decoding, nothing else) at 1, 2 and all workers, in threads and in
+    decode through featx.images.decoding, nothing else) at 1, 2 and all workers, in threads and in
     processes (each against its own ceiling; median of --repeats interleaved runs);
     also the pipeline's main loop alone (extract's steady_images_per_second: after the first
     batch, without listing the folder or writing the last part and the main file).
@@ -31,8 +31,8 @@ TINY = dict(weights="none", alpha=0.35, image_size=32)
 CHILD = """
 import json, resource, sys, time
 import numpy as np
-from featx import backbone, engines
-from featx.extract import extract
+from featx.backbone import engines, mobilenet
+from featx.commands.extract import extract
 
 class Null:
     name = "keras"
@@ -40,7 +40,7 @@ class Null:
         return np.zeros((len(batch), 1280), np.float32)
 
 def for_extract(opts, old, cache_path, listing, root, log):
-    return Null(), backbone.fingerprint("none", 32, 0.35, engine="keras")
+    return Null(), mobilenet.fingerprint("none", 32, 0.35, engine="keras")
 
 engines.for_extract = for_extract
 data, cache, workers, decode_in = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -125,7 +125,7 @@ def scale_run(root: Path, n: int) -> dict:
 
 CEILING = """
 import sys, time
-from featx import decoding
+from featx.images import decoding
 root, workers, processes = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "processes"
 files = sorted(f"{c}/{name}" for c in "ab" for name in __import__("os").listdir(f"{root}/{c}"))
 chunks = [[(f, None) for f in files[i : i + 32]] for i in range(0, len(files), 32)]
@@ -137,7 +137,7 @@ print(len(files) / (time.perf_counter() - t0))
 
 
 def decode_ceiling(data: Path, workers: int, decode_in: str) -> float:
-    """images/s of read + sha256 + decode alone: featx.decoding on the same workers (processes
+    """images/s of read + sha256 + decode alone: images.decoding on the same workers (processes
     started as extract starts them, counted in), nothing else; in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(

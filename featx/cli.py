@@ -12,7 +12,8 @@ from functools import wraps
 
 import click
 
-from featx import __version__, config
+from featx import config
+from featx.config import VERSION
 from featx.errors import FeatxError
 
 
@@ -51,7 +52,7 @@ def show(result: dict, as_json: bool, formatter) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="featx")
+@click.version_option(VERSION, prog_name="featx")
 @click.option(
     "--verbose", is_flag=True, help="Show TensorFlow's start-up log lines (hidden by default)."
 )
@@ -105,7 +106,7 @@ def shown(flag: str, default, help: str | None = None, **kwargs):
 
 
 def engine_option(help: str):
-    """--engine: what runs the backbone (see featx.engines)."""
+    """--engine: what runs the backbone (see featx.backbone.engines)."""
     return shown("--engine", config.ENGINE, help, type=click.Choice(config.ENGINES))
 
 
@@ -232,7 +233,7 @@ def extract(data_dir, cache_path, as_json, **options):
     DATA_DIR is DATA/CLASS/* (split into train/validation by --val-split) or
     DATA/{train,validation,test}/CLASS/*. Runs again only on new or changed files.
     """
-    from featx.extract import extract as run_extract
+    from featx.commands.extract import extract as run_extract
 
     summary = with_progress("extracting", as_json, run_extract, data_dir, cache_path, **options)
     show(summary, as_json, format_extract_summary)
@@ -241,7 +242,7 @@ def extract(data_dir, cache_path, as_json, **options):
 
 def warn_leakage(cache_path) -> None:
     """One line on stderr when `featx audit` would find leakage or cross-label copies."""
-    from featx.duplicates import leakage_line
+    from featx.quality.duplicates import leakage_line
 
     line = leakage_line(cache_path)
     if line:
@@ -291,7 +292,7 @@ def merge(output, shards, copy, overwrite, as_json):
     OUTPUT is the cache a single run over the whole folder writes: the same paths, labels,
     splits and features. Every shard 0..N-1 must be named once.
     """
-    from featx.merge import merge as run_merge
+    from featx.commands.merge import merge as run_merge
 
     summary = run_merge(output, list(shards), copy=copy, overwrite=overwrite)
     if as_json:
@@ -308,7 +309,7 @@ def merge(output, shards, copy, overwrite, as_json):
 @friendly_errors
 def info(cache_path, as_json):
     """Show what a feature cache holds: counts per split and class, fingerprint, rejected files."""
-    from featx.store import info as cache_info
+    from featx.commands.info import info as cache_info
 
     data = cache_info(cache_path)
     if as_json:
@@ -377,8 +378,8 @@ def finetune(cache_path, head_dir, output, as_json, **options):
     the best weights on the validation split, never worse than the warm start. Ctrl-C keeps the
     best weights so far.
     """
-    from featx.finetune import finetune as run_finetune
-    from featx.report import format_summary
+    from featx.commands.finetune import finetune as run_finetune
+    from featx.reports.evaluation import format_summary
 
     m = run_finetune(cache_path, head_dir, output, log=echo_err, **options)
     if as_json:
@@ -432,8 +433,8 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
     the train split. dense: a small Keras head with early stopping on the validation loss. Writes
     the head, metrics.json, confusion_matrix.png, misclassified.csv (dense: training_curves.png).
     """
-    from featx.fit_head import fit_head as run_fit_head
-    from featx.report import format_summary
+    from featx.commands.fit_head import fit_head as run_fit_head
+    from featx.reports.evaluation import format_summary
 
     m = run_fit_head(cache_path, log=echo_err, **options)
     show(m, as_json, format_summary)
@@ -471,8 +472,8 @@ def audit(cache_path, output, threshold, data_dir, seed, as_json):
     cleanlab); images far from all others; class balance. Writes audit.json, CSV files and
     contact sheets (PNG). Reads the cache and the images only.
     """
-    from featx.audit import audit as run_audit
-    from featx.audit import format_summary
+    from featx.commands.audit import audit as run_audit
+    from featx.commands.audit import format_summary
 
     result = run_audit(
         cache_path,
@@ -512,8 +513,8 @@ def predict(model_dir, paths, as_json, **options):
     model's classes, the accuracy. A file that cannot be read gets an error row; the exit status
     is 1 only when no image could be predicted.
     """
-    from featx.predict import format_summary, format_table
-    from featx.predict import predict as run_predict
+    from featx.commands.predict import format_summary, format_table
+    from featx.commands.predict import predict as run_predict
 
     result = with_progress("predicting", as_json, run_predict, model_dir, paths, **options)
     if as_json:
@@ -556,8 +557,8 @@ def export(model_dir, model_format, quantize, output, cache_path, as_json):
     (input size, preprocessing, class names), then checks the exported file against the
     in-process model and reports the largest probability difference.
     """
-    from featx.export import export as run_export
-    from featx.export import format_summary
+    from featx.commands.export import export as run_export
+    from featx.commands.export import format_summary
 
     args = (model_dir, model_format, quantize, output, cache_path)
     result = with_progress("evaluating", as_json, run_export, *args)
@@ -574,7 +575,7 @@ def report(model_dir):
     precision/recall/F1, the most-confused pairs and the worst misclassified images. fit-head and
     finetune write it already; run this after moving the images or the folder.
     """
-    from featx.report import report as run_report
+    from featx.commands.report import report as run_report
 
     click.echo(f"wrote {run_report(model_dir)}")
 

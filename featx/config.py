@@ -2,6 +2,8 @@
 
 import os
 
+VERSION = "0.1.0"  # featx's own version (pyproject reads it from here), recorded in what it writes
+
 # --- backbone ------------------------------------------------------------------------------------
 BACKBONE = "MobileNetV2"  # the only backbone for now; recorded in every fingerprint
 IMAGE_SIZE = 224  # square input in pixels; ImageNet weights exist for 96/128/160/192/224
@@ -139,7 +141,7 @@ AUGMENT_CONTRAST = 0.1  # contrast factor in [0.9, 1.1]
 # --- heads (featx fit-head) ----------------------------------------------------------------------
 HEAD = "logreg"  # "logreg" (seconds, the strong default) or "dense" (a small Keras head)
 CLASS_WEIGHT = "none"  # "balanced": each class weighs n / (classes * count); for uneven classes
-# Feature scaling in front of a head (featx.heads.fit_scaling): "standard" (per-feature mean and
+# Feature scaling in front of a head (estimators.fit_scaling): "standard" (per-feature mean and
 # standard deviation), "none" (the raw features, centred, in one global unit), "l2" (each image's
 # features to unit length first) or "auto": the logistic regression's cross-validation compares
 # SCALING_CHOICES together with C and keeps the pair with the lowest held-out log loss.

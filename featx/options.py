@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from featx import config, shards
+from featx import config
 from featx.errors import FeatxError
+from featx.images import shards
 
 
 def check_int(name: str, value, low: int, high: int | None = None) -> None:
@@ -73,12 +74,12 @@ class ExtractOptions:
     precision: str = config.PRECISION
     flip: bool | None = None  # also the mirror images' features; None: the cache's
     workers: int | None = None  # decoding threads; None: one per core (config.decode_workers)
-    shard: str | None = None  # "K/N": only the images of shard K of N (featx.shards)
-    # "ray": the backbone runs on Ray (featx.ray_executor); workers are then its actors
+    shard: str | None = None  # "K/N": only the images of shard K of N (featx.images.shards)
+    # "ray": the backbone runs on Ray (featx.cache.ray_executor); workers are then its actors
     executor: str = config.EXECUTOR
     ray_address: str | None = None  # None: a local Ray of this machine's cores
     gpus_per_worker: float = config.GPUS_PER_WORKER  # GPUs per Ray actor
-    decode_in: str = config.DECODE_IN  # "threads", "processes" or "auto" (featx.decoding)
+    decode_in: str = config.DECODE_IN  # "threads", "processes" or "auto" (featx.images.decoding)
 
     def __post_init__(self):
         check_image_size(self.image_size, self.batch_size)

@@ -177,8 +177,8 @@ def tiny_model(tmp_path_factory) -> TinyModel:
     (instead of once per test module) for every test that needs a trained model. Read-only: a
     test that changes a file copies it first; the session ends with an error naming any file
     that changed."""
-    from featx.extract import extract
-    from featx.fit_head import fit_head
+    from featx.commands.extract import extract
+    from featx.commands.fit_head import fit_head
 
     root = tmp_path_factory.mktemp("tiny-model")
     data = write_split_data(root / "data")
@@ -194,7 +194,7 @@ def tiny_model(tmp_path_factory) -> TinyModel:
 def tiny_dense(tiny_model, tmp_path_factory) -> Path:
     """A fit-head output folder: a Dense head fitted on the tiny_model's cache (epochs=20), once
     per session. Read-only."""
-    from featx.fit_head import fit_head
+    from featx.commands.fit_head import fit_head
 
     root = tmp_path_factory.mktemp("tiny-dense")
     fit_head(tiny_model.cache, "dense", root / "dense", epochs=20)
@@ -219,7 +219,7 @@ def tiny_flip(tmp_path_factory) -> TinyFlip:
     of per-pixel noise differs from it by noise only, so a head's probabilities on one view and on
     both differ by ~1e-3 at most, too little for the tests to tell the views apart (measured:
     2e-1 to 9e-1 here, 1e-4 to 1e-2 for noisy images, depending on the seed)."""
-    from featx.extract import extract
+    from featx.commands.extract import extract
 
     root = tmp_path_factory.mktemp("tiny-flip")
     counts = {split: dict.fromkeys(COLOURS, n) for split, n in (("train", 10), ("validation", 4))}
@@ -235,10 +235,10 @@ def tiny_flip(tmp_path_factory) -> TinyFlip:
 @pytest.fixture
 def fake_engine(monkeypatch):
     """extract runs PixelEngine (features from pixels, no model) under a Keras fingerprint."""
-    from featx import backbone, engines
+    from featx.backbone import engines, mobilenet
 
     def for_extract(opts, old, cache_path, listing, root, log):
-        fp = backbone.fingerprint(opts.weights, opts.image_size, opts.alpha, engine="keras")
+        fp = mobilenet.fingerprint(opts.weights, opts.image_size, opts.alpha, engine="keras")
         return PixelEngine(), fp
 
     monkeypatch.setattr(engines, "for_extract", for_extract)

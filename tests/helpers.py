@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from featx import backbone
+from featx.backbone import mobilenet
 
 # The fastest MobileNetV2 there is: random weights, the narrowest width, 32 px.
 TINY = dict(weights="none", alpha=0.35, image_size=32)
@@ -25,7 +25,7 @@ REAL_DATA = Path(
     os.environ.get("FEATX_DATA")
     or Path(__file__).resolve().parents[2] / "shared" / "data" / "cats_and_dogs_filtered"
 )
-WEIGHTS_FILE = backbone._keras_home() / "models" / backbone._imagenet_file_name(1.0, 224)
+WEIGHTS_FILE = mobilenet._keras_home() / "models" / mobilenet._imagenet_file_name(1.0, 224)
 # One clearly different colour per class, so a classifier on generated images can succeed.
 # A class not named here gets the colour of its position (the 7th class the first colour again).
 CLASS_COLOURS = {

@@ -19,10 +19,13 @@ from click.testing import CliRunner
 from helpers import COLOURS, REAL_DATA, TINY, WEIGHTS_FILE, write_image, write_split_data
 from PIL import Image
 
-from featx import audit, config, store
+from featx import config
+from featx.cache import store
 from featx.cli import cli
-from featx.extract import extract
-from featx.fit_head import fit_head
+from featx.commands import audit
+from featx.commands.extract import extract
+from featx.commands.fit_head import fit_head
+from featx.quality import duplicates
 
 TINY_ARGS = ["--weights", "none", "--alpha", "0.35", "--image-size", "32", "--batch-size", "8"]
 # The tiny random backbone maps every image to similar features: unrelated generated images
@@ -369,7 +372,7 @@ def test_a_near_copy_above_the_threshold_is_found_below_it_not(tmp_path):
         tmp_path / "c.h5", {"train": [30, 30], "test": [5, 5]}, ("a", "b"), edit=copy
     )
     cache = store.read_cache(path)
-    x = audit.unit_rows(cache.features)
+    x = duplicates.unit_rows(cache.features)
     similarity = float(x[0] @ x[-1])
     groups = audit.audit(path, tmp_path / "o", threshold=similarity - 0.001)["duplicates"]
     assert groups == [
@@ -383,15 +386,17 @@ def test_a_near_copy_above_the_threshold_is_found_below_it_not(tmp_path):
     ]
     assert audit.audit(path, tmp_path / "o", threshold=similarity + 0.001)["duplicates"] == []
     assert not (tmp_path / "o" / "duplicates.png").exists()  # an earlier sheet is not left behind
-    assert audit.leakage(cache, threshold=similarity - 0.001) == (
+    assert duplicates.leakage(cache, threshold=similarity - 0.001) == (
         "1 photo is in both train and test; 1 photo is filed under two or more classes"
     )
 
 
 def test_blocked_search_equals_all_pairs_at_once():
     rng = np.random.default_rng(3)
-    x = audit.unit_rows(rng.normal(size=(157, 8)) + 1.0)
-    pairs, sims, nearest = audit.scan(x, 0.9, neighbors=5, block=16)  # 10 blocks, the last of 13
+    x = duplicates.unit_rows(rng.normal(size=(157, 8)) + 1.0)
+    pairs, sims, nearest = duplicates.scan(
+        x, 0.9, neighbors=5, block=16
+    )  # 10 blocks, the last of 13
     full = x @ x.T
     np.fill_diagonal(full, -np.inf)
     i, j = np.nonzero(np.triu(full >= 0.9, 1))
@@ -413,7 +418,7 @@ def test_too_many_similar_pairs_fail_the_audit_but_not_the_warning(tmp_path, mon
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert "More than 100 pairs of images have a cosine similarity >= 0.9" in result.output
     assert "Raise --threshold" in result.output
-    assert audit.leakage(store.read_cache(path)) is None  # exact copies only: there are none
+    assert duplicates.leakage(store.read_cache(path)) is None  # exact copies only: there are none
 
 
 def test_fit_head_exclude_duplicates_trains_without_the_leaking_copies(tmp_path):
@@ -454,7 +459,7 @@ def test_clean_caches_give_no_warning(tmp_path):
     path = write_cache(tmp_path / "c.h5", {"train": [30, 30], "validation": [10, 10]}, ("a", "b"))
     result = CliRunner().invoke(cli, ["fit-head", str(path), "--output", str(tmp_path / "o")])
     assert result.exit_code == 0 and "warning" not in result.output
-    assert audit.leakage_line(path) is None
+    assert duplicates.leakage_line(path) is None
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Decoding in processes (featx.decoding): the same results as threads, pixels through shared
+"""Decoding in processes (featx.images.decoding): the same results as threads, pixels through shared
 memory, a shared pixel budget, workers that stop with the run (closed, died, or parent killed)."""
 
 import multiprocessing
@@ -16,8 +16,11 @@ import numpy as np
 import pytest
 from helpers import COLOURS, TINY, assert_one_line_error, write_images
 
-from featx import config, decoding, engines, extract, images
+from featx import config
+from featx.backbone import engines
+from featx.commands import extract
 from featx.errors import FeatxError
+from featx.images import decoder, decoding
 from featx.options import ExtractOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +56,7 @@ def test_processes_decode_exactly_what_threads_decode(data):
     items = folder_items(data)
     # One file unchanged since a previous run (its sha256 given): neither way decodes it.
     unchanged = next(i for i, (p, _) in enumerate(items) if not p.endswith(("broken.jpg", "y.png")))
-    sha = images.read_file(data / items[unchanged][0])[1]
+    sha = decoder.read_file(data / items[unchanged][0])[1]
     items[unchanged] = (items[unchanged][0], sha)
     threads = decode_all(data, items, processes=False)
     procs = decode_all(data, items, processes=True)
@@ -72,7 +75,7 @@ def test_process_pixels_are_each_items_own_with_more_chunks_than_slots(data):
     still its own images' when it is yielded, for any chunk size and worker count."""
     items = folder_items(data)
     good = [p for p, _ in items if not p.endswith(("broken.jpg", "empty.png"))]
-    expected = {p: images.load_image(data / p, 32) for p in good}
+    expected = {p: decoder.load_image(data / p, 32) for p in good}
     for workers, batch in ((1, 1), (2, 3), (3, 7)):
         out = decode_all(data, items, processes=True, workers=workers, batch=batch)
         for (path, _), (status, _, pixels) in zip(items, out):
@@ -112,7 +115,7 @@ def test_a_worker_that_dies_stops_the_run_with_a_one_line_error(data):
 
 CHILD = textwrap.dedent("""
     import multiprocessing, sys, time
-    from featx import decoding
+    from featx.images import decoding
     root = sys.argv[1]
     items = [(p, None) for p in sys.argv[2:]] * 500
     chunks = [items[i : i + 2] for i in range(0, len(items), 2)]
@@ -154,7 +157,7 @@ def _alive(pid: int) -> bool:
 
 def test_the_shared_pixel_budget_makes_large_images_wait_for_each_other():
     ctx = multiprocessing.get_context("spawn")
-    budget = images._PixelBudget(100, ctx.Condition(), ctx.RawValue("q", 0))
+    budget = decoder._PixelBudget(100, ctx.Condition(), ctx.RawValue("q", 0))
     budget.acquire(60)
     got = threading.Event()
 

@@ -23,7 +23,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.utils import estimator_checks
 
-from featx import heads
+from featx.heads import estimators
 
 # Few epochs keep every Dense fit around a second; the contract does not depend on them.
 OPTIONS = {"logreg": {"C": 1.0}, "dense": {"epochs": 3, "learning_rate": 1e-2}}
@@ -39,9 +39,9 @@ def blobs(classes: int, per_class: int = 30, dim: int = 8, seed: int = 0):
 
 
 @pytest.mark.parametrize("classes", [2, 3])
-@pytest.mark.parametrize("kind", heads.HEADS)
+@pytest.mark.parametrize("kind", estimators.HEADS)
 def test_a_head_is_a_scikit_learn_style_estimator(kind, classes):
-    head = heads.make_head(kind, **OPTIONS[kind])
+    head = estimators.make_head(kind, **OPTIONS[kind])
     params = head.get_params()
     # __init__ stores its parameters, all of them, unchanged, and nothing else
     assert set(params) == set(inspect.signature(type(head).__init__).parameters) - {"self"}
@@ -88,10 +88,10 @@ CONTRACT_CHECKS = [
 
 
 @pytest.mark.parametrize("check", CONTRACT_CHECKS)
-@pytest.mark.parametrize("kind", heads.HEADS)
+@pytest.mark.parametrize("kind", estimators.HEADS)
 def test_scikit_learns_own_checks_of_the_claimed_contract_pass(kind, check):
     run = getattr(estimator_checks, check, None)
     if run is None:
         pytest.skip(f"scikit-learn has no {check} in this version")
-    head = heads.make_head(kind, **OPTIONS[kind])
+    head = estimators.make_head(kind, **OPTIONS[kind])
     run(type(head).__name__, head)

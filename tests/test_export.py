@@ -11,12 +11,15 @@ import pytest
 from click.testing import CliRunner
 from helpers import assert_one_line_error
 
-from featx import backbone, heads, images, store
-from featx import export as export_mod
+from featx.backbone import mobilenet
+from featx.cache import store
 from featx.cli import cli
+from featx.commands import export as export_mod
+from featx.commands.export import export
+from featx.commands.fit_head import fit_head
 from featx.errors import FeatxError
-from featx.export import export
-from featx.fit_head import fit_head
+from featx.heads import estimators
+from featx.images import decoder
 
 INFO_KEYS = {
     "format",
@@ -50,7 +53,7 @@ def tiny(tiny_model):
         "root": tiny_model.root,
         "cache": tiny_model.cache,
         "accuracy": tiny_model.metrics["validation"]["accuracy"],
-        "pixels": np.stack([images.load_image(p, 32) for p in paths]).astype(np.float32),
+        "pixels": np.stack([decoder.load_image(p, 32) for p in paths]).astype(np.float32),
         "features": cache.features[mask],
         "labels": cache.labels[mask],
     }
@@ -99,7 +102,7 @@ def test_float_exports_give_the_heads_probabilities(tiny, tiny_dense, tmp_path, 
     assert info["check"]["max_abs_diff"] <= 1e-4
 
     # The exported file alone, on decoded pixels, against the head on the cached features.
-    expected = heads.load_head(head_dir)[0].predict_proba(tiny["features"])
+    expected = estimators.load_head(head_dir)[0].predict_proba(tiny["features"])
     got = run_exported(model_file, model_format, tiny["pixels"])
     assert got.shape == (8, 2)
     np.testing.assert_allclose(got, expected, atol=1e-4)
@@ -121,10 +124,12 @@ def test_a_head_fitted_with_mirror_images_exports_the_mean_of_both_views(
 
     cache = store.read_cache(cache_path)
     mask = cache.splits == "validation"
-    pixels = [images.load_image(data / p, 32) for p, m in zip(cache.paths, mask) if m]
+    pixels = [decoder.load_image(data / p, 32) for p, m in zip(cache.paths, mask) if m]
     got = run_exported(Path(result["model"]), model_format, np.stack(pixels).astype(np.float32))
-    head = heads.load_head(tmp_path / "head")[0]
-    expected = head.predict_proba(heads.flip_views(cache.features[mask], cache.features_flip[mask]))
+    head = estimators.load_head(tmp_path / "head")[0]
+    expected = head.predict_proba(
+        estimators.flip_views(cache.features[mask], cache.features_flip[mask])
+    )
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert np.abs(head.predict_proba(cache.features[mask]) - expected).max() > 1e-3
     accuracy = metrics["validation"]["accuracy"]
@@ -135,7 +140,7 @@ def test_a_head_fitted_with_mirror_images_exports_the_mean_of_both_views(
 
 @pytest.mark.slow
 def test_a_finetune_output_exports_without_its_augmentation_layers(tiny, tmp_path):
-    from featx.finetune import finetune
+    from featx.commands.finetune import finetune
 
     ft_dir = tmp_path / "ft"
     finetune(tiny["cache"], tiny["root"] / "logreg", ft_dir, epochs=0, batch_size=8)
@@ -206,7 +211,7 @@ def test_bad_requests_are_refused_with_clear_messages(tiny, conv_model, tmp_path
         export(conv_model, "keras", output=tmp_path / "x", cache=tiny["cache"])
     with pytest.raises(FeatxError, match="neither head.json"):
         export(tmp_path, "keras", output=tmp_path / "x")
-    monkeypatch.setattr(backbone, "keras_backend", lambda: "jax")
+    monkeypatch.setattr(mobilenet, "keras_backend", lambda: "jax")
     for model_format in ("savedmodel", "tflite"):
         with pytest.raises(FeatxError, match=f"--format {model_format} needs the TensorFlow"):
             export(head, model_format, output=tmp_path / "x")

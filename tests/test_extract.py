@@ -23,10 +23,11 @@ from helpers import (
     write_images,
 )
 
-from featx import backbone, store
+from featx.backbone import mobilenet
+from featx.cache import store
 from featx.cli import cli
+from featx.commands.extract import extract
 from featx.errors import FeatxError
-from featx.extract import extract
 
 # This module's images: the class colour (CLASS_COLOURS) plus noise in [-40, 40).
 NOISE = 40
@@ -101,13 +102,13 @@ class ModelCalls:
 
     def __init__(self, monkeypatch):
         self.images = 0
-        real = backbone.KerasEngine.features
+        real = mobilenet.KerasEngine.features
 
         def counting(engine, batch):
             self.images += len(batch)
             return real(engine, batch)
 
-        monkeypatch.setattr(backbone.KerasEngine, "features", counting)
+        monkeypatch.setattr(mobilenet.KerasEngine, "features", counting)
 
 
 def test_second_run_with_nothing_changed_does_no_model_work(flat, tmp_path, monkeypatch):
@@ -263,13 +264,13 @@ def test_empty_class_warns_and_single_class_is_an_error(tmp_path):
 KILLABLE = textwrap.dedent(
     """
     import sys, time
-    from featx import backbone
-    from featx.extract import extract
-    real = backbone.KerasEngine.features
+    from featx.backbone import mobilenet
+    from featx.commands.extract import extract
+    real = mobilenet.KerasEngine.features
     def slow(engine, batch):  # slow batches give the test time to kill mid-run
         time.sleep(0.4)
         return real(engine, batch)
-    backbone.KerasEngine.features = slow
+    mobilenet.KerasEngine.features = slow
     # engine="keras": the slow engine above, not an ONNX Runtime one that "auto" may pick
     extract(sys.argv[1], sys.argv[2], weights="none", alpha=0.35, image_size=32,
                     batch_size=4, engine="keras")
@@ -352,7 +353,7 @@ def test_preprocessing_layer_is_mobilenet_v2_preprocess_input():
     import keras
 
     x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
-    ours = keras.ops.convert_to_numpy(backbone.preprocessing_layer()(x))
+    ours = keras.ops.convert_to_numpy(mobilenet.preprocessing_layer()(x))
     theirs = keras.applications.mobilenet_v2.preprocess_input(x.copy())
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
 
@@ -375,7 +376,7 @@ def test_real_photos_give_the_features_of_keras_own_mobilenet_v2(tmp_path):
     assert len(cache.fingerprint["weights_sha256"]) == 64
 
     # The reference: Keras' own model and preprocess_input on the same decoded pixels.
-    from featx.images import load_image
+    from featx.images.decoder import load_image
 
     pixels = np.stack([load_image(data / p) for p in cache.paths]).astype("float32")
     reference = keras.applications.MobileNetV2((224, 224, 3), include_top=False, pooling="avg")

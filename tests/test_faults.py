@@ -20,10 +20,11 @@ from click.testing import CliRunner
 from helpers import COLOURS, TINY, assert_one_line_error, write_images
 from PIL import Image
 
-from featx import images, store
+from featx.cache import store
 from featx.cli import cli
+from featx.commands.extract import extract
 from featx.errors import FeatxError
-from featx.extract import extract
+from featx.images import decoder, decoding, finder
 
 TINY_ARGS = ["--weights", "none", "--alpha", "0.35", "--image-size", "32", "--engine", "keras"]
 
@@ -80,7 +81,7 @@ def test_a_fifo_is_rejected_not_opened(tmp_path):
     rejected = {r["path"]: r["reason"] for r in json.loads(out.stdout)["rejected"]}
     assert rejected == {"cats/p.jpg": "not a regular file (FIFO)"}
     with pytest.raises(ValueError, match="FIFO"):
-        images.read_file(data / "cats" / "p.jpg")  # even when asked directly: no blocking open
+        decoder.read_file(data / "cats" / "p.jpg")  # even when asked directly: no blocking open
 
 
 def test_prefetch_stops_at_once_while_a_load_is_stuck():
@@ -91,7 +92,7 @@ def test_prefetch_stops_at_once_while_a_load_is_stuck():
             gate.wait(60)
         return item
 
-    batches = images.prefetch([["a"], ["stuck"], ["c"]], load, ahead=2, workers=2)
+    batches = decoding.prefetch([["a"], ["stuck"], ["c"]], load, ahead=2, workers=2)
     assert next(batches) == (["a"], ["a"])
     t0 = time.monotonic()
     batches.close()  # what Ctrl-C in the consumer does
@@ -179,7 +180,7 @@ def test_temporary_files_of_dead_runs_are_removed_and_nothing_else(tmp_path):
 HOLD_LOCK = textwrap.dedent(
     """
     import sys
-    from featx import store
+    from featx.cache import store
     with store.writer_lock(sys.argv[1]):
         print("held", flush=True)
         sys.stdin.read()
@@ -251,13 +252,13 @@ def test_huge_images_decode_one_at_a_time_within_the_pixel_budget(tmp_path, monk
         Image.new("RGB", (2000, 1500), (i * 40, 10, 10)).save(big[-1])
     peak = []
 
-    class Recording(images._PixelBudget):
+    class Recording(decoder._PixelBudget):
         def acquire(self, pixels):
             super().acquire(pixels)
             peak.append(self.used)
 
-    monkeypatch.setattr(images, "_PIXEL_BUDGET", Recording(3_500_000))
-    batches = images.prefetch([big], lambda p: images.load_image(p, 32), workers=4)
+    monkeypatch.setattr(decoder, "_PIXEL_BUDGET", Recording(3_500_000))
+    batches = decoding.prefetch([big], lambda p: decoder.load_image(p, 32), workers=4)
     (_, decoded), *_ = list(batches)
     assert max(peak) == 3_000_000  # 3 MP each: never two at once under a 3.5 MP budget
     assert all(d.shape == (32, 32, 3) for d in decoded)
@@ -289,7 +290,7 @@ def test_links_to_photos_outside_the_data_folder_are_followed(tmp_path):
     data = make_data(tmp_path / "data", per_class=2)
     elsewhere = make_data(tmp_path / "elsewhere", per_class=2)
     os.symlink(elsewhere / "cats", data / "cats" / "more")
-    paths = [f.path for f in images.find_images(data).files]
+    paths = [f.path for f in finder.find_images(data).files]
     assert "cats/more/cats000.jpg" in paths and len(paths) == 6
 
 
@@ -303,8 +304,8 @@ def test_an_unreadable_subfolder_is_reported(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(images.os, "scandir", scandir)
-    listing = images.find_images(data)
+    monkeypatch.setattr(finder.os, "scandir", scandir)
+    listing = finder.find_images(data)
     assert listing.skipped == [("cats/private", "unreadable folder: Permission denied")]
 
 
@@ -315,11 +316,11 @@ def test_a_data_folder_one_level_too_high_is_refused(tmp_path):
     with pytest.raises(
         FeatxError, match=r"holds split folders \(train, val\)\. Pass '.*top.other'"
     ):
-        images.find_images(tmp_path / "top")
+        finder.find_images(tmp_path / "top")
     (tmp_path / "one").mkdir()
     shutil.move(tmp_path / "top" / "proj" / "train", tmp_path / "one" / "dataset")
     with pytest.raises(FeatxError, match="If '.*dataset' holds the class folders, pass it"):
-        images.find_images(tmp_path / "one")
+        finder.find_images(tmp_path / "one")
 
 
 # --- 7. transient rejections are retried ---------------------------------------------------------
@@ -327,19 +328,19 @@ def test_a_data_folder_one_level_too_high_is_refused(tmp_path):
 
 def test_a_file_that_was_unreadable_is_tried_again(tmp_path, monkeypatch):
     data = make_data(tmp_path / "data", per_class=3)
-    real_read = images.read_file
+    real_read = decoder.read_file
 
     def denied(path):
         if Path(path).name == "cats001.jpg":
             raise PermissionError(13, "Permission denied", str(path))
         return real_read(path)
 
-    monkeypatch.setattr(images, "read_file", denied)
+    monkeypatch.setattr(decoder, "read_file", denied)
     first = run(data, tmp_path / "c.h5")
     assert first["rejected"] == [
         {"path": "cats/cats001.jpg", "reason": "unreadable: Permission denied"}
     ]
-    monkeypatch.setattr(images, "read_file", real_read)  # chmod fixed it; the file is unchanged
+    monkeypatch.setattr(decoder, "read_file", real_read)  # chmod fixed it; the file is unchanged
     second = run(data, tmp_path / "c.h5")
     assert second["rejected"] == [] and second["extracted"] == 1 and second["images"] == 6
 
@@ -396,10 +397,10 @@ def test_a_bad_journal_part_is_redone_not_trusted(tmp_path):
     data = make_data(tmp_path / "data", per_class=4)
     clean = run(data, tmp_path / "clean.h5")
     cache = tmp_path / "c.h5"
-    from featx import backbone
+    from featx.backbone import mobilenet
 
     fp = store.read_fingerprint(tmp_path / "clean.h5")
-    journal = store.Journal(cache, backbone.model_key(fp), feature_dim=1280)
+    journal = store.Journal(cache, mobilenet.model_key(fp), feature_dim=1280)
     journal.start()
     rows = store.Rows(["cats/cats000.jpg"], np.array([0]), np.array([0]), ["x"])
     st = os.stat(data / "cats" / "cats000.jpg")
@@ -442,17 +443,17 @@ def test_float16_is_kept_by_a_plain_cli_run(tmp_path):
 def test_a_lambda_layer_in_a_dense_head_is_a_one_line_error(tmp_path):
     import keras
 
-    from featx import heads
+    from featx.heads import estimators
 
     X, y = np.eye(4, 3, dtype=np.float32), np.array([0, 1, 0, 1])
-    head = heads.DenseHead(epochs=1).fit(X, y, X, y)
+    head = estimators.DenseHead(epochs=1).fit(X, y, X, y)
     folder = tmp_path / "head"
-    heads.save_head(head, folder, ["a", "b"], {"backbone": "MobileNetV2"})
+    estimators.save_head(head, folder, ["a", "b"], {"backbone": "MobileNetV2"})
     inputs = keras.Input((3,))
     outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
     keras.Model(inputs, outputs).save(folder / "head.keras")
     with pytest.raises(FeatxError, match=r"Could not load the head .*head\.keras.*fit-head"):
-        heads.load_head(folder)
+        estimators.load_head(folder)
 
 
 # --- the split of an existing cache (daily use) --------------------------------------------------
@@ -481,7 +482,7 @@ def test_another_split_of_an_existing_cache_needs_overwrite_which_resplits(tmp_p
 
 
 def test_finetune_never_reads_a_cached_path_outside_the_data_folder(tmp_path):
-    from featx import finetune
+    from featx.commands import finetune
 
     data = make_data(tmp_path / "data", per_class=1)
     (tmp_path / "secret.jpg").write_bytes((data / "cats" / "cats000.jpg").read_bytes())

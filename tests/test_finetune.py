@@ -10,33 +10,34 @@ import pytest
 from click.testing import CliRunner
 from helpers import TINY, assert_one_line_error, write_split_data
 
-from featx import finetune as ft
-from featx import finetune_keras as ftk
-from featx import heads, store
+from featx.backbone import finetune_keras as ftk
+from featx.cache import store
 from featx.cli import cli
+from featx.commands import finetune as ft
+from featx.commands.extract import extract
 from featx.errors import FeatxError
-from featx.extract import extract
+from featx.heads import estimators
 
 FAST = dict(batch_size=8, epochs=2, learning_rate=1e-3)  # a large step: changes are visible
 
 
-def fit_head(cache_path: Path, folder: Path, kind="logreg") -> tuple[Path, heads._Head]:
+def fit_head(cache_path: Path, folder: Path, kind="logreg") -> tuple[Path, estimators._Head]:
     cache = store.read_cache(cache_path)
     X, y = cache.split("train")
     head = (
-        heads.LogRegHead(C=1.0)
+        estimators.LogRegHead(C=1.0)
         if kind == "logreg"
-        else heads.DenseHead(epochs=20, learning_rate=1e-2)
+        else estimators.DenseHead(epochs=20, learning_rate=1e-2)
     )
     head.fit(X, y, *cache.split("validation"))
-    heads.save_head(head, folder, cache.class_names, cache.fingerprint)
+    estimators.save_head(head, folder, cache.class_names, cache.fingerprint)
     return folder, head
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
     """The session's tiny model: its data folder, cache and logistic-regression head."""
-    head, _ = heads.load_head(tiny_model.logreg)
+    head, _ = estimators.load_head(tiny_model.logreg)
     return {
         "root": tiny_model.root,
         "data": tiny_model.data,
@@ -63,7 +64,7 @@ def weights_by_path(layer) -> dict[str, np.ndarray]:
 def test_the_warm_started_model_reproduces_the_head(tiny, kind, tmp_path):
     head_dir, head = fit_head(tiny["cache"], tmp_path / kind, kind)
     cache = store.read_cache(tiny["cache"])
-    model = ft.build_model(cache.fingerprint, heads.load_head(head_dir)[0].to_keras())
+    model = ft.build_model(cache.fingerprint, estimators.load_head(head_dir)[0].to_keras())
     x, y, features = split_pixels(tiny["cache"])
     proba = model.predict_on_batch(x)  # raw pixels through the whole rebuilt model
     expected = head.predict_proba(features)  # the head on the cached features

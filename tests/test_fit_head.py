@@ -14,10 +14,14 @@ import pytest
 from click.testing import CliRunner
 from helpers import REAL_DATA, WEIGHTS_FILE, assert_one_line_error
 
-from featx import __version__, config, heads, report, store
+from featx import config
+from featx.cache import store
 from featx.cli import cli
+from featx.commands.fit_head import default_output_dir, fit_head
+from featx.config import VERSION
 from featx.errors import FeatxError
-from featx.fit_head import default_output_dir, fit_head
+from featx.heads import estimators
+from featx.reports import evaluation
 
 # What backbone.fingerprint() records for the real cache (without building or hashing anything).
 FINGERPRINT = {
@@ -30,7 +34,7 @@ FINGERPRINT = {
     "preprocessing": config.PREPROCESSING,
     "resize": config.RESIZE,
     "engine": "keras",
-    "featx_version": __version__,
+    "featx_version": VERSION,
     "keras_version": "3.15.1",
     "keras_backend": "tensorflow",
 }
@@ -106,7 +110,7 @@ def without_timing(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in ("fit_seconds", "output")}
 
 
-@pytest.mark.parametrize("head", heads.HEADS)
+@pytest.mark.parametrize("head", estimators.HEADS)
 def test_fit_head_writes_the_head_and_a_complete_report(head, cache_path, tmp_path):
     out = tmp_path / "out"
     options = DENSE if head == "dense" else {}
@@ -131,14 +135,14 @@ def test_fit_head_writes_the_head_and_a_complete_report(head, cache_path, tmp_pa
         assert fh.readline().strip() == "path,true,predicted,probability,split"
 
     # the saved head scores exactly what metrics.json says, and knows where it came from
-    loaded, meta = heads.load_head(out)
+    loaded, meta = estimators.load_head(out)
     assert meta["fingerprint"] == FINGERPRINT and meta["class_names"] == ["cats", "dogs"]
     cache = store.read_cache(cache_path)
     X, y = cache.split("validation")
-    assert report.evaluate(y, loaded.predict_proba(X), cache.class_names) == m["validation"]
+    assert evaluation.evaluate(y, loaded.predict_proba(X), cache.class_names) == m["validation"]
 
 
-@pytest.mark.parametrize("head", heads.HEADS)
+@pytest.mark.parametrize("head", estimators.HEADS)
 def test_the_same_seed_gives_the_same_metrics(head, cache_path, tmp_path):
     options = DENSE if head == "dense" else {}
     a = fit_head(cache_path, head, tmp_path / "a", seed=7, **options)
@@ -191,7 +195,7 @@ def test_float16_caches_are_fitted_in_float32(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", heads.HEADS)
+@pytest.mark.parametrize("head", estimators.HEADS)
 def test_mirror_images_are_training_rows_and_validation_is_scored_on_the_mean_of_both(
     head, tmp_path
 ):
@@ -199,21 +203,24 @@ def test_mirror_images_are_training_rows_and_validation_is_scored_on_the_mean_of
     options = DENSE if head == "dense" else {}
     m = fit_head(path, head, tmp_path / "out", **options)  # used when the cache has them
     assert m["fitted"]["flip"] is True
-    loaded, meta = heads.load_head(tmp_path / "out")
+    loaded, meta = estimators.load_head(tmp_path / "out")
     assert meta["flip"] is True and loaded.flip_
     cache = store.read_cache(path)
     views = cache.splits == "validation"
-    X = heads.flip_views(cache.features[views], cache.features_flip[views])
+    X = estimators.flip_views(cache.features[views], cache.features_flip[views])
     proba = loaded.predict_proba(X)
-    assert report.evaluate(cache.labels[views], proba, cache.class_names) == m["validation"]
+    assert evaluation.evaluate(cache.labels[views], proba, cache.class_names) == m["validation"]
     if head == "logreg":  # trained on 160 rows: both views of the 80 training images
-        refit = heads.LogRegHead(**m["options"]).fit(
+        refit = estimators.LogRegHead(**m["options"]).fit(
             *cache.split("train"), X_flip=cache.features_flip[cache.splits == "train"]
         )
         np.testing.assert_allclose(refit.predict_proba(X), proba, atol=1e-12)
 
     without = fit_head(path, head, tmp_path / "no-flip", flip=False, **options)
-    assert without["fitted"]["flip"] is False and not heads.load_head(tmp_path / "no-flip")[0].flip_
+    assert (
+        without["fitted"]["flip"] is False
+        and not estimators.load_head(tmp_path / "no-flip")[0].flip_
+    )
     assert without["validation"] != m["validation"]
     plain = fit_head(write_synthetic_cache(tmp_path / "plain.h5"), head, tmp_path / "p", **options)
     assert plain["fitted"]["flip"] is False
@@ -382,7 +389,7 @@ def test_cli_an_unwritable_output_is_one_line_not_a_traceback(cache_path, tmp_pa
 )
 @pytest.mark.skipif(not WEIGHTS_FILE.is_file(), reason=f"ImageNet weights not in {WEIGHTS_FILE}")
 def test_real_photos_give_at_least_095_validation_accuracy(tmp_path):
-    from featx.extract import extract
+    from featx.commands.extract import extract
 
     data = tmp_path / "photos"  # 150 train and 50 validation photos per class
     for split, n in (("train", 150), ("validation", 50)):
@@ -391,7 +398,7 @@ def test_real_photos_give_at_least_095_validation_accuracy(tmp_path):
             for p in sorted((REAL_DATA / split / c).glob("*.jpg"))[:n]:
                 shutil.copy(p, data / split / c / p.name)
     extract(data, tmp_path / "real.h5", weights="imagenet", engine="keras")
-    for head in heads.HEADS:
+    for head in estimators.HEADS:
         m = fit_head(tmp_path / "real.h5", head, tmp_path / head)
         assert m["train"]["n"] == 300 and m["validation"]["n"] == 100
         assert m["validation"]["accuracy"] >= 0.95, (head, m["validation"])

@@ -9,8 +9,8 @@ import pytest
 from helpers import TINY, write_images
 from PIL import Image, features
 
-from featx.extract import extract
-from featx.images import decode_image, load_image
+from featx.commands.extract import extract
+from featx.images.decoder import decode_image, load_image
 
 RED, BLUE = (200, 40, 40), (40, 40, 200)
 

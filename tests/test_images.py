@@ -13,7 +13,8 @@ from PIL import Image, JpegImagePlugin
 
 from featx import config
 from featx.errors import FeatxError
-from featx.images import ImageFile, assign_splits, decode_image, find_images, load_image, read_file
+from featx.images.decoder import decode_image, load_image, read_file
+from featx.images.finder import ImageFile, assign_splits, find_images
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 WHITE = (255, 255, 255)

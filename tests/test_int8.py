@@ -9,14 +9,17 @@ import pytest
 from click.testing import CliRunner
 from helpers import TINY, assert_one_line_error, write_split_data
 
-from featx import heads, int8, store
+from featx.backbone import int8
+from featx.cache import store
 from featx.cli import cli
+from featx.commands.export import export
+from featx.commands.extract import extract
+from featx.commands.finetune import finetune
+from featx.commands.fit_head import fit_head
+from featx.commands.predict import predict
 from featx.errors import FeatxError
-from featx.export import export
-from featx.extract import extract
-from featx.finetune import finetune
-from featx.fit_head import fit_head
-from featx.predict import predict
+from featx.heads import estimators
+from featx.images import finder
 
 pytest.importorskip("onnxruntime", reason="--precision int8 needs `pip install 'featx[onnx]'`")
 
@@ -79,7 +82,7 @@ def test_later_runs_reuse_the_same_file_and_never_mix_with_fp32(tiny, tmp_path):
 def test_predict_uses_the_same_int8_file_and_the_float_commands_refuse(tiny, tmp_path):
     result = predict(tiny["head"], [str(tiny["data"] / "validation")])
     cache = store.read_cache(tiny["cache"])
-    head = heads.load_head(tiny["head"])[0]
+    head = estimators.load_head(tiny["head"])[0]
     expected = head.predict_proba(cache.features[cache.splits == "validation"])
     got = np.array([r["probability"] for r in sorted(result["rows"], key=lambda r: r["path"])])
     paths = [p for p, s in zip(cache.paths, cache.splits) if s == "validation"]
@@ -107,11 +110,10 @@ def test_cli_precision_option(tmp_path):
 
 
 def test_calibration_never_uses_validation_images_of_a_flat_folder(tiny, tmp_path):
-    from featx import images
 
     for c in ("cats", "dogs"):  # a flat folder: featx splits it into train and validation
         shutil.copytree(tiny["data"] / "train" / c, tmp_path / "flat" / c)
-    listing = images.find_images(tmp_path / "flat")
+    listing = finder.find_images(tmp_path / "flat")
     # The split a real extraction writes, not the same call the code makes.
     extract(tmp_path / "flat", tmp_path / "flat.h5", engine="keras", val_split=0.2, seed=0, **TINY)
     cache = store.read_cache(tmp_path / "flat.h5")

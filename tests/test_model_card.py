@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from featx import model_card
+from featx.commands.export import export
+from featx.commands.predict import predict
 from featx.errors import FeatxError
-from featx.export import export
-from featx.predict import predict
+from featx.reports import model_card
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,13 @@ from helpers import (
     write_images,
 )
 
-from featx import backbone, onnx_engine, store
-from featx.backbone import BackboneSpec
+from featx.backbone import mobilenet, onnx_engine
+from featx.backbone.engines import make_engine
+from featx.backbone.mobilenet import BackboneSpec
+from featx.cache import store
 from featx.cli import cli
-from featx.engines import make_engine
+from featx.commands.extract import extract
 from featx.errors import FeatxError
-from featx.extract import extract
 
 pytest.importorskip("onnxruntime", reason="the onnx engine needs `pip install 'featx[onnx]'`")
 
@@ -69,7 +70,7 @@ def test_onnx_features_match_keras_for_uint8_batches(exported):
     batch = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     engine = onnx_engine.OnnxEngine(TINY_SPEC, onnx_dir=exported.parent)
     got = engine.features(batch)
-    expected = backbone.KerasEngine(TINY_SPEC).features(batch)
+    expected = mobilenet.KerasEngine(TINY_SPEC).features(batch)
     assert engine.name == "onnx" and got.dtype == np.float32 and got.shape == (5, 1280)
     assert close(got, expected)
     assert not close(got[1:], expected[:-1])  # different images, different features
@@ -77,7 +78,7 @@ def test_onnx_features_match_keras_for_uint8_batches(exported):
 
 def test_export_is_stored_with_a_sidecar_keyed_by_the_backbone(exported):
     meta = json.loads(onnx_engine.sidecar_path(exported).read_text())
-    fp = backbone.fingerprint(**TINY)
+    fp = mobilenet.fingerprint(**TINY)
     assert meta["model_key"] == onnx_engine.model_key(fp)
     assert exported.name == f"backbone-{meta['model_key'][:16]}.onnx"
     assert meta["onnx_sha256"] == onnx_engine.file_sha256(exported)
@@ -100,7 +101,7 @@ def test_the_export_is_kept_once_per_user_and_a_second_project_reuses_it(tmp_pat
     assert len(exports) == 1 and str(tmp_path / "home") in exports[0]  # the first project only
     (stored,) = (tmp_path / "home").glob("backbone-*.onnx")
     assert (
-        onnx_engine.check_stored(stored, onnx_engine.model_key(backbone.fingerprint(**TINY)))
+        onnx_engine.check_stored(stored, onnx_engine.model_key(mobilenet.fingerprint(**TINY)))
         is None
     )
 
@@ -159,15 +160,15 @@ def test_corrupt_or_stale_onnx_file_is_rebuilt_not_trusted(exported, tmp_path, d
     batch = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     got = engine.features(batch)
     assert any("rebuilding" in m for m in messages) and any("exported" in m for m in messages)
-    assert close(got, backbone.KerasEngine(TINY_SPEC).features(batch))
-    key = onnx_engine.model_key(backbone.fingerprint(**TINY))
+    assert close(got, mobilenet.KerasEngine(TINY_SPEC).features(batch))
+    key = onnx_engine.model_key(mobilenet.fingerprint(**TINY))
     assert onnx_engine.check_stored(path, key) is None  # repaired on disk too
 
 
 REUSE = textwrap.dedent(
     """
     import json, sys
-    from featx.extract import extract
+    from featx.commands.extract import extract
     s = extract(sys.argv[1], sys.argv[2], weights="none", alpha=0.35, image_size=32,
                 batch_size=4, engine="auto")
     heavy = [m for m in ("tensorflow", "keras") if m in sys.modules]
@@ -247,7 +248,7 @@ def test_auto_uses_keras_when_the_export_could_not_be_stored(exported, tmp_path,
 
 def test_no_gpu_is_found_without_importing_tensorflow():
     code = (
-        "import sys; from featx import onnx_engine; "
+        "import sys; from featx.backbone import onnx_engine; "
         "print(onnx_engine.keras_sees_gpu(), 'tensorflow' in sys.modules)"
     )
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "-1", "KERAS_BACKEND": "tensorflow"}
@@ -268,7 +269,7 @@ def test_no_gpu_is_found_without_importing_tensorflow():
 def test_auto_uses_keras_when_the_backend_cannot_export_onnx(
     monkeypatch, keras_backend, installed, expected
 ):
-    monkeypatch.setattr(backbone, "keras_backend", lambda: keras_backend)
+    monkeypatch.setattr(mobilenet, "keras_backend", lambda: keras_backend)
     monkeypatch.setattr(onnx_engine, "_installed", lambda dist: dist in installed)
     monkeypatch.setattr(onnx_engine, "keras_sees_gpu", lambda: False)
     messages = []
@@ -311,7 +312,7 @@ def test_auto_without_onnxruntime_falls_back_to_keras_with_one_line(no_onnxrunti
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real photos not found at {REAL_DATA}")
 @pytest.mark.skipif(not WEIGHTS_FILE.is_file(), reason=f"ImageNet weights not in {WEIGHTS_FILE}")
 def test_real_weights_onnx_features_match_keras_within_1e4_on_real_photos(tmp_path):
-    from featx.images import load_image
+    from featx.images.decoder import load_image
 
     folders = [REAL_DATA / "validation" / c for c in ("cats", "dogs")]
     photos = [p for folder in folders for p in sorted(folder.glob("*.jpg"))[:8]]
@@ -319,6 +320,6 @@ def test_real_weights_onnx_features_match_keras_within_1e4_on_real_photos(tmp_pa
     got = onnx_engine.OnnxEngine(BackboneSpec("imagenet", 224, 1.0), onnx_dir=tmp_path).features(
         batch
     )
-    expected = backbone.KerasEngine(BackboneSpec("imagenet", 224, 1.0)).features(batch)
+    expected = mobilenet.KerasEngine(BackboneSpec("imagenet", 224, 1.0)).features(batch)
     assert got.shape == (16, 1280) and expected.max() > 1.0  # real, non-trivial features
     np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -14,12 +14,15 @@ import pytest
 from click.testing import CliRunner
 from helpers import COLOURS, REAL_DATA, assert_one_line_error, write_split_data
 
-from featx import backbone, config, heads, store
+from featx import config
+from featx.backbone import mobilenet
+from featx.cache import store
 from featx.cli import cli
+from featx.commands.extract import extract
+from featx.commands.fit_head import fit_head
+from featx.commands.predict import csv_columns, expand_paths, predict
 from featx.errors import FeatxError
-from featx.extract import extract
-from featx.fit_head import fit_head
-from featx.predict import csv_columns, expand_paths, predict
+from featx.heads import estimators
 
 ROW_KEYS = ["path", "predicted", "probability", "top_k", "label", "error"]
 
@@ -43,7 +46,7 @@ def run(model_dir, paths, **kwargs):
 def cached_proba(tiny) -> dict[str, np.ndarray]:
     """The head's probabilities on the cached features, by absolute image path."""
     cache = store.read_cache(tiny["cache"])
-    head, _ = heads.load_head(tiny["head"])
+    head, _ = estimators.load_head(tiny["head"])
     proba = head.predict_proba(cache.features)
     return {str(tiny["data"] / p): proba[i] for i, p in enumerate(cache.paths)}
 
@@ -215,7 +218,7 @@ def test_min_confidence_predicts_unknown_below_it_and_keeps_the_probabilities(ti
 
 @pytest.mark.slow
 def test_an_export_folder_predicts_like_the_model_it_was_exported_from(tiny, tmp_path):
-    from featx.export import export
+    from featx.commands.export import export
 
     export(tiny["head"], "keras", output=tmp_path / "exported")
     folder = [str(tiny["data"] / "validation")]
@@ -260,8 +263,8 @@ def test_a_head_fitted_with_mirror_images_predicts_from_the_mean_of_both_views(t
     assert metrics["fitted"]["flip"] is True
     result = run(tmp_path / "head", [str(data / "validation")])
     cache = store.read_cache(cache_path)
-    head, _ = heads.load_head(tmp_path / "head")
-    both = head.predict_proba(heads.flip_views(cache.features, cache.features_flip))
+    head, _ = estimators.load_head(tmp_path / "head")
+    both = head.predict_proba(estimators.flip_views(cache.features, cache.features_flip))
     one = head.predict_proba(cache.features)
     assert np.abs(both - one).max() > 1e-3  # the views differ enough for this test to tell
     row = {str(data / p): i for i, p in enumerate(cache.paths)}
@@ -291,7 +294,7 @@ def test_cli_json_and_progress_on_large_inputs(tiny, monkeypatch):
 
 @pytest.mark.slow
 def test_a_finetune_output_predicts_like_its_warm_start_head(tiny, tmp_path):
-    from featx.finetune import finetune
+    from featx.commands.finetune import finetune
 
     out = tmp_path / "ft"
     finetune(tiny["cache"], tiny["head"], out, epochs=0, batch_size=8)  # the warm start only
@@ -317,7 +320,7 @@ def test_the_onnx_engine_predicts_the_same_without_importing_tensorflow(tiny):
         assert a["path"] == b["path"] and a["predicted"] == b["predicted"]
         assert a["probability"] == pytest.approx(b["probability"], abs=1e-3)
     code = (
-        "import json, sys; from featx.predict import predict; "
+        "import json, sys; from featx.commands.predict import predict; "
         f"r = predict({str(tiny['head'])!r}, {folder!r}, engine='onnx'); "
         "print(json.dumps([r['accuracy'], 'tensorflow' in sys.modules, 'keras' in sys.modules]))"
     )
@@ -326,7 +329,7 @@ def test_the_onnx_engine_predicts_the_same_without_importing_tensorflow(tiny):
 
 
 def test_an_onnx_file_of_an_older_version_is_looked_for_next_to_the_heads_cache(tiny, tmp_path):
-    from featx.classifier import _onnx_dirs
+    from featx.artifacts.classifier import _onnx_dirs
 
     moved = tmp_path / "models" / "cats"  # a head moved away from its cache
     shutil.copytree(tiny["head"], moved)
@@ -339,7 +342,7 @@ def test_an_onnx_file_of_an_older_version_is_looked_for_next_to_the_heads_cache(
 @pytest.mark.slow
 def test_a_head_is_refused_when_the_backbone_weights_changed(tmp_path):
     weights = tmp_path / "mine.weights.h5"
-    base = backbone.build_base("none", 32, 0.35)
+    base = mobilenet.build_base("none", 32, 0.35)
     base.save_weights(weights)
     data = write_split_data(tmp_path / "data")
     cache_path = tmp_path / "c.h5"
@@ -401,7 +404,7 @@ def test_expand_paths_recurses_keeps_order_and_names_the_class_folders(tmp_path)
 def test_real_validation_folder_accuracy_equals_the_fit_head_metrics(tmp_path):
     """60+60 train and 40+40 validation real photos: extract, fit-head, predict the folder."""
     try:
-        backbone.resolve_weights("imagenet", 224, 1.0)
+        mobilenet.resolve_weights("imagenet", 224, 1.0)
     except FeatxError as e:
         pytest.skip(f"ImageNet weights unavailable: {e}")
     data = tmp_path / "data"

@@ -20,15 +20,16 @@ import pytest
 from click.testing import CliRunner
 from helpers import TINY, assert_one_line_error, write_images
 
-from featx import backbone, parts, ray_executor, store
+from featx.backbone import mobilenet
+from featx.cache import parts, ray_executor, store
 from featx.cli import cli
+from featx.commands.extract import extract
 from featx.errors import FeatxError
-from featx.extract import extract
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray is optional: pip install 'featx[ray]'"
 )
-SPEC = backbone.BackboneSpec(**TINY)
+SPEC = mobilenet.BackboneSpec(**TINY)
 RUN = dict(engine="keras", batch_size=4, **TINY)
 
 
@@ -140,7 +141,7 @@ def test_a_changed_file_takes_its_new_features_not_an_older_journal_part(local_r
 KILLABLE = textwrap.dedent(
     """
     import sys
-    from featx.extract import extract
+    from featx.commands.extract import extract
     extract(sys.argv[1], sys.argv[2], engine="keras", batch_size=4, executor="ray", workers=1,
             weights="none", alpha=0.35, image_size=32)
     """
@@ -277,7 +278,7 @@ def test_actors_get_the_backend_and_grow_gpu_memory_instead_of_preallocating(mon
     assert env["KERAS_BACKEND"] == "jax" and env["FEATX_HOME"] == "/somewhere/featx"
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
-    assert ray_executor.worker_env()["KERAS_BACKEND"] == backbone.keras_backend()
+    assert ray_executor.worker_env()["KERAS_BACKEND"] == mobilenet.keras_backend()
 
 
 def test_a_cluster_gets_one_actor_per_gpu_share_else_per_cpu_but_one():
@@ -293,7 +294,7 @@ def test_nothing_to_extract_starts_no_ray(tmp_path, monkeypatch):
 
 def test_importing_the_executor_loads_neither_ray_nor_keras():
     code = (
-        "import sys, featx.ray_executor; "
+        "import sys, featx.cache.ray_executor; "
         "print([m for m in ('ray', 'keras', 'tensorflow') if m in sys.modules])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

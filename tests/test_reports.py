@@ -14,10 +14,11 @@ from click.testing import CliRunner
 from helpers import TINY, write_images
 from PIL import Image
 
-from featx import html_report, outputs, report
+from featx.artifacts import outputs
 from featx.cli import cli
-from featx.extract import extract
-from featx.fit_head import fit_head
+from featx.commands.extract import extract
+from featx.commands.fit_head import fit_head
+from featx.reports import html_report, plots
 
 
 def write_noise(root: Path, counts: dict, seed: int = 0) -> Path:
@@ -138,7 +139,7 @@ def test_a_reused_output_folder_keeps_no_file_of_the_other_head(noisy, tmp_path)
 
 def test_dense_curves_plot_what_metrics_json_reports(noisy, tmp_path, monkeypatch):
     figures = []
-    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append((fig, path)))
+    monkeypatch.setattr(plots, "_save_figure", lambda fig, path: figures.append((fig, path)))
     metrics = fit_head(noisy["cache"], "dense", tmp_path / "dense", epochs=6)
     history = json.loads((tmp_path / "dense" / "head.json").read_text())["history"]
     best = metrics["fitted"]["best_epoch"]
@@ -161,9 +162,9 @@ def test_dense_curves_plot_what_metrics_json_reports(noisy, tmp_path, monkeypatc
 
 def test_a_one_epoch_finetune_curve_starts_at_the_warm_start(tmp_path, monkeypatch):
     figures = []
-    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(plots, "_save_figure", lambda fig, path: figures.append(fig))
     history = {"loss": [0.2], "accuracy": [0.97], "val_loss": [0.15], "val_accuracy": [0.99]}
-    report.plot_training_curves(
+    plots.plot_training_curves(
         history, tmp_path / "c.png", 1, {"val_loss": 0.16, "val_accuracy": 0.985}
     )
     loss_ax, accuracy_ax = figures[0].axes
@@ -177,9 +178,9 @@ def test_a_one_epoch_finetune_curve_starts_at_the_warm_start(tmp_path, monkeypat
 
 def test_confusion_matrix_png_has_counts_beside_the_normalised_matrix(tmp_path, monkeypatch):
     figures = []
-    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(plots, "_save_figure", lambda fig, path: figures.append(fig))
     cm = [[8, 2], [0, 3]]
-    report.plot_confusion_matrices({"validation": cm}, ["a", "b"], tmp_path / "cm.png")
+    plots.plot_confusion_matrices({"validation": cm}, ["a", "b"], tmp_path / "cm.png")
     counts_ax, share_ax = figures[0].axes
     assert [t.get_text() for t in counts_ax.texts] == ["8", "2", "0", "3"]
     assert [t.get_text() for t in share_ax.texts] == ["0.80", "0.20", "", "1.00"]
@@ -231,8 +232,8 @@ def test_the_report_renders_in_a_headless_browser_with_every_thumbnail(noisy, tm
 
 
 def test_finetune_refuses_to_write_into_its_own_head_folder(noisy):
+    from featx.commands.finetune import finetune
     from featx.errors import FeatxError
-    from featx.finetune import finetune
 
     before = sorted(p.name for p in noisy["out"].iterdir())
     with pytest.raises(FeatxError, match="is the --head folder"):

@@ -9,11 +9,12 @@ import pytest
 from click.testing import CliRunner
 from helpers import TINY, assert_one_line_error, write_images
 
-from featx import shards, store
+from featx.cache import store
 from featx.cli import cli
+from featx.commands.extract import extract
+from featx.commands.merge import merge
 from featx.errors import FeatxError
-from featx.extract import extract
-from featx.merge import merge
+from featx.images import shards
 
 ARGS = dict(**TINY, engine="keras", batch_size=8)
 

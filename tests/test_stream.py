@@ -17,9 +17,13 @@ import pytest
 from click.testing import CliRunner
 from helpers import COLOURS, TINY, PixelEngine, assert_one_line_error, write_images
 
-from featx import backbone, config, decoding, engines, extract, images, store, stream
+from featx import config
+from featx.backbone import engines, mobilenet
+from featx.cache import store, stream
 from featx.cli import cli
+from featx.commands import extract
 from featx.errors import FeatxError
+from featx.images import decoding
 from featx.options import ExtractOptions
 
 DIM = 1280
@@ -134,7 +138,7 @@ def test_fast_batches_are_written_once_as_parts_and_an_interrupted_run_resumes(
             return super().features(batch)
 
     monkeypatch.setattr(
-        engines, "for_extract", lambda opts, *a: (Interrupted(), backbone.fingerprint(
+        engines, "for_extract", lambda opts, *a: (Interrupted(), mobilenet.fingerprint(
             opts.weights, opts.image_size, opts.alpha, engine="keras"))
     )  # fmt: skip
     cache = tmp_path / "c.h5"
@@ -246,13 +250,13 @@ def test_workers_are_checked_and_passed_to_the_decoding_pool(fake_engine, tmp_pa
     with pytest.raises(FeatxError, match="workers must be an integer between 1 and"):
         ExtractOptions(workers=0)
     seen = []
-    real = images.prefetch
+    real = decoding.prefetch
 
     def recording(chunks, load, ahead=config.PREFETCH_BATCHES, workers=None):
         seen.append(workers)
         return real(chunks, load, ahead, workers)
 
-    monkeypatch.setattr(images, "prefetch", recording)
+    monkeypatch.setattr(decoding, "prefetch", recording)
     data = make_data(tmp_path / "data", per_class=3)
     cmd = ["extract", str(data), "--cache", str(tmp_path / "c.h5"), "--weights", "none"]
     result = CliRunner().invoke(
@@ -298,8 +302,9 @@ KILLABLE_APPEND = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from featx import backbone, config, engines
-    from featx.extract import extract
+    from featx import config
+    from featx.backbone import engines, mobilenet
+    from featx.commands.extract import extract
     config.PART_ROWS = 8
     class Slow:
         name = "keras"
@@ -307,7 +312,7 @@ KILLABLE_APPEND = textwrap.dedent(
             time.sleep(0.3)
             return batch.reshape(len(batch), -1)[:, :1280].astype(np.float32)
     def for_extract(opts, old, cache_path, listing, root, log):
-        return Slow(), backbone.fingerprint("none", 32, 0.35, engine="keras")
+        return Slow(), mobilenet.fingerprint("none", 32, 0.35, engine="keras")
     engines.for_extract = for_extract
     extract(sys.argv[1], sys.argv[2], weights="none", alpha=0.35, image_size=32, batch_size=4)
     """

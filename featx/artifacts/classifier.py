@@ -1,0 +1,245 @@
+"""A loaded model folder as one function from pixels to class probabilities, and the loop that runs
+it over image files in batches.
+
+A fit-head folder becomes its backbone engine (Keras, ONNX Runtime or INT8) followed by the head; a
+finetune folder its Keras model; an export folder the exported file (Keras, SavedModel or TFLite).
+predict and export both run models through here, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featx import config
+from featx.artifacts.model_dirs import (
+    FINETUNE_INFO,
+    FINETUNE_MODEL,
+    check_backbone,
+    model_kind,
+    read_export_info,
+    read_finetune_info,
+)
+from featx.errors import FeatxError
+from featx.images import decoder, decoding
+
+
+def load_finetune_model(model_dir: str | Path):
+    """model.keras of a finetune output, loaded in safe mode (no code runs from the file)."""
+    import keras
+
+    path = Path(model_dir) / FINETUNE_MODEL
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:
+        raise FeatxError(f"Could not load '{path}' ({type(e).__name__}: {e}).") from None
+
+
+@dataclass
+class Classifier:
+    """A loaded MODEL_DIR: (n, size, size, 3) uint8 pixels -> (n, C) probabilities."""
+
+    kind: str  # "head" or "finetune"
+    class_names: list[str]
+    image_size: int
+    engine: str  # what computes the backbone: "keras" or "onnx"
+    meta: dict  # head.json or finetune.json
+    _run: object
+
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self._run(batch), np.float64)
+
+
+def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None) -> Classifier:
+    """The classifier of a fit-head or finetune output folder.
+
+    For a head, the backbone runs on `engine` ("keras", "onnx" or "auto", see
+    extract.make_engine); a finetune model is one Keras model and always runs in Keras.
+    """
+    log = log or (lambda message: None)
+    kind = model_kind(model_dir)
+    if kind == "export":
+        info = read_export_info(model_dir)
+        if engine == "onnx":
+            log("note: an export runs as exported; --engine onnx applies to fit-head models.")
+        path = Path(model_dir) / info["model_file"]
+        try:
+            run = load_exported(path, info["model_format"])
+        except Exception as e:  # a damaged file, or a format this installation cannot run
+            raise FeatxError(
+                f"Could not load '{path}' ({type(e).__name__}: {e}). Re-run `featx export`."
+            ) from None
+        runs_on = {"keras": "keras", "savedmodel": "tensorflow"}.get(info["model_format"], "tflite")
+        size = int(info["image_size"])
+        return Classifier(kind, list(info["class_names"]), size, runs_on, info, run)
+    if kind == "finetune":
+        info = read_finetune_info(model_dir)
+        if engine == "onnx":
+            log("note: a finetune model runs in Keras; --engine onnx applies to fit-head models.")
+        model = load_finetune_model(model_dir)
+        size = int(info["image_size"])
+        if tuple(model.input_shape[1:]) != (size, size, 3):
+            raise FeatxError(
+                f"'{Path(model_dir) / FINETUNE_MODEL}' takes inputs of shape "
+                f"{model.input_shape}, {FINETUNE_INFO} says {size}x{size} RGB. Re-run "
+                "`featx finetune`."
+            )
+
+        def run(batch):
+            return model.predict_on_batch(np.asarray(batch, np.float32))
+
+        return Classifier(kind, list(info["class_names"]), size, "keras", info, run)
+
+    from featx.backbone.engines import make_engine
+    from featx.backbone.mobilenet import BackboneSpec
+    from featx.heads import estimators
+
+    head, meta = estimators.load_head(model_dir)
+    fp = meta.get("fingerprint") or {}
+    check_backbone(fp, f"The head in '{model_dir}'")
+    if fp.get("precision", "fp32") == "int8":
+        runner = _int8_runner(engine, fp, model_dir, meta, log)
+    else:
+        runner = make_engine(
+            engine,
+            BackboneSpec.from_fingerprint(fp),
+            onnx_dir=config.ONNX_DIR,
+            log=log,
+            search=_onnx_dirs(model_dir, meta),
+        )
+
+    def run(batch):
+        features = runner.features(batch)
+        if head.flip_:  # fitted with mirror images: predict from the mean of both views
+            mirrored = runner.features(np.ascontiguousarray(batch[:, :, ::-1]))
+            features = estimators.flip_views(features, mirrored)
+        return head.predict_proba(features)
+
+    size = int(fp["image_size"])
+    return Classifier(kind, list(meta["class_names"]), size, runner.name, meta, run)
+
+
+def _int8_runner(engine: str, fp: dict, model_dir, meta: dict, log):
+    """The quantized backbone a head fitted on an int8 cache needs: that exact file, found next
+    to its cache, next to the model folder, or in the default cache folder."""
+    from featx.backbone import int8
+
+    if engine == "keras":
+        raise FeatxError(
+            f"The head in '{model_dir}' was fitted on INT8 features, which only the onnx engine "
+            "computes; pass --engine onnx (or auto)."
+        )
+    folders = [Path(meta["cache"]).resolve().parent] if meta.get("cache") else []
+    folders += [Path(model_dir).resolve().parent, Path(config.ONNX_DIR or config.CACHE_DIR)]
+    folders = list(dict.fromkeys(f for f in folders if f.is_dir()))
+    return int8.engine(fp, folders or [Path(model_dir)], log=log)[0]
+
+
+def _onnx_dirs(model_dir, meta: dict) -> list[Path]:
+    """Where older versions of extract stored the backbone's .onnx file (now kept per user): the
+    folder of the cache the head was fitted on, and the model folder's parent (fit-head's default
+    output is cache/<name>-<head>/); those that exist."""
+    folders = [Path(meta["cache"]).resolve().parent] if meta.get("cache") else []
+    folders.append(Path(model_dir).resolve().parent)
+    return list(dict.fromkeys(f for f in folders if f.is_dir()))
+
+
+def _load(path: str, image_size: int):
+    """(pixels, None) or (None, reason) for one file; runs in a worker thread."""
+    try:
+        return decoder.load_image(path, image_size), None
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    except Exception as e:  # any decoder failure: the reason, never a crash
+        return None, str(e) or type(e).__name__
+
+
+def run_batches(
+    predict_proba,
+    paths: list[str],
+    image_size: int,
+    num_classes: int,
+    batch_size: int = config.BATCH_SIZE,
+    progress=None,
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode `paths` with the loader of extraction, a few batches ahead (decoding.prefetch), and
+    run `predict_proba` on fixed-size uint8 batches (the last one padded, so models trace once).
+
+    Returns (probabilities (n, num_classes) with NaN rows for files that failed,
+    {index: reason} of those files). `progress(done, total, images_per_second)` after each batch.
+    """
+    if batch_size < 1:
+        raise FeatxError(f"batch_size must be >= 1, got {batch_size}.")
+    n = len(paths)
+    proba = np.full((n, num_classes), np.nan)
+    errors: dict[int, str] = {}
+    size = min(batch_size, n) or 1  # a handful of images is not padded to a whole batch
+    chunks = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+    t0, done = time.perf_counter(), 0
+    batches = decoding.prefetch(chunks, lambda i: _load(paths[i], image_size))
+    try:
+        for chunk, results in batches:
+            batch = np.zeros((size, image_size, image_size, 3), np.uint8)
+            ok = []
+            for i, (pixels, reason) in zip(chunk, results):
+                if reason is None:
+                    batch[len(ok)] = pixels
+                    ok.append(i)
+                else:
+                    errors[i] = reason
+            if ok:
+                proba[ok] = np.asarray(predict_proba(batch))[: len(ok)]
+            done += len(chunk)
+            if progress is not None:
+                progress(done, n, done / max(time.perf_counter() - t0, 1e-9))
+    finally:
+        batches.close()  # Ctrl-C or a model error: stop decoding what is queued, at once
+    return proba, errors
+
+
+def tflite_interpreter(path: str | Path):
+    """A TFLite interpreter: LiteRT's (ai-edge-litert) when installed, else TensorFlow's."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        return Interpreter(model_path=str(path))
+
+
+def load_exported(path: str | Path, format: str):
+    """A function (n, size, size, 3) pixels -> (n, C) probabilities running the exported file."""
+    path = Path(path)
+    if format == "keras":
+        import keras
+
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        return lambda batch: np.asarray(model.predict_on_batch(np.asarray(batch, np.float32)))
+    if format == "savedmodel":
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(str(path))  # keep it: `serve` needs its variables alive
+        return lambda batch: loaded.serve(tf.constant(np.asarray(batch, np.float32))).numpy()
+    interpreter = tflite_interpreter(path)
+    inp = interpreter.get_input_details()[0]["index"]
+    out = interpreter.get_output_details()[0]["index"]
+    shape = [None]
+
+    def run(batch):
+        batch = np.asarray(batch, np.float32)
+        if shape[0] != batch.shape:
+            interpreter.resize_tensor_input(inp, batch.shape)
+            interpreter.allocate_tensors()
+            shape[0] = batch.shape
+        interpreter.set_tensor(inp, batch)
+        interpreter.invoke()
+        return interpreter.get_tensor(out).copy()
+
+    return run

@@ -1,0 +1,307 @@
+"""Use a trained classifier on new images: `featx predict MODEL_DIR PATH...`.
+
+MODEL_DIR is a fit-head output (head.json: the head, its class names and the fingerprint of the
+backbone that made its training features), a finetune output (finetune.json and model.keras, raw
+pixels to probabilities) or an export folder (export.json beside the exported model). For a head,
+the backbone is rebuilt from that fingerprint and refused when the weights found now differ.
+Images go through the loader of extraction (`decoder.load_image`), decoded a few batches ahead on a
+thread pool, and through the model in fixed-size batches. A file that cannot be read or decoded
+gets a row with the reason instead of a prediction.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featx import config
+from featx.artifacts.classifier import load_classifier, run_batches
+from featx.errors import FeatxError
+from featx.files import write_text_atomic
+from featx.images import finder
+from featx.options import PredictOptions
+
+OUTPUT_SUFFIXES = (".csv", ".json")
+
+
+# --- which files ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One file to predict, as the user will see it."""
+
+    path: str  # the user's spelling: PATH itself, or PATH joined with the path found below it
+    folders: tuple[str, ...]  # enclosing folder names that may name its class, nearest first
+    error: str | None = None  # why it cannot be predicted, known before decoding
+
+
+def _has_magic(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _folder_targets(folder: Path) -> list[Target]:
+    """Every non-hidden file below `folder`, recursively (the same walk as extraction)."""
+    top = folder.name or Path(os.path.abspath(folder)).name
+    found = []
+    files, skipped = finder.walk_files(folder)
+    for f in files:
+        inner = f.relative_to(folder).parent.parts[::-1]  # nearest folder first
+        found.append(Target(str(f), (*inner, top)))
+    # Links back into the folder, broken links, FIFOs, unreadable folders: a row with the reason.
+    return found + [Target(str(p), (), reason) for p, reason in skipped]
+
+
+def expand_paths(paths) -> list[Target]:
+    """Image files, folders (recursively, hidden files and folders skipped) and glob patterns
+    ('photos/*.jpg', 'data/**/*.png') -> one Target per file, in order, each file once.
+
+    A path that does not exist, or a pattern that matches nothing, becomes a Target with an error.
+    Files are not opened here; whether they are images is found out when decoding.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    targets: list[Target] = []
+    for p in map(str, paths):
+        if os.path.isdir(p):
+            targets += _folder_targets(Path(p))
+        elif os.path.isfile(p):
+            targets.append(Target(p, (Path(os.path.abspath(p)).parent.name,)))
+        elif os.path.exists(p):
+            targets.append(Target(p, (), "not a regular file"))
+        elif _has_magic(p):
+            matches = sorted(glob.glob(p, recursive=True))
+            if not matches:
+                targets.append(Target(p, (), "no file matches this pattern"))
+            for m in matches:
+                if os.path.isdir(m):
+                    targets += _folder_targets(Path(m))
+                elif os.path.isfile(m):
+                    targets.append(Target(m, (Path(os.path.abspath(m)).parent.name,)))
+                else:
+                    targets.append(Target(m, (), "not a regular file"))
+        else:
+            targets.append(Target(p, (), "file not found"))
+    seen: set[str] = set()
+    unique = []
+    for t in targets:
+        key = os.path.abspath(t.path) if t.error is None else f"\0{t.path}"
+        if key not in seen:
+            seen.add(key)
+            unique.append(t)
+    return unique
+
+
+# --- which model ---------------------------------------------------------------------------------
+
+
+# --- decoding and running in batches --------------------------------------------------------------
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def predict(
+    model_dir: str | Path,
+    paths,
+    *,
+    output: str | Path | None = None,
+    top_k: int = config.PREDICT_TOP_K,
+    batch_size: int = config.BATCH_SIZE,
+    engine: str = config.ENGINE,
+    min_confidence: float | None = None,
+    progress=None,
+    log=None,
+) -> dict:
+    """Classify image files with a fit-head, finetune or export output folder.
+
+    Args:
+        model_dir: a `featx fit-head`, `featx finetune` or `featx export` output folder.
+        paths: image files, folders (searched recursively; hidden files skipped) or glob patterns.
+        output: write the result to this file too: .csv (one flat row per image) or .json (the
+            returned object, as `--json` prints it).
+        top_k: classes listed per image, most probable first (at most the number of classes).
+        batch_size: images per model call.
+        engine: what runs the backbone of a fit-head model: "keras", "onnx" or "auto".
+        min_confidence: rows whose most probable class has a lower probability get
+            config.UNKNOWN_CLASS as "predicted" (their probabilities and top_k stay); such rows
+            count as wrong in the accuracy.
+        progress: called as progress(done, total, images_per_second) after each batch, from
+            config.PREDICT_PROGRESS_MIN images on.
+        log: called with one-line notes; default: silent.
+    Returns:
+        {"rows": [{"path", "predicted", "probability", "top_k": [{"class", "probability"}],
+        "label", "error"}, ...], "class_names", "kind", "engine", "images", "predicted",
+        "errors", "unknown" (rows below min_confidence), "min_confidence", "accuracy" (None
+        unless some images sit in folders named after the classes), "labelled", "correct",
+        "seconds", "images_per_second", "output"}. "label" is the class
+        named by the image's folder, or None. Files that fail have "error" set and no prediction.
+    Raises:
+        FeatxError when no image at all could be predicted (after writing `output`).
+    """
+    t0 = time.perf_counter()
+    opts = PredictOptions(top_k, batch_size, engine, min_confidence, output and str(output))
+    targets = expand_paths(paths)
+    if not targets:
+        raise FeatxError(
+            "No image files found in the given paths (hidden files are skipped). "
+            "Pass image files, folders or glob patterns such as 'photos/*.jpg'."
+        )
+    model = load_classifier(model_dir, opts.engine, log)
+    rows = _predict_rows(model, targets, opts, progress)
+    result = _summary(model_dir, model, rows, opts, time.perf_counter() - t0)
+    if output is not None and Path(output).suffix.lower() == ".json":
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output, json.dumps(result, indent=2, default=str) + "\n")
+    elif output is not None:
+        write_rows(output, rows, top_k=min(top_k, len(model.class_names)))
+    if not result["predicted"]:
+        first = "; ".join(f"{r['path']}: {r['error']}" for r in rows[:3])
+        more = f" (and {len(rows) - 3} more)" if len(rows) > 3 else ""
+        raise FeatxError(
+            f"None of the {len(rows)} files could be predicted: {first}{more}. "
+            "Pass readable image files (JPEG, PNG, GIF, BMP, WebP, TIFF, HEIC, AVIF)."
+        )
+    return result
+
+
+def _predict_rows(model, targets: list[Target], opts: PredictOptions, progress) -> list[dict]:
+    """One row per target: its prediction, or the reason it has none; rows under
+    opts.min_confidence predict config.UNKNOWN_CLASS (their probabilities stay)."""
+    todo = [i for i, t in enumerate(targets) if t.error is None]
+    show = progress if progress is not None and len(todo) >= config.PREDICT_PROGRESS_MIN else None
+    proba, failed = run_batches(
+        model.predict_proba,
+        [targets[i].path for i in todo],
+        model.image_size,
+        len(model.class_names),
+        opts.batch_size,
+        show,
+    )
+    rows = [_row(t, model.class_names, None, t.error, opts.top_k) for t in targets]
+    for j, i in enumerate(todo):
+        rows[i] = _row(targets[i], model.class_names, proba[j], failed.get(j), opts.top_k)
+    for r in rows:
+        low = opts.min_confidence is not None and r["error"] is None
+        if low and r["probability"] < opts.min_confidence:
+            r["predicted"] = config.UNKNOWN_CLASS
+    return rows
+
+
+def _summary(model_dir, model, rows: list[dict], opts: PredictOptions, seconds: float) -> dict:
+    predicted = [r for r in rows if r["error"] is None]
+    labelled = [r for r in predicted if r["label"] is not None]
+    correct = sum(r["predicted"] == r["label"] for r in labelled)
+    return {
+        "model_dir": str(model_dir),
+        "kind": model.kind,
+        "head": model.meta.get("head") if model.kind == "head" else None,
+        "class_names": model.class_names,
+        "engine": model.engine,
+        "images": len(rows),
+        "predicted": len(predicted),
+        "errors": len(rows) - len(predicted),
+        "unknown": sum(
+            opts.min_confidence is not None and r["probability"] < opts.min_confidence
+            for r in predicted
+        ),
+        "min_confidence": opts.min_confidence,
+        "accuracy": correct / len(labelled) if labelled else None,
+        "labelled": len(labelled),
+        "correct": int(correct),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(predicted) / seconds, 2) if predicted else 0.0,
+        "output": opts.output,
+        "rows": rows,
+    }
+
+
+def _row(target: Target, class_names, p, error, top_k) -> dict:
+    label = next((f for f in target.folders if f in class_names), None)
+    row = {"path": target.path, "predicted": None, "probability": None, "top_k": []}
+    if error is None and p is not None:
+        order = np.argsort(-p, kind="stable")[:top_k]
+        row["top_k"] = [
+            {"class": class_names[k], "probability": round(float(p[k]), 6)} for k in order
+        ]
+        row["predicted"] = row["top_k"][0]["class"]
+        row["probability"] = row["top_k"][0]["probability"]
+    row["label"] = label
+    row["error"] = error
+    return row
+
+
+def csv_columns(top_k: int) -> list[str]:
+    """path, predicted, probability, top1, top1_probability, ..., label, error."""
+    tops = [c for k in range(1, top_k + 1) for c in (f"top{k}", f"top{k}_probability")]
+    return ["path", "predicted", "probability", *tops, "label", "error"]
+
+
+def write_rows(output: str | Path, rows: list[dict], top_k: int) -> None:
+    """Write rows to a .csv file (flat columns, see csv_columns)."""
+    output = Path(output)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(csv_columns(top_k))
+    for r in rows:
+        tops = []
+        for k in range(top_k):
+            t = r["top_k"][k] if k < len(r["top_k"]) else {}
+            tops += [t.get("class", ""), t.get("probability", "")]
+        writer.writerow(
+            [
+                r["path"],
+                r["predicted"] or "",
+                "" if r["probability"] is None else r["probability"],
+                *tops,
+                r["label"] or "",
+                r["error"] or "",
+            ]
+        )
+    text = buffer.getvalue()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output, text)
+
+
+def format_table(result: dict) -> str:
+    """One line per image: path, predicted class and probability, the runners-up; or the error."""
+    rows = result["rows"]
+    width = min(max((len(r["path"]) for r in rows), default=4), 60)
+    lines = []
+    for r in rows:
+        if r["error"] is not None:
+            lines.append(f"{r['path']:<{width}}  error: {r['error']}")
+            continue
+        tops = "  ".join(f"{t['class']} {t['probability']:.4f}" for t in r["top_k"])
+        lines.append(f"{r['path']:<{width}}  {tops}")
+    return "\n".join(lines)
+
+
+def format_summary(result: dict) -> str:
+    """Counts, the accuracy on images in class folders when there are any, and timings."""
+    lines = [
+        f"predicted {result['predicted']} of {result['images']} images"
+        + (f" ({result['errors']} failed, see their error rows)" if result["errors"] else "")
+        + f" in {result['seconds']:.1f} s with the {result['kind']} model ({result['engine']})"
+    ]
+    if result.get("unknown"):
+        lines.append(
+            f"{result['unknown']} below --min-confidence {result['min_confidence']:g}: predicted "
+            f"'{config.UNKNOWN_CLASS}'"
+        )
+    if result["accuracy"] is not None:
+        lines.append(
+            f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['labelled']} "
+            "images in folders named after their class)"
+        )
+    if result["output"]:
+        lines.append(f"wrote {result['output']}")
+    return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""Find images in a folder layout, assign splits, and decode files robustly to RGB arrays.
+
+This module needs no TensorFlow: extract, finetune and predict all decode through `load_image`,
+so every stage sees exactly the same pixels.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import operator
+import os
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from featx import config
+from featx.errors import FeatxError
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One candidate image found in the data folder."""
+
+    path: str  # relative to the data folder, with forward slashes
+    class_name: str
+    split: str | None  # from the folder layout; None when featx must assign it
+
+
+@dataclass
+class Listing:
+    layout: str  # "splits" (DATA/train/CLASS/...) or "flat" (DATA/CLASS/...)
+    files: list[ImageFile]
+    class_names: list[str]
+    empty_classes: list[str]
+    # (path, reason) left out while listing: links back into the folder, broken links, FIFOs, ...
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    # `extract --shard`: the other shards' images, counted when a flat folder is split
+    others: list[ImageFile] = field(default_factory=list)
+
+
+_HIDDEN = (".", "__")  # names that start so are not listed
+
+
+_NAME = operator.attrgetter("name")
+
+
+def _visible(entry: os.DirEntry | Path) -> bool:
+    return not entry.name.startswith(_HIDDEN)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def special_kind(mode: int) -> str | None:
+    """'FIFO', 'socket' or 'device' for files that must never be opened (a FIFO blocks forever)."""
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return None
+
+
+def _plain_file(entry: os.DirEntry) -> bool:
+    """A regular file that is no link, as the folder listing says (no system call on Linux)."""
+    try:
+        return entry.is_file(follow_symlinks=False)  # False for a link, whatever it points to
+    except OSError:
+        return False
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop: entry() reports it
+        return False
+
+
+class _Walk:
+    """A recursive listing below one data folder that never follows a link back into the folder
+    (its files are listed where they really are, so a link cannot relabel them) or above it (a
+    loop), and never offers a FIFO, socket or device. What it leaves out is kept in `skipped`
+    as (path, reason) instead of vanishing silently."""
+
+    def __init__(self, boundary: Path):
+        self.boundary = os.path.realpath(boundary)
+        self.found: list[str] = []  # str, not Path: a Path per file cost more than listing it
+        self.skipped: list[tuple[Path, str]] = []
+        self._seen: set[str] = set()
+
+    def _listed_inside(self, real: str) -> bool:
+        # A target inside the data folder that the walk lists anyway (no hidden part on the way).
+        if not _within(real, self.boundary):
+            return False
+        rel = os.path.relpath(real, self.boundary)
+        return rel == "." or all(_visible(Path(part)) for part in Path(rel).parts)
+
+    def _link_problem(self, path: Path, is_dir: bool) -> str | None:
+        real = os.path.realpath(path)
+        if is_dir and _within(self.boundary, real):
+            return "symbolic link to the data folder or above it (a loop); not followed"
+        if self._listed_inside(real):
+            where = os.path.relpath(real, self.boundary).replace(os.sep, "/")
+            kind = "folder" if is_dir else "file"
+            return f"symbolic link to the {kind} '{where}' of the data folder; not followed"
+        return None
+
+    def entry(self, path: Path) -> None:
+        """Add `path` (a file or a folder) to the listing, or to `skipped` with the reason."""
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            if os.path.islink(path):
+                reason = "symbolic link loop" if e.errno == errno.ELOOP else "broken symbolic link"
+            else:
+                reason = f"unreadable: {e.strerror or e}"
+            self.skipped.append((path, reason))
+            return
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if os.path.islink(path):
+            problem = self._link_problem(path, is_dir)
+            if problem:
+                self.skipped.append((path, problem))
+                return
+        if is_dir:
+            self.folder(path)
+        elif special_kind(st.st_mode):
+            self.skipped.append((path, f"not a regular file ({special_kind(st.st_mode)})"))
+        else:
+            self.found.append(str(path))
+
+    def folder(self, folder: Path) -> None:
+        real = os.path.realpath(folder)
+        if real in self._seen:  # two links to one folder outside the data folder
+            self.skipped.append((folder, "folder already listed through another link"))
+            return
+        self._seen.add(real)
+        try:
+            with os.scandir(folder) as it:
+                entries = [e for e in it if not e.name.startswith(_HIDDEN)]
+        except OSError as e:
+            self.skipped.append((folder, f"unreadable folder: {e.strerror or e}"))
+            return
+        # A folder's own files first, then its subfolders, each sorted by name (os.walk's order).
+        entries.sort(key=_NAME)
+        subfolders = []
+        for e in entries:
+            if _plain_file(e):  # the common case, known from the listing itself: no stat
+                self.found.append(e.path)
+            elif _is_dir(e):
+                subfolders.append(e)
+            else:
+                self.entry(Path(e.path))
+        for e in subfolders:
+            self.entry(Path(e.path))
+
+
+def walk_files(folder: Path, boundary: Path | None = None) -> tuple[list[Path], list[tuple]]:
+    """Every non-hidden regular file below `folder`, recursively, sorted, and [(path, reason)]
+    for what was left out: links back into `boundary` (default `folder`) or above it, broken
+    links, link loops, FIFOs, sockets, devices and unreadable folders. Links to files and folders
+    elsewhere are followed."""
+    walk = _Walk(boundary or folder)
+    walk.folder(Path(folder))
+    return [Path(p) for p in walk.found], walk.skipped
+
+
+def inside(root: Path, rel: str) -> Path | None:
+    """`root / rel` when `rel` (a path stored in a cache) stays inside `root`: relative, with no
+    '..' part. Else None: a tampered cache must not make featx read files elsewhere."""
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts or Path(rel).drive:
+        return None
+    return root / rel
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    with os.scandir(folder) as it:  # no stat per file: the listing knows what is a folder
+        return sorted(folder / e.name for e in it if _visible(e) and _is_dir(e))
+
+
+def _check_not_too_high(root: Path, class_dirs: list[Path]) -> None:
+    """A class folder that holds split folders means DATA_DIR is one level too high."""
+    for c in class_dirs:
+        with os.scandir(c) as it:  # the split names first: a class folder holds many files
+            inner = [e for e in it if e.name.lower() in config.SPLIT_FOLDER_NAMES]
+        inner = sorted(e.name for e in inner if _is_dir(e))
+        if inner:
+            raise FeatxError(
+                f"'{c}' looks like a data folder, not a class: it holds split folders "
+                f"({', '.join(inner)}). Pass '{c}' as DATA_DIR (one level down), or rename them."
+            )
+
+
+def find_images(data_dir: str | Path) -> Listing:
+    """List the images in `data_dir` and their classes.
+
+    Two layouts are understood:
+      DATA/{train,validation|val,test}/CLASS/*  -> those splits are kept;
+      DATA/CLASS/*                              -> split later by `assign_splits`.
+    Any non-hidden regular file is a candidate: formats are detected from content when decoding,
+    and a file that is no image is rejected then, with its reason. Links back into the data
+    folder, broken links, special files and unreadable folders are listed in `skipped`.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FeatxError(f"Data folder not found: '{data_dir}'. Pass a folder of class folders.")
+    top = _subfolders(root)
+    split_dirs = [p for p in top if p.name.lower() in config.SPLIT_FOLDER_NAMES]
+    if split_dirs:
+        others = [p.name for p in top if p not in split_dirs]
+        if others:
+            raise FeatxError(
+                f"'{root}' mixes split folders ({', '.join(p.name for p in split_dirs)}) with "
+                f"other folders ({', '.join(others)}). Put every class folder inside train/ "
+                "(and validation/, test/), or use a flat layout DATA/CLASS/*."
+            )
+        splits = Counter(config.SPLIT_FOLDER_NAMES[p.name.lower()] for p in split_dirs)
+        if any(n > 1 for n in splits.values()):
+            raise FeatxError(f"'{root}' has both val/ and validation/ folders; keep one of them.")
+        if "train" not in splits:
+            raise FeatxError(f"'{root}' has split folders but no train/ folder; add train/CLASS/*.")
+        layout = "splits"
+        class_dirs = [
+            (config.SPLIT_FOLDER_NAMES[s.name.lower()], c)
+            for s in split_dirs
+            for c in _subfolders(s)
+        ]
+    else:
+        layout = "flat"
+        class_dirs = [(None, c) for c in top]
+        _check_not_too_high(root, top)
+
+    files: list[ImageFile] = []
+    per_class: Counter = Counter()
+    all_classes = set()
+    walk = _Walk(root)
+    prefix = os.path.join(str(root), "")
+    for split, class_dir in class_dirs:
+        all_classes.add(class_dir.name)
+        before = len(walk.found)
+        walk.entry(class_dir)
+        name = class_dir.name
+        for f in walk.found[before:]:
+            rel = f[len(prefix) :] if f.startswith(prefix) else Path(f).relative_to(root).as_posix()
+            files.append(ImageFile(rel, name, split))
+        per_class[name] += len(walk.found) - before
+    class_names = sorted(c for c in all_classes if per_class[c] > 0)
+    empty = sorted(c for c in all_classes if per_class[c] == 0)
+    if len(class_names) < 2:
+        hint = ""
+        if len(class_dirs) == 1 and _subfolders(class_dirs[0][1]):
+            hint = f" If '{class_dirs[0][1]}' holds the class folders, pass it as DATA_DIR."
+        raise FeatxError(
+            f"Found {len(class_names)} class folder(s) with files in '{root}' "
+            f"({', '.join(class_names) or 'none'}); a classifier needs at least 2. "
+            f"Expected DATA/CLASS/image.jpg or DATA/train/CLASS/image.jpg.{hint}"
+        )
+    if os.sep != "/":
+        files = [ImageFile(f.path.replace(os.sep, "/"), f.class_name, f.split) for f in files]
+    files.sort(key=lambda f: f.path)
+    skipped = sorted((p.relative_to(root).as_posix(), why) for p, why in walk.skipped)
+    return Listing(layout, files, class_names, empty, skipped)
+
+
+def _rank_key(seed: int):
+    """A per-file pseudo-random sort key, sha1 of "seed:path": the split of a file never depends
+    on which other files exist. One call per path; the digest sorts as its hex digest does."""
+    prefix, sha1 = f"{seed}:".encode(), hashlib.sha1
+    return lambda path: sha1(prefix + path.encode()).digest()
+
+
+def assign_splits(
+    files: list[ImageFile],
+    existing: dict[str, str],
+    val_split: float = config.VAL_SPLIT,
+    seed: int = config.SEED,
+) -> dict[str, str]:
+    """Return {path: split} for every file.
+
+    Files whose split comes from the layout keep it; files in `existing` (recorded in the cache)
+    keep theirs, so splits are stable when images are added. The rest (flat layout, or train/
+    without validation/) are split per class: enough of them go to validation to bring each
+    class's validation share to `val_split`, chosen by a seeded hash of the path.
+    """
+    if not 0.0 <= val_split < 1.0:
+        raise FeatxError(f"val_split must be in [0, 1), got {val_split}.")
+    result: dict[str, str] = {}
+    pending: dict[str, list[str]] = {}  # class -> paths still to split
+    has_validation = any(f.split == "validation" for f in files)
+    for f in files:
+        if f.split is not None and (f.split != "train" or has_validation):
+            result[f.path] = f.split
+        elif f.path in existing and existing[f.path] in ("train", "validation"):
+            result[f.path] = existing[f.path]
+        else:
+            pending.setdefault(f.class_name, []).append(f.path)
+    if not pending:
+        return result
+    carved = Counter()  # validation images already carved per class
+    total = Counter()
+    for f in files:
+        if f.split is None or (f.split == "train" and not has_validation):
+            total[f.class_name] += 1
+            if result.get(f.path) == "validation":
+                carved[f.class_name] += 1
+    for class_name, paths in pending.items():
+        n = total[class_name]
+        target = round(n * val_split)
+        if val_split > 0 and n >= 2:
+            target = max(1, min(target, n - 1))  # keep at least one image on each side
+        need = max(0, target - carved[class_name])
+        for i, path in enumerate(sorted(paths, key=_rank_key(seed))):
+            result[path] = "validation" if i < need else "train"
+    return result

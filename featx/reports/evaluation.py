@@ -1,0 +1,208 @@
+"""Honest metrics and the files that show them; shared by fit-head and finetune.
+
+evaluate(y_true, proba, class_names) gives one split's metrics, with these stable keys:
+    n                  images evaluated
+    accuracy           share of images whose most probable class is the true one
+    balanced_accuracy  mean recall over the classes present in the split
+    macro_f1           mean F1 over the classes present in the split
+    log_loss           mean -ln(probability of the true class), probabilities clipped at 1e-15
+    per_class          {class name: {"precision", "recall", "f1", "support"}}, every class
+    confusion_matrix   [[count]]: row = true class, column = predicted class, class_names order
+
+write_report(out_dir, metrics, predictions, history=...) writes:
+    report.html          everything below on one self-contained page (see featx.reports.html_report)
+    metrics.json         `metrics` as given (fit-head: {"train", "validation", "test" (only when the
+                         cache has one): evaluate() results; "fit_seconds", "head", "options",
+                         "fitted", "cache", "class_names", "output"})
+    confusion_matrix.png validation and test matrices (train when they are absent): counts beside
+                         the row-normalised matrix
+    training_curves.png  loss and accuracy per epoch, as metrics.json measures them, when a
+                         history is given
+    misclassified.csv    path,true,predicted,probability,split: every wrong prediction of every
+                         split, most confidently wrong first (probability = the predicted class's)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from featx.errors import FeatxError
+
+SPLITS = ("train", "validation", "test")
+
+
+EPS = 1e-15
+
+
+def evaluate(y_true, proba, class_names: list[str]) -> dict:
+    """Metrics of one split from its true labels (n,) and predicted probabilities (n, C)."""
+    y = np.asarray(y_true, np.int64)
+    p = np.asarray(proba, np.float64)
+    k = len(class_names)
+    if p.ndim != 2 or p.shape != (len(y), k):
+        raise FeatxError(
+            f"Expected probabilities of shape ({len(y)}, {k}) for {len(y)} labels and {k} "
+            f"classes, got {p.shape}."
+        )
+    if len(y) and (y.min() < 0 or y.max() >= k):
+        raise FeatxError(f"Labels must be in 0..{k - 1}, got values {np.unique(y).tolist()}.")
+    pred = p.argmax(axis=1) if len(y) else np.zeros(0, np.int64)
+    cm = np.zeros((k, k), np.int64)
+    np.add.at(cm, (y, pred), 1)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    tp = np.diag(cm).astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0
+    )
+    present = support > 0
+    n = int(len(y))
+    true_p = np.clip(p[np.arange(n), y], EPS, 1.0) if n else np.ones(0)
+    return {
+        "n": n,
+        "accuracy": _round(tp.sum() / n) if n else 0.0,
+        "balanced_accuracy": _round(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": _round(f1[present].mean()) if present.any() else 0.0,
+        "log_loss": _round(-np.log(true_p).mean()) if n else 0.0,
+        "per_class": {
+            name: {
+                "precision": _round(precision[i]),
+                "recall": _round(recall[i]),
+                "f1": _round(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def _round(v) -> float:
+    v = float(v)
+    return round(v, 6) if math.isfinite(v) else 0.0
+
+
+def misclassified(predictions: dict, class_names: list[str], data_dir=None) -> list[dict]:
+    """Rows {path, true, predicted, probability, split} of every wrong prediction, most
+    confidently wrong first. predictions: {split: (y_true, proba, paths)}."""
+    rows = []
+    for split, (y, p, paths) in predictions.items():
+        y, p = np.asarray(y), np.asarray(p)
+        if not len(y):
+            continue
+        pred = p.argmax(axis=1)
+        for i in np.flatnonzero(pred != y):
+            path = str(Path(data_dir) / paths[i]) if data_dir else str(paths[i])
+            rows.append(
+                {
+                    "path": path,
+                    "true": class_names[int(y[i])],
+                    "predicted": class_names[int(pred[i])],
+                    "probability": round(float(p[i, pred[i]]), 6),
+                    "split": split,
+                }
+            )
+    rows.sort(key=lambda r: (-r["probability"], r["path"]))
+    return rows
+
+
+def class_names_of(metrics: dict) -> list[str]:
+    """The class names a metrics dict records ([] when it has none)."""
+    if metrics.get("class_names"):
+        return list(metrics["class_names"])
+    for split in SPLITS:
+        if isinstance(metrics.get(split), dict) and "per_class" in metrics[split]:
+            return list(metrics[split]["per_class"])
+    return []
+
+
+def _class_names(metrics: dict) -> list[str]:
+    names = class_names_of(metrics)
+    if not names:
+        raise FeatxError("metrics has no class names and no split with per_class results.")
+    return names
+
+
+def _best_and_start(metrics: dict) -> tuple[int | None, dict | None]:
+    """(the epoch whose weights were kept, the warm start as epoch 0) from a metrics dict:
+    finetune's "best_epoch" and "before", or the dense head's fitted["best_epoch"]."""
+    if "before" in metrics:
+        before = metrics["before"]
+        start = {
+            "val_loss": before["validation"]["log_loss"],
+            "val_accuracy": before["validation"]["accuracy"],
+        }
+        return metrics.get("best_epoch"), start
+    return (metrics.get("fitted") or {}).get("best_epoch"), None
+
+
+def _has_matrix(metrics: dict, split: str) -> bool:
+    return isinstance(metrics.get(split), dict) and metrics[split].get("n", 0) > 0
+
+
+def imbalance_hint(metrics: dict) -> str | None:
+    """A hint to use --class-weight balanced, when the largest class has config.IMBALANCE_RATIO
+    times the training images of the smallest and the head was fitted without class weights."""
+    from featx import config
+
+    counts = ((metrics.get("cache") or {}).get("counts") or {}).get("train") or {}
+    weight = (metrics.get("options") or {}).get("class_weight", "none")
+    if len(counts) < 2 or weight not in ("none", None) or min(counts.values()) == 0:
+        return None
+    (big, n_big), (small, n_small) = (
+        max(counts.items(), key=lambda c: c[1]),
+        min(counts.items(), key=lambda c: c[1]),
+    )
+    if n_big < config.IMBALANCE_RATIO * n_small:
+        return None
+    return (
+        f"hint: uneven classes: '{big}' has {n_big} training images, '{small}' {n_small} "
+        f"({n_big / n_small:.1f}x). Try --class-weight balanced, and compare balanced accuracy."
+    )
+
+
+def format_summary(metrics: dict) -> str:
+    """The readable stdout summary: accuracy per split, then a per-class table."""
+    names = _class_names(metrics)
+    splits = [s for s in SPLITS if _has_matrix(metrics, s)]
+    lines = []
+    if metrics.get("head"):
+        fitted = metrics.get("fitted") or {}
+        extra = ", ".join(
+            f"{k} {v}" for k, v in fitted.items() if v is not None and not isinstance(v, dict)
+        )
+        lines.append(
+            f"{metrics['head']} head fitted in {metrics.get('fit_seconds', 0):.2f} s"
+            + (f" ({extra})" if extra else "")
+        )
+    lines.append(
+        f"{'split':<11}{'n':>7}{'accuracy':>10}{'balanced':>10}{'macro F1':>10}{'log loss':>10}"
+    )
+    for s in splits:
+        m = metrics[s]
+        lines.append(
+            f"{s:<11}{m['n']:>7}{m['accuracy']:>10.4f}{m['balanced_accuracy']:>10.4f}"
+            f"{m['macro_f1']:>10.4f}{m['log_loss']:>10.4f}"
+        )
+    table = "validation" if "validation" in splits else (splits[-1] if splits else None)
+    if table:
+        width = max(12, max(len(n) for n in names) + 2)
+        lines.append(f"per class ({table}):")
+        lines.append(f"  {'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+        for name in names:
+            c = metrics[table]["per_class"][name]
+            lines.append(
+                f"  {name:<{width}}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}"
+                f"{c['support']:>9}"
+            )
+    hint = imbalance_hint(metrics) if metrics.get("head") else None
+    if hint:
+        lines.append(hint)
+    if metrics.get("output"):
+        lines.append(f"wrote {metrics['output']}")
+    return "\n".join(lines)

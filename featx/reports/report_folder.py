@@ -1,0 +1,65 @@
+"""The files of a fit-head or finetune folder that show its results: metrics.json, the plots,
+misclassified.csv and report.html."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from featx.files import replaced_atomically, write_text_atomic
+from featx.reports import html_report
+from featx.reports.evaluation import (
+    SPLITS,
+    _best_and_start,
+    _class_names,
+    _has_matrix,
+    misclassified,
+)
+from featx.reports.plots import plot_confusion_matrices, plot_training_curves
+
+
+def write_report(
+    out_dir: str | Path,
+    metrics: dict,
+    predictions: dict | None = None,
+    *,
+    history: dict | None = None,
+    class_names: list[str] | None = None,
+    data_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """Write metrics.json, confusion_matrix.png, training_curves.png (with `history`) and
+    misclassified.csv (with `predictions`) to `out_dir`; returns {name: path} of what it wrote.
+
+    Args:
+        metrics: {split: evaluate(...) result, ...anything else JSON-serialisable}.
+        predictions: {split: (y_true, proba, paths)} for misclassified.csv.
+        history: {"loss": [...], "val_loss": [...], "accuracy": [...], ...} per epoch.
+        class_names: default metrics["class_names"], else the per_class keys of a split.
+        data_dir: joined in front of the paths in misclassified.csv.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(class_names) if class_names else _class_names(metrics)
+    written = {"metrics.json": out / "metrics.json"}
+    write_text_atomic(written["metrics.json"], json.dumps(metrics, indent=2, default=str) + "\n")
+    matrices = {s: metrics[s]["confusion_matrix"] for s in SPLITS if _has_matrix(metrics, s)}
+    shown = {s: m for s, m in matrices.items() if s != "train"} or matrices
+    if shown:
+        written["confusion_matrix.png"] = plot_confusion_matrices(
+            shown, names, out / "confusion_matrix.png"
+        )
+    if history and any(len(v) for v in history.values()):
+        written["training_curves.png"] = plot_training_curves(
+            history, out / "training_curves.png", *_best_and_start(metrics)
+        )
+    if predictions is not None:
+        path = out / "misclassified.csv"
+        with replaced_atomically(path) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["path", "true", "predicted", "probability", "split"])
+            writer.writeheader()
+            writer.writerows(misclassified(predictions, names, data_dir))
+        written["misclassified.csv"] = path
+
+    written[html_report.REPORT_FILE] = html_report.write_html_report(out)
+    return written
