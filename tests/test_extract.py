@@ -23,6 +23,7 @@ from helpers import (
     write_images,
 )
 
+import featx
 from featx.backbone import mobilenet
 from featx.cache import store
 from featx.cli import cli
@@ -91,7 +92,7 @@ def test_bad_files_are_skipped_and_reported_and_never_touched(flat, tmp_path):
     assert "truncated" in reasons["cats/truncated.jpg"].lower()
     assert "not an image" in reasons["dogs/notes.jpg"]
     assert summary["images"] == 20
-    info = store.info(tmp_path / "c.h5")
+    info = featx.info(tmp_path / "c.h5")
     assert {r["path"] for r in info["rejected"]} == set(bad)
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in flat.rglob("*") if p.is_file()}
     assert after == before
@@ -180,7 +181,7 @@ def test_flip_stores_the_features_of_the_mirror_image_row_for_row(tmp_path, monk
             f["features_flip"].shape == (12, 1280)
             and "mirrored" in f["features_flip"].attrs["transform"]
         )
-    assert store.info(cache_path)["flip"] is True
+    assert featx.info(cache_path)["flip"] is True
 
     calls = ModelCalls(monkeypatch)
     kept = run(tmp_path / "data", cache_path)  # the cache's setting is kept, no model work
@@ -292,7 +293,7 @@ def test_kill_9_mid_run_leaves_a_usable_cache_and_resume_matches_a_clean_run(tmp
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
-    assert store.info(cache_path)["images"] == 0  # the cache opens: empty, but valid
+    assert featx.info(cache_path)["images"] == 0  # the cache opens: empty, but valid
     finished = len(list(parts.glob("part-*.npz"))) * 4
     summary = run(data, cache_path)
     assert summary["resumed"] >= 12 and summary["resumed"] == finished

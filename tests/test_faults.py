@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from helpers import COLOURS, TINY, assert_one_line_error, write_images
 from PIL import Image
 
+import featx
 from featx.cache import store
 from featx.cli import cli
 from featx.commands.extract import extract
@@ -202,7 +203,7 @@ def test_a_second_writer_is_refused_naming_the_first_and_readers_are_not_blocked
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(FeatxError, match=f"Another featx extract \\(pid {holder.pid} on"):
             run(data, cache)
-        assert store.info(cache)["images"] == 6  # reading never waits for the lock
+        assert featx.info(cache)["images"] == 6  # reading never waits for the lock
     finally:
         holder.communicate("", timeout=30)
     assert run(data, cache)["kept"] == 6  # released: the next writer runs
@@ -478,7 +479,7 @@ def test_another_split_of_an_existing_cache_needs_overwrite_which_resplits(tmp_p
     assert resplit["counts"]["validation"] == {"cats": 2, "dogs": 2}
     info = CliRunner().invoke(cli, ["info", str(cache)])
     assert "split: --val-split 0.2 --seed 0" in info.output
-    assert store.info(cache)["val_split"] == 0.2 and store.info(cache)["seed"] == 0
+    assert featx.info(cache)["val_split"] == 0.2 and featx.info(cache)["seed"] == 0
 
 
 def test_finetune_never_reads_a_cached_path_outside_the_data_folder(tmp_path):

@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import TINY, assert_one_line_error, write_images
 
+import featx
 from featx.backbone import mobilenet
 from featx.cache import parts, ray_executor, store
 from featx.cli import cli
@@ -168,7 +169,7 @@ def test_a_driver_killed_mid_run_resumes_to_the_same_cache(local_ray, tmp_path):
         proc.wait()
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if _group_alive(proc.pid) else None
-    assert store.info(cache)["images"] == 0  # the cache opens: empty, but valid
+    assert featx.info(cache)["images"] == 0  # the cache opens: empty, but valid
     written = sorted(parts_folder(cache).glob("features-*.h5"))
     assert 1 <= len(written) < 4, written  # mid-run: 4 blocks of 12 (41 images, 1 actor)
     rows = rejected = 0

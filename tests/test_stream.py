@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import COLOURS, TINY, PixelEngine, assert_one_line_error, write_images
 
+import featx
 from featx import config
 from featx.backbone import engines, mobilenet
 from featx.cache import store, stream
@@ -213,7 +214,7 @@ def test_a_format_1_cache_is_read_and_upgraded_by_the_next_extract(fake_engine, 
     write_v1(old, new)
     read = store.read_cache(old)  # read as it is
     np.testing.assert_array_equal(read.features, new.features)
-    assert store.info(old)["images"] == 10 and store.info(old)["feature_dim"] == DIM
+    assert featx.info(old)["images"] == 10 and featx.info(old)["feature_dim"] == DIM
     summary = run(data, old)
     assert summary["kept"] == 10 and summary["extracted"] == 0
     with h5py.File(old, "r") as f:
@@ -338,7 +339,7 @@ def test_kill_9_during_an_append_keeps_the_old_cache_and_resume_matches(fake_eng
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert store.info(cache)["images"] == 8  # the previous cache, complete
+    assert featx.info(cache)["images"] == 8  # the previous cache, complete
     summary = run(data, cache)
     assert summary["resumed"] >= 16 and summary["resumed"] + summary["extracted"] == 40
     assert set(committed) <= set(part_files(cache))  # the old part was kept, not rewritten
