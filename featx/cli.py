@@ -397,12 +397,12 @@ def finetune(cache_path, head_dir, output, as_json, **options):
 
 @cli.command("fit-head")
 @click.argument("cache_path", type=click.Path(dir_okay=False))
-@shown("--head", config.HEAD, type=click.Choice(["logreg", "dense"]))
+@shown("--head", config.HEAD, type=click.Choice(config.HEADS))
 @output_folder("<CACHE folder>/<CACHE name>-<head>/")
 @click.option("--C", "C", type=float, help="logreg: regularisation  [default: chosen by CV]")
 @click.option(
     "--scaling",
-    type=click.Choice(["auto", *config.SCALING_CHOICES]),
+    type=click.Choice(config.SCALINGS),
     help="Feature scaling; auto: chosen with C by CV  "
     f"[default: {config.SCALING} (logreg), {config.DENSE_SCALING} (dense)]",
 )
@@ -416,7 +416,7 @@ def finetune(cache_path, head_dir, output, as_json, **options):
 @click.option("--learning-rate", default=config.DENSE_LEARNING_RATE, show_default=True, type=float)
 @click.option("--dropout", default=config.DENSE_DROPOUT, show_default=True, type=float)
 @shown("--hidden", config.DENSE_HIDDEN, "dense: 0 = none.", type=int)
-@shown("--class-weight", config.CLASS_WEIGHT, type=click.Choice(["none", "balanced"]))
+@shown("--class-weight", config.CLASS_WEIGHT, type=click.Choice(config.CLASS_WEIGHTS))
 @click.option("--seed", default=config.SEED, show_default=True, type=int)
 @click.option(
     "--exclude-duplicates",
@@ -532,14 +532,14 @@ def predict(model_dir, paths, as_json, **options):
     "model_format",
     default=config.EXPORT_FORMAT,
     show_default=True,
-    type=click.Choice(["keras", "savedmodel", "tflite"]),
+    type=click.Choice(config.EXPORT_FORMATS),
     help="savedmodel and tflite need the TensorFlow backend.",
 )
 @shown(
     "--quantize",
     config.EXPORT_QUANTIZE,
     "TFLite only: float16 weights, or int8 weights (dynamic range).",
-    type=click.Choice(["none", "float16", "dynamic"]),
+    type=click.Choice(config.EXPORT_QUANTIZES),
 )
 @output_folder("MODEL_DIR/export-<format>[-<quantize>]/")
 @click.option(

@@ -38,14 +38,18 @@ MAX_BATCH_PIXELS = 32 * 1024 * 1024  # batch_size x image_size**2: 32 images of 
 DECODE_WORKERS = None
 
 
-def decode_workers() -> int:
-    """DECODE_WORKERS, else the number of cores this process may run on."""
-    if DECODE_WORKERS:
-        return DECODE_WORKERS
+def cores() -> int:
+    """The cores this process may run on (os.sched_getaffinity: a container's or taskset's share,
+    not the machine's); the one core count of featx (decoding, ONNX Runtime, cross-validation)."""
     try:
         return len(os.sched_getaffinity(0)) or 1
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def decode_workers() -> int:
+    """DECODE_WORKERS, else one per core this process may run on."""
+    return DECODE_WORKERS or cores()
 
 
 MAX_DECODE_WORKERS = 256
@@ -140,13 +144,16 @@ AUGMENT_CONTRAST = 0.1  # contrast factor in [0.9, 1.1]
 
 # --- heads (featx fit-head) ----------------------------------------------------------------------
 HEAD = "logreg"  # "logreg" (seconds, the strong default) or "dense" (a small Keras head)
+HEADS = ("logreg", "dense")
 CLASS_WEIGHT = "none"  # "balanced": each class weighs n / (classes * count); for uneven classes
+CLASS_WEIGHTS = ("none", "balanced")
 # Feature scaling in front of a head (estimators.fit_scaling): "standard" (per-feature mean and
 # standard deviation), "none" (the raw features, centred, in one global unit), "l2" (each image's
 # features to unit length first) or "auto": the logistic regression's cross-validation compares
 # SCALING_CHOICES together with C and keeps the pair with the lowest held-out log loss.
 SCALING = "auto"
 SCALING_CHOICES = ("none", "standard", "l2")  # ties, and caches too small to validate: the first
+SCALINGS = ("auto", *SCALING_CHOICES)
 DENSE_SCALING = "standard"  # the Dense head's; "auto" runs the logistic regression's choice first
 # Logistic regression: C is chosen by stratified k-fold cross-validation on the train split
 # (lowest held-out log loss) unless --C is given. Each C starts from the previous fit, so the

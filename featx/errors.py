@@ -15,3 +15,31 @@ class FeatxError(ValueError):
 
 class FeatxWarning(UserWarning):
     pass
+
+
+# The checks of user values, each raising one FeatxError that names the option and the value.
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> None:
+    """`value` is an int in [low, high]; else a FeatxError naming the option `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FeatxError(f"{name} must be an integer, got {value!r}.")
+    if value < low or (high is not None and value > high):
+        span = (
+            f"an integer between {low} and {high}" if high is not None else f"an integer >= {low}"
+        )
+        raise FeatxError(f"{name} must be {span}, got {value}.")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise FeatxError(
+            f"Unknown {name} {value!r}; expected one of {', '.join(map(str, choices))}."
+        )
+
+
+def check_fraction(name: str, value, *, closed: bool = False) -> None:
+    """`value` is a number in [0, 1) (or [0, 1] with closed=True)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (0.0 <= value < 1.0 or (closed and value == 1.0)):
+        raise FeatxError(f"{name} must be in [0, {'1]' if closed else '1)'}, got {value!r}.")

@@ -12,13 +12,32 @@ from pathlib import Path
 from featx.errors import FeatxError
 
 
+def temporary_path(path: Path, suffix: str = "") -> Path:
+    """The one naming rule of featx's temporary files: `.NAME.tmp-PID[suffix]` beside NAME."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+
+
+def temporary_glob(name_pattern: str) -> str:
+    """The glob of the temporary files of the files named by `name_pattern` ("part-*.npz")."""
+    return f".{name_pattern}.tmp-*"
+
+
+def temporary_pid(candidate: Path, of: Path) -> int | None:
+    """The PID in `candidate`'s name when it is a temporary file of `of`, else None."""
+    prefix = f".{of.name}.tmp-"
+    if not candidate.name.startswith(prefix):
+        return None
+    pid = candidate.name[len(prefix) :].split(".")[0]
+    return int(pid) if pid.isdigit() else None
+
+
 @contextmanager
 def replaced_atomically(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yields a temporary file beside `path` to write; a normal exit renames it onto `path` in one
     step, an error removes it. Readers (and a run killed half-way) see the old file or the new
     one, never half of one. `suffix` ends the temporary name (Keras wants ".keras")."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+    tmp = temporary_path(path, suffix)
     try:
         yield tmp
         _fsync(tmp)  # the data is on disk before the name points at it

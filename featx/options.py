@@ -7,55 +7,49 @@ come from `featx.config`, the only place they are written.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import difflib
+import inspect
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from featx import config
-from featx.errors import FeatxError
+from featx.backbone import mobilenet
+from featx.errors import FeatxError, check_choice, check_fraction, check_int
 from featx.images import shards
 
 
-def check_int(name: str, value, low: int, high: int | None = None) -> None:
-    """`value` is an int in [low, high]; else a FeatxError naming the option `name`."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise FeatxError(f"{name} must be an integer, got {value!r}.")
-    if value < low or (high is not None and value > high):
-        span = (
-            f"an integer between {low} and {high}" if high is not None else f"an integer >= {low}"
-        )
-        raise FeatxError(f"{name} must be {span}, got {value}.")
+def build_options(cls, options: dict):
+    """`cls(**options)`, with a one-line FeatxError for a keyword `cls` has no field of (and the
+    near match: `image_sise` -> "did you mean image_size?")."""
+    names = [f.name for f in fields(cls)]
+    for key in options:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {near[0]}?" if near else f"expected one of {', '.join(names)}."
+            raise FeatxError(f"Unknown option {key!r}; {hint}")
+    return cls(**options)
 
 
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise FeatxError(
-            f"Unknown {name} {value!r}; expected one of {', '.join(map(str, choices))}."
-        )
+def takes_options(cls):
+    """Decorator of a command whose `**options` become `cls` (validated and defaulted there, once):
+    its signature (help(), inspect, a notebook's Shift-Tab) lists each option with its default,
+    in front of the keyword-only parameters the function declares itself (progress, log)."""
 
+    def decorate(func):
+        signature = inspect.signature(func)
+        own = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        options = [
+            inspect.Parameter(f.name, keyword, default=f.default, annotation=f.type)
+            for f in fields(cls)
+            if f.default is not MISSING
+        ]
+        first_own_keyword = next((i for i, p in enumerate(own) if p.kind == keyword), len(own))
+        params = own[:first_own_keyword] + options + own[first_own_keyword:]
+        func.__signature__ = signature.replace(parameters=params)
+        return func
 
-def check_fraction(name: str, value, *, closed: bool = False) -> None:
-    """`value` is a number in [0, 1) (or [0, 1] with closed=True)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not (0.0 <= value < 1.0 or (closed and value == 1.0)):
-        raise FeatxError(f"{name} must be in [0, {'1]' if closed else '1)'}, got {value!r}.")
-
-
-def check_image_size(image_size, batch_size: int | None = None) -> None:
-    check_int("image_size", image_size, config.MIN_IMAGE_SIZE, config.MAX_IMAGE_SIZE)
-    if batch_size is not None:
-        check_int("batch_size", batch_size, 1, config.MAX_BATCH_SIZE)
-        if batch_size * image_size**2 > config.MAX_BATCH_PIXELS:
-            raise FeatxError(
-                f"A batch of {batch_size} images of {image_size} px needs too much memory "
-                f"(batch_size x image_size^2 must be <= {config.MAX_BATCH_PIXELS:,}). Lower "
-                "--batch-size or --image-size."
-            )
-
-
-def check_alpha(alpha) -> None:
-    ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
-    if not ok or not 0 < alpha <= config.MAX_ALPHA:
-        raise FeatxError(f"alpha must be in (0, {config.MAX_ALPHA}], got {alpha!r}.")
+    return decorate
 
 
 @dataclass(frozen=True)
@@ -70,7 +64,7 @@ class ExtractOptions:
     val_split: float | None = None
     seed: int | None = None
     overwrite: bool = False
-    engine: str = config.ENGINE
+    engine: str | None = None  # None: config.ENGINE when the run starts
     precision: str = config.PRECISION
     flip: bool | None = None  # also the mirror images' features; None: the cache's
     workers: int | None = None  # decoding threads; None: one per core (config.decode_workers)
@@ -82,11 +76,12 @@ class ExtractOptions:
     decode_in: str = config.DECODE_IN  # "threads", "processes" or "auto" (featx.images.decoding)
 
     def __post_init__(self):
-        check_image_size(self.image_size, self.batch_size)
+        if self.engine is None:  # read now: config.ENGINE may be set at run time
+            object.__setattr__(self, "engine", config.ENGINE)
+        mobilenet.validate(self.image_size, self.alpha, self.batch_size)
         if self.workers is not None:
             check_int("workers", self.workers, 1, config.MAX_DECODE_WORKERS)
         self._check_executor()
-        check_alpha(self.alpha)
         if self.dtype is not None:
             check_choice("dtype", self.dtype, config.FEATURE_DTYPES)
         if self.val_split is not None:
@@ -135,6 +130,11 @@ class ExtractOptions:
     @property
     def shard_numbers(self) -> tuple[int, int] | None:
         return None if self.shard is None else shards.parse(self.shard)
+
+    @property
+    def spec(self) -> mobilenet.BackboneSpec:
+        """What makes the features (the one place extract builds it from its options)."""
+        return mobilenet.BackboneSpec(self.weights, self.image_size, self.alpha)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ import threading
 
 # Lines of the absl format "I0000 00:00:1795519627.457638    6465 port.cc:153] ...": info and
 # warnings go; errors and fatal ones are kept unless known to be noise on a CPU-only machine.
-ABSL_LINE = re.compile(rb"^[IWEF]\d{4} \d\d:\d\d:[\d.]+\s+\d+ \S+:\d+\] ")
 NOISE = (
     rb"^WARNING: All log messages before absl::InitializeLog\(\) is called",
     rb"^[IW]\d{4} \d\d:\d\d:",  # any info or warning line of absl

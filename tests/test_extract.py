@@ -213,7 +213,7 @@ def test_fingerprint_mismatch_is_refused_unless_overwrite(flat, tmp_path):
         run(flat, cache_path, alpha=0.5)
     summary = run(flat, cache_path, alpha=0.5, overwrite=True)
     assert summary["extracted"] == 20
-    assert store.read_fingerprint(cache_path)["alpha"] == 0.5
+    assert store.read_cache(cache_path, features=False).fingerprint["alpha"] == 0.5
 
 
 def test_a_file_that_is_not_a_cache_is_never_overwritten(flat, tmp_path):

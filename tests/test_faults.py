@@ -400,7 +400,7 @@ def test_a_bad_journal_part_is_redone_not_trusted(tmp_path):
     cache = tmp_path / "c.h5"
     from featx.backbone import mobilenet
 
-    fp = store.read_fingerprint(tmp_path / "clean.h5")
+    fp = store.read_cache(tmp_path / "clean.h5", features=False).fingerprint
     journal = store.Journal(cache, mobilenet.model_key(fp), feature_dim=1280)
     journal.start()
     rows = store.Rows(["cats/cats000.jpg"], np.array([0]), np.array([0]), ["x"])

@@ -40,7 +40,7 @@ def tiny(tmp_path_factory):
 
 
 def test_an_int8_cache_records_its_quantized_file(tiny):
-    fp = store.read_fingerprint(tiny["cache"])
+    fp = store.read_cache(tiny["cache"], features=False).fingerprint
     (path,) = int8_files(tiny["cache"].parent)
     assert fp["precision"] == "int8" and fp["engine"] == "onnx"
     assert fp["int8_sha256"] == int8.onnx_engine.file_sha256(path)
@@ -65,8 +65,8 @@ def test_later_runs_reuse_the_same_file_and_never_mix_with_fp32(tiny, tmp_path):
     summary = extract(data, cache_path, engine="auto", precision="int8", batch_size=8, **TINY)
     assert summary["extracted"] == 1 and summary["kept"] == 28  # the new training image only
     assert (
-        store.read_fingerprint(cache_path)["int8_sha256"]
-        == store.read_fingerprint(tiny["cache"])["int8_sha256"]
+        store.read_cache(cache_path, features=False).fingerprint["int8_sha256"]
+        == store.read_cache(tiny["cache"], features=False).fingerprint["int8_sha256"]
     )
     assert path.stat().st_mtime_ns == stamp and len(int8_files(tmp_path)) == 1
     with pytest.raises(FeatxError, match="precision: 'int8' vs 'fp32'.*--overwrite"):
@@ -103,7 +103,7 @@ def test_cli_precision_option(tmp_path):
     args += ["--weights", "none", "--alpha", "0.35", "--image-size", "32", "--json"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert store.read_fingerprint(tmp_path / "c.h5")["precision"] == "int8"
+    assert store.read_cache(tmp_path / "c.h5", features=False).fingerprint["precision"] == "int8"
     assert json.loads(result.stdout)["precision"] == "int8"
     result = CliRunner().invoke(cli, [*args[:-1], "--engine", "keras"])
     assert_one_line_error(result, "--precision int8 runs on ONNX Runtime")

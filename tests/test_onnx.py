@@ -196,7 +196,10 @@ def test_with_a_stored_onnx_file_extraction_never_imports_tensorflow(exported, t
     assert result == {"engine": "onnx", "extracted": 6, "heavy": []}
     assert path.stat().st_mtime_ns == stamp  # reused, not exported again
     assert not (tmp_path / "home").exists()
-    assert store.read_fingerprint(tmp_path / "cache" / "c.h5")["engine"] == "onnx"
+    assert (
+        store.read_cache(tmp_path / "cache" / "c.h5", features=False).fingerprint["engine"]
+        == "onnx"
+    )
 
 
 @pytest.mark.parametrize("first,second", [("keras", "onnx"), ("onnx", "keras")])
@@ -304,7 +307,7 @@ def test_auto_without_onnxruntime_falls_back_to_keras_with_one_line(no_onnxrunti
     assert summary["engine"] == "keras" and summary["extracted"] == 4
     hints = [m for m in messages if "featx[onnx]" in m]
     assert len(hints) == 1 and len(hints[0].splitlines()) == 1
-    assert store.read_fingerprint(tmp_path / "c.h5")["engine"] == "keras"
+    assert store.read_cache(tmp_path / "c.h5", features=False).fingerprint["engine"] == "keras"
 
 
 @pytest.mark.slow

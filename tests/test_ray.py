@@ -105,12 +105,12 @@ def test_ray_writes_the_cache_a_local_run_writes(local_ray, tmp_path):
 def test_a_worker_that_dies_mid_run_loses_and_duplicates_nothing(local_ray, tmp_path, monkeypatch):
     data = make_data(tmp_path / "data")
     marker = tmp_path / "crashed-once"
-    monkeypatch.setenv(ray_executor.CRASH_ONCE_ENV, str(marker))  # the actors' runtime_env
+    monkeypatch.setattr(ray_executor, "FAULTS", ray_executor.Faults(crash_once=str(marker)))
     cache = tmp_path / "ray.h5"
     summary = extract(data, cache, executor="ray", dtype="float16", **RUN)
     assert marker.exists(), "no worker died: the test proved nothing"
     assert summary["extracted"] == 40 and len(summary["rejected"]) == 1
-    monkeypatch.delenv(ray_executor.CRASH_ONCE_ENV)
+    monkeypatch.setattr(ray_executor, "FAULTS", ray_executor.NO_FAULTS)
     local = tmp_path / "local.h5"
     extract(data, local, dtype="float16", **RUN)
     assert_same_cache(cache, local)  # every path once (and paths == a local run's)
@@ -142,7 +142,9 @@ def test_a_changed_file_takes_its_new_features_not_an_older_journal_part(local_r
 KILLABLE = textwrap.dedent(
     """
     import sys
+    from featx.cache import ray_executor
     from featx.commands.extract import extract
+    ray_executor.FAULTS = ray_executor.Faults(delay=1.0)  # each block takes a second or more
     extract(sys.argv[1], sys.argv[2], engine="keras", batch_size=4, executor="ray", workers=1,
             weights="none", alpha=0.35, image_size=32)
     """
@@ -154,7 +156,7 @@ KILLABLE = textwrap.dedent(
 def test_a_driver_killed_mid_run_resumes_to_the_same_cache(local_ray, tmp_path):
     data = make_data(tmp_path / "data")
     cache = tmp_path / "ray.h5"
-    env = {**os.environ, ray_executor.DELAY_ENV: "1.0"}  # each block takes a second or more
+    env = dict(os.environ)
     # Its own session: the Ray it starts is killed with it after the test, whatever happens.
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLABLE, str(data), str(cache)], env=env, start_new_session=True

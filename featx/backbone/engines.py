@@ -51,7 +51,7 @@ def for_extract(opts, old, cache_path: Path, listing, root: Path, log):
     training images."""
     onnx_dir = Path(config.ONNX_DIR or cache_path.parent)  # int8 files; fp32 ones of old versions
     if opts.precision == "fp32":
-        spec = mobilenet.BackboneSpec(opts.weights, opts.image_size, opts.alpha)
+        spec = opts.spec
         runner = make_engine(
             opts.engine, spec, onnx_dir=config.ONNX_DIR, log=log, search=[onnx_dir]
         )
@@ -100,3 +100,14 @@ def gpu_expected(opts) -> bool:
     from featx.backbone.onnx_engine import keras_sees_gpu
 
     return keras_sees_gpu()
+
+
+def run_padded(model, pixels, batch_size: int) -> np.ndarray:
+    """`model`'s output for n <= batch_size images (a list or an (n, H, W, 3) uint8 array), run
+    as one batch of exactly batch_size rows, the rest zeros: every call has one shape, so a
+    model compiles (traces) once. The one batch loop of extract, predict and the Ray actors."""
+    n = len(pixels)
+    first = pixels[0]
+    batch = np.zeros((batch_size, *first.shape), np.uint8)
+    batch[:n] = pixels
+    return np.asarray(model(batch))[:n]

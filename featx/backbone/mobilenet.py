@@ -21,7 +21,7 @@ import numpy as np
 
 from featx import config
 from featx.config import VERSION
-from featx.errors import FeatxError
+from featx.errors import FeatxError, check_int
 from featx.files import file_sha256
 
 # Keras publishes ImageNet weights for these widths and square sizes only.
@@ -192,11 +192,21 @@ def require_float(fp: dict, what: str, command: str) -> None:
         )
 
 
-def validate(image_size: int, alpha: float) -> None:
-    if not isinstance(image_size, int) or image_size < 32:
-        raise FeatxError(f"image_size must be an integer >= 32 (MobileNetV2), got {image_size!r}.")
-    if alpha <= 0:
-        raise FeatxError(f"alpha must be > 0, got {alpha!r}.")
+def validate(image_size, alpha, batch_size: int | None = None) -> None:
+    """The one check of the backbone's options (extract, and every spec built): image_size in
+    [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE], alpha in (0, MAX_ALPHA], a batch that fits in memory."""
+    check_int("image_size", image_size, config.MIN_IMAGE_SIZE, config.MAX_IMAGE_SIZE)
+    ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+    if not ok or not 0 < alpha <= config.MAX_ALPHA:
+        raise FeatxError(f"alpha must be in (0, {config.MAX_ALPHA}], got {alpha!r}.")
+    if batch_size is not None:
+        check_int("batch_size", batch_size, 1, config.MAX_BATCH_SIZE)
+        if batch_size * image_size**2 > config.MAX_BATCH_PIXELS:
+            raise FeatxError(
+                f"A batch of {batch_size} images of {image_size} px needs too much memory "
+                f"(batch_size x image_size^2 must be <= {config.MAX_BATCH_PIXELS:,}). Lower "
+                "--batch-size or --image-size."
+            )
 
 
 def preprocessing_layer():

@@ -155,20 +155,13 @@ def session_options(threads: int | None = None):
     """The ONNX Runtime settings featx runs with (the benchmark uses the same)."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or config.ONNX_THREADS or _cores()
+    options.intra_op_num_threads = threads or config.ONNX_THREADS or config.cores()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Idle ONNX Runtime threads would spin and take the cores the decoding threads need.
     options.add_session_config_entry("session.intra_op.allow_spinning", config.ONNX_SPIN)
     return options
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # the cores this process may use (containers)
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def providers() -> list[str]:

@@ -32,7 +32,7 @@ import numpy as np
 
 from featx import config
 from featx.errors import FeatxError
-from featx.files import replaced_atomically, write_text_atomic
+from featx.files import replaced_atomically, temporary_glob, write_text_atomic
 
 PART_FORMAT = "featx-part"
 FLIP_DATASET = "features_flip"
@@ -238,8 +238,9 @@ class Journal:
     """
 
     MARKER = ".featx-journal"
-    _OWN = ("part-*.npz", ".part-*.npz.tmp-*", "meta.json", ".meta.json.tmp-*")
-    _PARTS = ("features-*.h5", ".features-*.h5.tmp-*")
+    _OWN = ("part-*.npz", temporary_glob("part-*.npz"), "meta.json", temporary_glob("meta.json"))
+    _PARTS = ("features-*.h5", temporary_glob("features-*.h5"))
+    _HALF_WRITTEN = (temporary_glob("part-*.npz"), temporary_glob("features-*.h5"))
 
     def __init__(
         self, cache_path: str | Path, fingerprint_key: str, feature_dim: int | None = None
@@ -354,7 +355,7 @@ class Journal:
         self.check_owned()
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / self.MARKER).touch()
-        self._remove((".part-*.npz.tmp-*", ".features-*.h5.tmp-*"))  # half-written by killed runs
+        self._remove(self._HALF_WRITTEN)  # half-written by killed runs
         if not self._key_matches():
             write_text_atomic(self.folder / "meta.json", json.dumps({"key": self.key}))
 

@@ -29,22 +29,39 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from featx import config
-from featx.backbone import mobilenet
+from featx.backbone import engines, mobilenet
 from featx.cache import parts
 from featx.errors import FeatxError
 from featx.images import decoder, decoding, finder
 
-# Tests only. CRASH_ONCE: the path of a marker file; an actor's second call that finds no marker
-# there creates it and kills its process (os._exit), like a machine lost mid-run. DELAY: seconds
-# each actor call sleeps, so that a test can kill the driver mid-run.
-CRASH_ONCE_ENV = "FEATX_TEST_RAY_CRASH_ONCE"
-DELAY_ENV = "FEATX_TEST_RAY_DELAY"
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults a test injects into the actors; they travel with the RayJob, never through the
+    environment. delay: seconds each actor call sleeps (time to kill the driver mid-run).
+    crash_once: a marker file's path; an actor's second call that finds no marker creates it and
+    kills its process (os._exit), like a machine lost mid-run."""
+
+    delay: float = 0.0
+    crash_once: str | None = None
+
+    def apply(self, calls: int) -> None:
+        if self.delay:
+            time.sleep(self.delay)
+        if self.crash_once and calls > 1 and not os.path.exists(self.crash_once):
+            Path(self.crash_once).write_text(str(os.getpid()))
+            os._exit(1)  # no cleanup, no exception: the process is gone, as on a lost machine
+
+
+NO_FAULTS = Faults()
+# What the next RayJob carries: NO_FAULTS, unless a test replaces it (monkeypatch).
+FAULTS = NO_FAULTS
 
 
 INSTALL_HINT = "pip install 'featx[ray]'"
@@ -91,7 +108,7 @@ def worker_env(backend: str | None = None) -> dict[str, str]:
         "XLA_PYTHON_CLIENT_PREALLOCATE": "false",  # JAX takes 75 % of the GPU at start otherwise
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",  # TensorFlow takes all of it otherwise
     }
-    names = (config.HOME_ENV, "KERAS_HOME", CRASH_ONCE_ENV, DELAY_ENV)  # weights, ONNX, tests
+    names = (config.HOME_ENV, "KERAS_HOME")  # where the weights and the ONNX file are
     env.update({name: os.environ[name] for name in names if os.environ.get(name)})
     return env
 
@@ -117,6 +134,7 @@ class RayJob:
     flip: bool = False
     dtype: str = config.FEATURE_DTYPE
     engine: str = "keras"
+    faults: Faults = field(default_factory=lambda: FAULTS)  # tests only
 
 
 def blocks(todo: Sequence[tuple[str, int, int]], job: RayJob) -> list[list[tuple]]:
@@ -148,7 +166,7 @@ class _Extractor:
     def __call__(self, blocks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One row per block of images in; one row per image out (see _execute)."""
         self.calls += 1
-        _test_hooks(self.calls)
+        self.job.faults.apply(self.calls)
         paths = [str(p) for block in blocks["paths"] for p in block]
         n, step = len(paths), self.job.batch_size
         dim = self.spec.feature_dim * (1 + self.job.flip)
@@ -184,24 +202,9 @@ class _Extractor:
         """Features of (n, size, size, 3) pixels, n <= the batch size; with flip, each row is
         [features | features of the mirror image] (engines.WithMirror, as extract)."""
         if self.engine is None:
-            from featx.backbone import engines
-
             engine = engines.make_engine(self.job.engine, self.spec)
             self.engine = engines.WithMirror(engine) if self.job.flip else engine
-        n, size = len(pixels), self.spec.image_size
-        batch = np.zeros((self.job.batch_size, size, size, 3), np.uint8)  # one shape: one
-        batch[:n] = pixels  # compile, as extract pads its last batch
-        return self.engine.features(batch)[:n]
-
-
-def _test_hooks(calls: int) -> None:
-    delay = os.environ.get(DELAY_ENV)
-    if delay:
-        time.sleep(float(delay))
-    marker = os.environ.get(CRASH_ONCE_ENV)
-    if calls > 1 and marker and not os.path.exists(marker):  # mid-run: after a first block
-        Path(marker).write_text(str(os.getpid()))
-        os._exit(1)  # no cleanup, no exception: the process is gone, as on a lost machine
+        return engines.run_padded(self.engine.features, pixels, self.job.batch_size)
 
 
 def part_id(run_id: str, paths: Sequence[str]) -> str:

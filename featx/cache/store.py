@@ -48,7 +48,7 @@ from featx.backbone import mobilenet
 from featx.cache import parts
 from featx.cache.parts import FLIP_DATASET, FLIP_TRANSFORM, Journal, Rows, Sources, damaged  # noqa: F401
 from featx.errors import FeatxError
-from featx.files import replaced_atomically
+from featx.files import replaced_atomically, temporary_pid
 
 FORMAT = "featx-cache"
 
@@ -227,13 +227,6 @@ def is_featx_cache(path: str | Path) -> bool:
         return False
 
 
-def read_fingerprint(path: str | Path) -> dict:
-    f, path = _open(path)
-    with f:
-        _check_format(f, path)
-        return json.loads(f.attrs["fingerprint"])
-
-
 def _attr(v):
     return v.item() if isinstance(v, np.generic) else v
 
@@ -369,14 +362,13 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
 
     Only featx's own pattern, only for a dead process on this machine: anything else stays."""
     removed = []
-    prefix = f".{path.name}.tmp-"
     try:
         candidates = list(path.parent.iterdir())
     except OSError:
         return removed
     for p in candidates:
-        pid = p.name[len(prefix) :].split(".")[0] if p.name.startswith(prefix) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)) and p.is_file():
+        pid = temporary_pid(p, path)
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid) and p.is_file():
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

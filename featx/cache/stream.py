@@ -11,6 +11,8 @@ grow with the number of images.
 from __future__ import annotations
 
 import itertools
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,3 +210,115 @@ def _compact(cache_path, src: store.Sources, meta: store.Cache, read_dtype, writ
         sizes.append(len(rows))
     return store.Sources(src.base, names, ids, np.array(sizes, np.int64), row_source, row_index,
                          src.dim, src.dtype, src.flip)  # fmt: skip
+
+
+class Writer:
+    """The one writer of a running extraction: finished batches go into the part being gathered
+    (written when it holds PART_ROWS rows, its rows then joining `rows`), and into the journal at
+    most every JOURNAL_SECONDS: a slow batch alone, fast ones gathered into one .npz, or written
+    straight as a part when PART_MIN_ROWS rows or more are ready and no batch of the part is in
+    the journal yet (each feature then written once). Writes run in one background thread, in
+    order, while the next batches decode; a failed write (a full disk) raises in the next call.
+
+    rows: the plan's {path: (size, mtime, sha, ref)}, where a written part's rows land."""
+
+    def __init__(self, journal: parts.Journal, dtype: str, flip: bool, rows: dict):
+        self.journal, self.rows = journal, rows
+        self.parts = PartWriter(journal, dtype, flip)
+        self._pending: list = []  # finished batches not journalled: (index, rows, feats, rej, why)
+        self._journalled_at = time.perf_counter()
+        self._io: ThreadPoolExecutor | None = None
+        self._writing: Future | None = None  # the write under way (one at a time, in order)
+
+    def resume(self, resumed: dict) -> None:
+        """Rows resumed from journalled batches ({path: (size, mtime, sha, features)}) go into the
+        next part; their batches are deleted once that part is written."""
+        for path, (size, mtime, sha, feature) in resumed.items():
+            self.parts.add(path, size, mtime, sha, feature)
+        self.parts.batches.extend(self.journal.batches)
+
+    def start(self) -> None:
+        """Before the first batch: the background writer, and the journal clock."""
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="featx-journal")
+        self._journalled_at = time.perf_counter()
+
+    def add_batch(self, index: int, rows: parts.Rows, features, rejected: parts.Rows, reasons):
+        """One finished batch: its extracted rows with their (n, D) features, and its rejected
+        rows with their reasons. An unchanged row is not added: it keeps its reference."""
+        width = features.shape[1] if features is not None else self.journal.feature_dim or 0
+        features = features if len(rows) else np.zeros((0, width), np.float32)
+        stacked = self.parts.add_rows(rows, features)  # a copy: ours to keep, the journal's too
+        self.parts.reject(rejected, reasons)
+        self._pending.append((index, rows, stacked, rejected, reasons))
+        if len(self.parts) >= config.PART_ROWS:
+            self._write_part()
+        elif time.perf_counter() - self._journalled_at >= config.JOURNAL_SECONDS:
+            self._settle()  # a batch still being written joins parts.batches
+            if not self.parts.batches and len(self.parts) >= config.PART_MIN_ROWS:
+                self._write_part()
+            else:
+                self._journal()
+
+    def finish(self) -> None:
+        """After the last batch: the write under way done; what is not journalled goes into the
+        last part, written by `flush`."""
+        self._settle()
+
+    def save(self) -> None:
+        """On an interrupt or an error: every finished batch journalled, on disk before return."""
+        self._journal()
+        self._settle()
+
+    def close(self) -> None:
+        """The background writer stopped; a write under way is finished, never cut short."""
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+
+    def flush(self) -> None:
+        """The rows gathered so far as one part, written now."""
+        self._settle()
+        self.parts.flush(self.rows)
+
+    def _write_part(self) -> None:
+        self._settle()  # its .npz is on disk and known before the part replaces it
+        self._writing = self.parts.flush(self.rows, self._io.submit)
+        self._pending.clear()
+        self._journalled_at = time.perf_counter()
+
+    def _journal(self) -> None:
+        """The batches not journalled yet as one .npz, written after the previous write."""
+        self._settle()
+        if not self._pending:
+            return
+        rows, rej, reasons, feats = parts.Rows(), parts.Rows(), [], []
+        for _, r, f, j, why in self._pending:
+            rows.paths += r.paths
+            rows.file_sha256 += r.file_sha256
+            rej.paths += j.paths
+            reasons += why
+            feats += [f] if len(f) else []
+        for out, key in ((rows, 1), (rej, 3)):
+            out.file_size = np.concatenate([p[key].file_size for p in self._pending])
+            out.file_mtime_ns = np.concatenate([p[key].file_mtime_ns for p in self._pending])
+        width = self.journal.feature_dim or 0
+        stacked = np.concatenate(feats) if feats else np.zeros((0, width), np.float32)
+        index = self._pending[-1][0]
+        submit = self._io.submit if self._io is not None else _now
+        self._writing = submit(self.journal.write, index, rows, stacked, rej, reasons)
+        self._pending.clear()
+        self._journalled_at = time.perf_counter()
+
+    def _settle(self) -> None:
+        """Wait for the write under way: a journal .npz (which joins the batches of the part
+        being gathered) or a part. A failed write raises here."""
+        writing, self._writing = self._writing, None
+        batch = writing.result() if writing is not None else None
+        if batch is not None:
+            self.parts.batches.append(batch)
+
+
+def _now(fn, *args) -> Future:
+    """A write done at once, as a finished future (no background writer started)."""
+    future: Future = Future()
+    future.set_result(fn(*args))
+    return future

@@ -45,7 +45,6 @@ from featx.files import replaced_atomically, write_text_atomic
 from featx.quality.duplicates import find_duplicates, leaking_train_rows
 
 KEYS = ("duplicates", "label_issues", "outliers", "class_counts")
-SPLITS = ("train", "validation", "test")
 
 
 def default_output_dir(cache_path: str | Path) -> Path:

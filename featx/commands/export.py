@@ -31,13 +31,11 @@ from featx.backbone import mobilenet
 from featx.cache import store
 from featx.config import VERSION
 from featx.errors import FeatxError
-from featx.files import replaced_atomically, save_keras_atomic, write_text_atomic
+from featx.files import replaced_atomically, save_keras_atomic, temporary_path, write_text_atomic
 from featx.images import decoder
 from featx.options import ExportOptions
 from featx.reports import model_card
 
-FORMATS = config.EXPORT_FORMATS
-QUANTIZE = config.EXPORT_QUANTIZES
 MODEL_FILES = model_dirs.EXPORT_MODEL_FILES
 LABELS_FILE = model_dirs.LABELS_FILE
 INFO_FILE = model_dirs.EXPORT_INFO
@@ -152,7 +150,7 @@ def _write_keras(model, path: Path, quantize: str = "none") -> None:
 
 
 def _write_saved_model(model, path: Path, quantize: str = "none") -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.export(str(tmp), format="tf_saved_model", verbose=False)
@@ -171,7 +169,7 @@ def _write_saved_model(model, path: Path, quantize: str = "none") -> None:
 def _write_tflite(model, path: Path, quantize: str) -> None:
     import tensorflow as tf
 
-    saved = path.with_name(f".{path.stem}.saved_model.tmp-{os.getpid()}")
+    saved = temporary_path(path.with_name(f"{path.stem}.saved_model"))
     try:
         model.export(str(saved), format="tf_saved_model", verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
@@ -286,7 +284,9 @@ def export(
     """
     t0 = time.perf_counter()
     log = log or (lambda message: None)
-    opts = ExportOptions(format, quantize, check_images, batch_size)
+    opts = ExportOptions(
+        format=format, quantize=quantize, check_images=check_images, batch_size=batch_size
+    )
     if format != "keras":
         _require_tensorflow(format)
     model_dir = Path(model_dir)

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from featx.backbone import engines, mobilenet
 from featx.cache import parts, ray_executor, store, stream
 from featx.errors import FeatxError
 from featx.images import decoding, finder, shards
-from featx.options import ExtractOptions
+from featx.options import ExtractOptions, build_options, takes_options
 
 
 @dataclass
@@ -62,13 +61,8 @@ class _Job:
     fingerprint: dict
     runner: object
     journal: parts.Journal
-    writer: stream.PartWriter | None = None
     created: str | None = None  # the existing cache's creation time, kept by every rewrite
-    # finished batches not journalled yet (see _record): (index, rows, features, rejected, reasons)
-    pending: list = field(default_factory=list)
-    journalled_at: float = 0.0
-    io: ThreadPoolExecutor | None = None  # writes journal and parts while the next batches decode
-    writing: Future | None = None  # the write under way (one at a time, in order)
+    writer: stream.Writer | None = None  # made with the plan, whose rows it fills
     committed: list = field(default_factory=list)  # the parts the existing cache names
 
 
@@ -82,29 +76,14 @@ def is_transient(reason: str) -> bool:
     return reason.startswith("unreadable")
 
 
+@takes_options(ExtractOptions)
 def extract(
     data_dir: str | Path,
     cache_path: str | Path | None = None,
     *,
-    weights: str = config.WEIGHTS,
-    image_size: int = config.IMAGE_SIZE,
-    alpha: float = config.ALPHA,
-    batch_size: int | None = None,
-    dtype: str | None = None,
-    val_split: float | None = None,
-    seed: int | None = None,
-    overwrite: bool = False,
-    engine: str | None = None,
-    precision: str = config.PRECISION,
-    flip: bool | None = None,
-    workers: int | None = None,
-    shard: str | None = None,
-    executor: str = config.EXECUTOR,
-    ray_address: str | None = None,
-    gpus_per_worker: float = config.GPUS_PER_WORKER,
-    decode_in: str = config.DECODE_IN,
     progress=None,
     log=None,
+    **options,
 ) -> dict:
     """Extract features of every image in `data_dir` into the HDF5 cache at `cache_path`.
 
@@ -142,11 +121,7 @@ def extract(
     """
     t0 = time.perf_counter()
     log = log or (lambda message: None)
-    opts = ExtractOptions(  # every option is checked here, before any work
-        weights, image_size, alpha, batch_size, dtype, val_split, seed, overwrite,
-        engine or config.ENGINE, precision, flip, workers, shard, executor, ray_address,
-        gpus_per_worker, decode_in,
-    )  # fmt: skip
+    opts = build_options(ExtractOptions, options)  # every option checked, before any work
     _start(opts)
     root = Path(data_dir)
     cache_path = Path(cache_path) if cache_path else default_cache_path(root)
@@ -198,23 +173,22 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
     key = mobilenet.model_key({**fp, "flip": flip}, (*mobilenet.MODEL_KEYS, "flip"))
     journal = store.Journal(cache_path, key, mobilenet.feature_dim(opts.alpha) * (1 + flip))
     created = previous.attrs.get("created") if previous is not None else None
-    job = _Job(
-        root, opts, fp, runner, journal, stream.PartWriter(journal, opts.dtype, flip), created
-    )
+    job = _Job(root, opts, fp, runner, journal, created)
     committed = job.committed = previous.sources.names if previous is not None else []
     plan = _plan(
         listing, _stat_all(root, listing), old, journal.load(committed), not opts.overwrite
     )
+    job.writer = stream.Writer(journal, opts.dtype, flip, plan.rows)
     if not cache_path.exists():  # a valid (empty) cache at once: a killed run leaves one
         _write(cache_path, job, listing, _Plan(), {})
     timing = {"model_seconds": 0.0, "model_load_seconds": None, "steady_images_per_second": None,
               "decoded_in": None}  # fmt: skip
     if plan.todo or journal.batches:
         journal.start()
-        _gather_resumed(job, plan)
+        job.writer.resume({p: r for p, r in plan.rows.items() if isinstance(r[3], np.ndarray)})
     if plan.todo:
         timing = (_run_ray if opts.executor == "ray" else _run)(job, plan, progress, log)
-    job.writer.flush(plan.rows)
+    job.writer.flush()
     recorded = {} if old is None or opts.overwrite else dict(zip(old.paths, old.splits))
     # The other shards' images count too: a flat folder is split as a single run splits it.
     kept_files = [f for f in listing.files if f.path in plan.rows] + listing.others
@@ -224,15 +198,6 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
         keep = _write(cache_path, job, listing, plan, splits, old)
     journal.clear(keep=keep)
     return job, plan, splits, timing
-
-
-def _gather_resumed(job: _Job, plan: _Plan) -> None:
-    """Rows resumed from journalled batches (features in memory) go into the next part; their
-    batches are deleted once that part is written."""
-    for path, (size, mtime, sha, ref) in plan.rows.items():
-        if isinstance(ref, np.ndarray):
-            job.writer.add(path, size, mtime, sha, ref)
-    job.writer.batches.extend(job.journal.batches)
 
 
 # --- phase 1: the options against the existing cache ---------------------------------------------
@@ -370,11 +335,10 @@ def _run(job: _Job, plan: _Plan, progress, log) -> dict:
     size, batch_size = job.opts.image_size, job.opts.batch_size
     chunks = [plan.todo[i : i + batch_size] for i in range(0, len(plan.todo), batch_size)]
     timer, done, t0 = _Timer(), 0, time.perf_counter()
-    job.journalled_at = t0
     workers = job.opts.workers or config.decode_workers()
     on_gpu = engines.gpu_expected(job.opts)
     how = decoding.choose(job.opts.decode_in, workers, len(plan.todo), on_gpu)
-    job.io = ThreadPoolExecutor(1, thread_name_prefix="featx-journal")
+    job.writer.start()
     items = ([(t.path, t.old_sha) for t in chunk] for chunk in chunks)  # what a worker needs
     batches = decoding.decode(
         items, str(job.root), size, workers=workers, processes=how == "processes"
@@ -385,27 +349,25 @@ def _run(job: _Job, plan: _Plan, progress, log) -> dict:
             ok = [r[2] for r in results if r[0] == "ok"]
             feats = None
             if ok:
-                batch = np.zeros((batch_size, size, size, 3), np.uint8)  # fixed shape: one compile
-                batch[: len(ok)] = ok
                 t_model = time.perf_counter()
-                feats = job.runner.features(batch)[: len(ok)]
+                feats = engines.run_padded(job.runner.features, ok, batch_size)
                 timer.add(time.perf_counter() - t_model, len(ok))
             _record(job, index, chunk, results, feats, plan)
             done += len(chunk)
             if progress is not None:
                 progress(done, len(plan.todo), done / max(time.perf_counter() - t0, 1e-9))
-        _settle(job)  # the rows not journalled yet go into the last part, written next
+        job.writer.finish()  # the rows not journalled yet go into the last part, written next
     except KeyboardInterrupt:
-        _journal(job, wait=True)  # the finished batches are kept
+        job.writer.save()  # the finished batches are kept
         log(f"interrupted: {done} of {len(plan.todo)} images are saved; run again to resume.")
         raise
     except Exception:
         with contextlib.suppress(OSError):  # a full disk: report the error that stopped the run
-            _journal(job, wait=True)
+            job.writer.save()
         raise
     finally:
         batches.close()  # stops the decoding threads without waiting for them
-        job.io.shutdown(wait=True)  # a journal write is finished, never cut short
+        job.writer.close()  # a journal write is finished, never cut short
     return {**timer.summary(), "decoded_in": how}
 
 
@@ -416,10 +378,18 @@ def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
     twice (the same part), never none."""
     opts, t0 = job.opts, time.perf_counter()
     ray_job = ray_executor.RayJob(
-        job.root.resolve(), mobilenet.BackboneSpec(opts.weights, opts.image_size, opts.alpha),
-        job.journal.folder.resolve(), job.journal.key, parts.new_id(), opts.batch_size,
-        opts.workers, opts.gpus_per_worker, bool(opts.flip), opts.dtype, job.runner.name,
-    )  # fmt: skip
+        root=job.root.resolve(),
+        spec=opts.spec,
+        folder=job.journal.folder.resolve(),
+        key=job.journal.key,
+        run_id=parts.new_id(),
+        batch_size=opts.batch_size,
+        workers=opts.workers,
+        gpus_per_worker=opts.gpus_per_worker,
+        flip=bool(opts.flip),
+        dtype=opts.dtype,
+        engine=job.runner.name,
+    )
     todo = [(t.path, t.size, t.mtime_ns) for t in plan.todo]
     try:
         ray_executor.run(todo, ray_job, ray_address=opts.ray_address, progress=progress, log=log)
@@ -455,11 +425,9 @@ def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
 
 
 def _record(job: _Job, index: int, chunk, results, feats, plan: _Plan) -> None:
-    """One finished batch into the part being gathered (written when it is full: its rows join
-    plan.rows then); into the journal at most every config.JOURNAL_SECONDS (a slow batch alone,
-    fast ones gathered into one .npz, or written straight as a part when they are many, see
-    _tick). A row whose content did not change keeps its reference and is not journalled: a
-    resumed run finds it unchanged again, without the model."""
+    """One finished batch into the plan and the cache's writer (stream.Writer: the part being
+    gathered, the journal). A row whose content did not change keeps its reference and is not
+    journalled: a resumed run finds it unchanged again, without the model."""
     ok = [(t, r[1]) for t, r in zip(chunk, results) if r[0] == "ok"]
     rej, reasons = [], []
     if len(ok) < len(chunk):  # rejected or unchanged files (rare): one at a time
@@ -470,73 +438,8 @@ def _record(job: _Job, index: int, chunk, results, feats, plan: _Plan) -> None:
                 reasons.append(value)
             elif status == "same":
                 plan.rows[t.path] = (t.size, t.mtime_ns, value, t.old_ref)
-    dim = feats.shape[1] if feats is not None else job.journal.feature_dim or 0
     plan.extracted += len(ok)
-    part_rows, part_rej = _rows(ok), _rows(rej)
-    writer = job.writer
-    # the features copied into the part being gathered: ours to keep, the journal's too
-    stacked = writer.add_rows(part_rows, feats if ok else np.zeros((0, dim), np.float32))
-    writer.reject(part_rej, reasons)
-    job.pending.append((index, part_rows, stacked, part_rej, reasons))
-    if len(writer) >= config.PART_ROWS:
-        _write_part(job, plan)
-    elif time.perf_counter() - job.journalled_at >= config.JOURNAL_SECONDS:
-        _tick(job, plan)
-
-
-def _tick(job: _Job, plan: _Plan) -> None:
-    """The journal's turn: the finished batches not journalled yet go to disk. When the part being
-    gathered has no journal batch yet and already PART_MIN_ROWS rows (a fast pipeline), they are
-    written as a part at once: each feature is written once, not as a batch and then again in its
-    part."""
-    _settle(job)  # a batch still being written joins writer.batches
-    if not job.writer.batches and len(job.writer) >= config.PART_MIN_ROWS:
-        _write_part(job, plan)
-    else:
-        _journal(job)
-
-
-def _write_part(job: _Job, plan: _Plan) -> None:
-    """The rows gathered so far as one part, written in the background while decoding goes on;
-    the part holds the batches not journalled yet."""
-    _settle(job)  # its .npz is on disk and known before the part replaces it
-    job.writing = job.writer.flush(plan.rows, job.io.submit)
-    job.pending.clear()
-    job.journalled_at = time.perf_counter()
-
-
-def _journal(job: _Job, wait: bool = False) -> None:
-    """The finished batches not journalled yet, as one .npz, written in the background after the
-    previous one (`wait`: and finished before returning); its rows join the part gathered."""
-    _settle(job)
-    if job.pending:
-        rows, rej, reasons, feats = store.Rows(), store.Rows(), [], []
-        for _, r, f, j, why in job.pending:
-            rows.paths += r.paths
-            rows.file_sha256 += r.file_sha256
-            rej.paths += j.paths
-            reasons += why
-            feats += [f] if len(f) else []
-        for out, key in ((rows, 1), (rej, 3)):
-            out.file_size = np.concatenate([p[key].file_size for p in job.pending])
-            out.file_mtime_ns = np.concatenate([p[key].file_mtime_ns for p in job.pending])
-        width = job.journal.feature_dim or 0
-        stacked = np.concatenate(feats) if feats else np.zeros((0, width), np.float32)
-        index = job.pending[-1][0]
-        job.writing = job.io.submit(job.journal.write, index, rows, stacked, rej, reasons)
-        job.pending.clear()
-        job.journalled_at = time.perf_counter()
-    if wait:
-        _settle(job)
-
-
-def _settle(job: _Job) -> None:
-    """Wait for the write under way (a journal .npz, which joins the batches of the part being
-    gathered, or a part). A failed write (a full disk) raises here."""
-    writing, job.writing = job.writing, None
-    batch = writing.result() if writing is not None else None
-    if batch is not None:
-        job.writer.batches.append(batch)
+    job.writer.add_batch(index, _rows(ok), feats, _rows(rej), reasons)
 
 
 def _rows(todo_sha: list) -> store.Rows:
@@ -597,7 +500,7 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=
         attrs=attrs,
     )
     return stream.commit(
-        cache_path, meta, list(refs), job.writer, old,
+        cache_path, meta, list(refs), job.writer.parts, old,
         dim=mobilenet.feature_dim(job.opts.alpha), dtype=job.opts.dtype,
         flip=bool(job.opts.flip), compact=job.opts.overwrite and old is not None,
     )  # fmt: skip

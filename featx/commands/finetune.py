@@ -29,7 +29,7 @@ from featx.cache import store
 from featx.errors import FeatxError
 from featx.files import save_keras_atomic, write_text_atomic
 from featx.images import decoding, finder
-from featx.options import FinetuneOptions
+from featx.options import FinetuneOptions, build_options, takes_options
 from featx.reports import evaluation, report_folder
 
 if TYPE_CHECKING:
@@ -247,22 +247,15 @@ class _Job:
     data: dict = field(default_factory=dict)  # split -> ImageBatches (evaluation order)
 
 
+@takes_options(FinetuneOptions)
 def finetune(
     cache_path: str | Path,
     head_dir: str | Path,
     output: str | Path | None = None,
     *,
-    unfreeze_layers: int = config.FINETUNE_UNFREEZE_LAYERS,
-    epochs: int = config.FINETUNE_EPOCHS,
-    learning_rate: float = config.FINETUNE_LEARNING_RATE,
-    batch_size: int = config.FINETUNE_BATCH_SIZE,
-    augment: bool = True,
-    dropout: float = config.FINETUNE_DROPOUT,
-    patience: int = config.FINETUNE_PATIENCE,
-    reduce_lr_on_plateau: bool = False,
     data_dir: str | Path | None = None,
-    seed: int = config.SEED,
     log=None,
+    **options,
 ) -> dict:
     """Fine-tune the backbone and the stage-2 head end to end on the cache's images.
 
@@ -288,10 +281,7 @@ def finetune(
     """
     t_start = time.perf_counter()
     log = log or (lambda message: None)
-    opts = FinetuneOptions(  # every option is checked here, before any work
-        unfreeze_layers, epochs, learning_rate, batch_size, augment, dropout, patience,
-        reduce_lr_on_plateau, seed,
-    )  # fmt: skip
+    opts = build_options(FinetuneOptions, options)  # every option checked, before any work
     job, head = _prepare(cache_path, head_dir, output, data_dir, opts, log)
     log(f"evaluating the warm-started model on {', '.join(job.rows)} ...")
     before, before_preds = _evaluate_all(job)

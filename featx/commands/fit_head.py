@@ -190,7 +190,7 @@ def _views(cache: store.Cache, cache_path, flip: bool | None):
             "Re-run `featx extract --flip` on its data folder (or drop --flip)."
         )
     data = {
-        s: (features[cache.splits == s], cache.labels[cache.splits == s]) for s in evaluation.SPLITS
+        s: (features[cache.splits == s], cache.labels[cache.splits == s]) for s in config.SPLITS
     }
     if not flip:
         return data["train"], data, None

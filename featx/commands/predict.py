@@ -29,9 +29,6 @@ from featx.files import write_text_atomic
 from featx.images import finder
 from featx.options import PredictOptions
 
-OUTPUT_SUFFIXES = (".csv", ".json")
-
-
 # --- which files ---------------------------------------------------------------------------------
 
 
@@ -148,7 +145,13 @@ def predict(
         FeatxError when no image at all could be predicted (after writing `output`).
     """
     t0 = time.perf_counter()
-    opts = PredictOptions(top_k, batch_size, engine, min_confidence, output and str(output))
+    opts = PredictOptions(
+        top_k=top_k,
+        batch_size=batch_size,
+        engine=engine,
+        min_confidence=min_confidence,
+        output=output and str(output),
+    )
     targets = expand_paths(paths)
     if not targets:
         raise FeatxError(
@@ -179,7 +182,7 @@ def _predict_rows(model, targets: list[Target], opts: PredictOptions, progress) 
     todo = [i for i, t in enumerate(targets) if t.error is None]
     show = progress if progress is not None and len(todo) >= config.PREDICT_PROGRESS_MIN else None
     proba, failed = run_batches(
-        model.predict_proba,
+        model.proba_of_pixels,
         [targets[i].path for i in todo],
         model.image_size,
         len(model.class_names),

@@ -35,15 +35,15 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from featx import config
 from featx.config import VERSION
 from featx.errors import FeatxError
-from featx.files import read_json, write_text_atomic
+from featx.files import read_json, temporary_path, write_text_atomic
 
 HEAD_FORMAT = "featx-head"
 # 2: the logistic regression's scaling ("scaling" in head.npz) and "flip" in head.json. Version 1
 # heads (standardised, no mirror images) still load; older featx refuses version 2 heads.
 HEAD_FORMAT_VERSION = 2
 READABLE_HEAD_VERSIONS = (1, 2)
-HEADS = ("logreg", "dense")
-CLASS_WEIGHTS = ("none", "balanced")
+HEADS = config.HEADS
+CLASS_WEIGHTS = config.CLASS_WEIGHTS
 
 
 # --- input checks shared by both heads ----------------------------------------------------------
@@ -96,13 +96,6 @@ def _balanced_weights(y: np.ndarray, k: int) -> np.ndarray:
     return len(y) / (k * np.bincount(y, minlength=k).astype(np.float64))
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -126,7 +119,7 @@ class _Head(ClassifierMixin, BaseEstimator):
 
 # --- feature scaling, shared by both heads ------------------------------------------------------
 
-SCALINGS = ("auto", *config.SCALING_CHOICES)
+SCALINGS = config.SCALINGS
 
 
 def _scaling(scaling: str | None) -> str:
@@ -317,7 +310,7 @@ class LogRegHead(_Head):
         tasks = [
             (fold, name) for fold in splitter.split(X, y) for name in scalings
         ]  # each task: one scaling's path over the Cs on one fold; threads share them out
-        workers = min(len(tasks), config.LOGREG_CV_THREADS or _cores())
+        workers = min(len(tasks), config.LOGREG_CV_THREADS or config.cores())
         with ThreadPoolExecutor(workers, thread_name_prefix="featx-cv") as pool:
             paths = list(pool.map(lambda t: self._cv_path(X, y, X_flip, *t, Cs), tasks))
         losses = np.array(paths).reshape(folds, len(scalings), len(Cs)).transpose(1, 0, 2)
@@ -721,7 +714,7 @@ def save_head(
     folder.mkdir(parents=True, exist_ok=True)
     # The head file goes through a temporary folder and a rename, and head.json (written last)
     # names it: a killed re-fit never leaves a new head beside an old head.json or a torn file.
-    staging = folder / f".head.tmp-{os.getpid()}"
+    staging = temporary_path(folder / "head")
     staging.mkdir(exist_ok=True)
     try:
         name = head._save(staging)

@@ -17,8 +17,6 @@ from featx import config
 from featx.cache import store
 from featx.errors import FeatxError
 
-SPLITS = ("train", "validation", "test")
-
 
 def unit_rows(features) -> np.ndarray:
     """float32 rows scaled to length 1, so a dot product is a cosine similarity (a zero row stays
@@ -243,7 +241,7 @@ def leakage(
     mixed = [g for g in groups if g.cross_label]
     parts = []
     if leaks:
-        splits = [s for s in SPLITS if any((cache.splits[g.rows] == s).any() for g in leaks)]
+        splits = [s for s in config.SPLITS if any((cache.splits[g.rows] == s).any() for g in leaks)]
         where = f"both {splits[0]} and {splits[1]}" if len(splits) == 2 else "more than one split"
         parts.append(f"{_photos(len(leaks))} in {where}")
     if mixed:

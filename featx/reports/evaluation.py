@@ -29,10 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from featx import config
 from featx.errors import FeatxError
-
-SPLITS = ("train", "validation", "test")
-
 
 EPS = 1e-15
 
@@ -115,20 +113,20 @@ def class_names_of(metrics: dict) -> list[str]:
     """The class names a metrics dict records ([] when it has none)."""
     if metrics.get("class_names"):
         return list(metrics["class_names"])
-    for split in SPLITS:
+    for split in config.SPLITS:
         if isinstance(metrics.get(split), dict) and "per_class" in metrics[split]:
             return list(metrics[split]["per_class"])
     return []
 
 
-def _class_names(metrics: dict) -> list[str]:
+def required_class_names(metrics: dict) -> list[str]:
     names = class_names_of(metrics)
     if not names:
         raise FeatxError("metrics has no class names and no split with per_class results.")
     return names
 
 
-def _best_and_start(metrics: dict) -> tuple[int | None, dict | None]:
+def best_and_start(metrics: dict) -> tuple[int | None, dict | None]:
     """(the epoch whose weights were kept, the warm start as epoch 0) from a metrics dict:
     finetune's "best_epoch" and "before", or the dense head's fitted["best_epoch"]."""
     if "before" in metrics:
@@ -141,7 +139,7 @@ def _best_and_start(metrics: dict) -> tuple[int | None, dict | None]:
     return (metrics.get("fitted") or {}).get("best_epoch"), None
 
 
-def _has_matrix(metrics: dict, split: str) -> bool:
+def has_matrix(metrics: dict, split: str) -> bool:
     return isinstance(metrics.get(split), dict) and metrics[split].get("n", 0) > 0
 
 
@@ -168,8 +166,8 @@ def imbalance_hint(metrics: dict) -> str | None:
 
 def format_summary(metrics: dict) -> str:
     """The readable stdout summary: accuracy per split, then a per-class table."""
-    names = _class_names(metrics)
-    splits = [s for s in SPLITS if _has_matrix(metrics, s)]
+    names = required_class_names(metrics)
+    splits = [s for s in config.SPLITS if has_matrix(metrics, s)]
     lines = []
     if metrics.get("head"):
         fitted = metrics.get("fitted") or {}

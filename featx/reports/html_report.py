@@ -29,7 +29,6 @@ from featx.images import decoder
 from featx.reports.evaluation import class_names_of, imbalance_hint
 
 REPORT_FILE = "report.html"
-SPLITS = ("train", "validation", "test")
 SHOWN_SPLITS = ("validation", "test")  # the splits a reader judges the model on
 
 STYLE = """
@@ -80,7 +79,9 @@ def _read_metrics(folder: Path) -> dict:
         f"No metrics.json in '{folder}'. Pass the output folder of `featx fit-head` or "
         "`featx finetune`.",
     )
-    if not isinstance(metrics, dict) or not any(isinstance(metrics.get(s), dict) for s in SPLITS):
+    if not isinstance(metrics, dict) or not any(
+        isinstance(metrics.get(s), dict) for s in config.SPLITS
+    ):
         raise FeatxError(f"'{path}' holds no split metrics; it is not a featx metrics file.")
     return metrics
 
@@ -131,7 +132,7 @@ def _fmt(value, digits: int = 4) -> str:
 
 def _headline(metrics: dict) -> str:
     rows = []
-    splits = [s for s in SPLITS if isinstance(metrics.get(s), dict) and metrics[s].get("n")]
+    splits = [s for s in config.SPLITS if isinstance(metrics.get(s), dict) and metrics[s].get("n")]
     before = metrics.get("before") or {}
     for split in splits:
         m = metrics[split]

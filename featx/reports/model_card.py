@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from featx import config
 from featx.errors import FeatxError
 
 CARD_FILE = "README.md"
 MARKER = "<!-- featx model card: written by `featx export`, replaced on the next export -->"
-SPLITS = ("train", "validation", "test")
 
 
 def check_writable(folder: str | Path) -> None:
@@ -106,7 +106,7 @@ def _data(info: dict, metrics: dict) -> list[str]:
     lines: list[str] = []
     counts = (metrics.get("cache") or {}).get("counts") or {}
     if counts:
-        splits = [s for s in SPLITS if s in counts]
+        splits = [s for s in config.SPLITS if s in counts]
         rows = [[name, *(counts[s].get(name, 0) for s in splits)] for name in names]
         rows.append(["**total**", *(sum(counts[s].values()) for s in splits)])
         lines += ["", "## Data", "", "Images per class and split:", ""]

@@ -7,14 +7,14 @@ import csv
 import json
 from pathlib import Path
 
+from featx import config
 from featx.files import replaced_atomically, write_text_atomic
 from featx.reports import html_report
 from featx.reports.evaluation import (
-    SPLITS,
-    _best_and_start,
-    _class_names,
-    _has_matrix,
+    best_and_start,
+    has_matrix,
     misclassified,
+    required_class_names,
 )
 from featx.reports.plots import plot_confusion_matrices, plot_training_curves
 
@@ -40,10 +40,10 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = list(class_names) if class_names else _class_names(metrics)
+    names = list(class_names) if class_names else required_class_names(metrics)
     written = {"metrics.json": out / "metrics.json"}
     write_text_atomic(written["metrics.json"], json.dumps(metrics, indent=2, default=str) + "\n")
-    matrices = {s: metrics[s]["confusion_matrix"] for s in SPLITS if _has_matrix(metrics, s)}
+    matrices = {s: metrics[s]["confusion_matrix"] for s in config.SPLITS if has_matrix(metrics, s)}
     shown = {s: m for s, m in matrices.items() if s != "train"} or matrices
     if shown:
         written["confusion_matrix.png"] = plot_confusion_matrices(
@@ -51,7 +51,7 @@ def write_report(
         )
     if history and any(len(v) for v in history.values()):
         written["training_curves.png"] = plot_training_curves(
-            history, out / "training_curves.png", *_best_and_start(metrics)
+            history, out / "training_curves.png", *best_and_start(metrics)
         )
     if predictions is not None:
         path = out / "misclassified.csv"
