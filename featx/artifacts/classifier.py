@@ -24,7 +24,8 @@ from featx.artifacts.model_dirs import (
     read_export_info,
     read_finetune_info,
 )
-from featx.errors import FeatxError
+from featx.backbone import engines
+from featx.errors import FeatxError, check_int
 from featx.images import decoder, decoding
 
 
@@ -39,26 +40,107 @@ def load_finetune_model(model_dir: str | Path):
         raise FeatxError(f"Could not load '{path}' ({type(e).__name__}: {e}).") from None
 
 
-@dataclass
+@dataclass(repr=False)
 class Classifier:
-    """A loaded MODEL_DIR: (n, size, size, 3) uint8 pixels -> (n, C) probabilities."""
+    """A loaded model folder (fit-head, finetune or export): images in, classes out.
 
-    kind: str  # "head" or "finetune"
+    `featx.load(MODEL_DIR)` makes one; its backbone is loaded once and reused by every call.
+    predict_proba(images) -> (n, k) probabilities in `classes_` order; predict(images) -> the n
+    most probable class names. `images`: a path, a PIL image or an HxWx3 uint8 array, or a
+    list of them. Each is decoded and resized as extraction does: a path gives exactly the
+    probabilities `featx predict` gives for that file."""
+
+    kind: str  # "head", "finetune" or "export"
     class_names: list[str]
     image_size: int
-    engine: str  # what computes the backbone: "keras" or "onnx"
-    meta: dict  # head.json or finetune.json
+    engine: str  # what computes the backbone: "keras", "onnx", ...
+    meta: dict  # head.json, finetune.json or export.json
     _run: object
+    model_dir: str = ""
+    batch_size: int = config.BATCH_SIZE
 
-    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+    @property
+    def classes_(self) -> np.ndarray:
+        return np.asarray(self.class_names)
+
+    def proba_of_pixels(self, batch: np.ndarray) -> np.ndarray:
+        """(n, size, size, 3) uint8 pixels, already decoded and resized -> (n, k) float64."""
         return np.asarray(self._run(batch), np.float64)
 
+    def predict_proba(self, images) -> np.ndarray:
+        pixels = [self._pixels(image) for image in _as_list(images)]
+        k, step = len(self.class_names), self.batch_size
+        out = np.zeros((len(pixels), k))
+        for lo in range(0, len(pixels), step):
+            chunk = pixels[lo : lo + step]
+            out[lo : lo + len(chunk)] = engines.run_padded(self.proba_of_pixels, chunk, step)
+        return out
 
-def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None) -> Classifier:
+    def predict(self, images) -> np.ndarray:
+        return self.classes_[self.predict_proba(images).argmax(axis=1)]
+
+    def _pixels(self, image) -> np.ndarray:
+        size = self.image_size
+        try:
+            if isinstance(image, (str, Path)):
+                return decoder.load_image(image, size)
+            if isinstance(image, np.ndarray):
+                return decoder.from_array(image, size)
+            if hasattr(image, "getbands"):  # a PIL image (PIL is imported by featx.images)
+                return decoder.to_input(image, size)
+        except FileNotFoundError:
+            raise FeatxError(f"Image not found: '{image}'. Check the path.") from None
+        except (OSError, ValueError) as e:
+            what = f"'{image}'" if isinstance(image, (str, Path)) else "the image"
+            raise FeatxError(f"Cannot classify {what}: {e}.") from None
+        raise FeatxError(
+            f"Cannot classify a {type(image).__name__}: pass a path, a PIL image or an HxWx3 "
+            "uint8 array (or a list of them)."
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Classifier({self.model_dir!r}, kind={self.kind!r}, classes={self.class_names!r}, "
+            f"engine={self.engine!r}, image_size={self.image_size})"
+        )
+
+
+def _as_list(images) -> list:
+    """One image alone, or a list or tuple of them (a 4-D array: a batch of arrays)."""
+    if isinstance(images, (str, Path)) or hasattr(images, "getbands"):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return [images] if images.ndim in (2, 3) else list(images)
+    return list(images)
+
+
+def load(
+    model_dir: str | Path,
+    *,
+    engine: str | None = None,
+    batch_size: int = config.BATCH_SIZE,
+    log=None,
+) -> Classifier:
+    """`featx.load(MODEL_DIR)`: a fit-head, finetune or export output folder as a Classifier.
+
+    Args:
+        model_dir: the folder `featx fit-head`, `featx finetune` or `featx export` wrote.
+        engine: what runs a fit-head model's backbone: "keras", "onnx" or "auto" (None:
+            config.ENGINE); finetune and export models run as they were saved.
+        batch_size: images per model call (the last batch is padded: one compile).
+        log: called with one-line notes; default: silent.
+    """
+    check_int("batch_size", batch_size, 1, config.MAX_BATCH_SIZE)
+    classifier = load_classifier(model_dir, engine or config.ENGINE, log)
+    classifier.model_dir, classifier.batch_size = str(model_dir), batch_size
+    return classifier
+
+
+def load_classifier(model_dir: str | Path, engine: str, log=None) -> Classifier:
     """The classifier of a fit-head or finetune output folder.
 
     For a head, the backbone runs on `engine` ("keras", "onnx" or "auto", see
-    extract.make_engine); a finetune model is one Keras model and always runs in Keras.
+    backbone.engines.make_engine); a finetune model is one Keras model and always runs in Keras.
     """
     log = log or (lambda message: None)
     kind = model_kind(model_dir)
@@ -75,7 +157,7 @@ def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None
             ) from None
         runs_on = {"keras": "keras", "savedmodel": "tensorflow"}.get(info["model_format"], "tflite")
         size = int(info["image_size"])
-        return Classifier(kind, list(info["class_names"]), size, runs_on, info, run)
+        return Classifier("export", list(info["class_names"]), size, runs_on, info, run)
     if kind == "finetune":
         info = read_finetune_info(model_dir)
         if engine == "onnx":
@@ -94,7 +176,6 @@ def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None
 
         return Classifier(kind, list(info["class_names"]), size, "keras", info, run)
 
-    from featx.backbone.engines import make_engine
     from featx.backbone.mobilenet import BackboneSpec
     from featx.heads import estimators
 
@@ -104,7 +185,7 @@ def load_classifier(model_dir: str | Path, engine: str = config.ENGINE, log=None
     if fp.get("precision", "fp32") == "int8":
         runner = _int8_runner(engine, fp, model_dir, meta, log)
     else:
-        runner = make_engine(
+        runner = engines.make_engine(
             engine,
             BackboneSpec.from_fingerprint(fp),
             onnx_dir=config.ONNX_DIR,
@@ -183,16 +264,11 @@ def run_batches(
     batches = decoding.prefetch(chunks, lambda i: _load(paths[i], image_size))
     try:
         for chunk, results in batches:
-            batch = np.zeros((size, image_size, image_size, 3), np.uint8)
-            ok = []
-            for i, (pixels, reason) in zip(chunk, results):
-                if reason is None:
-                    batch[len(ok)] = pixels
-                    ok.append(i)
-                else:
-                    errors[i] = reason
+            ok = [i for i, (_, reason) in zip(chunk, results) if reason is None]
+            errors.update((i, reason) for i, (_, reason) in zip(chunk, results) if reason)
             if ok:
-                proba[ok] = np.asarray(predict_proba(batch))[: len(ok)]
+                pixels = [p for p, reason in results if reason is None]
+                proba[ok] = engines.run_padded(predict_proba, pixels, size)
             done += len(chunk)
             if progress is not None:
                 progress(done, n, done / max(time.perf_counter() - t0, 1e-9))

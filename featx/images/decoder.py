@@ -142,6 +142,41 @@ def decode_image(
         raise ValueError(f"corrupt or truncated image ({fmt}): {reason}") from None
 
 
+def to_input(img: Image.Image, image_size: int = config.IMAGE_SIZE,
+             max_pixels: int = config.MAX_IMAGE_PIXELS) -> np.ndarray:  # fmt: skip
+    """An image already decoded (a caller's PIL image) as `decode_image` makes one: EXIF orientation
+    applied, RGB (alpha on white), resized to (image_size, image_size). The image is not changed.
+
+    A file featx opens itself may be decoded at reduced scale (JPEG DCT scaling) before the
+    resize; an image already decoded is resized from its full pixels, so a JPEG given as a PIL
+    image can differ from the same file given as a path by a few grey levels."""
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ValueError(
+            f"too many pixels (decompression-bomb guard): {width}x{height} > {max_pixels}"
+        )
+    img = _to_rgb(ImageOps.exif_transpose(img))  # both return new images: the caller's stays
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def from_array(array: np.ndarray, image_size: int = config.IMAGE_SIZE) -> np.ndarray:
+    """An HxWx3 (RGB), HxWx4 (RGBA) or HxW (grey) uint8 array as the backbone's input; one of
+    exactly (image_size, image_size, 3) is used as it is."""
+    a = np.asarray(array)
+    if a.dtype != np.uint8:
+        raise ValueError(
+            f"an image array must hold uint8 pixels (0-255), got {a.dtype}; convert it with "
+            "np.clip(a, 0, 255).astype(np.uint8)"
+        )
+    if a.shape == (image_size, image_size, 3):
+        return a
+    if a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4)):
+        return to_input(Image.fromarray(np.ascontiguousarray(a)), image_size)
+    raise ValueError(f"an image array must be HxW, HxWx3 or HxWx4, got shape {a.shape}")
+
+
 def load_for_cache(path: str | Path, image_size: int, old_sha: str | None = None) -> tuple:
     """Read and decode one file for the cache, never raising for a bad one: ("ok", sha256,
     pixels), ("same", sha256, None) when its content hash is `old_sha` (unchanged: no decoding),
