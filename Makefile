@@ -11,7 +11,7 @@ KERAS_MODELS := $(HOME)/.keras/models
 WEIGHTS_SRC := ../shared/weights/mobilenet_v2_1.0_224_no_top.RECONSTRUCTED_from_slim_npy.h5
 WEIGHTS_DST := $(KERAS_MODELS)/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
 
-.PHONY: install weights demo test test-fast lint format bench bench-finetune clean
+.PHONY: install weights demo test test-fast lint format docs bench bench-finetune clean
 
 install: $(VENV)/.installed weights
 
@@ -50,6 +50,10 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix featx tests bench
 	$(BIN)/ruff format featx tests bench
+
+# docs/cli.md is generated from `featx --help`; tests/test_docs.py fails when it is out of date.
+docs: install
+	$(BIN)/python tests/test_docs.py --write
 
 bench: install $(DATA)
 	$(BIN)/python bench/cores.py --data $(DATA)

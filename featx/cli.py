@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from functools import wraps
 
 import click
@@ -67,39 +66,6 @@ def cli(verbose):
     quiet.configure(verbose)
 
 
-class Progress:
-    """A click progress bar that shows images/s; the library calls it with (done, total).
-
-    When stderr is not a terminal (CI logs, pipes) it prints one line every LOG_EVERY seconds and
-    one at the end instead of a line per batch."""
-
-    LOG_EVERY = 10.0
-
-    def __init__(self, label: str, enabled: bool):
-        self.label, self.enabled, self.bar = label, enabled, None
-        self.last_line = time.monotonic()
-
-    def __call__(self, done: int, total: int, rate: float) -> None:
-        if not self.enabled:
-            return
-        if not sys.stderr.isatty():
-            if done >= total or time.monotonic() - self.last_line >= self.LOG_EVERY:
-                click.echo(f"{self.label} {done}/{total}, {rate:.1f} images/s", err=True)
-                self.last_line = time.monotonic()
-            return
-        if self.bar is None:
-            self.bar = click.progressbar(
-                length=total, label=self.label, file=sys.stderr, show_pos=True, width=30
-            )
-            self.bar.__enter__()
-        self.bar.label = f"{self.label} {rate:6.1f} images/s"
-        self.bar.update(done - self.bar.pos)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-
-
 def shown(flag: str, default, help: str | None = None, **kwargs):
     """A click option whose default (from config) is shown in --help."""
     return click.option(flag, default=default, show_default=True, help=help, **kwargs)
@@ -121,13 +87,9 @@ def echo_err(message: str) -> None:
     click.echo(message, err=True)
 
 
-def with_progress(label: str, as_json: bool, run, *args, **kwargs):
+def with_progress(as_json: bool, run, *args, **kwargs):
     """run(*args, progress=..., log=..., **kwargs) with a progress bar unless --json."""
-    progress = Progress(label, enabled=not as_json)
-    try:
-        return run(*args, progress=progress, log=echo_err, **kwargs)
-    finally:
-        progress.close()
+    return run(*args, progress=not as_json, log=echo_err, **kwargs)
 
 
 @cli.command()
@@ -235,18 +197,8 @@ def extract(data_dir, cache_path, as_json, **options):
     """
     from featx.commands.extract import extract as run_extract
 
-    summary = with_progress("extracting", as_json, run_extract, data_dir, cache_path, **options)
+    summary = with_progress(as_json, run_extract, data_dir, cache_path, **options)
     show(summary, as_json, format_extract_summary)
-    warn_leakage(summary["cache"])
-
-
-def warn_leakage(cache_path) -> None:
-    """One line on stderr when `featx audit` would find leakage or cross-label copies."""
-    from featx.quality.duplicates import leakage_line
-
-    line = leakage_line(cache_path)
-    if line:
-        click.echo(f"warning: {line}", err=True)
 
 
 def format_counts(counts: dict, unit: str = " images") -> list[str]:
@@ -381,7 +333,7 @@ def finetune(cache_path, head_dir, output, as_json, **options):
     from featx.commands.finetune import finetune as run_finetune
     from featx.reports.evaluation import format_summary
 
-    m = run_finetune(cache_path, head_dir, output, log=echo_err, **options)
+    m = run_finetune(cache_path, head_dir, output, progress=not as_json, log=echo_err, **options)
     if as_json:
         print_json(m)
     else:
@@ -438,8 +390,6 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
 
     m = run_fit_head(cache_path, log=echo_err, **options)
     show(m, as_json, format_summary)
-    if not options["exclude_duplicates"]:
-        warn_leakage(cache_path)
     accuracy = m["validation"]["accuracy"]
     if min_accuracy is not None and accuracy < min_accuracy:
         raise click.ClickException(
@@ -481,6 +431,7 @@ def audit(cache_path, output, threshold, data_dir, seed, as_json):
         threshold=threshold,
         data_dir=data_dir,
         seed=seed,
+        progress=not as_json,
         log=echo_err,
     )
     show(result, as_json, format_summary)
@@ -516,7 +467,7 @@ def predict(model_dir, paths, as_json, **options):
     from featx.commands.predict import format_summary, format_table
     from featx.commands.predict import predict as run_predict
 
-    result = with_progress("predicting", as_json, run_predict, model_dir, paths, **options)
+    result = with_progress(as_json, run_predict, model_dir, paths, **options)
     if as_json:
         print_json(result)
         return
@@ -561,7 +512,7 @@ def export(model_dir, model_format, quantize, output, cache_path, as_json):
     from featx.commands.export import format_summary
 
     args = (model_dir, model_format, quantize, output, cache_path)
-    result = with_progress("evaluating", as_json, run_export, *args)
+    result = with_progress(as_json, run_export, *args)
     show(result, as_json, format_summary)
 
 

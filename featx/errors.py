@@ -43,3 +43,42 @@ def check_fraction(name: str, value, *, closed: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not (0.0 <= value < 1.0 or (closed and value == 1.0)):
         raise FeatxError(f"{name} must be in [0, {'1]' if closed else '1)'}, got {value!r}.")
+
+
+class Messages:
+    """Where a library call's one-line messages go: `log(message)`.
+
+    With no `log` (a call from Python), a "warning: ..." line is issued as a FeatxWarning and
+    everything else goes to `logging.getLogger("featx")` at INFO: featx itself prints nothing.
+    With a `log` callable (the CLI's), every line goes to it, as it is. Either way the warnings
+    are kept in `.warnings`, for the result a command returns."""
+
+    PREFIX = "warning: "
+
+    def __init__(self, log=None):
+        self.log = log.log if isinstance(log, Messages) else log
+        self.warnings: list[str] = []
+
+    def warning(self, text: str, summary_shows: bool = False) -> None:
+        """A data problem; `summary_shows`: the CLI's summary already says it, so its `log` is
+        not given the line again (Python callers still get the FeatxWarning)."""
+        if summary_shows and self.log is not None:
+            self.warnings.append(text)
+        else:
+            self(self.PREFIX + text)
+
+    def __call__(self, message: str) -> None:
+        if message.startswith(self.PREFIX):
+            text = message[len(self.PREFIX) :]
+            self.warnings.append(text)
+            if self.log is None:
+                import warnings
+
+                warnings.warn(text, FeatxWarning, stacklevel=3)
+                return
+        if self.log is not None:
+            self.log(message)
+        else:
+            import logging
+
+            logging.getLogger("featx").info(message)

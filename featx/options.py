@@ -143,14 +143,15 @@ class PredictOptions:
 
     top_k: int = config.PREDICT_TOP_K
     batch_size: int = config.BATCH_SIZE
-    engine: str = config.ENGINE
+    engine: str | None = None  # None: config.ENGINE when the run starts (see load_classifier)
     min_confidence: float | None = None
     output: str | None = None
 
     def __post_init__(self):
         check_int("top_k", self.top_k, 1)
         check_int("batch_size", self.batch_size, 1, config.MAX_BATCH_SIZE)
-        check_choice("engine", self.engine, config.ENGINES)
+        if self.engine is not None:
+            check_choice("engine", self.engine, config.ENGINES)
         if self.min_confidence is not None:
             ok = isinstance(self.min_confidence, (int, float)) and 0 <= self.min_confidence <= 1
             if not ok:

@@ -2,6 +2,7 @@
 the CLI's options and defaults, and `featx.load(MODEL_DIR)` classifies images an application
 already holds exactly as `featx predict` classifies files."""
 
+import html
 import importlib
 import inspect
 import json
@@ -19,6 +20,7 @@ from featx.errors import FeatxError
 from featx.options import ExtractOptions, FinetuneOptions
 
 COMMANDS = ("extract", "merge", "info", "fit_head", "finetune", "predict", "export", "audit")
+TINY_KERAS = dict(weights="none", alpha=0.35, image_size=32, engine="keras", batch_size=8)
 HEAVY = ("tensorflow", "keras", "h5py", "sklearn", "scipy", "onnxruntime", "jax", "torch")
 
 
@@ -133,3 +135,82 @@ def test_the_classifier_says_what_it_is(tiny_model, classifier):
     assert list(classifier.classes_) == tiny_model.metrics["class_names"]
     with pytest.raises(FeatxError, match="batch_size must be"):
         featx.load(tiny_model.logreg, batch_size=0)
+
+
+# --- warnings, logging, progress and display ------------------------------------------------------
+
+
+def leaky_data(root):
+    """train/validation folders where one validation photo is a byte copy of a train photo."""
+    from helpers import write_split_data
+
+    data = write_split_data(root, train=6, validation=3)
+    source = data / "train" / "cats" / "cats00.jpg"
+    (data / "validation" / "cats" / "copy-of-cats00.jpg").write_bytes(source.read_bytes())
+    return data
+
+
+def test_a_copy_across_the_splits_is_a_featx_warning_and_in_the_result(tmp_path):
+    data = leaky_data(tmp_path / "data")
+    with pytest.warns(featx.FeatxWarning, match="in both train and validation"):
+        summary = featx.extract(data, tmp_path / "c.h5", progress=False, **TINY_KERAS)
+    assert any("in both train and validation" in w for w in summary["warnings"])
+    with pytest.warns(featx.FeatxWarning, match="in both train and validation"):
+        metrics = featx.fit_head(tmp_path / "c.h5", output=tmp_path / "head", C=1.0)
+    assert any("in both train and validation" in w for w in metrics["warnings"])
+    written = json.loads((tmp_path / "head" / "metrics.json").read_text())
+    assert written["warnings"] == metrics["warnings"]
+
+
+def test_messages_go_to_logging_and_warnings_or_to_the_callers_log(caplog):
+    from featx.errors import Messages
+
+    quiet = Messages()
+    with caplog.at_level("INFO", logger="featx"):
+        quiet("note: something worth knowing")
+    assert caplog.records[-1].getMessage() == "note: something worth knowing"
+    with pytest.warns(featx.FeatxWarning, match="^a data problem$"):
+        quiet("warning: a data problem")
+    assert quiet.warnings == ["a data problem"]
+    lines = []
+    cli_like = Messages(lines.append)
+    cli_like("warning: shown once")
+    cli_like.warning("the summary says it", summary_shows=True)
+    assert lines == ["warning: shown once"]
+    assert cli_like.warnings == ["shown once", "the summary says it"]
+
+
+def test_progress_true_false_and_a_function(tmp_path, capsys):
+    from helpers import write_split_data
+
+    data = write_split_data(tmp_path / "data", train=4, validation=2)
+    calls = []
+    featx.extract(data, tmp_path / "a.h5", progress=lambda *a: calls.append(a), **TINY_KERAS)
+    assert calls and calls[-1][:2] == (12, 12) and calls[-1][2] > 0
+    capsys.readouterr()
+    featx.extract(data, tmp_path / "b.h5", progress=False, **TINY_KERAS)
+    assert "extracting" not in capsys.readouterr().err
+    featx.extract(data, tmp_path / "c.h5", **TINY_KERAS)  # the default: a bar (here: a line)
+    err = capsys.readouterr().err
+    assert "extracting 12/12, " in err and "images/s" in err
+    with pytest.raises(FeatxError, match="progress must be True, False or a function"):
+        featx.extract(data, tmp_path / "d.h5", progress="yes", **TINY_KERAS)
+
+
+def test_results_are_dicts_that_show_themselves_in_a_notebook(tiny_model, tmp_path):
+    summary = featx.extract(tiny_model.data, tmp_path / "c.h5", progress=False, **TINY_KERAS)
+    assert isinstance(summary, dict) and json.loads(json.dumps(summary))["images"] == 28
+    page = summary._repr_html_()
+    assert "<table>" in page and "validation" in page and "extracted 28" in page
+    metrics = featx.fit_head(tmp_path / "c.h5", output=tmp_path / "head", C=1.0)
+    page = metrics._repr_html_()
+    assert "balanced accuracy" in page and "predicted cats" in page and "true dogs" in page
+    assert f"{metrics['validation']['accuracy']:.4f}" in page
+    for w in metrics["warnings"]:
+        assert html.escape(w) in page
+    result = featx.predict(tmp_path / "head", [str(tiny_model.data / "validation")], progress=False)
+    assert "predicted" in result._repr_html_() and len(result["rows"]) == 8
+    import pickle
+
+    again = pickle.loads(pickle.dumps(metrics))
+    assert again == metrics and again._repr_html_() == page

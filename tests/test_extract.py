@@ -314,10 +314,10 @@ def test_kill_9_mid_run_leaves_a_usable_cache_and_resume_matches_a_clean_run(tmp
 
 
 def test_cli_extract_and_info(flat, tmp_path, monkeypatch):
-    from featx import cli as cli_module
+    from featx.reports import progress
 
     # A loaded machine can take 10 s for the first batch; the test is about the batches after it.
-    monkeypatch.setattr(cli_module.Progress, "LOG_EVERY", 3600.0)
+    monkeypatch.setattr(progress, "LOG_EVERY", 3600.0)
     runner = CliRunner()
     cache_path = tmp_path / "c.h5"
     args = ["--weights", "none", "--alpha", "0.35", "--image-size", "32", "--batch-size", "8"]

@@ -47,7 +47,16 @@ SPLIT_KEYS = {
     "per_class",
     "confusion_matrix",
 }
-TOP_KEYS = {"fit_seconds", "head", "options", "fitted", "cache", "class_names", "output"}
+TOP_KEYS = {
+    "fit_seconds",
+    "head",
+    "options",
+    "fitted",
+    "cache",
+    "class_names",
+    "output",
+    "warnings",
+}
 DENSE = {"epochs": 10, "learning_rate": 0.05}  # 80 images are one batch: few, larger steps
 
 

@@ -25,7 +25,7 @@ from featx.artifacts.model_dirs import (
     read_finetune_info,
 )
 from featx.backbone import engines
-from featx.errors import FeatxError, check_int
+from featx.errors import FeatxError, Messages, check_int
 from featx.images import decoder, decoding
 
 
@@ -126,21 +126,24 @@ def load(
     Args:
         model_dir: the folder `featx fit-head`, `featx finetune` or `featx export` wrote.
         engine: what runs a fit-head model's backbone: "keras", "onnx" or "auto" (None:
-            config.ENGINE); finetune and export models run as they were saved.
+            config.ENGINE; "auto" for a head fitted on INT8 features); finetune and export
+            models run as they were saved.
         batch_size: images per model call (the last batch is padded: one compile).
-        log: called with one-line notes; default: silent.
+        log: called with one-line notes; default: logging.getLogger("featx").
     """
     check_int("batch_size", batch_size, 1, config.MAX_BATCH_SIZE)
-    classifier = load_classifier(model_dir, engine or config.ENGINE, log)
+    classifier = load_classifier(model_dir, engine, Messages(log))
     classifier.model_dir, classifier.batch_size = str(model_dir), batch_size
     return classifier
 
 
-def load_classifier(model_dir: str | Path, engine: str, log=None) -> Classifier:
-    """The classifier of a fit-head or finetune output folder.
+def load_classifier(model_dir: str | Path, engine: str | None, log=None) -> Classifier:
+    """The classifier of a fit-head, finetune or export output folder.
 
     For a head, the backbone runs on `engine` ("keras", "onnx" or "auto", see
-    backbone.engines.make_engine); a finetune model is one Keras model and always runs in Keras.
+    backbone.engines.make_engine; None: config.ENGINE, except for a head fitted on INT8 features,
+    which only ONNX Runtime computes: "auto" then); a finetune model is one Keras model and
+    always runs in Keras; an export runs as exported.
     """
     log = log or (lambda message: None)
     kind = model_kind(model_dir)
@@ -183,10 +186,10 @@ def load_classifier(model_dir: str | Path, engine: str, log=None) -> Classifier:
     fp = meta.get("fingerprint") or {}
     check_backbone(fp, f"The head in '{model_dir}'")
     if fp.get("precision", "fp32") == "int8":
-        runner = _int8_runner(engine, fp, model_dir, meta, log)
+        runner = _int8_runner(engine or "auto", fp, model_dir, meta, log)
     else:
         runner = engines.make_engine(
-            engine,
+            engine or config.ENGINE,
             BackboneSpec.from_fingerprint(fp),
             onnx_dir=config.ONNX_DIR,
             log=log,

@@ -93,6 +93,23 @@ class ImageBatches(keras.utils.PyDataset):
             self._order = self._new_order()
 
 
+class BatchProgress(keras.callbacks.Callback):
+    """Calls progress(done, total, rate) after each training batch, over every epoch asked for
+    (early stopping ends it sooner)."""
+
+    def __init__(self, progress, epochs: int, steps: int):
+        super().__init__()
+        self.progress, self.total, self.steps = progress, epochs * steps, steps
+        self.epoch, self.t0 = 0, time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = self.epoch * self.steps + batch + 1
+        self.progress(done, self.total, done / max(time.perf_counter() - self.t0, 1e-9))
+
+
 class _EpochLog(keras.callbacks.Callback):
     """One line per epoch through `log`; keeps the history of finished epochs (also on Ctrl-C)."""
 

@@ -40,9 +40,11 @@ import numpy as np
 
 from featx import config
 from featx.cache import store
-from featx.errors import FeatxError
+from featx.errors import FeatxError, Messages
 from featx.files import replaced_atomically, write_text_atomic
 from featx.quality.duplicates import find_duplicates, leaking_train_rows
+from featx.reports.display import Result
+from featx.reports.progress import reporter
 
 KEYS = ("duplicates", "label_issues", "outliers", "class_counts")
 
@@ -202,6 +204,7 @@ def audit(
     data_dir: str | Path | None = None,
     seed: int = config.SEED,
     sheets: bool = True,
+    progress=True,
     log=None,
 ) -> dict:
     """Audit a feature cache; write audit.json, CSV files and contact sheets to `output`.
@@ -213,11 +216,14 @@ def audit(
         data_dir: where the images are now, for the contact sheets; default the cache's data_dir.
         seed: seeds the cross-validation folds of the label-issue search.
         sheets: draw the contact sheets (the only part that reads images).
-        log: called with one-line notes; default: silent.
+        progress: True: a progress bar over the audit's steps (tqdm); False: none; a function:
+            called as progress(done, total, steps_per_second).
+        log: called with one-line notes; default: logging.getLogger("featx"), and warnings as
+            featx.FeatxWarning.
     Returns:
         audit.json's content (the keys in KEYS) plus "summary": counts, hints, seconds, files.
     """
-    log = log or (lambda message: None)
+    log = Messages(log)
     if not 0.0 < float(threshold) <= 1.0:
         raise FeatxError(
             f"threshold must be a cosine similarity in (0, 1], got {threshold}. The default, "
@@ -226,15 +232,17 @@ def audit(
     t0 = time.perf_counter()
     cache = store.read_cache(cache_path)
     check_cache(cache, cache_path)
-    paths = cache.paths
     seconds = {}
 
+    bar = reporter(progress, "auditing", unit="steps")  # duplicates, label issues, files
     t = time.perf_counter()
     groups, nearest = find_duplicates(cache, threshold, neighbors=config.AUDIT_NEIGHBORS)
     seconds["duplicates_and_neighbours"] = time.perf_counter() - t
+    bar(1, 3)
     t = time.perf_counter()
     issues, issues_note = find_label_issues(cache, seed)
     seconds["label_issues"] = time.perf_counter() - t
+    bar(2, 3)
     if issues_note:
         log(f"note: {issues_note}.")
     outliers = find_outliers(nearest)
@@ -245,11 +253,29 @@ def audit(
     t = time.perf_counter()
     files, missing = _write_all(out, report, cache, data_dir if sheets else False, log)
     seconds["files"] = time.perf_counter() - t
+    bar(3, 3)
+    bar.close()
     seconds["total"] = time.perf_counter() - t0
+    summary = _summary(cache, cache_path, threshold, groups, (issues, outliers))
+    summary.update(
+        {
+            "hints": [h for h in (hint, issues_note) if h],
+            "unreadable_images": len(missing),
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "output": str(out),
+            "files": [p.name for p in files],
+        }
+    )
+    return Result({**report, "summary": summary}, "audit")
+
+
+def _summary(cache, cache_path, threshold, groups, found) -> dict:
+    """The counts of audit's summary."""
+    issues, outliers = found
     leaking = leaking_train_rows(cache, groups=groups)
-    summary = {
+    return {
         "cache": str(cache_path),
-        "images": len(paths),
+        "images": len(cache.paths),
         "classes": len(cache.class_names),
         "threshold": float(threshold),
         "exact_groups": sum(g.kind == "exact" for g in groups),
@@ -260,13 +286,7 @@ def audit(
         "train_images": int((cache.splits == "train").sum()),
         "label_issues": len(issues),
         "outliers": len(outliers),
-        "hints": [h for h in (hint, issues_note) if h],
-        "unreadable_images": len(missing),
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "output": str(out),
-        "files": [p.name for p in files],
     }
-    return {**report, "summary": summary}
 
 
 def _report(cache: store.Cache, groups, issues, outliers) -> dict:

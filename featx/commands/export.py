@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,12 @@ from featx.artifacts.model_dirs import check_backbone, model_kind, read_finetune
 from featx.backbone import mobilenet
 from featx.cache import store
 from featx.config import VERSION
-from featx.errors import FeatxError
+from featx.errors import FeatxError, Messages
 from featx.files import replaced_atomically, save_keras_atomic, temporary_path, write_text_atomic
 from featx.images import decoder
 from featx.options import ExportOptions
 from featx.reports import model_card
+from featx.reports.progress import reporter
 
 MODEL_FILES = model_dirs.EXPORT_MODEL_FILES
 LABELS_FILE = model_dirs.LABELS_FILE
@@ -259,7 +261,7 @@ def export(
     *,
     check_images: int = config.EXPORT_CHECK_IMAGES,
     batch_size: int = config.BATCH_SIZE,
-    progress=None,
+    progress=True,
     log=None,
 ) -> dict:
     """Export a fit-head or finetune output as one model: raw pixels -> class probabilities.
@@ -277,13 +279,15 @@ def export(
             it, the check uses the validation images of the cache recorded with the model when
             it is still there, else random pixels.
         check_images: how many images the exported and in-process models are compared on.
-        batch_size, progress: of the evaluation on the cache's validation split.
-        log: called with one-line notes; default: silent.
+        batch_size, progress: of the evaluation on the cache's validation split (progress: True
+            a bar, False none, a function called as (done, total, images_per_second)).
+        log: called with one-line notes; default: logging.getLogger("featx"), and warnings as
+            featx.FeatxWarning.
     Returns:
         The content of export.json plus "output", "model" (its path) and "seconds".
     """
     t0 = time.perf_counter()
-    log = log or (lambda message: None)
+    log = Messages(log)
     opts = ExportOptions(
         format=format, quantize=quantize, check_images=check_images, batch_size=batch_size
     )
@@ -314,7 +318,8 @@ def export(
     validation = None
     if val_paths is not None:
         log(f"evaluating the exported model on {len(val_paths)} validation images ...")
-        validation = _evaluate(run, val_paths, val_labels, described, opts, progress)
+        with closing(reporter(progress, "evaluating")) as bar:
+            validation = _evaluate(run, val_paths, val_labels, described, opts, bar)
         validation["reference_accuracy"] = _reference_accuracy(model_dir)
     info = _record(
         out, path, model_dir, described, opts, {"check": check, "validation": validation}

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import os
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +27,12 @@ import numpy as np
 from featx import config
 from featx.backbone import engines, mobilenet
 from featx.cache import parts, ray_executor, store, stream
-from featx.errors import FeatxError
+from featx.errors import FeatxError, Messages
 from featx.images import decoding, finder, shards
 from featx.options import ExtractOptions, build_options, takes_options
+from featx.quality import duplicates
+from featx.reports.display import Result
+from featx.reports.progress import reporter
 
 
 @dataclass
@@ -81,7 +85,7 @@ def extract(
     data_dir: str | Path,
     cache_path: str | Path | None = None,
     *,
-    progress=None,
+    progress=True,
     log=None,
     **options,
 ) -> dict:
@@ -114,13 +118,15 @@ def extract(
             whose actors write the cache's parts; the cache and its resume are a local run's.
         ray_address, gpus_per_worker: the Ray cluster ("auto", "ray://host:10001"; None: a
             local Ray) and the GPUs reserved per actor (0: CPU only; 0.5: two per GPU).
-        progress: called as progress(done, total, images_per_second) after each batch.
-        log: called with one-line messages (warnings, notes); default: silent.
+        progress: True: a progress bar (tqdm: a widget in Jupyter); False: none; a function:
+            called as progress(done, total, images_per_second) after each batch.
+        log: called with one-line messages (warnings, notes); default: logging.getLogger(
+            "featx"), and warnings as featx.FeatxWarning (also listed in the result).
     Returns:
         A summary dict (counts per split and class, work done, rejected files, timings).
     """
     t0 = time.perf_counter()
-    log = log or (lambda message: None)
+    log = Messages(log)
     opts = build_options(ExtractOptions, options)  # every option checked, before any work
     _start(opts)
     root = Path(data_dir)
@@ -128,15 +134,27 @@ def extract(
     listing = shards.restrict(finder.find_images(root), opts.shard_numbers)
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
-    with store.writer_lock(cache_path):
-        job, plan, splits, timing = _locked(root, cache_path, listing, opts, progress, log)
+    with store.writer_lock(cache_path), closing(reporter(progress, "extracting")) as bar:
+        job, plan, splits, timing = _locked(root, cache_path, listing, opts, bar, log)
     summary = _summary(job, cache_path, listing, plan, splits)
     _warn_empty_splits(summary["counts"], log)
+    if summary["rejected"]:
+        n = len(summary["rejected"])
+        first = summary["rejected"][0]
+        log.warning(
+            f"{n} file{'s' if n > 1 else ''} could not be used (e.g. {first['path']}: "
+            f"{first['reason']}); see the summary's 'rejected' list",
+            summary_shows=True,
+        )
+    leaking = duplicates.leakage_line(cache_path)
+    if leaking:
+        log.warning(leaking)
+    summary["warnings"] = log.warnings
     seconds = time.perf_counter() - t0
     extracted = summary["extracted"]
     summary["seconds"] = round(seconds, 3)
     summary["images_per_second"] = round(extracted / seconds, 2) if extracted else 0.0
-    return {**summary, **timing}
+    return Result({**summary, **timing}, "extract")
 
 
 def _start(opts: ExtractOptions) -> None:

@@ -26,11 +26,13 @@ from featx import config
 from featx.artifacts import model_dirs, outputs
 from featx.backbone import mobilenet
 from featx.cache import store
-from featx.errors import FeatxError
+from featx.errors import FeatxError, Messages
 from featx.files import save_keras_atomic, write_text_atomic
 from featx.images import decoding, finder
 from featx.options import FinetuneOptions, build_options, takes_options
 from featx.reports import evaluation, report_folder
+from featx.reports.display import Result
+from featx.reports.progress import reporter
 
 if TYPE_CHECKING:
     from featx.backbone.finetune_keras import ImageBatches
@@ -254,6 +256,7 @@ def finetune(
     output: str | Path | None = None,
     *,
     data_dir: str | Path | None = None,
+    progress=True,
     log=None,
     **options,
 ) -> dict:
@@ -274,13 +277,15 @@ def finetune(
         dropout: dropout rate in front of the head.
         reduce_lr_on_plateau: divide the learning rate by 5 when the validation loss stalls.
         data_dir: where the images are now, if they moved since extraction.
-        log: called with one-line progress messages; default: silent.
+        progress: True: a progress bar over the training batches (tqdm); False: none; a
+            function: called as progress(done, total, batches_per_second).
+        log: called with one-line progress messages; default: logging.getLogger("featx").
     Returns:
         The metrics written to metrics.json: one object per split for the final model, "before"
         with the warm-started model's, plus epochs, timings and options.
     """
     t_start = time.perf_counter()
-    log = log or (lambda message: None)
+    log = Messages(log)
     opts = build_options(FinetuneOptions, options)  # every option checked, before any work
     job, head = _prepare(cache_path, head_dir, output, data_dir, opts, log)
     log(f"evaluating the warm-started model on {', '.join(job.rows)} ...")
@@ -291,7 +296,7 @@ def finetune(
         + (f" (stage-2 head: {head_accuracy:.4f})" if head_accuracy is not None else "")
     )
     info = _start_record(job)
-    trained = _train(job, before_preds["validation"], log)
+    trained = _train(job, before_preds["validation"], log, progress)
     after, after_preds, best_epoch = _keep_best(job, trained, before, before_preds, log)
     metrics = {
         **after,
@@ -305,7 +310,7 @@ def finetune(
         "history": {k: [round(v, 6) for v in vs] for k, vs in trained["history"].items()},
         "seconds": round(time.perf_counter() - t_start, 3),
     }
-    return _record(job, info, metrics, after_preds, trained, log)
+    return Result(_record(job, info, metrics, after_preds, trained, log), "metrics")
 
 
 def _prepare(cache_path, head_dir, output, data_dir, opts: FinetuneOptions, log):
@@ -380,12 +385,12 @@ def _start_record(job: _Job) -> dict:
     return info
 
 
-def _train(job: _Job, warm_validation: tuple, log) -> dict:
+def _train(job: _Job, warm_validation: tuple, log, progress=False) -> dict:
     """Train with early stopping; `keep` checkpoints the best epoch. Ctrl-C ends training and
     keeps the best weights so far."""
     import keras
 
-    from featx.backbone.finetune_keras import ImageBatches, _EpochLog, _KeepBest
+    from featx.backbone.finetune_keras import BatchProgress, ImageBatches, _EpochLog, _KeepBest
 
     opts = job.opts
     y_val, proba_val, _ = warm_validation
@@ -414,6 +419,8 @@ def _train(job: _Job, warm_validation: tuple, log) -> dict:
         shuffle=True, drop_remainder=True, seed=opts.seed,
     )  # fmt: skip
     interrupted, t_fit = False, time.perf_counter()
+    bar = reporter(progress, "fine-tuning", unit="batches")
+    callbacks.append(BatchProgress(bar, opts.epochs, len(train)))
     if opts.epochs:
         try:
             job.model.fit(
@@ -427,6 +434,8 @@ def _train(job: _Job, warm_validation: tuple, log) -> dict:
         except KeyboardInterrupt:
             interrupted = True
             log("interrupted: keeping the best weights so far")
+        finally:
+            bar.close()
     return {
         "keep": keep,
         "warm_weights": warm_weights,

@@ -17,9 +17,11 @@ import numpy as np
 from featx import config
 from featx.artifacts import outputs
 from featx.cache import store
-from featx.errors import FeatxError
+from featx.errors import FeatxError, Messages
 from featx.heads import estimators
+from featx.quality import duplicates
 from featx.reports import evaluation, report_folder
+from featx.reports.display import Result
 
 
 def default_output_dir(cache_path: str | Path, head: str) -> Path:
@@ -89,11 +91,12 @@ def fit_head(
         seed: the same seed gives the same head and the same metrics.
         exclude_duplicates: leave out train images that are exact or near copies of validation
             or test images (see commands.audit); metrics.json lists them as "excluded_duplicates".
-        log: called with one-line messages (notes, warnings); default: silent.
+        log: called with one-line messages (notes, warnings); default: logging.getLogger(
+            "featx"), and warnings as featx.FeatxWarning (also in metrics.json's "warnings").
     Returns:
         The metrics written to metrics.json (see featx.reports.evaluation for the keys).
     """
-    log = log or (lambda message: None)
+    log = Messages(log)
     dense = {"epochs": epochs, "learning_rate": learning_rate, "dropout": dropout, "hidden": hidden}
     options = _head_options(head, C, scaling, dense, {"class_weight": class_weight, "seed": seed})
     _note_ignored(head, dense, C, log)
@@ -127,8 +130,26 @@ def fit_head(
     )
     if excluded is not None:
         metrics["excluded_duplicates"] = excluded
+    found = _warnings(cache_path, metrics, exclude_duplicates)
+    metrics["warnings"] = log.warnings + [text for text, _ in found]
     _record(estimator, cache, cache_path, out, (metrics, predictions), log)
-    return metrics
+    for text, summary_shows in found:  # after the files: an error that stops them comes alone
+        log.warning(text, summary_shows=summary_shows)
+    return Result(metrics, "metrics")
+
+
+def _warnings(cache_path, metrics: dict, exclude_duplicates: bool) -> list[tuple[str, bool]]:
+    """The data problems found once the head is evaluated, for metrics.json's "warnings": near
+    copies across the splits (unless excluded) and uneven classes, each with whether the CLI's
+    summary already shows it."""
+    found = []
+    leaking = None if exclude_duplicates else duplicates.leakage_line(cache_path)
+    if leaking:
+        found.append((leaking, False))
+    hint = evaluation.imbalance_hint(metrics)
+    if hint:
+        found.append((hint.removeprefix("hint: "), True))
+    return found
 
 
 def _head_options(head: str, C, scaling, dense: dict, common: dict) -> dict:
@@ -165,9 +186,7 @@ def _load(cache_path, exclude_duplicates: bool, log):
     check_cache(cache, cache_path)
     excluded = None
     if exclude_duplicates:
-        from featx.quality.duplicates import exclude_leaking
-
-        cache, excluded = exclude_leaking(cache)
+        cache, excluded = duplicates.exclude_leaking(cache)
         log(f"excluded {len(excluded)} train copies of validation or test images.")
         check_cache(cache, cache_path)
     for name, n in cache.counts().get("validation", {}).items():

@@ -16,7 +16,7 @@ import numpy as np
 
 from featx.backbone import mobilenet
 from featx.cache import store
-from featx.errors import FeatxError
+from featx.errors import FeatxError, Messages
 from featx.images import finder
 from featx.images.shards import parse as parse_shard
 
@@ -38,11 +38,11 @@ def merge(
         caches: caches written by `featx extract --shard K/N`, one per K in 0..N-1.
         copy: copy the features into output's own part files (default: refer to the shards').
         overwrite: replace an existing featx cache at `output`.
-        log: called with one-line messages; default: silent.
+        log: called with one-line messages; default: logging.getLogger("featx").
     Returns:
         A summary: the output path, shards, images per split, rejected files, whether copied.
     """
-    log = log or (lambda message: None)
+    log = Messages(log)
     out = Path(output)
     paths = [Path(p) for p in caches]
     if not paths:

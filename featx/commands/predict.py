@@ -17,6 +17,7 @@ import io
 import json
 import os
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,12 @@ import numpy as np
 
 from featx import config
 from featx.artifacts.classifier import load_classifier, run_batches
-from featx.errors import FeatxError
+from featx.errors import FeatxError, Messages
 from featx.files import write_text_atomic
 from featx.images import finder
 from featx.options import PredictOptions
+from featx.reports.display import Result
+from featx.reports.progress import reporter
 
 # --- which files ---------------------------------------------------------------------------------
 
@@ -113,9 +116,9 @@ def predict(
     output: str | Path | None = None,
     top_k: int = config.PREDICT_TOP_K,
     batch_size: int = config.BATCH_SIZE,
-    engine: str = config.ENGINE,
+    engine: str | None = None,
     min_confidence: float | None = None,
-    progress=None,
+    progress=True,
     log=None,
 ) -> dict:
     """Classify image files with a fit-head, finetune or export output folder.
@@ -127,13 +130,16 @@ def predict(
             returned object, as `--json` prints it).
         top_k: classes listed per image, most probable first (at most the number of classes).
         batch_size: images per model call.
-        engine: what runs the backbone of a fit-head model: "keras", "onnx" or "auto".
+        engine: what runs the backbone of a fit-head model: "keras", "onnx" or "auto" (None:
+            config.ENGINE, read when the call starts).
         min_confidence: rows whose most probable class has a lower probability get
             config.UNKNOWN_CLASS as "predicted" (their probabilities and top_k stay); such rows
             count as wrong in the accuracy.
-        progress: called as progress(done, total, images_per_second) after each batch, from
+        progress: True: a progress bar (tqdm); False: none; a function: called as
+            progress(done, total, images_per_second) after each batch. Either from
             config.PREDICT_PROGRESS_MIN images on.
-        log: called with one-line notes; default: silent.
+        log: called with one-line notes; default: logging.getLogger("featx"), and warnings as
+            featx.FeatxWarning.
     Returns:
         {"rows": [{"path", "predicted", "probability", "top_k": [{"class", "probability"}],
         "label", "error"}, ...], "class_names", "kind", "engine", "images", "predicted",
@@ -158,9 +164,11 @@ def predict(
             "No image files found in the given paths (hidden files are skipped). "
             "Pass image files, folders or glob patterns such as 'photos/*.jpg'."
         )
+    log = Messages(log)
     model = load_classifier(model_dir, opts.engine, log)
     rows = _predict_rows(model, targets, opts, progress)
     result = _summary(model_dir, model, rows, opts, time.perf_counter() - t0)
+    result["warnings"] = log.warnings
     if output is not None and Path(output).suffix.lower() == ".json":
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output, json.dumps(result, indent=2, default=str) + "\n")
@@ -173,22 +181,23 @@ def predict(
             f"None of the {len(rows)} files could be predicted: {first}{more}. "
             "Pass readable image files (JPEG, PNG, GIF, BMP, WebP, TIFF, HEIC, AVIF)."
         )
-    return result
+    return Result(result, "predict")
 
 
 def _predict_rows(model, targets: list[Target], opts: PredictOptions, progress) -> list[dict]:
     """One row per target: its prediction, or the reason it has none; rows under
     opts.min_confidence predict config.UNKNOWN_CLASS (their probabilities stay)."""
     todo = [i for i, t in enumerate(targets) if t.error is None]
-    show = progress if progress is not None and len(todo) >= config.PREDICT_PROGRESS_MIN else None
-    proba, failed = run_batches(
-        model.proba_of_pixels,
-        [targets[i].path for i in todo],
-        model.image_size,
-        len(model.class_names),
-        opts.batch_size,
-        show,
-    )
+    shown = progress if len(todo) >= config.PREDICT_PROGRESS_MIN else False
+    with closing(reporter(shown, "predicting")) as bar:
+        proba, failed = run_batches(
+            model.proba_of_pixels,
+            [targets[i].path for i in todo],
+            model.image_size,
+            len(model.class_names),
+            opts.batch_size,
+            bar,
+        )
     rows = [_row(t, model.class_names, None, t.error, opts.top_k) for t in targets]
     for j, i in enumerate(todo):
         rows[i] = _row(targets[i], model.class_names, proba[j], failed.get(j), opts.top_k)

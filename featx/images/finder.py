@@ -1,7 +1,8 @@
-"""Find images in a folder layout, assign splits, and decode files robustly to RGB arrays.
+"""Find the images of a data folder in its layout (DATA/CLASS/* or DATA/SPLIT/CLASS/*), and assign
+the train/validation split of a folder without split folders (seeded, stratified, stable).
 
-This module needs no TensorFlow: extract, finetune and predict all decode through `load_image`,
-so every stage sees exactly the same pixels.
+Listing never opens a file: links, FIFOs and other special files are recorded with a reason.
+Decoding is featx.images.decoder's.
 """
 
 from __future__ import annotations
