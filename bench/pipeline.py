@@ -563,18 +563,38 @@ def text_table(rows: list[dict]) -> str:
         f"{'speed-up':>8}"
     )
     lines = [head, "-" * len(head)]
+    lines += table_rows(
+        rows,
+        classic,
+        "{label:<58} {seconds:>8} {base:>10} {peak:>8} {acc:>8} {speed:>8}",
+        "{label:<58} {STATUS}: {reason}",
+        "x",
+    )
+    return "\n".join(lines)
+
+
+def table_rows(rows: list[dict], classic, ok: str, failed: str, times: str) -> list[str]:
+    """One line per row, from the `ok` template (label, seconds, base, peak, acc, speed) or the
+    `failed` one (label, status, STATUS, reason); `times` marks a speed-up ("x" or "×")."""
+    lines = []
     for r in rows:
         if r["status"] != "ok":
             reason = r["note"].splitlines()[-1] if r["note"] else ""
-            lines.append(f"{r['label']:<58} {r['status'].upper()}: {reason}")
+            lines.append(failed.format(label=r["label"], status=r["status"],
+                                       STATUS=r["status"].upper(), reason=reason))  # fmt: skip
             continue
         x = speedup(r, classic)
         lines.append(
-            f"{r['label']:<58} {fmt(r['seconds'], '.1f'):>8} {fmt(r['images_through_base']):>10} "
-            f"{fmt(r['peak_mb']):>8} {fmt(r['val_accuracy'], '.4f'):>8} "
-            f"{fmt(x, '.1f') + 'x' if x else '-':>8}"
+            ok.format(
+                label=r["label"],
+                seconds=fmt(r["seconds"], ".1f"),
+                base=fmt(r["images_through_base"]),
+                peak=fmt(r["peak_mb"]),
+                acc=fmt(r["val_accuracy"], ".4f"),
+                speed=fmt(x, ".1f") + times if x else "-",
+            )
         )
-    return "\n".join(lines)
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -591,16 +611,13 @@ def markdown(result: dict) -> str:
         "| speed-up vs classic |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"| {r['label']} | {r['status']} | | | | |")
-            continue
-        x = speedup(r, classic)
-        lines.append(
-            f"| {r['label']} | {r['seconds']:.1f} | {fmt(r['images_through_base'])} "
-            f"| {fmt(r['peak_mb'])} | {fmt(r['val_accuracy'], '.4f')} "
-            f"| {fmt(x, '.1f') + '×' if x else '-'} |"
-        )
+    lines += table_rows(
+        rows,
+        classic,
+        "| {label} | {seconds} | {base} | {peak} | {acc} | {speed} |",
+        "| {label} | {status} | | | | |",
+        "×",
+    )
     notes = [f"- {r['label']}: {r['note']}." for r in rows if r["status"] == "ok" and r["note"]]
     lines += ["", *notes] if notes else []
     return "\n".join(lines)
