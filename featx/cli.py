@@ -199,6 +199,17 @@ def extract(data_dir, cache_path, as_json, **options):
 
     summary = with_progress(as_json, run_extract, data_dir, cache_path, **options)
     show(summary, as_json, format_extract_summary)
+    warn_leakage(summary["cache"])
+
+
+def warn_leakage(cache_path) -> None:
+    """One line on stderr when `featx audit` would find leakage or cross-label copies (after the
+    extraction, whose own memory stays flat; fit-head warns from the library)."""
+    from featx.quality.duplicates import leakage_line
+
+    line = leakage_line(cache_path)
+    if line:
+        click.echo(f"warning: {line}", err=True)
 
 
 def format_counts(counts: dict, unit: str = " images") -> list[str]:

@@ -152,9 +152,7 @@ def leaky_data(root):
 
 def test_a_copy_across_the_splits_is_a_featx_warning_and_in_the_result(tmp_path):
     data = leaky_data(tmp_path / "data")
-    with pytest.warns(featx.FeatxWarning, match="in both train and validation"):
-        summary = featx.extract(data, tmp_path / "c.h5", progress=False, **TINY_KERAS)
-    assert any("in both train and validation" in w for w in summary["warnings"])
+    featx.extract(data, tmp_path / "c.h5", progress=False, **TINY_KERAS)
     with pytest.warns(featx.FeatxWarning, match="in both train and validation"):
         metrics = featx.fit_head(tmp_path / "c.h5", output=tmp_path / "head", C=1.0)
     assert any("in both train and validation" in w for w in metrics["warnings"])

@@ -41,8 +41,14 @@ Every command's `--help`, as it prints. What the commands do, option by option, 
 
 
 def render_help(command: click.Command, name: str) -> str:
-    """`NAME --help` at a fixed width, so the output does not depend on the terminal."""
-    ctx = click.Context(command, info_name=name, terminal_width=WIDTH, max_content_width=WIDTH)
+    """`NAME --help` as the CLI prints it (the group's context settings, -h included), at a
+    fixed width, so the output does not depend on the terminal."""
+    width = {"terminal_width": WIDTH, "max_content_width": WIDTH}
+    group = cli.make_context("featx", [], resilient_parsing=True, **width)
+    if command is cli:
+        return cli.get_help(group).rstrip()
+    ctx = command.make_context(name.split()[-1], [], parent=group, resilient_parsing=True)
+    ctx.info_name = name
     return command.get_help(ctx).rstrip()
 
 

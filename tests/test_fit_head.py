@@ -41,7 +41,9 @@ FINGERPRINT = {
 SPLIT_KEYS = {
     "n",
     "accuracy",
+    "accuracy_interval",
     "balanced_accuracy",
+    "balanced_accuracy_interval",
     "macro_f1",
     "log_loss",
     "per_class",

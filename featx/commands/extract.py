@@ -30,7 +30,6 @@ from featx.cache import parts, ray_executor, store, stream
 from featx.errors import FeatxError, Messages
 from featx.images import decoding, finder, shards
 from featx.options import ExtractOptions, build_options, takes_options
-from featx.quality import duplicates
 from featx.reports.display import Result
 from featx.reports.progress import reporter
 
@@ -146,9 +145,8 @@ def extract(
             f"{first['reason']}); see the summary's 'rejected' list",
             summary_shows=True,
         )
-    leaking = duplicates.leakage_line(cache_path)
-    if leaking:
-        log.warning(leaking)
+    # Near copies across the splits are looked for by fit-head (and `featx audit`), not here: the
+    # search reads every feature, and extraction's memory must not grow with the images.
     summary["warnings"] = log.warnings
     seconds = time.perf_counter() - t0
     extracted = summary["extracted"]

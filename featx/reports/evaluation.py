@@ -3,17 +3,19 @@
 evaluate(y_true, proba, class_names) gives one split's metrics, with these stable keys:
     n                  images evaluated
     accuracy           share of images whose most probable class is the true one
+    accuracy_interval  its 95 % Wilson score interval [low, high]
     balanced_accuracy  mean recall over the classes present in the split
+    balanced_accuracy_interval  its 95 % interval (per-class Jeffreys posteriors, averaged)
     macro_f1           mean F1 over the classes present in the split
     log_loss           mean -ln(probability of the true class), probabilities clipped at 1e-15
     per_class          {class name: {"precision", "recall", "f1", "support"}}, every class
     confusion_matrix   [[count]]: row = true class, column = predicted class, class_names order
 
 write_report(out_dir, metrics, predictions, history=...) writes:
-    report.html          everything below on one self-contained page (see featx.reports.html_report)
+    report.html          everything below on one self-contained page (reports.html_report)
     metrics.json         `metrics` as given (fit-head: {"train", "validation", "test" (only when the
                          cache has one): evaluate() results; "fit_seconds", "head", "options",
-                         "fitted", "cache", "class_names", "output"})
+                         "fitted", "cache", "class_names", "output", "warnings"})
     confusion_matrix.png validation and test matrices (train when they are absent): counts beside
                          the row-normalised matrix
     training_curves.png  loss and accuracy per epoch, as metrics.json measures them, when a
@@ -47,24 +49,24 @@ def evaluate(y_true, proba, class_names: list[str]) -> dict:
         )
     if len(y) and (y.min() < 0 or y.max() >= k):
         raise FeatxError(f"Labels must be in 0..{k - 1}, got values {np.unique(y).tolist()}.")
+    from sklearn import metrics  # scikit-learn's definitions; imported by the commands that fit
+
     pred = p.argmax(axis=1) if len(y) else np.zeros(0, np.int64)
-    cm = np.zeros((k, k), np.int64)
-    np.add.at(cm, (y, pred), 1)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-    tp = np.diag(cm).astype(np.float64)
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    f1 = np.divide(
-        2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0
-    )
+    labels = np.arange(k)
+    cm = metrics.confusion_matrix(y, pred, labels=labels) if len(y) else np.zeros((k, k), int)
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        y, pred, labels=labels, zero_division=0
+    ) if len(y) else (np.zeros(k),) * 3 + (np.zeros(k, int),)  # fmt: skip
     present = support > 0
     n = int(len(y))
     true_p = np.clip(p[np.arange(n), y], EPS, 1.0) if n else np.ones(0)
+    tp = np.diag(cm)
     return {
         "n": n,
         "accuracy": _round(tp.sum() / n) if n else 0.0,
+        "accuracy_interval": wilson_interval(int(tp.sum()), n),
         "balanced_accuracy": _round(recall[present].mean()) if present.any() else 0.0,
+        "balanced_accuracy_interval": balanced_accuracy_interval(tp[present], support[present]),
         "macro_f1": _round(f1[present].mean()) if present.any() else 0.0,
         "log_loss": _round(-np.log(true_p).mean()) if n else 0.0,
         "per_class": {
@@ -78,6 +80,54 @@ def evaluate(y_true, proba, class_names: list[str]) -> dict:
         },
         "confusion_matrix": cm.tolist(),
     }
+
+
+def wilson_interval(correct: int, n: int, level: float = config.INTERVAL_LEVEL) -> list[float]:
+    """The Wilson score interval of a proportion (`correct` of `n`): unlike the normal
+    approximation it stays inside [0, 1] and is honest at 100 % and for small n."""
+    if n == 0:
+        return [0.0, 1.0]
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [_round(max(0.0, centre - half)), _round(min(1.0, centre + half))]
+
+
+def balanced_accuracy_interval(
+    correct, support, level: float = config.INTERVAL_LEVEL, draws: int = config.INTERVAL_DRAWS
+) -> list[float]:
+    """The interval of the mean recall over classes: each class's recall drawn from its Jeffreys
+    posterior Beta(correct + 1/2, wrong + 1/2) (the Jeffreys binomial interval, which, like
+    Wilson's, stays honest at 100 % and for small classes), the mean of the classes' draws taken
+    `draws` times, seeded (the same results give the same interval), and its central `level`."""
+    support = np.asarray(support, np.int64)
+    if not len(support) or support.sum() == 0:
+        return [0.0, 1.0]
+    correct = np.asarray(correct, np.float64)
+    rng = np.random.default_rng(config.SEED)
+    recalls = rng.beta(correct + 0.5, support - correct + 0.5, size=(draws, len(support)))
+    low, high = np.quantile(recalls.mean(axis=1), [0.5 - level / 2, 0.5 + level / 2])
+    return [_round(low), _round(high)]
+
+
+def with_interval(m: dict, key: str) -> str:
+    """`0.95 [0.89, 0.98]`: a metric with its interval, in the digits the interval justifies
+    (metrics written before intervals existed: the value alone, 4 decimals)."""
+    interval = m.get(f"{key}_interval")
+    if not interval:
+        return f"{m[key]:.4f}"
+    d = digits_for(interval)
+    return f"{m[key]:.{d}f} [{interval[0]:.{d}f}, {interval[1]:.{d}f}]"
+
+
+def digits_for(interval) -> int:
+    """Decimals worth printing for a value with this interval: two significant digits of its
+    half-width (0.9524 with [0.89, 0.98] prints as 0.95, with [0.948, 0.956] as 0.952)."""
+    half = (interval[1] - interval[0]) / 2
+    return 4 if half <= 0 else max(2, min(4, math.ceil(-math.log10(half))))
 
 
 def _round(v) -> float:
@@ -179,13 +229,15 @@ def format_summary(metrics: dict) -> str:
             + (f" ({extra})" if extra else "")
         )
     lines.append(
-        f"{'split':<11}{'n':>7}{'accuracy':>10}{'balanced':>10}{'macro F1':>10}{'log loss':>10}"
+        f"{'split':<11}{'n':>7}  {'accuracy [95 % interval]':<26}{'balanced accuracy':<26}"
+        f"{'macro F1':>9}{'log loss':>10}"
     )
     for s in splits:
         m = metrics[s]
         lines.append(
-            f"{s:<11}{m['n']:>7}{m['accuracy']:>10.4f}{m['balanced_accuracy']:>10.4f}"
-            f"{m['macro_f1']:>10.4f}{m['log_loss']:>10.4f}"
+            f"{s:<11}{m['n']:>7}  {with_interval(m, 'accuracy'):<26}"
+            f"{with_interval(m, 'balanced_accuracy'):<26}"
+            f"{m['macro_f1']:>9.4f}{m['log_loss']:>10.4f}"
         )
     table = "validation" if "validation" in splits else (splits[-1] if splits else None)
     if table:

@@ -18,7 +18,10 @@ LOG_EVERY = 10.0  # seconds between two plain progress lines when stderr is not 
 
 
 def _in_notebook() -> bool:
-    return "ipykernel" in sys.modules
+    """Running in a Jupyter kernel (not merely with ipykernel imported)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 class Bar:
