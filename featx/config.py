@@ -192,6 +192,7 @@ EXPORT_TOLERANCE = 1e-4  # largest probability difference accepted for float exp
 EXPORT_QUANTIZED_TOLERANCE = 0.1  # the same for quantized TFLite (a warning, not an error)
 
 # --- reports (report.html, confusion_matrix.png, the fit-head summary) ---------------------------
+CALIBRATION_BINS = 10  # confidence bins of the reliability diagram and the calibration error
 INTERVAL_LEVEL = 0.95  # accuracy and balanced accuracy carry a 95 % interval (reports.evaluation)
 INTERVAL_DRAWS = 4000  # balanced accuracy's interval: seeded draws of the per-class posteriors
 REPORT_TOP_LOSSES = 24  # misclassified images shown in report.html, most confidently wrong first

@@ -48,6 +48,7 @@ SPLIT_KEYS = {
     "log_loss",
     "per_class",
     "confusion_matrix",
+    "calibration",
 }
 TOP_KEYS = {
     "fit_seconds",

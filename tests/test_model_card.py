@@ -12,6 +12,7 @@ from featx.commands.export import export
 from featx.commands.predict import predict
 from featx.errors import FeatxError
 from featx.reports import model_card
+from featx.reports.evaluation import with_interval
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def test_the_card_states_the_classes_data_metrics_and_input_contract(exported):
     assert "| cats | 10 | 4 |" in card and "| **total** | 20 | 8 |" in card
     v = m["validation"]
     assert (
-        f"| validation | {v['n']} | {v['accuracy']:.4f} | {v['balanced_accuracy']:.4f} | "
+        f"| validation | {v['n']} | {with_interval(v, 'accuracy')} | "
+        f"{with_interval(v, 'balanced_accuracy')} | "
         f"{v['macro_f1']:.4f} | {v['log_loss']:.4f} |" in card
     )
     assert "float32 tensor of shape `(batch, 32, 32, 3)`" in card and "**not normalised**" in card

@@ -19,6 +19,7 @@ from featx.cli import cli
 from featx.commands.extract import extract
 from featx.commands.fit_head import fit_head
 from featx.reports import html_report, plots
+from featx.reports.evaluation import with_interval
 
 
 def write_noise(root: Path, counts: dict, seed: int = 0) -> Path:
@@ -47,7 +48,8 @@ def test_report_html_holds_every_section_and_embeds_its_images(noisy):
     page = (noisy["out"] / "report.html").read_text()
     m = noisy["metrics"]
     for split in ("train", "validation", "test"):
-        assert f"<td class='big'>{m[split]['accuracy']:.4f}</td>" in page
+        assert f"<td class='big'>{with_interval(m[split], 'accuracy')}</td>" in page
+        assert f"{m[split]['accuracy_interval'][0]:.2f}" in page  # with its 95 % interval
         assert f"<td>{m[split]['log_loss']:.4f}</td>" in page
     assert "Confusion matrix: validation" in page and "Confusion matrix: test" in page
     assert "normalised per true class" in page

@@ -10,6 +10,7 @@ evaluate(y_true, proba, class_names) gives one split's metrics, with these stabl
     log_loss           mean -ln(probability of the true class), probabilities clipped at 1e-15
     per_class          {class name: {"precision", "recall", "f1", "support"}}, every class
     confusion_matrix   [[count]]: row = true class, column = predicted class, class_names order
+    calibration        {"ece", "bins": [[low, high, mean confidence, share right, images]]}
 
 write_report(out_dir, metrics, predictions, history=...) writes:
     report.html          everything below on one self-contained page (reports.html_report)
@@ -79,6 +80,7 @@ def evaluate(y_true, proba, class_names: list[str]) -> dict:
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": cm.tolist(),
+        "calibration": calibration(y, p),
     }
 
 
@@ -111,6 +113,26 @@ def balanced_accuracy_interval(
     recalls = rng.beta(correct + 0.5, support - correct + 0.5, size=(draws, len(support)))
     low, high = np.quantile(recalls.mean(axis=1), [0.5 - level / 2, 0.5 + level / 2])
     return [_round(low), _round(high)]
+
+
+def calibration(y, p, bins: int = config.CALIBRATION_BINS) -> dict:
+    """How sure against how often right: the confidence (the predicted class's probability) cut
+    into equal-width bins, each [low, high, mean confidence, share right, images], and the
+    expected calibration error (the images-weighted mean gap, Guo et al. 2017)."""
+    n = len(y)
+    confidence = p.max(axis=1) if n else np.zeros(0)
+    right = (p.argmax(axis=1) == y) if n else np.zeros(0, bool)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        inside = which == b
+        count = int(inside.sum())
+        conf = float(confidence[inside].mean()) if count else 0.0
+        acc = float(right[inside].mean()) if count else 0.0
+        ece += count / n * abs(conf - acc) if n else 0.0
+        rows.append([_round(edges[b]), _round(edges[b + 1]), _round(conf), _round(acc), count])
+    return {"ece": _round(ece), "bins": rows}
 
 
 def with_interval(m: dict, key: str) -> str:

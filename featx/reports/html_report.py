@@ -26,7 +26,7 @@ from featx.config import VERSION
 from featx.errors import FeatxError
 from featx.files import read_json, write_text_atomic
 from featx.images import decoder
-from featx.reports.evaluation import class_names_of, imbalance_hint
+from featx.reports.evaluation import class_names_of, imbalance_hint, with_interval
 
 REPORT_FILE = "report.html"
 SHOWN_SPLITS = ("validation", "test")  # the splits a reader judges the model on
@@ -54,6 +54,9 @@ table.matrix th.vertical { writing-mode: vertical-rl; transform: rotate(180deg);
 .wrong { color: #b00020; font-weight: 600; }
 .note { color: #555; font-size: 13px; }
 img.plot { max-width: 100%; border: 1px solid #eee; }
+.warnings { background: #fff3cd; border: 1px solid #e0c36b; border-radius: 6px; padding: 2px 12px;
+            margin: 8px 0; }
+.warnings p { margin: 6px 0; }
 """
 
 # Counts the thumbnails the browser could decode; a check for people and for tests alike.
@@ -138,7 +141,8 @@ def _headline(metrics: dict) -> str:
         m = metrics[split]
         rows.append(
             f"<tr><td class='name'>{_e(split)}</td><td>{m['n']}</td>"
-            f"<td class='big'>{_fmt(m['accuracy'])}</td><td>{_fmt(m['balanced_accuracy'])}</td>"
+            f"<td class='big'>{_e(with_interval(m, 'accuracy'))}</td>"
+            f"<td>{_e(with_interval(m, 'balanced_accuracy'))}</td>"
             f"<td>{_fmt(m['macro_f1'])}</td><td>{_fmt(m['log_loss'])}</td></tr>"
         )
         if isinstance(before.get(split), dict) and split != "train":
@@ -149,11 +153,53 @@ def _headline(metrics: dict) -> str:
                 f"<td>{_fmt(b['macro_f1'])}</td><td>{_fmt(b['log_loss'])}</td></tr>"
             )
     return (
-        "<table class='headline'><tr><th class='name'>split</th><th>images</th><th>accuracy</th>"
-        "<th>balanced accuracy</th><th>macro F1</th><th>log loss</th></tr>"
-        + "".join(rows)
-        + "</table>"
+        "<table class='headline'><tr><th class='name'>split</th><th>images</th>"
+        "<th>accuracy [95 % interval]</th><th>balanced accuracy</th><th>macro F1</th>"
+        "<th>log loss</th></tr>" + "".join(rows) + "</table>"
     )
+
+
+def _calibration(metrics: dict) -> list[str]:
+    """The reliability diagram of the validation (else test) split: how often the predicted
+    class is right against how sure the model was, in bins of confidence; and its expected
+    calibration error. An SVG, drawn here: no plot file to lose."""
+    split = next((s for s in ("validation", "test") if "calibration" in (metrics.get(s) or {})),
+                 None)  # fmt: skip
+    if split is None:
+        return []
+    cal = metrics[split]["calibration"]
+    size, pad = 260, 30
+
+    def xy(v):  # noqa: E306
+        return pad + v * size
+
+    bars = []
+    for low, high, confidence, accuracy, count in cal["bins"]:
+        if not count:
+            continue
+        x0, width = xy(low), (high - low) * size
+        top = pad + size - accuracy * size
+        bars.append(
+            f"<rect x='{x0:.1f}' y='{top:.1f}' width='{width:.1f}' height='{accuracy * size:.1f}' "
+            f"fill='#4a7bd0' opacity='0.8'><title>confidence {confidence:.3f}: {accuracy:.3f} "
+            f"right of {count}</title></rect>"
+        )
+    svg = (
+        f"<svg width='{size + 2 * pad}' height='{size + 2 * pad}' role='img' "
+        "aria-label='reliability diagram'>"
+        f"<rect x='{pad}' y='{pad}' width='{size}' height='{size}' fill='none' stroke='#999'/>"
+        f"{''.join(bars)}<line x1='{pad}' y1='{pad + size}' x2='{pad + size}' y2='{pad}' "
+        "stroke='#b00020' stroke-dasharray='4 3'/>"
+        f"<text x='{pad}' y='{size + 2 * pad - 6}' font-size='11'>confidence (predicted class)"
+        f"</text><text x='4' y='{pad - 8}' font-size='11'>share right</text></svg>"
+    )
+    return [
+        f"<h2>Calibration: {_e(split)}</h2>",
+        f"<p class='note'>Expected calibration error {cal['ece']:.3f}: the mean gap between how "
+        "sure the model is and how often it is right (bars on the dashed line: calibrated; "
+        "below it: over-confident).</p>",
+        svg,
+    ]
 
 
 def _matrix_tables(cm: np.ndarray, names: list[str]) -> str:
@@ -297,8 +343,13 @@ def render(model_dir: str | Path) -> str:
         "<h2>Headline metrics</h2>",
         _headline(metrics),
     ]
+    warnings = metrics.get("warnings")
+    if warnings:  # data problems the numbers above depend on: leakage, uneven classes, ...
+        boxes = "".join(f"<p>warning: {_e(w)}</p>" for w in warnings)
+        sections.insert(1, f"<div class='warnings'>{boxes}</div>")
     if hint:
         sections.append(f"<p class='note'>{_e(hint)}</p>")
+    sections += _calibration(metrics)
     shown = [split for split, _ in _shown(metrics)]
     for split in shown or ["train"]:
         cm = np.asarray(metrics[split]["confusion_matrix"])

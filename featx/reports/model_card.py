@@ -13,14 +13,21 @@ So labels.txt and this card carry that information instead.
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
 from featx import config
 from featx.errors import FeatxError
+from featx.reports.evaluation import with_interval
 
 CARD_FILE = "README.md"
 MARKER = "<!-- featx model card: written by `featx export`, replaced on the next export -->"
+
+
+def _md(text: str) -> str:
+    """Text from the data (warnings naming files and classes) as Markdown that renders no HTML."""
+    return html.escape(str(text), quote=False)
 
 
 def check_writable(folder: str | Path) -> None:
@@ -125,17 +132,21 @@ def _measured(info: dict, metrics: dict) -> list[str]:
             "",
             "## Metrics",
             "",
-            "Of the model this export was made from, on images it was not trained on:",
+            "Of the model this export was made from, on images it was not trained on "
+            "(95 % intervals in brackets: Wilson's for accuracy, per-class Jeffreys posteriors "
+            "for balanced accuracy):",
             "",
         ]
+        lines += [f"> **Warning:** {_md(w)}" for w in metrics.get("warnings") or []]
+        lines += [""] if metrics.get("warnings") else []
         lines += _table(
             ["split", "images", "accuracy", "balanced accuracy", "macro F1", "log loss"],
             [
                 [
                     s,
                     metrics[s]["n"],
-                    _f(metrics[s]["accuracy"]),
-                    _f(metrics[s]["balanced_accuracy"]),
+                    with_interval(metrics[s], "accuracy"),
+                    with_interval(metrics[s], "balanced_accuracy"),
                     _f(metrics[s]["macro_f1"]),
                     _f(metrics[s]["log_loss"]),
                 ]
