@@ -15,7 +15,7 @@ from featx.commands import predict
 from featx.commands.extract import extract
 from featx.commands.fit_head import fit_head
 from featx.errors import FeatxError
-from featx.images import decoder
+from featx.images import decoder, finder
 
 TINY_ARGS = ["--weights", "none", "--alpha", "0.35", "--image-size", "32", "--engine", "keras"]
 
@@ -94,3 +94,15 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralised(tmp_path):
     assert row[:5] == ['\'=HYPERLINK("http://x")', "'@SUM(A1)", "-0.5", "'+cats", "0.9"]
     assert row[5] == "'-dogs"
     assert files.csv_safe("cats") == "cats" and files.csv_safe(-1) == -1
+
+
+# --- 7. class names that labels.txt cannot hold --------------------------------------------------
+
+
+def test_a_class_name_with_a_line_break_is_refused_in_one_line(tmp_path):
+    data = write_images(tmp_path / "data", {"cats": 2, "dogs": 2})
+    (data / "dogs").rename(data / "big\ndogs")
+    with pytest.raises(FeatxError, match="line break"):
+        finder.find_images(data)
+    result = CliRunner().invoke(cli, ["extract", str(data), "--cache", str(tmp_path / "c.h5")])
+    assert_one_line_error(result, "line break", "Rename the folder")
