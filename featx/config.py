@@ -17,6 +17,10 @@ PREPROCESSING = "mobilenet_v2.preprocess_input: x / 127.5 - 1"
 # --- decoding ------------------------------------------------------------------------------------
 RESIZE = "bilinear-antialias, aspect ratio not kept"  # like image_dataset_from_directory
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+# The formats decoded, and no other: Pillow's EPS/PDF plugins run external helpers (Ghostscript)
+# found on PATH, so a PostScript file named holiday.jpg must not reach them. JPEG opens the
+# MPO files of cameras too; DIB: the BMP variant; HEIF covers HEIC (pillow-heif).
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "DIB", "WEBP", "TIFF", "HEIF", "AVIF")
 MAX_IMAGE_PIXELS = 89_478_485  # decompression-bomb guard (Pillow's default limit)
 # Pixels being decoded at once by all decoding threads together (~3 bytes each, plus a copy or
 # two while converting): a few huge photos wait for each other instead of adding up. Photos of

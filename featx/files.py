@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import errno
 import hashlib
 import json
 import os
@@ -40,22 +42,32 @@ def replaced_atomically(path: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp = temporary_path(path, suffix)
     try:
         yield tmp
-        _fsync(tmp)  # the data is on disk before the name points at it
+        _fsync(tmp, path)  # the data is on disk before the name points at it
         os.replace(tmp, path)
-        _fsync(path.parent)  # and the rename survives a power cut
+        _fsync(path.parent, path, folder=True)  # and the rename survives a power cut
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
+def _fsync(path: Path, target: Path, folder: bool = False) -> None:
+    """fsync `path`; an error (EIO, EDQUOT, ENOSPC: where NFS and quota file systems report a
+    full disk) is a FeatxError naming `target`, so that no unsynced file replaces a good one.
+    Only a folder's fsync may be unsupported (EINVAL), and a folder written by a library
+    (SavedModel) may not open read-only."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return  # a folder written by a library (SavedModel) or a platform without O_RDONLY dirs
+        return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if folder and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            return
+        raise FeatxError(
+            f"Could not write '{target}' to disk ({e.strerror or e}); "
+            + ("the previous file is kept. " if not folder else "")
+            + "Free space (or quota) on that disk, or check it, and re-run."
+        ) from None
     finally:
         os.close(fd)
 
@@ -64,6 +76,29 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write `text` to `path` atomically (see replaced_atomically)."""
     with replaced_atomically(path) as tmp:
         tmp.write_text(text)
+    return Path(path)
+
+
+# A cell a spreadsheet would run as a formula (OWASP's "CSV injection"): a file or class name
+# such as "=HYPERLINK(...)" or "@SUM(A1)". Such cells are written with a leading "'", as
+# spreadsheet-safe CSV writers do; numbers are written as they are.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(cell):
+    """`cell`, with a leading "'" when it is a text a spreadsheet would run as a formula."""
+    if isinstance(cell, str) and cell.startswith(FORMULA_STARTS):
+        return "'" + cell
+    return cell
+
+
+def write_csv_atomic(path: str | Path, header: list[str], rows, lineterminator="\r\n") -> Path:
+    """The one CSV writer of featx (predictions, misclassified.csv, the audit's tables): written
+    atomically, every text cell made spreadsheet-safe (csv_safe)."""
+    with replaced_atomically(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator=lineterminator)
+        writer.writerow(header)
+        writer.writerows([csv_safe(c) for c in row] for row in rows)
     return Path(path)
 
 

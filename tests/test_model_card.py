@@ -86,3 +86,12 @@ def test_a_readme_of_the_user_in_the_output_folder_is_never_replaced(exported, t
     assert sorted(p.name for p in out.iterdir()) == ["README.md"]  # refused before any work
     with pytest.raises(FeatxError, match="is already an export"):
         export(exported["export"], "keras", output=tmp_path / "again")
+
+
+def test_html_in_a_class_name_is_escaped_in_the_card(exported):
+    """#27 item 7: Markdown renders raw HTML, so a class name never reaches the card as HTML."""
+    info = json.loads((exported["export"] / "export.json").read_text())
+    info["class_names"] = ["<img src=x onerror=alert(1)>", "dogs|cats"]
+    card = model_card.render(info, exported["head"])
+    assert "<img" not in card and "&lt;img src=x onerror=alert(1)&gt;" in card
+    assert "0. &lt;img" in card and "1. dogs&#124;cats" in card

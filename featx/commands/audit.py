@@ -31,7 +31,6 @@ suspicious); `suggested` is the class the held-out model finds most probable.
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 from featx import config
 from featx.cache import store
 from featx.errors import FeatxError, Messages
-from featx.files import replaced_atomically, write_text_atomic
+from featx.files import write_csv_atomic, write_text_atomic
 from featx.quality.duplicates import find_duplicates, leaking_train_rows
 from featx.reports.display import Result
 from featx.reports.progress import reporter
@@ -359,11 +358,7 @@ def _write_files(out: Path, report: dict, cache: store.Cache) -> list[Path]:
         ),
     }
     for name, (header, rows) in tables.items():
-        with replaced_atomically(out / name) as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
-        written.append(out / name)
+        written.append(write_csv_atomic(out / name, header, rows))
     return written
 
 

@@ -11,9 +11,7 @@ gets a row with the reason instead of a prediction.
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import json
 import os
 import time
@@ -26,7 +24,7 @@ import numpy as np
 from featx import config
 from featx.artifacts.classifier import load_classifier, run_batches
 from featx.errors import FeatxError, Messages
-from featx.files import write_text_atomic
+from featx.files import write_csv_atomic, write_text_atomic
 from featx.images import finder
 from featx.options import PredictOptions
 from featx.reports.display import Result
@@ -260,15 +258,13 @@ def csv_columns(top_k: int) -> list[str]:
 def write_rows(output: str | Path, rows: list[dict], top_k: int) -> None:
     """Write rows to a .csv file (flat columns, see csv_columns)."""
     output = Path(output)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(csv_columns(top_k))
+    table = []
     for r in rows:
         tops = []
         for k in range(top_k):
             t = r["top_k"][k] if k < len(r["top_k"]) else {}
             tops += [t.get("class", ""), t.get("probability", "")]
-        writer.writerow(
+        table.append(
             [
                 r["path"],
                 r["predicted"] or "",
@@ -278,9 +274,8 @@ def write_rows(output: str | Path, rows: list[dict], top_k: int) -> None:
                 r["error"] or "",
             ]
         )
-    text = buffer.getvalue()
     output.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(output, text)
+    write_csv_atomic(output, csv_columns(top_k), table, lineterminator="\n")
 
 
 def format_table(result: dict) -> str:

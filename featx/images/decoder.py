@@ -111,7 +111,7 @@ def decode_image(
         raise ValueError("empty file (0 bytes)")
     fmt = "unknown"
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=config.IMAGE_FORMATS)
         fmt = img.format or fmt
         width, height = img.size
         if width * height > max_pixels:

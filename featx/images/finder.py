@@ -12,6 +12,7 @@ import hashlib
 import operator
 import os
 import stat
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,16 @@ def _check_not_too_high(root: Path, class_dirs: list[Path]) -> None:
             )
 
 
+def _check_class_name(class_dir: Path) -> None:
+    """A class name becomes a line of labels.txt, a CSV cell and a heading: one with a line break
+    or another control character would be misread (3 lines of labels.txt for 2 outputs)."""
+    if any(unicodedata.category(ch) == "Cc" for ch in class_dir.name):
+        raise FeatxError(
+            f"The class folder {str(class_dir)!r} has a line break or another control character "
+            "in its name, which labels.txt and the CSV files cannot hold. Rename the folder."
+        )
+
+
 def find_images(data_dir: str | Path) -> Listing:
     """List the images in `data_dir` and their classes.
 
@@ -242,6 +253,7 @@ def find_images(data_dir: str | Path) -> Listing:
     walk = _Walk(root)
     prefix = os.path.join(str(root), "")
     for split, class_dir in class_dirs:
+        _check_class_name(class_dir)
         all_classes.add(class_dir.name)
         before = len(walk.found)
         walk.entry(class_dir)

@@ -57,6 +57,12 @@ def _f(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
 
 
+def _text(name) -> str:
+    """A class name as text in the card: Markdown renders raw HTML, so it is escaped, and `|`
+    would split a table cell."""
+    return html.escape(str(name)).replace("|", "&#124;")
+
+
 def _heading(title: str) -> list[str]:
     return ["", f"## {title}", ""]
 
@@ -89,7 +95,7 @@ def _header(info: dict, metrics: dict) -> list[str]:
     what = "fine-tuned end to end" if kind == "finetune" else f"a {source.get('head')} head"
     lines += [
         MARKER,
-        f"# Image classifier: {', '.join(names[:6])}{', …' if len(names) > 6 else ''}",
+        f"# Image classifier: {', '.join(map(_text, names[:6]))}{', …' if len(names) > 6 else ''}",
         "",
         f"`{model_file}` ({fmt}"
         + (f", {info['quantize']} quantized" if info.get("quantize", "none") != "none" else "")
@@ -102,7 +108,7 @@ def _header(info: dict, metrics: dict) -> list[str]:
         "In output order (also `labels.txt`, one a line):",
         "",
     ]
-    lines += [f"{i}. {name}" for i, name in enumerate(names)]
+    lines += [f"{i}. {_text(name)}" for i, name in enumerate(names)]
 
     return lines
 
@@ -114,7 +120,7 @@ def _data(info: dict, metrics: dict) -> list[str]:
     counts = (metrics.get("cache") or {}).get("counts") or {}
     if counts:
         splits = [s for s in config.SPLITS if s in counts]
-        rows = [[name, *(counts[s].get(name, 0) for s in splits)] for name in names]
+        rows = [[_text(name), *(counts[s].get(name, 0) for s in splits)] for name in names]
         rows.append(["**total**", *(sum(counts[s].values()) for s in splits)])
         lines += ["", "## Data", "", "Images per class and split:", ""]
         lines += _table(["class", *splits], rows)
@@ -158,7 +164,7 @@ def _measured(info: dict, metrics: dict) -> list[str]:
         lines += _table(
             ["class", "precision", "recall", "F1", "images"],
             [
-                [n, _f(c["precision"]), _f(c["recall"]), _f(c["f1"]), c["support"]]
+                [_text(n), _f(c["precision"]), _f(c["recall"]), _f(c["f1"]), c["support"]]
                 for n, c in ((n, per_class[n]) for n in names if n in per_class)
             ],
         )

@@ -3,12 +3,11 @@ misclassified.csv and report.html."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 from featx import config
-from featx.files import replaced_atomically, write_text_atomic
+from featx.files import write_csv_atomic, write_text_atomic
 from featx.reports import html_report
 from featx.reports.evaluation import (
     best_and_start,
@@ -55,10 +54,9 @@ def write_report(
         )
     if predictions is not None:
         path = out / "misclassified.csv"
-        with replaced_atomically(path) as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, ["path", "true", "predicted", "probability", "split"])
-            writer.writeheader()
-            writer.writerows(misclassified(predictions, names, data_dir))
+        columns = ["path", "true", "predicted", "probability", "split"]
+        rows = misclassified(predictions, names, data_dir)
+        write_csv_atomic(path, columns, [[r[c] for c in columns] for r in rows])
         written["misclassified.csv"] = path
 
     written[html_report.REPORT_FILE] = html_report.write_html_report(out)
