@@ -18,6 +18,7 @@ from PIL import Image
 import featx
 from featx.errors import FeatxError
 from featx.options import ExtractOptions, FinetuneOptions
+from featx.reports.evaluation import with_interval
 
 COMMANDS = ("extract", "merge", "info", "fit_head", "finetune", "predict", "export", "audit")
 TINY_KERAS = dict(weights="none", alpha=0.35, image_size=32, engine="keras", batch_size=8)
@@ -203,7 +204,7 @@ def test_results_are_dicts_that_show_themselves_in_a_notebook(tiny_model, tmp_pa
     metrics = featx.fit_head(tmp_path / "c.h5", output=tmp_path / "head", C=1.0)
     page = metrics._repr_html_()
     assert "balanced accuracy" in page and "predicted cats" in page and "true dogs" in page
-    assert f"{metrics['validation']['accuracy']:.4f}" in page
+    assert html.escape(with_interval(metrics["validation"], "accuracy")) in page
     for w in metrics["warnings"]:
         assert html.escape(w) in page
     result = featx.predict(tmp_path / "head", [str(tiny_model.data / "validation")], progress=False)

@@ -303,8 +303,7 @@ class Writer:
         width = self.journal.feature_dim or 0
         stacked = np.concatenate(feats) if feats else np.zeros((0, width), np.float32)
         index = self._pending[-1][0]
-        submit = self._io.submit if self._io is not None else _now
-        self._writing = submit(self.journal.write, index, rows, stacked, rej, reasons)
+        self._writing = self._io.submit(self.journal.write, index, rows, stacked, rej, reasons)
         self._pending.clear()
         self._journalled_at = time.perf_counter()
 
@@ -315,10 +314,3 @@ class Writer:
         batch = writing.result() if writing is not None else None
         if batch is not None:
             self.parts.batches.append(batch)
-
-
-def _now(fn, *args) -> Future:
-    """A write done at once, as a finished future (no background writer started)."""
-    future: Future = Future()
-    future.set_result(fn(*args))
-    return future

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import os
 import time
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,7 +132,7 @@ def extract(
     listing = shards.restrict(finder.find_images(root), opts.shard_numbers)
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
-    with store.writer_lock(cache_path), closing(reporter(progress, "extracting")) as bar:
+    with store.writer_lock(cache_path), contextlib.closing(reporter(progress, "extracting")) as bar:
         job, plan, splits, timing = _locked(root, cache_path, listing, opts, bar, log)
     summary = _summary(job, cache_path, listing, plan, splits)
     _warn_empty_splits(summary["counts"], log)

@@ -13,6 +13,8 @@ import csv
 import html
 from pathlib import Path
 
+from featx.reports.evaluation import with_interval
+
 SHOWN_ROWS = 10  # rows of a long list (rejected files, predictions, top losses) in a notebook
 STYLE = (
     "<style>.featx td,.featx th{padding:2px 8px;text-align:right}.featx th{background:#eee}"
@@ -62,12 +64,6 @@ def _fmt(value, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def _interval(metrics: dict, key: str) -> str:
-    low_high = metrics.get(f"{key}_interval")
-    value = _fmt(metrics.get(key))
-    return f"{value} [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else value
-
-
 def _extract(r: dict) -> str:
     classes = sorted({c for per_class in r["counts"].values() for c in per_class})
     rows = [
@@ -90,8 +86,8 @@ def _metrics(r: dict) -> str:
         [
             s,
             r[s]["n"],
-            _interval(r[s], "accuracy"),
-            _interval(r[s], "balanced_accuracy"),
+            with_interval(r[s], "accuracy"),
+            with_interval(r[s], "balanced_accuracy"),
             _fmt(r[s].get("macro_f1")),
             _fmt(r[s].get("log_loss")),
         ]

@@ -168,16 +168,12 @@ def _calibration(metrics: dict) -> list[str]:
     if split is None:
         return []
     cal = metrics[split]["calibration"]
-    size, pad = 260, 30
-
-    def xy(v):  # noqa: E306
-        return pad + v * size
-
+    size, pad = 260, 30  # the plot's side and margin, in pixels
     bars = []
     for low, high, confidence, accuracy, count in cal["bins"]:
         if not count:
             continue
-        x0, width = xy(low), (high - low) * size
+        x0, width = pad + low * size, (high - low) * size
         top = pad + size - accuracy * size
         bars.append(
             f"<rect x='{x0:.1f}' y='{top:.1f}' width='{width:.1f}' height='{accuracy * size:.1f}' "
