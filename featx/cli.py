@@ -467,7 +467,7 @@ def audit(cache_path, output, threshold, data_dir, seed, as_json):
 
 
 @cli.command()
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path())  # a file: model_kind says what to pass
 @click.argument("paths", nargs=-1, required=True)
 @click.option(
     "--output",
@@ -512,7 +512,7 @@ def predict(model_dir, paths, as_json, **options):
 
 
 @cli.command()
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path())  # a file: model_kind says what to pass
 @click.option(
     "--format",
     "model_format",
@@ -560,7 +560,7 @@ def export(model_dir, model_format, quantize, output, cache_path, as_json):
 
 
 @cli.command()
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path())  # a file: model_kind says what to pass
 @friendly_errors
 def report(model_dir):
     """Rebuild MODEL_DIR/report.html from its metrics.json and misclassified.csv.

@@ -83,3 +83,24 @@ def test_a_wrong_path_is_answered_before_tensorflow_loads(tmp_path):
     assert "Did you mean cache/banana.h5?" in done.stderr, done.stderr
     assert done.stdout.split() == ["False", "False"], done.stdout
     assert time.perf_counter() - t0 < 10
+
+
+def test_a_cache_given_as_model_folder_says_what_to_pass(tiny_model, tmp_path):
+    result = CliRunner().invoke(cli, ["predict", str(tiny_model.cache), str(tmp_path)])
+    expected = str(tiny_model.cache.with_name("tiny-logreg"))
+    assert_one_line_error(result, "is a feature cache; pass a fit-head output folder", expected)
+    result = CliRunner().invoke(cli, ["export", str(tiny_model.cache)])
+    assert_one_line_error(result, "is a feature cache")
+
+
+def test_predict_says_when_the_accuracy_leaves_out_folders_not_named_after_classes(
+    tiny_model, tmp_path
+):
+    photos = write_images(tmp_path / "held_out", {"cats": 2, "birds": 3})
+    args = ["predict", str(tiny_model.logreg), str(photos), "--engine", "keras"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "/2 images in folders named after their class" in result.output
+    assert "not counted: 3 images in folders not named after one of the model's classes" in (
+        result.output
+    )
