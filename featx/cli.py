@@ -13,7 +13,7 @@ import click
 
 from featx import config
 from featx.config import VERSION
-from featx.errors import FeatxError
+from featx.errors import FeatxError, check_exists, check_fraction
 
 
 def friendly_errors(fn):
@@ -27,7 +27,7 @@ def friendly_errors(fn):
             _quiet_stdout()
             sys.exit(0)
         except FeatxError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(cli_names(str(e))) from None
         except OSError as e:  # permission denied, disk full, ...: the OS says which file
             where = f" '{e.filename}'" if e.filename else ""
             raise click.ClickException(
@@ -36,6 +36,22 @@ def friendly_errors(fn):
             ) from None
 
     return wrapper
+
+
+def cli_names(message: str) -> str:
+    """A library message in the CLI's words: "val_split must be ..." names the option as typed,
+    "--val-split must be ..." (#26). Only a leading name of one of this command's options."""
+    import re
+
+    ctx = click.get_current_context(silent=True)
+    match = re.match(r"([A-Za-z_]\w*) must ", message)
+    if ctx is None or match is None:
+        return message
+    for param in ctx.command.params:
+        flags = [o for o in param.opts if o.startswith("--")]
+        if param.name == match.group(1) and flags and isinstance(param, click.Option):
+            return flags[0] + message[match.end(1) :]
+    return message
 
 
 def print_json(obj) -> None:
@@ -195,6 +211,8 @@ def extract(data_dir, cache_path, as_json, **options):
     DATA_DIR is DATA/CLASS/* (split into train/validation by --val-split) or
     DATA/{train,validation,test}/CLASS/*. Runs again only on new or changed files.
     """
+    # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
+    check_exists(data_dir, "Data folder", "Pass a folder of class folders.")
     from featx.commands.extract import extract as run_extract
 
     summary = with_progress(as_json, run_extract, data_dir, cache_path, **options)
@@ -272,6 +290,8 @@ def merge(output, shards, copy, overwrite, as_json):
 @friendly_errors
 def info(cache_path, as_json):
     """Show what a feature cache holds: counts per split and class, fingerprint, rejected files."""
+    # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
+    check_exists(cache_path, "Cache", "Create it with `featx extract DATA_DIR`.")
     from featx.commands.info import info as cache_info
 
     data = cache_info(cache_path)
@@ -341,6 +361,9 @@ def finetune(cache_path, head_dir, output, as_json, **options):
     the best weights on the validation split, never worse than the warm start. Ctrl-C keeps the
     best weights so far.
     """
+    # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
+    check_exists(cache_path, "Cache", "Create it with `featx extract DATA_DIR`.")
+    check_exists(head_dir, "Head folder", "Pass a `featx fit-head` output folder.")
     from featx.commands.finetune import finetune as run_finetune
     from featx.reports.evaluation import format_summary
 
@@ -396,6 +419,10 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
     the train split. dense: a small Keras head with early stopping on the validation loss. Writes
     the head, metrics.json, confusion_matrix.png, misclassified.csv (dense: training_curves.png).
     """
+    # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
+    check_exists(cache_path, "Cache", "Create it with `featx extract DATA_DIR`.")
+    if min_accuracy is not None:  # before any work: `--min-accuracy 95` is a percent (#26)
+        check_fraction("min_accuracy", min_accuracy, closed=True)
     from featx.commands.fit_head import fit_head as run_fit_head
     from featx.reports.evaluation import format_summary
 
@@ -433,6 +460,8 @@ def audit(cache_path, output, threshold, data_dir, seed, as_json):
     cleanlab); images far from all others; class balance. Writes audit.json, CSV files and
     contact sheets (PNG). Reads the cache and the images only.
     """
+    # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
+    check_exists(cache_path, "Cache", "Create it with `featx extract DATA_DIR`.")
     from featx.commands.audit import audit as run_audit
     from featx.commands.audit import format_summary
 
@@ -449,7 +478,7 @@ def audit(cache_path, output, threshold, data_dir, seed, as_json):
 
 
 @cli.command()
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path())  # a file: model_kind says what to pass
 @click.argument("paths", nargs=-1, required=True)
 @click.option(
     "--output",
@@ -475,6 +504,12 @@ def predict(model_dir, paths, as_json, **options):
     model's classes, the accuracy. A file that cannot be read gets an error row; the exit status
     is 1 only when no image could be predicted.
     """
+    # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
+    check_exists(
+        model_dir,
+        "Model folder",
+        "Pass the output folder of `featx fit-head`, `featx finetune` or `featx export`.",
+    )
     from featx.commands.predict import format_summary, format_table
     from featx.commands.predict import predict as run_predict
 
@@ -488,7 +523,7 @@ def predict(model_dir, paths, as_json, **options):
 
 
 @cli.command()
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path())  # a file: model_kind says what to pass
 @click.option(
     "--format",
     "model_format",
@@ -519,6 +554,14 @@ def export(model_dir, model_format, quantize, output, cache_path, as_json):
     (input size, preprocessing, class names), then checks the exported file against the
     in-process model and reports the largest probability difference.
     """
+    # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
+    check_exists(
+        model_dir,
+        "Model folder",
+        "Pass the output folder of `featx fit-head`, `featx finetune` or `featx export`.",
+    )
+    if cache_path is not None:
+        check_exists(cache_path, "Cache", "Create it with `featx extract DATA_DIR`.")
     from featx.commands.export import export as run_export
     from featx.commands.export import format_summary
 
@@ -528,7 +571,7 @@ def export(model_dir, model_format, quantize, output, cache_path, as_json):
 
 
 @cli.command()
-@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path())  # a file: model_kind says what to pass
 @friendly_errors
 def report(model_dir):
     """Rebuild MODEL_DIR/report.html from its metrics.json and misclassified.csv.
@@ -537,6 +580,12 @@ def report(model_dir):
     precision/recall/F1, the most-confused pairs and the worst misclassified images. fit-head and
     finetune write it already; run this after moving the images or the folder.
     """
+    # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
+    check_exists(
+        model_dir,
+        "Model folder",
+        "Pass the output folder of `featx fit-head`, `featx finetune` or `featx export`.",
+    )
     from featx.commands.report import report as run_report
 
     click.echo(f"wrote {run_report(model_dir)}")

@@ -38,11 +38,47 @@ def check_choice(name: str, value, choices) -> None:
         )
 
 
+def fraction_hint(value, span: str = "[0, 1]") -> str:
+    """ ": a fraction in [0, 1]; did you mean 0.95?" when `value` looks like a percent (95) given
+    for a fraction, else "."."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and 2 <= value <= 100:  # 1.5 is a slip more likely than 1.5 %
+        return f": a fraction in {span}; did you mean {value / 100:g}?"
+    return "."
+
+
 def check_fraction(name: str, value, *, closed: bool = False) -> None:
-    """`value` is a number in [0, 1) (or [0, 1] with closed=True)."""
+    """`value` is a number in [0, 1) (or [0, 1] with closed=True); a percent (95) is answered
+    with the fraction it probably means ("did you mean 0.95?")."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not (0.0 <= value < 1.0 or (closed and value == 1.0)):
-        raise FeatxError(f"{name} must be in [0, {'1]' if closed else '1)'}, got {value!r}.")
+        span = "[0, 1]" if closed else "[0, 1)"
+        raise FeatxError(f"{name} must be in {span}, got {value!r}{fraction_hint(value, span)}")
+
+
+def near_path(path) -> str:
+    """ " Did you mean cache/banana.h5?" when a sibling of the missing `path` has a close name
+    (`cache/banana` -> `cache/banana.h5`), else ""."""
+    import difflib
+    import os
+
+    folder, name = os.path.split(os.path.normpath(str(path)))
+    try:
+        names = [n for n in os.listdir(folder or ".") if not n.startswith(".")]
+    except OSError:
+        return ""
+    stems = {os.path.splitext(n)[0]: n for n in names}  # `banana` or `banan` for banana.h5
+    near = difflib.get_close_matches(name, list(stems), n=1, cutoff=0.75)
+    near = [stems[n] for n in near] or difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    return f" Did you mean {os.path.join(folder, near[0])}?" if near else ""
+
+
+def check_exists(path, what: str, fix: str) -> None:
+    """Before any heavy import: a FeatxError when `path` does not exist, with the near match."""
+    import os
+
+    if not os.path.exists(path):
+        raise FeatxError(f"{what} not found: '{path}'.{near_path(path)} {fix}")
 
 
 class Messages:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from featx import config
 from featx.backbone import mobilenet
-from featx.errors import FeatxError, check_choice, check_fraction, check_int
+from featx.errors import FeatxError, check_choice, check_fraction, check_int, fraction_hint
 from featx.images import shards
 
 
@@ -157,7 +157,7 @@ class PredictOptions:
             if not ok:
                 raise FeatxError(
                     "--min-confidence is a probability between 0 and 1, got "
-                    f"{self.min_confidence!r}."
+                    f"{self.min_confidence!r}{fraction_hint(self.min_confidence)}"
                 )
         if self.output is not None and Path(self.output).suffix.lower() not in (".csv", ".json"):
             raise FeatxError(

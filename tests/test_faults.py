@@ -229,13 +229,13 @@ def test_two_concurrent_extracts_lose_nothing(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--image-size", "10000"], "image_size must be an integer between 32 and 1024"),
-        (["--image-size", "16"], "image_size must be an integer between 32 and 1024"),
-        (["--val-split", "1.5"], "val_split must be in [0, 1)"),
-        (["--batch-size", "0"], "batch_size must be an integer between 1 and 1024"),
+        (["--image-size", "10000"], "--image-size must be an integer between 32 and 1024"),
+        (["--image-size", "16"], "--image-size must be an integer between 32 and 1024"),
+        (["--val-split", "1.5"], "--val-split must be in [0, 1)"),
+        (["--batch-size", "0"], "--batch-size must be an integer between 1 and 1024"),
         (["--batch-size", "1024", "--image-size", "1024"], "Lower --batch-size or --image-size"),
-        (["--alpha", "0"], "alpha must be in (0, 1.4]"),
-        (["--seed", "-1"], "seed must be an integer >= 0"),
+        (["--alpha", "0"], "--alpha must be in (0, 1.4]"),
+        (["--seed", "-1"], "--seed must be an integer >= 0"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tmp_path, args, message):

@@ -262,7 +262,7 @@ def test_cli_ray_options_without_the_ray_executor_are_one_line_errors(tmp_path):
     result = CliRunner().invoke(cli, [*args, "--gpus-per-worker", "0.5"])
     assert_one_line_error(result, "--gpus-per-worker", "--executor ray")
     result = CliRunner().invoke(cli, [*args, "--executor", "ray", "--gpus-per-worker", "-1"])
-    assert_one_line_error(result, "gpus_per_worker must be a number >= 0")
+    assert_one_line_error(result, "--gpus-per-worker must be a number >= 0")
 
 
 def test_missing_ray_is_a_one_line_error_naming_the_extra(monkeypatch, tmp_path):

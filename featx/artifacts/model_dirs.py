@@ -26,6 +26,12 @@ def model_kind(model_dir: str | Path) -> str:
     """The kind of MODEL_DIR: "head" (fit-head output), "finetune" or "export"; FeatxError
     otherwise."""
     folder = Path(model_dir)
+    if folder.is_file() and _is_hdf5(folder):
+        raise FeatxError(
+            f"'{model_dir}' is a feature cache; pass a fit-head output folder such as "
+            f"'{folder.with_name(folder.stem + '-logreg')}' (`featx fit-head {model_dir}` "
+            "writes it)."
+        )
     if not folder.is_dir():
         raise FeatxError(
             f"Model folder not found: '{model_dir}'. Pass the output folder of `featx fit-head`, "
@@ -42,6 +48,15 @@ def model_kind(model_dir: str | Path) -> str:
         f"{FINETUNE_INFO} (a `featx finetune` output) nor {EXPORT_INFO} (a `featx export` "
         "output). Pass one of those folders."
     )
+
+
+def _is_hdf5(path: Path) -> bool:
+    """Whether `path` starts with HDF5's signature (a featx cache is an HDF5 file)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def check_backbone(fp: dict, what: str) -> None:

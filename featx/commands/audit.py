@@ -39,7 +39,7 @@ import numpy as np
 
 from featx import config
 from featx.cache import store
-from featx.errors import FeatxError, Messages
+from featx.errors import FeatxError, Messages, fraction_hint
 from featx.files import write_csv_atomic, write_text_atomic
 from featx.quality.duplicates import find_duplicates, leaking_train_rows
 from featx.reports.display import Result
@@ -225,7 +225,8 @@ def audit(
     log = Messages(log)
     if not 0.0 < float(threshold) <= 1.0:
         raise FeatxError(
-            f"threshold must be a cosine similarity in (0, 1], got {threshold}. The default, "
+            f"threshold must be a cosine similarity in (0, 1], got {threshold}"
+            f"{fraction_hint(threshold, '(0, 1]')} The default, "
             f"{config.AUDIT_NEAR_DUPLICATE}, is calibrated on real near-identical photos."
         )
     t0 = time.perf_counter()

@@ -23,6 +23,7 @@ import numpy as np
 
 from featx import config
 from featx.artifacts.classifier import load_classifier, run_batches
+from featx.artifacts.model_dirs import model_kind
 from featx.errors import FeatxError, Messages
 from featx.files import write_csv_atomic, write_text_atomic
 from featx.images import finder
@@ -156,6 +157,7 @@ def predict(
         min_confidence=min_confidence,
         output=output and str(output),
     )
+    model_kind(model_dir)  # a wrong MODEL_DIR (a cache, say) is answered before any listing
     targets = expand_paths(paths)
     if not targets:
         raise FeatxError(
@@ -309,6 +311,12 @@ def format_summary(result: dict) -> str:
             f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['labelled']} "
             "images in folders named after their class)"
         )
+        unlabelled = result["predicted"] - result["labelled"]
+        if unlabelled:  # a partial accuracy must say so (#26)
+            lines.append(
+                f"not counted: {unlabelled} images in folders not named after one of the "
+                f"model's classes ({', '.join(result['class_names'])})"
+            )
     if result["output"]:
         lines.append(f"wrote {result['output']}")
     return "\n".join(lines)

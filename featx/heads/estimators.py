@@ -34,7 +34,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from featx import config
 from featx.config import VERSION
-from featx.errors import FeatxError
+from featx.errors import FeatxError, fraction_hint
 from featx.files import read_json, temporary_path, write_text_atomic
 
 HEAD_FORMAT = "featx-head"
@@ -254,6 +254,13 @@ class LogRegHead(_Head):
             C=C, class_weight=cw, max_iter=self.max_iter, warm_start=warm_start, tol=1e-4
         )
 
+    def check_params(self) -> None:
+        """Each parameter's value, checked before any work (FeatxError naming the bad one)."""
+        _class_weight(self.class_weight)
+        _scaling(self.scaling)
+        if self.C is not None and not float(self.C) > 0:
+            raise FeatxError(f"C must be > 0, got {self.C!r}.")
+
     def fit(self, X, y, X_val=None, y_val=None, X_flip=None) -> LogRegHead:
         """Fit on (X, y), and on the mirror images' features X_flip when given. X_val/y_val are
         accepted for the common interface and not used: every choice (the scaling, C) is made on
@@ -266,10 +273,7 @@ class LogRegHead(_Head):
         X = _features(X)
         y, k = _labels(y, len(X))
         X_flip = _mirrored(X, X_flip)
-        _class_weight(self.class_weight)
-        _scaling(self.scaling)
-        if self.C is not None and not float(self.C) > 0:
-            raise FeatxError(f"C must be > 0, got {self.C!r}.")
+        self.check_params()
         # One BLAS thread: on these small matrices OpenBLAS threads only add overhead, and
         # on a busy 2-core machine they spin against each other (measured: 0.7 s vs 8-15 s).
         with threadpool_limits(config.LOGREG_BLAS_THREADS), warnings.catch_warnings():
@@ -474,7 +478,8 @@ class DenseHead(_Head):
         self.seed = seed
         self.verbose = verbose
 
-    def _check_params(self) -> None:
+    def check_params(self) -> None:
+        """Each parameter's value, checked before any work (FeatxError naming the bad one)."""
         checks = [
             ("hidden", self.hidden, int(self.hidden) >= 0, "an integer >= 0"),
             ("dropout", self.dropout, 0 <= float(self.dropout) < 1, "in [0, 1)"),
@@ -487,7 +492,8 @@ class DenseHead(_Head):
         ]
         for name, value, ok, expected in checks:
             if not ok:
-                raise FeatxError(f"{name} must be {expected}, got {value!r}.")
+                hint = fraction_hint(value, "[0, 1)") if name == "dropout" else "."
+                raise FeatxError(f"{name} must be {expected}, got {value!r}{hint}")
         _class_weight(self.class_weight)
         _scaling(self.scaling)
 
@@ -518,7 +524,7 @@ class DenseHead(_Head):
         their loss, keep the best epoch."""
         import keras
 
-        self._check_params()
+        self.check_params()
         X = _features(X)
         y, k = _labels(y, len(X))
         X_flip = _mirrored(X, X_flip)
@@ -674,11 +680,14 @@ def _inference_metrics(X, y, X_val, y_val):
 
 
 def make_head(head: str, **options) -> LogRegHead | DenseHead:
-    """A new, unfitted head of kind "logreg" or "dense"; `options` are its __init__ arguments."""
+    """A new, unfitted head of kind "logreg" or "dense"; `options` are its __init__ arguments,
+    checked here (check_params)."""
     classes = {"logreg": LogRegHead, "dense": DenseHead}
     if head not in classes:
         raise FeatxError(f"Unknown head {head!r}; expected one of {HEADS}.")
-    return classes[head](**options)
+    estimator = classes[head](**options)
+    estimator.check_params()  # before any work: `--dropout 50` costs no cache read (#26)
+    return estimator
 
 
 def _jsonable(v):

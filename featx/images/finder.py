@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featx import config
-from featx.errors import FeatxError
+from featx.errors import FeatxError, check_fraction
 
 
 @dataclass(frozen=True)
@@ -300,8 +300,7 @@ def assign_splits(
     without validation/) are split per class: enough of them go to validation to bring each
     class's validation share to `val_split`, chosen by a seeded hash of the path.
     """
-    if not 0.0 <= val_split < 1.0:
-        raise FeatxError(f"val_split must be in [0, 1), got {val_split}.")
+    check_fraction("val_split", val_split)
     result: dict[str, str] = {}
     pending: dict[str, list[str]] = {}  # class -> paths still to split
     has_validation = any(f.split == "validation" for f in files)

@@ -1,0 +1,106 @@
+"""Issue #26, daily use round 2: options checked before any work, in the CLI's words, and wrong
+paths answered before TensorFlow loads, with the near match."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+from helpers import assert_one_line_error, write_images
+
+from featx.cli import cli
+from featx.errors import FeatxError, check_fraction
+
+
+def test_a_percent_given_for_a_fraction_gets_the_fraction_it_means():
+    with pytest.raises(FeatxError, match=r"a fraction in \[0, 1\]; did you mean 0.95\?"):
+        check_fraction("min_accuracy", 95, closed=True)
+    with pytest.raises(FeatxError, match=r"got 1.5\.$"):  # no percent: no guess
+        check_fraction("val_split", 1.5)
+
+
+def test_fit_head_min_accuracy_as_a_percent_is_refused_before_any_work(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    args = ["fit-head", str(tiny_model.cache), "--output", str(out), "--min-accuracy", "95"]
+    result = CliRunner().invoke(cli, args)
+    assert_one_line_error(result, "--min-accuracy must be in [0, 1]", "did you mean 0.95?")
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_fit_head_dense_options_are_checked_before_the_cache_is_read(tmp_path):
+    cache = tmp_path / "not-a-cache.h5"
+    cache.write_text("not read: the option is refused first")
+    args = ["fit-head", str(cache), "--head", "dense", "--dropout", "50"]
+    result = CliRunner().invoke(cli, args)
+    assert_one_line_error(result, "--dropout must be in [0, 1)", "did you mean 0.5?")
+
+
+def test_messages_name_the_option_as_typed_on_the_cli(tmp_path):
+    data = write_images(tmp_path / "data", {"cats": 1, "dogs": 1})
+    cmd = ["extract", str(data), "--cache", str(tmp_path / "c.h5"), "--weights", "none"]
+    result = CliRunner().invoke(cli, [*cmd, "--val-split", "20"])
+    assert_one_line_error(result, "--val-split must be in [0, 1)", "did you mean 0.2?")
+    result = CliRunner().invoke(cli, [*cmd, "--image-size", "16"])
+    assert_one_line_error(result, "--image-size must be an integer between 32 and 1024")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["fit-head", "cache/banana"],
+        ["finetune", "cache/banan", "--head", "cache/banana-logreg"],
+        ["audit", "cache/banana"],
+        ["info", "cache/banana"],
+    ],
+)
+def test_a_wrong_cache_path_gets_the_near_match(tmp_path, monkeypatch, args):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "banana.h5").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, args)
+    assert_one_line_error(result, "Cache not found", "did you mean cache/banana.h5?".capitalize())
+
+
+@pytest.mark.slow
+def test_a_wrong_path_is_answered_before_tensorflow_loads(tmp_path):
+    """fit-head said "Cache not found" after 2.6 s (5.3 s on the user's machine) before #26."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "banana.h5").write_bytes(b"")
+    code = (
+        "import sys; from featx.cli import main; sys.argv = ['featx', 'fit-head', "
+        "'cache/banana']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('tensorflow' in sys.modules, 'sklearn' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert "Did you mean cache/banana.h5?" in done.stderr, done.stderr
+    assert done.stdout.split() == ["False", "False"], done.stdout
+    assert time.perf_counter() - t0 < 10
+
+
+def test_a_cache_given_as_model_folder_says_what_to_pass(tiny_model, tmp_path):
+    result = CliRunner().invoke(cli, ["predict", str(tiny_model.cache), str(tmp_path)])
+    expected = str(tiny_model.cache.with_name("tiny-logreg"))
+    assert_one_line_error(result, "is a feature cache; pass a fit-head output folder", expected)
+    result = CliRunner().invoke(cli, ["export", str(tiny_model.cache)])
+    assert_one_line_error(result, "is a feature cache")
+
+
+def test_predict_says_when_the_accuracy_leaves_out_folders_not_named_after_classes(
+    tiny_model, tmp_path
+):
+    photos = write_images(tmp_path / "held_out", {"cats": 2, "birds": 3})
+    args = ["predict", str(tiny_model.logreg), str(photos), "--engine", "keras"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "/2 images in folders named after their class" in result.output
+    assert "not counted: 3 images in folders not named after one of the model's classes" in (
+        result.output
+    )
