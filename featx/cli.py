@@ -212,7 +212,7 @@ def extract(data_dir, cache_path, as_json, **options):
     DATA/{train,validation,test}/CLASS/*. Runs again only on new or changed files.
     """
     # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
-    check_exists(data_dir, "Data folder", "Pass a folder of class folders.")
+    check_exists(data_dir, "data")
     from featx.commands.extract import extract as run_extract
 
     summary = with_progress(as_json, run_extract, data_dir, cache_path, **options)
@@ -291,7 +291,7 @@ def merge(output, shards, copy, overwrite, as_json):
 def info(cache_path, as_json):
     """Show what a feature cache holds: counts per split and class, fingerprint, rejected files."""
     # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
-    check_exists(cache_path, "Cache", "Create it with `featx extract DATA_DIR`.")
+    check_exists(cache_path, "cache")
     from featx.commands.info import info as cache_info
 
     data = cache_info(cache_path)
@@ -362,8 +362,8 @@ def finetune(cache_path, head_dir, output, as_json, **options):
     best weights so far.
     """
     # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
-    check_exists(cache_path, "Cache", "Create it with `featx extract DATA_DIR`.")
-    check_exists(head_dir, "Head folder", "Pass a `featx fit-head` output folder.")
+    check_exists(cache_path, "cache")
+    check_exists(head_dir, "head")
     from featx.commands.finetune import finetune as run_finetune
     from featx.reports.evaluation import format_summary
 
@@ -420,7 +420,7 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
     the head, metrics.json, confusion_matrix.png, misclassified.csv (dense: training_curves.png).
     """
     # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
-    check_exists(cache_path, "Cache", "Create it with `featx extract DATA_DIR`.")
+    check_exists(cache_path, "cache")
     if min_accuracy is not None:  # before any work: `--min-accuracy 95` is a percent (#26)
         check_fraction("min_accuracy", min_accuracy, closed=True)
     from featx.commands.fit_head import fit_head as run_fit_head
@@ -461,7 +461,7 @@ def audit(cache_path, output, threshold, data_dir, seed, as_json):
     contact sheets (PNG). Reads the cache and the images only.
     """
     # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
-    check_exists(cache_path, "Cache", "Create it with `featx extract DATA_DIR`.")
+    check_exists(cache_path, "cache")
     from featx.commands.audit import audit as run_audit
     from featx.commands.audit import format_summary
 
@@ -505,11 +505,7 @@ def predict(model_dir, paths, as_json, **options):
     is 1 only when no image could be predicted.
     """
     # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
-    check_exists(
-        model_dir,
-        "Model folder",
-        "Pass the output folder of `featx fit-head`, `featx finetune` or `featx export`.",
-    )
+    check_exists(model_dir, "model")
     from featx.commands.predict import format_summary, format_table
     from featx.commands.predict import predict as run_predict
 
@@ -555,13 +551,9 @@ def export(model_dir, model_format, quantize, output, cache_path, as_json):
     in-process model and reports the largest probability difference.
     """
     # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
-    check_exists(
-        model_dir,
-        "Model folder",
-        "Pass the output folder of `featx fit-head`, `featx finetune` or `featx export`.",
-    )
+    check_exists(model_dir, "model")
     if cache_path is not None:
-        check_exists(cache_path, "Cache", "Create it with `featx extract DATA_DIR`.")
+        check_exists(cache_path, "cache")
     from featx.commands.export import export as run_export
     from featx.commands.export import format_summary
 
@@ -581,11 +573,7 @@ def report(model_dir):
     finetune write it already; run this after moving the images or the folder.
     """
     # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
-    check_exists(
-        model_dir,
-        "Model folder",
-        "Pass the output folder of `featx fit-head`, `featx finetune` or `featx export`.",
-    )
+    check_exists(model_dir, "model")
     from featx.commands.report import report as run_report
 
     click.echo(f"wrote {run_report(model_dir)}")

@@ -64,7 +64,7 @@ def near_path(path) -> str:
 
     folder, name = os.path.split(os.path.normpath(str(path)))
     try:
-        names = [n for n in os.listdir(folder or ".") if not n.startswith(".")]
+        names = [n for n in os.listdir(folder or ".") if not n.startswith(".") and n != name]
     except OSError:
         return ""
     stems = {os.path.splitext(n)[0]: n for n in names}  # `banana` or `banan` for banana.h5
@@ -73,12 +73,31 @@ def near_path(path) -> str:
     return f" Did you mean {os.path.join(folder, near[0])}?" if near else ""
 
 
-def check_exists(path, what: str, fix: str) -> None:
-    """Before any heavy import: a FeatxError when `path` does not exist, with the near match."""
+# What a missing path is and what to pass instead: one wording for the CLI's early check (before
+# TensorFlow loads) and the library's own checks (#26).
+MISSING = {
+    "cache": ("Cache", "Create it with `featx extract DATA_DIR`."),
+    "data": ("Data folder", "Pass a folder of class folders."),
+    "model": (
+        "Model folder",
+        "Pass the output folder of `featx fit-head`, `featx finetune` or `featx export`.",
+    ),
+    "head": ("Head folder", "Pass a `featx fit-head` output folder."),
+}
+
+
+def not_found(kind: str, path) -> FeatxError:
+    """The error for a missing path of `kind` (a key of MISSING), with the near match."""
+    what, fix = MISSING[kind]
+    return FeatxError(f"{what} not found: '{path}'.{near_path(path)} {fix}")
+
+
+def check_exists(path, kind: str) -> None:
+    """Before any heavy import: not_found(kind, path) when `path` does not exist."""
     import os
 
     if not os.path.exists(path):
-        raise FeatxError(f"{what} not found: '{path}'.{near_path(path)} {fix}")
+        raise not_found(kind, path)
 
 
 class Messages:

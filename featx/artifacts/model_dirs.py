@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from featx.backbone import mobilenet
-from featx.errors import FeatxError
+from featx.errors import FeatxError, not_found
 
 HEAD_INFO = "head.json"  # written by fit-head (heads.save_head)
 FINETUNE_INFO = "finetune.json"  # written by finetune, next to FINETUNE_MODEL
@@ -33,10 +33,7 @@ def model_kind(model_dir: str | Path) -> str:
             "writes it)."
         )
     if not folder.is_dir():
-        raise FeatxError(
-            f"Model folder not found: '{model_dir}'. Pass the output folder of `featx fit-head`, "
-            "`featx finetune` or `featx export`."
-        )
+        raise not_found("model", model_dir)
     if (folder / FINETUNE_INFO).is_file():
         return "finetune"
     if (folder / HEAD_INFO).is_file():

@@ -47,7 +47,7 @@ from featx import config
 from featx.backbone import mobilenet
 from featx.cache import parts
 from featx.cache.parts import FLIP_DATASET, FLIP_TRANSFORM, Journal, Rows, Sources, damaged  # noqa: F401
-from featx.errors import FeatxError
+from featx.errors import FeatxError, not_found
 from featx.files import replaced_atomically, temporary_pid
 
 FORMAT = "featx-cache"
@@ -134,7 +134,7 @@ def _check_format(f: h5py.File, path: Path) -> int:
 def _open(path: str | Path) -> tuple[h5py.File, Path]:
     path = Path(path)
     if not path.is_file():
-        raise FeatxError(f"Cache not found: '{path}'. Create it with `featx extract DATA_DIR`.")
+        raise not_found("cache", path)
     try:
         return h5py.File(path, "r"), path
     except OSError as e:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featx import config
-from featx.errors import FeatxError, check_fraction
+from featx.errors import FeatxError, check_fraction, not_found
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def find_images(data_dir: str | Path) -> Listing:
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise FeatxError(f"Data folder not found: '{data_dir}'. Pass a folder of class folders.")
+        raise not_found("data", data_dir)
     top = _subfolders(root)
     split_dirs = [p for p in top if p.name.lower() in config.SPLIT_FOLDER_NAMES]
     if split_dirs:
