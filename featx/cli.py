@@ -93,10 +93,17 @@ def engine_option(help: str):
 
 
 def output_folder(default: str):
-    """The --output option of a command that writes a folder."""
-    return click.option(
+    """The --output and --overwrite options of a command that writes a folder (the rule:
+    featx.artifacts.outputs)."""
+    output = click.option(
         "--output", type=click.Path(file_okay=False), help=f"Folder to write  [default: {default}]"
     )
+    overwrite = click.option(
+        "--overwrite",
+        is_flag=True,
+        help="Replace another featx output in that folder (the same run's is replaced without).",
+    )
+    return lambda fn: output(overwrite(fn))
 
 
 def echo_err(message: str) -> None:
@@ -452,7 +459,7 @@ def fit_head(cache_path, as_json, min_accuracy, **options):
 @shown("--seed", config.SEED, "Seeds the CV folds.", type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print audit.json and a summary as JSON.")
 @friendly_errors
-def audit(cache_path, output, threshold, data_dir, seed, as_json):
+def audit(cache_path, output, overwrite, threshold, data_dir, seed, as_json):
     """Find what spoils a classifier in CACHE: duplicates and leakage, label errors, outliers.
 
     Exact (sha256) and near (feature cosine) duplicates, marked when they cross splits (leakage)
@@ -471,6 +478,7 @@ def audit(cache_path, output, threshold, data_dir, seed, as_json):
         threshold=threshold,
         data_dir=data_dir,
         seed=seed,
+        overwrite=overwrite,
         progress=not as_json,
         log=echo_err,
     )
@@ -543,7 +551,7 @@ def predict(model_dir, paths, as_json, **options):
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the export record as JSON.")
 @friendly_errors
-def export(model_dir, model_format, quantize, output, cache_path, as_json):
+def export(model_dir, model_format, quantize, output, overwrite, cache_path, as_json):
     """Export MODEL_DIR as one model from raw pixels to class probabilities.
 
     Writes the model (model.keras, saved_model/ or model.tflite), labels.txt and export.json
@@ -558,7 +566,7 @@ def export(model_dir, model_format, quantize, output, cache_path, as_json):
     from featx.commands.export import format_summary
 
     args = (model_dir, model_format, quantize, output, cache_path)
-    result = with_progress(as_json, run_export, *args)
+    result = with_progress(as_json, run_export, *args, overwrite=overwrite)
     show(result, as_json, format_summary)
 
 

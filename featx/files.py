@@ -1,4 +1,5 @@
-"""Small file helpers shared by the stages: the one atomic writer, JSON records, file hashes."""
+"""Small file helpers shared by the stages: the one atomic writer, temporary names and the
+one-writer lock, JSON records, file hashes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import errno
 import hashlib
 import json
 import os
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +34,76 @@ def temporary_pid(candidate: Path, of: Path) -> int | None:
         return None
     pid = candidate.name[len(prefix) :].split(".")[0]
     return int(pid) if pid.isdigit() else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else (or unknown): leave its files alone
+    return True
+
+
+def dead_temporaries(path: Path) -> list[Path]:
+    """`.NAME.tmp-PID*` entries beside `path` left by runs whose PID is gone (on this machine)."""
+    try:
+        candidates = list(path.parent.iterdir())
+    except OSError:
+        return []
+    found = []
+    for p in candidates:
+        pid = temporary_pid(p, path)
+        if pid is not None and pid != os.getpid() and not pid_alive(pid):
+            found.append(p)
+    return found
+
+
+@contextmanager
+def exclusive_lock(lock_file: Path, refusal: str) -> Iterator[None]:
+    """Hold `lock_file` while writing; a second writer gets FeatxError(`refusal` with "{holder}"
+    replaced by who holds it). filelock (a well-kept cross-platform library) does the locking;
+    the holder writes its pid, host and start time into the lock file. Readers never lock."""
+    from filelock import FileLock, Timeout
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_file), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = lock_file.read_text().strip() or "another process"
+        except OSError:
+            holder = "another process"
+        raise FeatxError(refusal.replace("{holder}", holder)) from None
+    try:
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(lock_file, "r+") as fh:
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+        yield
+    finally:
+        lock.release()
+
+
+def fsync_folder(path: Path, target: Path) -> None:
+    """fsync a folder, so that a rename in it survives a power cut (see _fsync)."""
+    _fsync(path, target, folder=True)
+
+
+def fsync_tree(path: Path, target: Path) -> None:
+    """fsync every file under `path` (a file or a folder) and every folder, so that what a
+    library wrote as it pleased is on disk before a rename names it (see _fsync)."""
+    if path.is_symlink():
+        return
+    if path.is_dir():
+        for child in path.iterdir():
+            fsync_tree(child, target)
+        _fsync(path, target, folder=True)
+    else:
+        _fsync(path, target)
 
 
 @contextmanager

@@ -80,7 +80,7 @@ def test_a_readme_of_the_user_in_the_output_folder_is_never_replaced(exported, t
     out = tmp_path / "mine"
     out.mkdir()
     (out / "README.md").write_text("my notes")
-    with pytest.raises(FeatxError, match="was not written by featx"):
+    with pytest.raises(FeatxError, match="holds files featx did not write"):
         export(exported["head"], "keras", output=out)
     assert (out / "README.md").read_text() == "my notes"
     assert sorted(p.name for p in out.iterdir()) == ["README.md"]  # refused before any work

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from featx import config
+from featx.artifacts import outputs
 from featx.artifacts.model_dirs import (
     FINETUNE_INFO,
     FINETUNE_MODEL,
@@ -138,7 +139,8 @@ def load(
 
 
 def load_classifier(model_dir: str | Path, engine: str | None, log=None) -> Classifier:
-    """The classifier of a fit-head, finetune or export output folder.
+    """The classifier of a fit-head, finetune or export output folder: only a complete folder,
+    loaded again if another run swapped a new one in while it read (outputs.read_whole).
 
     For a head, the backbone runs on `engine` ("keras", "onnx" or "auto", see
     backbone.engines.make_engine; None: config.ENGINE, except for a head fitted on INT8 features,
@@ -146,6 +148,10 @@ def load_classifier(model_dir: str | Path, engine: str | None, log=None) -> Clas
     always runs in Keras; an export runs as exported.
     """
     log = log or (lambda message: None)
+    return outputs.read_whole(model_dir, lambda: _load_classifier(model_dir, engine, log))
+
+
+def _load_classifier(model_dir: str | Path, engine: str | None, log) -> Classifier:
     kind = model_kind(model_dir)
     if kind == "export":
         info = read_export_info(model_dir)

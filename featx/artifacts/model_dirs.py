@@ -122,5 +122,10 @@ def read_finetune_info(model_dir: str | Path) -> dict:
     folder = Path(model_dir)
     keys = ("class_names", "image_size")
     info = _read_record(folder, FINETUNE_INFO, ("kind", "finetune"), keys, "finetune")
+    if info.get("complete") is False:  # a featx before whole-folder commits, killed mid-run
+        raise FeatxError(
+            f"'{folder}' is the output of a `featx finetune` that did not finish (\"complete\": "
+            f"false in {FINETUNE_INFO}). Re-run `featx finetune`."
+        )
     _require_model(folder, FINETUNE_MODEL, FINETUNE_INFO, "finetune")
     return info

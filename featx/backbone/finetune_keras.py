@@ -140,7 +140,7 @@ class _EpochLog(keras.callbacks.Callback):
 class _KeepBest(keras.callbacks.Callback):
     """Keeps the best weights, starting from the warm start's: an epoch is better when it gets
     more validation images right, or as many with a lower validation loss. Each new best is also
-    saved to `path` (the checkpoint that survives a killed process)."""
+    saved to `path` (a checkpoint in the staging folder of the output, see artifacts.outputs)."""
 
     def __init__(self, path: Path, n_val: int, correct: int, loss: float, weights: list):
         super().__init__()

@@ -33,8 +33,6 @@ checksums: a flipped bit is a one-line error, not silent garbage. One writer at 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,7 +46,7 @@ from featx.backbone import mobilenet
 from featx.cache import parts
 from featx.cache.parts import FLIP_DATASET, FLIP_TRANSFORM, Journal, Rows, Sources, damaged  # noqa: F401
 from featx.errors import FeatxError, not_found
-from featx.files import replaced_atomically, temporary_pid
+from featx.files import dead_temporaries, exclusive_lock, replaced_atomically
 
 FORMAT = "featx-cache"
 
@@ -347,30 +345,13 @@ def write_cache(path: str | Path, cache: Cache) -> None:
     journal.clear(keep=names)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists, owned by someone else (or unknown): leave its files alone
-    return True
-
-
 def remove_stale_temporaries(path: Path) -> list[Path]:
     """Remove `.NAME.tmp-PID*` files beside `path` left by killed runs whose PID is gone.
 
     Only featx's own pattern, only for a dead process on this machine: anything else stays."""
-    removed = []
-    try:
-        candidates = list(path.parent.iterdir())
-    except OSError:
-        return removed
-    for p in candidates:
-        pid = temporary_pid(p, path)
-        if pid is not None and pid != os.getpid() and not _pid_alive(pid) and p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
+    removed = [p for p in dead_temporaries(path) if p.is_file()]
+    for p in removed:
+        p.unlink(missing_ok=True)
     return removed
 
 
@@ -383,34 +364,14 @@ def lock_path(cache_path: str | Path) -> Path:
 def writer_lock(cache_path: str | Path):
     """Hold `<cache>.lock` while writing; a second writer is refused in one line naming the first.
 
-    filelock (a well-kept cross-platform library) does the locking; the holder writes its pid,
-    host and start time into the lock file so that the refusal can say who holds it. Readers
-    never take this lock."""
-    from filelock import FileLock, Timeout
-
+    See files.exclusive_lock; readers never take this lock."""
     cache_path = Path(cache_path)
-    path = lock_path(cache_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        try:
-            holder = path.read_text().strip() or "another process"
-        except OSError:
-            holder = "another process"
-        raise FeatxError(
-            f"Another featx extract ({holder}) is writing '{cache_path}'. Wait for it to finish, "
-            "or pass --cache OTHER.h5."
-        ) from None
-    try:
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        with open(path, "r+") as fh:
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+    refusal = (
+        f"Another featx extract ({{holder}}) is writing '{cache_path}'. Wait for it to finish, "
+        "or pass --cache OTHER.h5."
+    )
+    with exclusive_lock(lock_path(cache_path), refusal):
         yield
-    finally:
-        lock.release()
 
 
 def compatible_or_none(old, fp: dict, cache_path: Path, overwrite: bool):

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from featx import config
+from featx.artifacts import outputs
 from featx.cache import store
 from featx.errors import FeatxError, Messages, fraction_hint
 from featx.files import write_csv_atomic, write_text_atomic
@@ -203,6 +204,7 @@ def audit(
     data_dir: str | Path | None = None,
     seed: int = config.SEED,
     sheets: bool = True,
+    overwrite: bool = False,
     progress=True,
     log=None,
 ) -> dict:
@@ -215,6 +217,8 @@ def audit(
         data_dir: where the images are now, for the contact sheets; default the cache's data_dir.
         seed: seeds the cross-validation folds of the label-issue search.
         sheets: draw the contact sheets (the only part that reads images).
+        overwrite: replace an output folder that holds another featx output; the audit of the
+            same cache is replaced without it (see featx.artifacts.outputs).
         progress: True: a progress bar over the audit's steps (tqdm); False: none; a function:
             called as progress(done, total, steps_per_second).
         log: called with one-line notes; default: logging.getLogger("featx"), and warnings as
@@ -229,6 +233,9 @@ def audit(
             f"{fraction_hint(threshold, '(0, 1]')} The default, "
             f"{config.AUDIT_NEAR_DUPLICATE}, is calibrated on real near-identical photos."
         )
+    out = Path(output) if output else default_output_dir(cache_path)
+    made_by = {"command": "audit", "source": str(Path(cache_path).resolve())}
+    outputs.check_target(out, made_by, overwrite)  # before any work
     t0 = time.perf_counter()
     cache = store.read_cache(cache_path)
     check_cache(cache, cache_path)
@@ -249,9 +256,9 @@ def audit(
     hint = class_balance(cache)
 
     report = _report(cache, groups, issues, outliers)
-    out = Path(output) if output else default_output_dir(cache_path)
     t = time.perf_counter()
-    files, missing = _write_all(out, report, cache, data_dir if sheets else False, log)
+    with outputs.writing(out, made_by, overwrite=overwrite, log=log) as stage:
+        files, missing = _write_all(stage, report, cache, data_dir if sheets else False, log)
     seconds["files"] = time.perf_counter() - t
     bar(3, 3)
     bar.close()
@@ -304,9 +311,8 @@ def _report(cache: store.Cache, groups, issues, outliers) -> dict:
 
 
 def _write_all(out: Path, report: dict, cache: store.Cache, data_dir, log):
-    """The JSON and CSV files and (unless data_dir is False) the contact sheets: (files,
-    {path: reason} of the images the sheets could not read)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """The JSON and CSV files and (unless data_dir is False) the contact sheets, into `out` (the
+    staging folder): (files, {path: reason} of the images the sheets could not read)."""
     files = _write_files(out, report, cache)
     if data_dir is False:
         return files, {}
@@ -405,8 +411,7 @@ def _write_sheets(out: Path, report: dict, cache: store.Cache, root: Path | None
     }
     written, unreadable = [], {}
     for name, (title, rows) in items.items():
-        if not rows:
-            (out / name).unlink(missing_ok=True)  # a sheet of an earlier audit would mislead
+        if not rows:  # no sheet (the one of an earlier audit goes with its folder)
             continue
         result = write_sheet(out / name, title, rows, size)
         written.append(result["path"])

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from featx import config
-from featx.artifacts import model_dirs
+from featx.artifacts import model_dirs, outputs
 from featx.artifacts.classifier import load_exported, load_finetune_model, run_batches
 from featx.artifacts.model_dirs import check_backbone, model_kind, read_finetune_info
 from featx.backbone import mobilenet
@@ -91,12 +91,17 @@ def inference_model(model):
 
 
 def build_model(model_dir: str | Path) -> tuple[object, dict]:
-    """(the end-to-end Keras model of MODEL_DIR, its description).
+    """(the end-to-end Keras model of MODEL_DIR, its description), from a complete folder
+    (outputs.read_whole).
 
     The description has "kind", "head" (logreg/dense, for a fit-head output), "class_names",
     "image_size", "fingerprint" (of the backbone), "cache" (the one it was trained on, if
     recorded) and "flip" (the model averages the features of the image and its mirror image).
     """
+    return outputs.read_whole(model_dir, lambda: _build_model(model_dir))
+
+
+def _build_model(model_dir: str | Path) -> tuple[object, dict]:
     kind = model_kind(model_dir)  # a wrong folder is answered before Keras loads
     if kind == "export":
         raise FeatxError(
@@ -261,6 +266,7 @@ def export(
     *,
     check_images: int = config.EXPORT_CHECK_IMAGES,
     batch_size: int = config.BATCH_SIZE,
+    overwrite: bool = False,
     progress=True,
     log=None,
 ) -> dict:
@@ -281,6 +287,8 @@ def export(
         check_images: how many images the exported and in-process models are compared on.
         batch_size, progress: of the evaluation on the cache's validation split (progress: True
             a bar, False none, a function called as (done, total, images_per_second)).
+        overwrite: replace an output folder that holds another featx output; the same export
+            of the same model folder is replaced without it (see featx.artifacts.outputs).
         log: called with one-line notes; default: logging.getLogger("featx"), and warnings as
             featx.FeatxWarning.
     Returns:
@@ -305,25 +313,27 @@ def export(
         raise FeatxError(
             f"Cache not found: '{cache}'. Pass the .h5 file `featx extract` wrote, or drop --cache."
         )
-    model_card.check_writable(out)
+    made_by = {"command": "export", "source": str(model_dir.resolve()), "format": format}
+    made_by.update({"quantize": quantize} if quantize != "none" else {})
+    outputs.check_target(out, made_by, overwrite)  # before any work
 
     model, described = build_model(model_dir)
     val_paths, val_labels = _open_cache(cache, described) if cache is not None else (None, None)
-    out.mkdir(parents=True, exist_ok=True)
+    log(f"exporting {described['kind']} model to {out / MODEL_FILES[format]} ...")
+    with outputs.writing(out, made_by, overwrite=overwrite, log=log) as stage:
+        path = stage / MODEL_FILES[format]
+        _WRITERS[format](model, path, quantize)
+        run = load_exported(path, format)
+        check = _verify(model, run, path, opts, _check_paths(val_paths, described), log)
+        validation = None
+        if val_paths is not None:
+            log(f"evaluating the exported model on {len(val_paths)} validation images ...")
+            with closing(reporter(progress, "evaluating")) as bar:
+                validation = _evaluate(run, val_paths, val_labels, described, opts, bar)
+            validation["reference_accuracy"] = _reference_accuracy(model_dir)
+        results = {"check": check, "validation": validation}
+        info = _record(stage, path, model_dir, described, opts, results)
     path = out / MODEL_FILES[format]
-    log(f"exporting {described['kind']} model to {path} ...")
-    _WRITERS[format](model, path, quantize)
-    run = load_exported(path, format)
-    check = _verify(model, run, path, opts, _check_paths(val_paths, described), log)
-    validation = None
-    if val_paths is not None:
-        log(f"evaluating the exported model on {len(val_paths)} validation images ...")
-        with closing(reporter(progress, "evaluating")) as bar:
-            validation = _evaluate(run, val_paths, val_labels, described, opts, bar)
-        validation["reference_accuracy"] = _reference_accuracy(model_dir)
-    info = _record(
-        out, path, model_dir, described, opts, {"check": check, "validation": validation}
-    )
     return {**info, "output": str(out), "model": str(path), "seconds": time.perf_counter() - t0}
 
 
@@ -340,7 +350,7 @@ def _check_paths(val_paths, described: dict):
 
 def _verify(model, run, path: Path, opts: ExportOptions, check_paths, log) -> dict:
     """Compare the exported file with the in-process model; a float export that differs is
-    removed and refused, a quantized one only warned about."""
+    refused (its staging folder, `path`'s, is removed), a quantized one only warned about."""
     pixels, source = _check_pixels(opts.check_images, model.input_shape[1], check_paths)
     expected = np.asarray(model.predict_on_batch(pixels.astype(np.float32)), np.float64)
     got = np.asarray(run(pixels), np.float64)
@@ -353,12 +363,9 @@ def _verify(model, run, path: Path, opts: ExportOptions, check_paths, log) -> di
             f"{diff:.3g} (expected <= {tolerance:g})"
         )
         if not quantized:  # a float export must be the same model: never leave a wrong one
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
             raise FeatxError(
-                f"{message}; {path} was removed. Report this with your keras/tensorflow versions."
+                f"{message}; {path.name} was removed (its output folder is left as it was). "
+                "Report this with your keras/tensorflow versions."
             )
         log(f"warning: {message}; quantization costs more than usual for this model.")
     return {

@@ -201,7 +201,7 @@ def _load_inputs(cache_path, head_dir, data_dir):
             f"Head folder not found: '{head_dir}'. Fit one first with "
             f"`featx fit-head {cache_path}`, and pass its output folder to --head."
         )
-    head, meta = estimators.load_head(head_dir)
+    head, meta = outputs.read_whole(head_dir, lambda: estimators.load_head(head_dir))
     mobilenet.require_float(meta["fingerprint"], f"The head in '{head_dir}'", "finetune")
     mobilenet.check_compatible(
         meta["fingerprint"],
@@ -244,6 +244,8 @@ class _Job:
     opts: FinetuneOptions
     rows: dict  # split -> (paths, labels) of the files on disk
     missing: list  # [{"path", "reason"}] of the cache's files that are not
+    made_by: dict = field(default_factory=dict)  # the output folder's manifest "made_by"
+    stage: Path | None = None  # where the output folder is staged (outputs.writing)
     model: object = None
     unfrozen: list = field(default_factory=list)
     data: dict = field(default_factory=dict)  # split -> ImageBatches (evaluation order)
@@ -256,6 +258,7 @@ def finetune(
     output: str | Path | None = None,
     *,
     data_dir: str | Path | None = None,
+    overwrite: bool = False,
     progress=True,
     log=None,
     **options,
@@ -277,6 +280,8 @@ def finetune(
         dropout: dropout rate in front of the head.
         reduce_lr_on_plateau: divide the learning rate by 5 when the validation loss stalls.
         data_dir: where the images are now, if they moved since extraction.
+        overwrite: replace an output folder that holds another featx output; the same finetune
+            of the same cache and head is replaced without it (see featx.artifacts.outputs).
         progress: True: a progress bar over the training batches (tqdm); False: none; a
             function: called as progress(done, total, batches_per_second).
         log: called with one-line progress messages; default: logging.getLogger("featx").
@@ -287,7 +292,7 @@ def finetune(
     t_start = time.perf_counter()
     log = Messages(log)
     opts = build_options(FinetuneOptions, options)  # every option checked, before any work
-    job, head = _prepare(cache_path, head_dir, output, data_dir, opts, log)
+    job, head = _prepare(cache_path, head_dir, (output, overwrite), data_dir, opts, log)
     log(f"evaluating the warm-started model on {', '.join(job.rows)} ...")
     before, before_preds = _evaluate_all(job)
     head_accuracy = _head_validation_accuracy(job.head_dir)
@@ -295,6 +300,15 @@ def finetune(
         f"warm start: validation accuracy {before['validation']['accuracy']:.4f}"
         + (f" (stage-2 head: {head_accuracy:.4f})" if head_accuracy is not None else "")
     )
+    with outputs.writing(job.out, job.made_by, overwrite=overwrite, log=log) as job.stage:
+        return Result(
+            _run(job, (before, before_preds), head_accuracy, t_start, log, progress), "metrics"
+        )
+
+
+def _run(job: _Job, warm: tuple, head_accuracy, t_start: float, log, progress) -> dict:
+    """Training, the best weights and every file, into the staging folder: the metrics."""
+    before, before_preds = warm
     info = _start_record(job)
     trained = _train(job, before_preds["validation"], log, progress)
     after, after_preds, best_epoch = _keep_best(job, trained, before, before_preds, log)
@@ -310,20 +324,27 @@ def finetune(
         "history": {k: [round(v, 6) for v in vs] for k, vs in trained["history"].items()},
         "seconds": round(time.perf_counter() - t_start, 3),
     }
-    return Result(_record(job, info, metrics, after_preds, trained, log), "metrics")
+    return _record(job, info, metrics, after_preds, trained)
 
 
-def _prepare(cache_path, head_dir, output, data_dir, opts: FinetuneOptions, log):
-    """Inputs checked, the model built (warm-started, top unfrozen, compiled) and the data sets:
-    (job, head)."""
+def _prepare(cache_path, head_dir, output: tuple, data_dir, opts: FinetuneOptions, log):
+    """Inputs checked (`output`: (folder, overwrite)), the model built (warm-started, top
+    unfrozen, compiled) and the data sets: (job, head)."""
     head_dir = Path(head_dir)
-    cache, head, _meta, root = _load_inputs(cache_path, head_dir, data_dir)
+    output, overwrite = output
     out = Path(output) if output else default_output_dir(cache_path)
     if out.resolve() == head_dir.resolve():
         raise FeatxError(
             f"--output '{out}' is the --head folder; fine-tuning would replace the head it "
             "starts from. Pass another --output folder."
         )
+    made_by = {
+        "command": "finetune",
+        "source": str(Path(cache_path).resolve()),
+        "head": str(head_dir.resolve()),
+    }
+    outputs.check_target(out, made_by, overwrite)  # before any work
+    cache, head, _meta, root = _load_inputs(cache_path, head_dir, data_dir)
     from featx.backbone.finetune_keras import ImageBatches
 
     rows, missing = _split_rows(cache, root, log)
@@ -333,7 +354,7 @@ def _prepare(cache_path, head_dir, output, data_dir, opts: FinetuneOptions, log)
                 f"None of the {split} images of '{cache_path}' is in '{root}'. Pass --data-dir "
                 "with the folder the cache was extracted from."
             )
-    job = _Job(cache, Path(cache_path), head_dir, root, out, opts, rows, missing)
+    job = _Job(cache, Path(cache_path), head_dir, root, out, opts, rows, missing, made_by)
     job.model = build_model(
         cache.fingerprint,
         head.to_keras(),
@@ -367,9 +388,8 @@ def _evaluate_all(job: _Job) -> tuple[dict, dict]:
 
 
 def _start_record(job: _Job) -> dict:
-    """finetune.json and the warm-started model.keras, before the first epoch, so a killed run
-    leaves a model predict can use, and never a new model beside an older run's class names."""
-    job.out.mkdir(parents=True, exist_ok=True)
+    """finetune.json's content; the warm-started model.keras, the checkpoint before the first
+    epoch (in the staging folder: a killed run leaves the old output folder whole)."""
     info = {
         "kind": "finetune",
         "complete": False,  # true once training ended; before, model.keras is the best so far
@@ -380,8 +400,7 @@ def _start_record(job: _Job) -> dict:
         "cache": str(job.cache_path.resolve()),
         "options": job.opts.record(),
     }
-    write_text_atomic(job.out / INFO_FILE, json.dumps(info, indent=2, default=str))
-    save_keras_atomic(job.model, job.out / MODEL_FILE)
+    save_keras_atomic(job.model, job.stage / MODEL_FILE)
     return info
 
 
@@ -397,7 +416,7 @@ def _train(job: _Job, warm_validation: tuple, log, progress=False) -> dict:
     correct = int(np.sum(proba_val.argmax(1) == y_val))
     warm_weights = job.model.get_weights()
     keep = _KeepBest(
-        job.out / MODEL_FILE, len(y_val), correct, _keras_loss(y_val, proba_val), warm_weights
+        job.stage / MODEL_FILE, len(y_val), correct, _keras_loss(y_val, proba_val), warm_weights
     )
     epoch_log = _EpochLog(log, opts.epochs)
     callbacks = [
@@ -461,12 +480,12 @@ def _keep_best(job: _Job, trained: dict, before: dict, before_preds: dict, log):
             job.model.set_weights(trained["warm_weights"])
     else:
         log("no epoch beat the warm start on validation; keeping the warm-start weights")
-    save_keras_atomic(job.model, job.out / MODEL_FILE)
+    save_keras_atomic(job.model, job.stage / MODEL_FILE)
     return after, after_preds, best_epoch
 
 
-def _record(job: _Job, info: dict, metrics: dict, after_preds: dict, trained: dict, log) -> dict:
-    """metrics.json, the plots, report.html and the final finetune.json."""
+def _record(job: _Job, info: dict, metrics: dict, after_preds: dict, trained: dict) -> dict:
+    """metrics.json, the plots, report.html and finetune.json, into the staging folder."""
 
     skipped = job.missing + [
         {"path": p, "reason": r}
@@ -487,15 +506,15 @@ def _record(job: _Job, info: dict, metrics: dict, after_preds: dict, trained: di
         class_names=list(job.cache.class_names),
         output=str(job.out),
     )
-    written = report_folder.write_report(
-        job.out,
+    report_folder.write_report(
+        job.stage,
         metrics,
         after_preds,
         history=trained["history"],
         class_names=job.cache.class_names,
         data_dir=job.root,
+        shown_as=job.out,
     )
     info.update(complete=True, epochs_run=metrics["epochs_run"], best_epoch=metrics["best_epoch"])
-    write_text_atomic(job.out / INFO_FILE, json.dumps(info, indent=2, default=str))
-    outputs.record(job.out, [MODEL_FILE, INFO_FILE, *written.values()], log)  # drops stale files
+    write_text_atomic(job.stage / INFO_FILE, json.dumps(info, indent=2, default=str))
     return metrics

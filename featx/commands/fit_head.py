@@ -8,7 +8,6 @@ train split, so its validation accuracy is an honest estimate too.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -29,6 +28,12 @@ def default_output_dir(cache_path: str | Path, head: str) -> Path:
     like finetune's output; predict finds the backbone's ONNX file there too."""
     cache_path = Path(cache_path)
     return cache_path.with_name(f"{cache_path.stem}-{head}")
+
+
+def made_by_of(cache_path, head: str) -> dict:
+    """What a fit-head output folder is of (its manifest's "made_by"): the same head on the same
+    cache replaces it; anything else needs --overwrite."""
+    return {"command": "fit-head", "source": str(Path(cache_path).resolve()), "head": head}
 
 
 def check_cache(cache: store.Cache, cache_path) -> None:
@@ -71,6 +76,7 @@ def fit_head(
     class_weight: str = config.CLASS_WEIGHT,
     seed: int = config.SEED,
     exclude_duplicates: bool = False,
+    overwrite: bool = False,
     log=None,
 ) -> dict:
     """Fit a head on the train split of a feature cache, evaluate it, and write it with a report.
@@ -91,6 +97,9 @@ def fit_head(
         seed: the same seed gives the same head and the same metrics.
         exclude_duplicates: leave out train images that are exact or near copies of validation
             or test images (see commands.audit); metrics.json lists them as "excluded_duplicates".
+        overwrite: replace an output folder that holds another featx output (another head, another
+            cache); the same head's output on the same cache is replaced without it, and a folder
+            with files featx did not write never is (see featx.artifacts.outputs).
         log: called with one-line messages (notes, warnings); default: logging.getLogger(
             "featx"), and warnings as featx.FeatxWarning (also in metrics.json's "warnings").
     Returns:
@@ -101,6 +110,9 @@ def fit_head(
     options = _head_options(head, C, scaling, dense, {"class_weight": class_weight, "seed": seed})
     _note_ignored(head, dense, C, log)
     estimator = estimators.make_head(head, **options)
+    out = Path(output) if output else default_output_dir(cache_path, head)
+    made_by = made_by_of(cache_path, head)
+    outputs.check_target(out, made_by, overwrite)  # before any work
     cache, excluded = _load(cache_path, exclude_duplicates, log)
     train, data, train_flip = _views(cache, cache_path, flip)
     if head == "dense":
@@ -110,32 +122,35 @@ def fit_head(
     estimator.fit(*train, *data["validation"], X_flip=train_flip)
     fit_seconds = time.perf_counter() - t0
     metrics, predictions = _evaluate(estimator, cache, data)
-    out = Path(output) if output else default_output_dir(cache_path, head)
-    metrics.update(
-        {
-            "fit_seconds": round(fit_seconds, 3),
-            "head": head,
-            "options": {k: estimators._jsonable(v) for k, v in estimator.get_params().items()},
-            "fitted": estimators._jsonable_tree(estimator.summary()),
-            "cache": {
-                "path": str(cache_path),
-                "feature_dim": int(cache.features.shape[1]),
-                "dtype": str(cache.features.dtype),
-                "counts": cache.counts(),
-                "fingerprint": cache.fingerprint,
-            },
-            "class_names": list(cache.class_names),
-            "output": str(out),
-        }
-    )
+    metrics.update(_details(estimator, cache, cache_path, round(fit_seconds, 3), out))
     if excluded is not None:
         metrics["excluded_duplicates"] = excluded
     found = _warnings(cache_path, metrics, exclude_duplicates)
     metrics["warnings"] = log.warnings + [text for text, _ in found]
-    _record(estimator, cache, cache_path, out, (metrics, predictions), log)
+    with outputs.writing(out, made_by, overwrite=overwrite, log=log) as stage:
+        _record(estimator, cache, cache_path, (stage, out), (metrics, predictions))
     for text, summary_shows in found:  # after the files: an error that stops them comes alone
         log.warning(text, summary_shows=summary_shows)
     return Result(metrics, "metrics")
+
+
+def _details(estimator, cache: store.Cache, cache_path, fit_seconds: float, out: Path) -> dict:
+    """What metrics.json records beside the metrics: the head, its options, the cache."""
+    return {
+        "fit_seconds": fit_seconds,
+        "head": estimator.kind,
+        "options": {k: estimators._jsonable(v) for k, v in estimator.get_params().items()},
+        "fitted": estimators._jsonable_tree(estimator.summary()),
+        "cache": {
+            "path": str(cache_path),
+            "feature_dim": int(cache.features.shape[1]),
+            "dtype": str(cache.features.dtype),
+            "counts": cache.counts(),
+            "fingerprint": cache.fingerprint,
+        },
+        "class_names": list(cache.class_names),
+        "output": str(out),
+    }
 
 
 def _warnings(cache_path, metrics: dict, exclude_duplicates: bool) -> list[tuple[str, bool]]:
@@ -232,20 +247,20 @@ def _evaluate(estimator, cache: store.Cache, data: dict):
     return metrics, predictions
 
 
-def _record(estimator, cache: store.Cache, cache_path, out: Path, results: tuple, log) -> None:
-    """The head, head.json, metrics.json and the report files; stale files of earlier runs go."""
-    metrics, predictions = results
+def _record(estimator, cache: store.Cache, cache_path, folders: tuple, results: tuple) -> None:
+    """The head, head.json, metrics.json and the report files, into the staging folder of
+    `folders` (staging, output folder)."""
+    (stage, out), (metrics, predictions) = folders, results
     cache_file = str(Path(cache_path).resolve())  # absolute: predict/export may run elsewhere
-    head_json = estimators.save_head(
-        estimator, out, cache.class_names, cache.fingerprint, extra={"cache": cache_file}
+    estimators.save_head(
+        estimator, stage, cache.class_names, cache.fingerprint, extra={"cache": cache_file}
     )
-    written = report_folder.write_report(
-        out,
+    report_folder.write_report(
+        stage,
         metrics,
         predictions,
         history=getattr(estimator, "history_", None),
         class_names=cache.class_names,
         data_dir=cache.attrs.get("data_dir"),
+        shown_as=out,
     )
-    head_file = json.loads(head_json.read_text())["file"]
-    outputs.record(out, [head_json, head_file, *written.values()], log)  # drops stale files

@@ -9,7 +9,10 @@ from featx.errors import FeatxError
 
 def report(model_dir: str | Path) -> Path:
     """`featx report MODEL_DIR`: rebuild report.html from the metrics.json and misclassified.csv
-    of a fit-head or finetune output folder (see featx.reports.html_report); returns its path."""
+    of a fit-head or finetune output folder (see featx.reports.html_report); returns its path.
+    The folder is committed whole again, as its command wrote it (featx.artifacts.outputs)."""
+    from featx.artifacts import outputs
+    from featx.files import write_text_atomic
     from featx.reports import html_report
 
     folder = Path(model_dir)
@@ -18,4 +21,10 @@ def report(model_dir: str | Path) -> Path:
             f"Model folder not found: '{model_dir}'. Pass the output folder of `featx fit-head` "
             "or `featx finetune`."
         )
-    return html_report.write_html_report(folder)
+    page = outputs.read_whole(
+        folder, lambda: html_report.render(folder), (html_report.REPORT_FILE,)
+    )
+    made_by = (outputs.read_manifest(folder) or {}).get("made_by")
+    with outputs.writing(folder, made_by, update=True) as stage:
+        write_text_atomic(stage / html_report.REPORT_FILE, page)
+    return folder / html_report.REPORT_FILE

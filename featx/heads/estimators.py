@@ -722,7 +722,8 @@ def save_head(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # The head file goes through a temporary folder and a rename, and head.json (written last)
-    # names it: a killed re-fit never leaves a new head beside an old head.json or a torn file.
+    # names it: a killed save never leaves a torn file. (fit-head calls this on its staging
+    # folder, swapped in whole with the rest of its output: featx.artifacts.outputs.)
     staging = temporary_path(folder / "head")
     staging.mkdir(exist_ok=True)
     try:

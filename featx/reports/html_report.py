@@ -310,15 +310,16 @@ def _top_losses(rows: list[dict], n: int = config.REPORT_TOP_LOSSES) -> tuple[st
     return f"<div class='grid'>{''.join(cards)}</div>", len(shown)
 
 
-def render(model_dir: str | Path) -> str:
-    """The HTML of the report of MODEL_DIR (see the module docstring)."""
+def render(model_dir: str | Path, shown_as: str | Path | None = None) -> str:
+    """The HTML of the report of MODEL_DIR (see the module docstring); `shown_as`: the folder
+    named on the page, when MODEL_DIR is where it is staged."""
     folder = Path(model_dir)
     metrics = _read_metrics(folder)
     names = class_names_of(metrics)
     kind = "finetune" if "before" in metrics else f"{metrics.get('head', '')} head".strip()
     title = f"featx report: {kind}, {len(names)} classes"
     cache = metrics.get("cache") or {}
-    meta = [f"model folder <code>{_e(folder.resolve())}</code>"]
+    meta = [f"model folder <code>{_e(Path(shown_as or folder).resolve())}</code>"]
     if cache.get("path"):
         meta.append(f"cache <code>{_e(cache['path'])}</code>")
     if "best_epoch" in metrics:
@@ -376,8 +377,8 @@ def render(model_dir: str | Path) -> str:
     )
 
 
-def write_html_report(model_dir: str | Path) -> Path:
-    """Write MODEL_DIR/report.html (atomically) and return its path."""
+def write_html_report(model_dir: str | Path, shown_as: str | Path | None = None) -> Path:
+    """Write MODEL_DIR/report.html (atomically) and return its path (`shown_as`: see render)."""
     path = Path(model_dir) / REPORT_FILE
-    write_text_atomic(path, render(model_dir))
+    write_text_atomic(path, render(model_dir, shown_as))
     return path

@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 from featx import config
-from featx.errors import FeatxError
 from featx.reports.evaluation import with_interval
 
 CARD_FILE = "README.md"
@@ -28,16 +27,6 @@ MARKER = "<!-- featx model card: written by `featx export`, replaced on the next
 def _md(text: str) -> str:
     """Text from the data (warnings naming files and classes) as Markdown that renders no HTML."""
     return html.escape(str(text), quote=False)
-
-
-def check_writable(folder: str | Path) -> None:
-    """Refuse to replace a README.md in the output folder that featx did not write."""
-    path = Path(folder) / CARD_FILE
-    if path.is_file() and not path.read_text(errors="replace").startswith(MARKER):
-        raise FeatxError(
-            f"'{path}' exists and was not written by featx; export would replace it with the "
-            "model card. Pass another --output folder, or move that file."
-        )
 
 
 def _metrics(model_dir: str | Path) -> dict:

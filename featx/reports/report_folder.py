@@ -26,6 +26,7 @@ def write_report(
     history: dict | None = None,
     class_names: list[str] | None = None,
     data_dir: str | Path | None = None,
+    shown_as: str | Path | None = None,
 ) -> dict[str, Path]:
     """Write metrics.json, confusion_matrix.png, training_curves.png (with `history`) and
     misclassified.csv (with `predictions`) to `out_dir`; returns {name: path} of what it wrote.
@@ -36,6 +37,7 @@ def write_report(
         history: {"loss": [...], "val_loss": [...], "accuracy": [...], ...} per epoch.
         class_names: default metrics["class_names"], else the per_class keys of a split.
         data_dir: joined in front of the paths in misclassified.csv.
+        shown_as: the folder report.html names, when `out_dir` is where it is staged.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,5 +61,5 @@ def write_report(
         write_csv_atomic(path, columns, [[r[c] for c in columns] for r in rows])
         written["misclassified.csv"] = path
 
-    written[html_report.REPORT_FILE] = html_report.write_html_report(out)
+    written[html_report.REPORT_FILE] = html_report.write_html_report(out, shown_as)
     return written
