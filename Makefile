@@ -11,15 +11,34 @@ KERAS_MODELS := $(HOME)/.keras/models
 WEIGHTS_SRC := ../shared/weights/mobilenet_v2_1.0_224_no_top.RECONSTRUCTED_from_slim_npy.h5
 WEIGHTS_DST := $(KERAS_MODELS)/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5
 
-.PHONY: install weights demo test test-fast lint format docs bench bench-finetune clean
+# The versions CI tested: every dependency of featx and of these extras, pinned by `make lock`.
+LOCK := .ci/requirements.lock
+LOCK_EXTRAS := dev onnx ray
+LOCK_PYTHON := 3.11
+LOCK_PLATFORM := x86_64-manylinux_2_28
+
+.PHONY: install lock weights demo test test-fast lint format docs bench bench-finetune clean
 
 install: $(VENV)/.installed weights
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,onnx,ray]'
+# The locked versions first, then featx itself (editable) without resolving anything again; a lock
+# that no longer matches pyproject.toml fails tests/test_lock.py (run `make lock`).
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r $(LOCK)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
+
+# uv at the locked version: it installs the lock in seconds where pip takes minutes.
+$(BIN)/uv:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$$(grep -m1 '^uv==' $(LOCK))"
+
+# Rewrites the lock after a dependency changed in pyproject.toml. Versions already pinned stay
+# (uv keeps the pins of the file it rewrites) unless pyproject.toml rules them out; a new dependency
+# gets its newest release for Python $(LOCK_PYTHON) on Linux. `make lock UPGRADE=1` moves every pin.
+lock: | $(BIN)/uv
+	$(BIN)/uv pip compile pyproject.toml $(LOCK_EXTRAS:%=--extra %) --python-version $(LOCK_PYTHON) \
+		--python-platform $(LOCK_PLATFORM) $(if $(UPGRADE),--upgrade) --quiet -o $(LOCK)
 
 weights:
 	@if [ -f $(WEIGHTS_SRC) ] && [ ! -f $(WEIGHTS_DST) ]; then \

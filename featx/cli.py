@@ -534,7 +534,7 @@ def predict(model_dir, paths, as_json, **options):
     default=config.EXPORT_FORMAT,
     show_default=True,
     type=click.Choice(config.EXPORT_FORMATS),
-    help="savedmodel and tflite need the TensorFlow backend.",
+    help="savedmodel and tflite need the TensorFlow backend; onnx, featx[onnx].",
 )
 @shown(
     "--quantize",
@@ -554,9 +554,9 @@ def predict(model_dir, paths, as_json, **options):
 def export(model_dir, model_format, quantize, output, overwrite, cache_path, as_json):
     """Export MODEL_DIR as one model from raw pixels to class probabilities.
 
-    Writes the model (model.keras, saved_model/ or model.tflite), labels.txt and export.json
-    (input size, preprocessing, class names), then checks the exported file against the
-    in-process model and reports the largest probability difference.
+    Writes the model (model.keras, saved_model/, model.tflite or model.onnx), labels.txt and
+    export.json (input size, preprocessing, class names), then checks the exported file against
+    the in-process model and reports the largest probability difference.
     """
     # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
     check_exists(model_dir, "model")

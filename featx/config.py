@@ -184,13 +184,19 @@ PREDICT_TOP_K = 3  # classes listed per image, most probable first (fewer when t
 PREDICT_PROGRESS_MIN = 100  # show a progress bar from this many images on
 PREDICT_MIN_CONFIDENCE = None  # --min-confidence: rows below it are predicted UNKNOWN_CLASS; off
 UNKNOWN_CLASS = "unknown"  # the prediction of a row below --min-confidence
-EXPORT_FORMAT = "keras"  # "keras" (any backend), "savedmodel" or "tflite" (TensorFlow backend)
-EXPORT_FORMATS = ("keras", "savedmodel", "tflite")
+# "keras" (any backend), "savedmodel" or "tflite" (TensorFlow backend), "onnx" (the onnx extra:
+# tf2onnx writes it, ONNX Runtime checks and runs it)
+EXPORT_FORMAT = "keras"
+EXPORT_FORMATS = ("keras", "savedmodel", "tflite", "onnx")
 EXPORT_QUANTIZES = ("none", "float16", "dynamic")
 # TFLite only. "float16" halves the file; "dynamic" stores int8 weights (3.6x smaller). With the
 # cats_and_dogs_filtered logreg model, probabilities on 8 check images moved by 1e-4 (float16) and
 # 5e-4 (dynamic); validation accuracy 0.989 stayed 0.989 / became 0.988. No full-integer option.
 EXPORT_QUANTIZE = "none"
+# The name of the class probabilities among an export's outputs. An ONNX export names each output:
+# this for a model with one output, the Keras output names for a model with several (its other
+# outputs, such as a novelty score, carry over under their own names).
+EXPORT_PROBABILITIES = "probabilities"
 EXPORT_CHECK_IMAGES = 8  # images compared between the exported and the in-process model
 EXPORT_TOLERANCE = 1e-4  # largest probability difference accepted for float exports
 EXPORT_QUANTIZED_TOLERANCE = 0.1  # the same for quantized TFLite (a warning, not an error)

@@ -26,6 +26,7 @@ NOISE = (
     rb"^[IW]\d{4} \d\d:\d\d:",  # any info or warning line of absl
     rb"failed call to cuInit",  # no GPU (or no driver): Keras runs on the CPU, as intended
     rb"Unable to register cu(DNN|FFT|BLAS) factory",
+    rb"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU",  # each TFLite model loaded
 )
 NOISE_LINE = re.compile(b"|".join(NOISE))
 

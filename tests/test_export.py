@@ -1,7 +1,10 @@
-"""featx export: keras, SavedModel and TFLite files that give the in-process probabilities
-(tiny generated images, random MobileNetV2 at 32 px, and a small conv model for quantization)."""
+"""featx export: keras, SavedModel, TFLite and ONNX files that give the in-process probabilities
+(tiny generated images, random MobileNetV2 at 32 px, and small conv models for quantization and
+for a model with two outputs)."""
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from featx.cli import cli
 from featx.commands import export as export_mod
 from featx.commands.export import export
 from featx.commands.fit_head import fit_head
+from featx.commands.predict import predict
 from featx.errors import FeatxError
 from featx.heads import estimators
 from featx.images import decoder
@@ -63,6 +67,8 @@ def run_exported(path: Path, model_format: str, pixels: np.ndarray) -> np.ndarra
     """Probabilities from the exported file with that format's own runtime, not featx."""
     if model_format == "keras":
         return keras.saving.load_model(path, safe_mode=True).predict(pixels, verbose=0)
+    if model_format == "onnx":
+        return run_onnx(path, pixels)["probabilities"]
     import tensorflow as tf
 
     if model_format == "savedmodel":
@@ -79,17 +85,32 @@ def run_exported(path: Path, model_format: str, pixels: np.ndarray) -> np.ndarra
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
+def run_onnx(path: Path, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """Every output of an ONNX file by name, run by ONNX Runtime alone."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, {session.get_inputs()[0].name: pixels})))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "head, model_format",
-    [("logreg", "keras"), ("logreg", "savedmodel"), ("logreg", "tflite"), ("dense", "keras")],
+    [
+        ("logreg", "keras"),
+        ("logreg", "savedmodel"),
+        ("logreg", "tflite"),
+        ("logreg", "onnx"),
+        ("dense", "keras"),
+    ],
 )
 def test_float_exports_give_the_heads_probabilities(tiny, tiny_dense, tmp_path, head, model_format):
     head_dir = {"logreg": tiny["root"] / "logreg", "dense": tiny_dense}[head]
     out = tmp_path / "exported"
     result = export(head_dir, model_format, output=out, cache=tiny["cache"])
     model_file = out / {"keras": "model.keras", "savedmodel": "saved_model"}.get(
-        model_format, "model.tflite"
+        model_format, f"model.{model_format}"
     )
     assert result["model"] == str(model_file) and model_file.exists()
     assert (out / "labels.txt").read_text() == "cats\ndogs\n"
@@ -203,8 +224,8 @@ def test_bad_requests_are_refused_with_clear_messages(tiny, conv_model, tmp_path
     head = tiny["root"] / "logreg"
     with pytest.raises(FeatxError, match="--quantize float16 applies to --format tflite only"):
         export(head, "keras", "float16", output=tmp_path / "x")
-    with pytest.raises(FeatxError, match="Unknown format 'onnx'"):
-        export(head, "onnx", output=tmp_path / "x")
+    with pytest.raises(FeatxError, match="Unknown format 'coreml'"):
+        export(head, "coreml", output=tmp_path / "x")
     with pytest.raises(FeatxError, match="--output is the folder to write model.tflite"):
         export(head, "tflite", output=tmp_path / "model.tflite")
     with pytest.raises(FeatxError, match="has the classes"):
@@ -215,7 +236,111 @@ def test_bad_requests_are_refused_with_clear_messages(tiny, conv_model, tmp_path
     for model_format in ("savedmodel", "tflite"):
         with pytest.raises(FeatxError, match=f"--format {model_format} needs the TensorFlow"):
             export(head, model_format, output=tmp_path / "x")
+    monkeypatch.setattr(mobilenet, "keras_backend", lambda: "torch")
+    with pytest.raises(FeatxError, match="--format onnx cannot run here: featx exports ONNX"):
+        export(head, "onnx", output=tmp_path / "x")
     assert not (tmp_path / "x").exists()  # refused before writing anything
+
+
+@pytest.fixture(scope="module")
+def two_outputs(tmp_path_factory):
+    """Finetune-style folders whose Keras model has two outputs, the class probabilities and a
+    novelty score (a value > 1, so it is compared relative to its size): one model returns them
+    as a dict, one as a list of named layers."""
+    root = tmp_path_factory.mktemp("two")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3), name="image")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    proba = keras.layers.Dense(3, activation="softmax", name="probabilities")(x)
+    novelty = keras.layers.Dense(1, name="novelty_raw")(x)
+    novelty = keras.layers.Rescaling(50.0, offset=10.0, name="novelty")(novelty)
+    info = {"kind": "finetune", "class_names": ["a", "b", "c"], "image_size": 32}
+    folders = {}
+    for kind, outputs in (
+        ("dict", {"probabilities": proba, "novelty": novelty}),
+        ("list", [proba, novelty]),
+    ):
+        folders[kind] = root / kind
+        folders[kind].mkdir()
+        keras.Model(inputs, outputs).save(folders[kind] / "model.keras")
+        (folders[kind] / "finetune.json").write_text(json.dumps(info))
+    return folders
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dict", "list"])
+def test_an_onnx_export_keeps_every_output_of_the_model_by_name(two_outputs, kind, tmp_path):
+    folder = two_outputs[kind]
+    result = export(folder, "onnx", output=tmp_path / "onnx")
+    pixels = np.random.default_rng(2).integers(0, 256, (6, 32, 32, 3)).astype(np.float32)
+    expected = keras.saving.load_model(folder / "model.keras").predict(pixels, verbose=0)
+    if kind == "list":
+        expected = dict(zip(["probabilities", "novelty"], expected))
+    assert np.abs(expected["novelty"]).max() > 5  # not a probability: compared relatively
+    got = run_onnx(tmp_path / "onnx" / "model.onnx", pixels)
+    assert sorted(got) == ["novelty", "probabilities"]
+    for name in got:
+        assert got[name].shape == expected[name].shape
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-5)
+    check = result["check"]
+    assert sorted(check["outputs"]) == ["novelty", "probabilities"]
+    assert max(check["outputs"].values()) <= 1e-4
+    assert check["max_abs_diff"] == check["outputs"]["probabilities"]
+    card = (tmp_path / "onnx" / "README.md").read_text()
+    assert "also the model's other outputs, `novelty`" in card
+    # featx predict runs the file on the probabilities output
+    photo = tmp_path / "photo.png"
+    keras.utils.save_img(photo, pixels[0])
+    row = predict(tmp_path / "onnx", [str(photo)])["rows"][0]
+    decoded = decoder.load_image(photo, 32)[None].astype(np.float32)
+    want = run_onnx(tmp_path / "onnx" / "model.onnx", decoded)
+    assert row["probability"] == pytest.approx(float(want["probabilities"].max()), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_predict_with_a_tflite_export_prints_no_xnnpack_line(tiny, tmp_path):
+    """#26 item 5: TFLite's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." is start-up
+    noise the CLI hides (featx.quiet), like TensorFlow's own."""
+    out = tmp_path / "tflite"
+    export(tiny["root"] / "logreg", "tflite", output=out)
+    photo = tmp_path / "photo.png"
+    keras.utils.save_img(photo, tiny["pixels"][0])
+    raw = (
+        "import numpy as np; from featx.artifacts.classifier import load_exported; "
+        f"load_exported({str(out / 'model.tflite')!r}, 'tflite')(np.zeros((1, 32, 32, 3)))"
+    )
+    runs = {
+        "raw": [sys.executable, "-c", raw],
+        "cli": [sys.executable, "-m", "featx", "predict", str(out), str(photo)],
+    }
+    stderr = {}
+    for name, args in runs.items():
+        done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        stderr[name] = done.stderr
+    if "XNNPACK" not in stderr["raw"]:
+        pytest.skip("this TFLite runtime printed no XNNPACK line: nothing to hide")
+    assert "XNNPACK" not in stderr["cli"], stderr["cli"]
+
+
+def test_the_check_compares_each_output_by_name_and_requires_every_one_in_onnx():
+    p = np.array([[0.2, 0.8], [0.6, 0.4]])
+    novelty = np.array([[40.0], [12.0]])
+    expected = {"probabilities": p, "novelty": novelty}
+    diffs = export_mod._differences(
+        expected, {"novelty": novelty + 0.4, "probabilities": p + 1e-3}, every_output=True
+    )
+    assert diffs == pytest.approx({"probabilities": 1e-3, "novelty": 0.01})  # 0.4 / 40
+    with pytest.raises(FeatxError, match=r"lacks the model's outputs \['novelty'\]"):
+        export_mod._differences(expected, {"probabilities": p}, every_output=True)
+    # keras, SavedModel and TFLite give the probabilities: those are compared
+    assert export_mod._differences(expected, {"probabilities": p}, every_output=False) == {
+        "probabilities": 0.0
+    }
+    with pytest.raises(FeatxError, match="output 'novelty' has the shape \\(2,\\)"):
+        export_mod._differences(expected, {**expected, "novelty": novelty[:, 0]}, True)
 
 
 def test_a_float_export_that_disagrees_is_an_error_and_is_removed(tiny, tmp_path, monkeypatch):

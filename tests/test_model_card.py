@@ -51,8 +51,17 @@ def test_the_card_states_the_classes_data_metrics_and_input_contract(exported):
 
 
 @pytest.mark.slow
-def test_the_python_code_of_the_card_runs_and_agrees_with_predict(exported):
-    folder = exported["export"]
+@pytest.mark.parametrize("model_format", ["keras", "savedmodel", "tflite", "onnx"])
+def test_the_python_code_of_each_card_runs_as_printed_and_agrees_with_predict(
+    exported, model_format, tmp_path
+):
+    """#26 item 5: the snippet runs where featx is installed (TFLite: LiteRT when installed, else
+    TensorFlow's interpreter; ONNX: ONNX Runtime, of the onnx extra)."""
+    if model_format == "keras":
+        folder = exported["export"]
+    else:
+        folder = tmp_path / model_format
+        export(exported["head"], model_format, output=folder)
     card = (folder / "README.md").read_text()
     (code,) = re.findall(r"```python\n(.*?)```", card, re.S)
     photo = exported["data"] / "validation" / "dogs" / "dogs01.jpg"

@@ -15,12 +15,14 @@ NOISE = [
     b"I0000 00:00:1795519627.457971    6465 cudart_stub.cc:31] Could not find cuda drivers",
     b"E0000 00:00:1795519632.424446    6465 cuda_platform.cc:52] failed call to cuInit: INTERNAL",
     b"W0000 00:00:1795519632.424446    6465 some_file.cc:12] anything at warning level",
+    b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",  # predict with a .tflite export
 ]
 KEPT = [
     b"E0000 00:00:1795519632.424446    6465 kernel.cc:99] a real error from a kernel",
     b"F0000 00:00:1795519632.424446    6465 check.cc:1] Check failed: x",
     b"Error: Model folder not found: '/no/such/dir'.",
     b"extracting 28/28, 6.2 images/s",
+    b"INFO: a line of ours or of another library",
 ]
 
 

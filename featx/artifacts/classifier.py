@@ -2,7 +2,8 @@
 it over image files in batches.
 
 A fit-head folder becomes its backbone engine (Keras, ONNX Runtime or INT8) followed by the head; a
-finetune folder its Keras model; an export folder the exported file (Keras, SavedModel or TFLite).
+finetune folder its Keras model; an export folder the exported file (Keras, SavedModel, TFLite or
+ONNX).
 predict and export both run models through here, so neither imports the other.
 """
 
@@ -25,7 +26,7 @@ from featx.artifacts.model_dirs import (
     read_export_info,
     read_finetune_info,
 )
-from featx.backbone import engines
+from featx.backbone import engines, onnx_engine
 from featx.errors import FeatxError, Messages, check_int
 from featx.images import decoder, decoding
 
@@ -164,7 +165,9 @@ def _load_classifier(model_dir: str | Path, engine: str | None, log) -> Classifi
             raise FeatxError(
                 f"Could not load '{path}' ({type(e).__name__}: {e}). Re-run `featx export`."
             ) from None
-        runs_on = {"keras": "keras", "savedmodel": "tensorflow"}.get(info["model_format"], "tflite")
+        runs_on = {"keras": "keras", "savedmodel": "tensorflow", "onnx": "onnxruntime"}.get(
+            info["model_format"], "tflite"
+        )
         size = int(info["image_size"])
         return Classifier("export", list(info["class_names"]), size, runs_on, info, run)
     if kind == "finetune":
@@ -286,6 +289,59 @@ def run_batches(
     return proba, errors
 
 
+def output_names(model) -> list[str]:
+    """The names of a Keras model's outputs as featx exports them: config.EXPORT_PROBABILITIES
+    for a model with one output, else the model's own output names."""
+    names = list(model.output_names)
+    return [config.EXPORT_PROBABILITIES] if len(names) == 1 else names
+
+
+def keras_outputs(model, batch) -> dict[str, np.ndarray]:
+    """Every output of a Keras model on `batch`, by the names of `output_names`."""
+    got = model.predict_on_batch(np.asarray(batch, np.float32))
+    if isinstance(got, dict):
+        return {name: np.asarray(value) for name, value in got.items()}
+    if not isinstance(got, (list, tuple)):
+        got = [got]
+    return dict(zip(output_names(model), (np.asarray(value) for value in got)))
+
+
+def probabilities(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The class probabilities among a model's outputs (by name; else its only or first one)."""
+    return outputs.get(config.EXPORT_PROBABILITIES, next(iter(outputs.values())))
+
+
+def onnx_outputs(path: str | Path):
+    """A function (n, size, size, 3) pixels -> {output name: array}: every output of an ONNX
+    export, run by ONNX Runtime."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise FeatxError(
+            f"'{path}' is an ONNX model, which needs ONNX Runtime ({e}). Run "
+            f"`{onnx_engine.INSTALL_HINT}`."
+        ) from None
+    session = ort.InferenceSession(
+        str(path), onnx_engine.session_options(), providers=onnx_engine.providers()
+    )
+    feed = session.get_inputs()[0].name
+    names = [output.name for output in session.get_outputs()]
+
+    def run(batch):
+        return dict(zip(names, session.run(names, {feed: np.asarray(batch, np.float32)})))
+
+    return run
+
+
+def exported_outputs(path: str | Path, format: str):
+    """A function pixels -> {output name: array} running an exported file: every output of an
+    ONNX file, the probabilities of the other formats."""
+    if format == "onnx":
+        return onnx_outputs(path)
+    run = load_exported(path, format)
+    return lambda batch: {config.EXPORT_PROBABILITIES: run(batch)}
+
+
 def tflite_interpreter(path: str | Path):
     """A TFLite interpreter: LiteRT's (ai-edge-litert) when installed, else TensorFlow's."""
     try:
@@ -302,6 +358,9 @@ def tflite_interpreter(path: str | Path):
 def load_exported(path: str | Path, format: str):
     """A function (n, size, size, 3) pixels -> (n, C) probabilities running the exported file."""
     path = Path(path)
+    if format == "onnx":
+        outputs = onnx_outputs(path)
+        return lambda batch: probabilities(outputs(batch))
     if format == "keras":
         import keras
 

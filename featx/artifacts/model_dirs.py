@@ -18,7 +18,12 @@ FINETUNE_INFO = "finetune.json"  # written by finetune, next to FINETUNE_MODEL
 FINETUNE_MODEL = "model.keras"
 EXPORT_INFO = "export.json"  # written by export, next to the exported model and labels.txt
 EXPORT_FORMAT = "featx-export"  # the "format" of export.json
-EXPORT_MODEL_FILES = {"keras": "model.keras", "savedmodel": "saved_model", "tflite": "model.tflite"}
+EXPORT_MODEL_FILES = {
+    "keras": "model.keras",
+    "savedmodel": "saved_model",
+    "tflite": "model.tflite",
+    "onnx": "model.onnx",
+}
 LABELS_FILE = "labels.txt"
 
 

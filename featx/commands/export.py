@@ -1,4 +1,4 @@
-"""Ship the trained classifier: `featx export MODEL_DIR --format keras|savedmodel|tflite`.
+"""Ship the trained classifier: `featx export MODEL_DIR --format keras|savedmodel|tflite|onnx`.
 
 The export is one self-contained model from raw RGB pixels (0..255, float32, NHWC) to class
 probabilities: the backbone's preprocessing layer, MobileNetV2 and the head (a logistic regression
@@ -7,8 +7,13 @@ labels.txt (one class name a line, in output order), export.json (input size and
 preprocessing, class names, where it came from, and the checks below) and README.md (the model
 card, see featx.reports.model_card).
 
+Every format is converted from the same Keras model (build_model). ONNX (tf2onnx, the onnx extra)
+carries every output of that model under its name (the class probabilities as
+config.EXPORT_PROBABILITIES when it is the only one).
+
 After writing, the exported file is loaded back and compared with the in-process model on a few
-images; the largest probability difference is reported. With a cache, the exported model is also
+images, output by output (ONNX: all of them, each required); the largest probability difference is
+reported. With a cache, the exported model is also
 evaluated on the cache's validation split.
 """
 
@@ -26,9 +31,16 @@ import numpy as np
 
 from featx import config
 from featx.artifacts import model_dirs, outputs
-from featx.artifacts.classifier import load_exported, load_finetune_model, run_batches
+from featx.artifacts.classifier import (
+    exported_outputs,
+    keras_outputs,
+    load_finetune_model,
+    output_names,
+    probabilities,
+    run_batches,
+)
 from featx.artifacts.model_dirs import check_backbone, model_kind, read_finetune_info
-from featx.backbone import mobilenet
+from featx.backbone import mobilenet, onnx_engine
 from featx.cache import store
 from featx.config import VERSION
 from featx.errors import FeatxError, Messages
@@ -152,6 +164,38 @@ def _require_tensorflow(format: str) -> None:
         )
 
 
+def _require_onnx() -> None:
+    """The converter for the active Keras backend and ONNX Runtime (to check the file)."""
+    blocker = onnx_engine.export_blocker()
+    if blocker is None and not onnx_engine.onnxruntime_available():
+        blocker = "checking the exported file needs ONNX Runtime"
+    if blocker is not None:
+        raise FeatxError(
+            f"--format onnx cannot run here: {blocker}. Run `{onnx_engine.INSTALL_HINT}`, or use "
+            "--format keras."
+        )
+
+
+def _write_onnx(model, path: Path, quantize: str = "none") -> None:
+    """`model` as one ONNX graph (Keras' export: tf2onnx under TensorFlow), each output named
+    as output_names says, so a model with several outputs keeps every one of them by name."""
+    import keras
+
+    named = keras.Model(model.inputs, dict(zip(output_names(model), model.outputs)))
+    # Keras exports a model only once it has been called
+    named([np.zeros((1, *model.input_shape[1:]), np.float32)], training=False)
+    with replaced_atomically(path, ".onnx") as tmp:
+        try:
+            with warnings.catch_warnings():  # tf2onnx's numpy deprecation noise
+                warnings.simplefilter("ignore")
+                named.export(str(tmp), format="onnx", verbose=False)
+        except Exception as e:
+            raise FeatxError(
+                f"ONNX conversion failed ({type(e).__name__}: {e}). Check that "
+                f"`{onnx_engine.INSTALL_HINT}` is installed, or use --format keras."
+            ) from None
+
+
 def _write_keras(model, path: Path, quantize: str = "none") -> None:
     save_keras_atomic(model, path)
 
@@ -197,7 +241,12 @@ def _write_tflite(model, path: Path, quantize: str) -> None:
         shutil.rmtree(saved, ignore_errors=True)
 
 
-_WRITERS = {"keras": _write_keras, "savedmodel": _write_saved_model, "tflite": _write_tflite}
+_WRITERS = {
+    "keras": _write_keras,
+    "savedmodel": _write_saved_model,
+    "tflite": _write_tflite,
+    "onnx": _write_onnx,
+}
 
 
 # --- checks --------------------------------------------------------------------------------------
@@ -275,8 +324,8 @@ def export(
     Args:
         model_dir: a `featx fit-head` or `featx finetune` output folder.
         format: "keras" (model.keras, any backend), "savedmodel" (a TF SavedModel folder whose
-            `serve` signature takes the pixels) or "tflite" (model.tflite); the last two need the
-            TensorFlow backend.
+            `serve` signature takes the pixels), "tflite" (model.tflite); these two need the
+            TensorFlow backend; or "onnx" (model.onnx, every output by name; the onnx extra).
         quantize: TFLite only: "none", "float16" (float16 weights) or "dynamic" (int8 weights).
         output: the folder to write (created): the model, labels.txt and export.json. Default
             `<model_dir>/export-<format>[-<quantize>]/`.
@@ -299,11 +348,14 @@ def export(
     opts = ExportOptions(
         format=format, quantize=quantize, check_images=check_images, batch_size=batch_size
     )
-    if format != "keras":
+    if format == "onnx":
+        _require_onnx()
+    elif format != "keras":
         _require_tensorflow(format)
     model_dir = Path(model_dir)
     out = Path(output) if output is not None else default_output_dir(model_dir, format, quantize)
-    if out.is_file() or (not out.exists() and out.suffix in (".keras", ".tflite", ".h5", ".pb")):
+    suffixes = (".keras", ".tflite", ".onnx", ".h5", ".pb")
+    if out.is_file() or (not out.exists() and out.suffix in suffixes):
         raise FeatxError(
             f"--output is the folder to write {MODEL_FILES[format]}, {LABELS_FILE} and "
             f"{INFO_FILE} into, got '{out}'. Pass a folder such as '{out.with_suffix('')}'."
@@ -323,12 +375,13 @@ def export(
     with outputs.writing(out, made_by, overwrite=overwrite, log=log) as stage:
         path = stage / MODEL_FILES[format]
         _WRITERS[format](model, path, quantize)
-        run = load_exported(path, format)
-        check = _verify(model, run, path, opts, _check_paths(val_paths, described), log)
+        file_outputs = exported_outputs(path, format)
+        check = _verify(model, file_outputs, path, opts, _check_paths(val_paths, described), log)
         validation = None
         if val_paths is not None:
             log(f"evaluating the exported model on {len(val_paths)} validation images ...")
             with closing(reporter(progress, "evaluating")) as bar:
+                run = lambda batch: probabilities(file_outputs(batch))  # noqa: E731
                 validation = _evaluate(run, val_paths, val_labels, described, opts, bar)
             validation["reference_accuracy"] = _reference_accuracy(model_dir)
         results = {"check": check, "validation": validation}
@@ -348,19 +401,28 @@ def _check_paths(val_paths, described: dict):
         return None
 
 
-def _verify(model, run, path: Path, opts: ExportOptions, check_paths, log) -> dict:
-    """Compare the exported file with the in-process model; a float export that differs is
-    refused (its staging folder, `path`'s, is removed), a quantized one only warned about."""
+def _verify(model, outputs, path: Path, opts: ExportOptions, check_paths, log) -> dict:
+    """Compare the exported file with the in-process model, output by output; a float export that
+    differs, or lacks an output, is refused (its staging folder is removed, the output folder is
+    left as it was); a quantized one only warned about."""
     pixels, source = _check_pixels(opts.check_images, model.input_shape[1], check_paths)
-    expected = np.asarray(model.predict_on_batch(pixels.astype(np.float32)), np.float64)
-    got = np.asarray(run(pixels), np.float64)
-    diff = float(np.abs(got - expected).max())
+    expected = keras_outputs(model, pixels.astype(np.float32))
+    got = outputs(pixels)
     quantized = opts.quantize != "none"
     tolerance = config.EXPORT_QUANTIZED_TOLERANCE if quantized else config.EXPORT_TOLERANCE
-    if not diff <= tolerance:
+    try:
+        diffs = _differences(expected, got, every_output=opts.format == "onnx")
+    except FeatxError as e:
+        raise FeatxError(
+            f"{e} {path.name} was removed (its output folder is left as it was). "
+            "Report this with your keras versions."
+        ) from None
+    failed = [name for name, diff in diffs.items() if not diff <= tolerance]  # NaN fails
+    if failed:
+        what = "probabilities" if failed[0] == config.EXPORT_PROBABILITIES else "values"
         message = (
-            f"The exported model's probabilities differ from the in-process model's by up to "
-            f"{diff:.3g} (expected <= {tolerance:g})"
+            f"The exported model's {what} differ from the in-process model's by up to "
+            f"{diffs[failed[0]]:.3g} (output '{failed[0]}'; expected <= {tolerance:g})"
         )
         if not quantized:  # a float export must be the same model: never leave a wrong one
             raise FeatxError(
@@ -368,13 +430,38 @@ def _verify(model, run, path: Path, opts: ExportOptions, check_paths, log) -> di
                 "Report this with your keras/tensorflow versions."
             )
         log(f"warning: {message}; quantization costs more than usual for this model.")
+    got_p, expected_p = probabilities(got), probabilities(expected)
     return {
         "images": len(pixels),
         "source": source,
-        "max_abs_diff": diff,
+        "max_abs_diff": diffs.get(config.EXPORT_PROBABILITIES, max(diffs.values())),
         "tolerance": tolerance,
-        "same_predictions": int((got.argmax(1) == expected.argmax(1)).sum()),
+        "same_predictions": int((got_p.argmax(1) == expected_p.argmax(1)).sum()),
+        "outputs": diffs,
     }
+
+
+def _differences(expected: dict, got: dict, every_output: bool) -> dict[str, float]:
+    """{output name: largest difference} between the in-process outputs and the file's, each
+    relative to max(1, largest in-process value) (so probabilities: absolute). every_output: the
+    file must have each output of the model (ONNX); else those it has are compared."""
+    names = list(expected) if every_output else [name for name in expected if name in got]
+    missing = [name for name in names if name not in got]
+    if missing or not names:
+        raise FeatxError(
+            f"The exported file lacks the model's outputs {missing or list(expected)} (it has "
+            f"{sorted(got)})."
+        )
+    diffs = {}
+    for name in names:
+        want, have = np.asarray(expected[name], np.float64), np.asarray(got[name], np.float64)
+        if want.shape != have.shape:
+            raise FeatxError(
+                f"The exported file's output '{name}' has the shape {have.shape}, the in-process "
+                f"model's {want.shape}."
+            )
+        diffs[name] = float(np.abs(have - want).max() / max(1.0, float(np.abs(want).max())))
+    return diffs
 
 
 def _evaluate(run, val_paths, val_labels, described: dict, opts: ExportOptions, progress):

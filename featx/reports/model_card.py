@@ -187,6 +187,7 @@ def _contract(info: dict, metrics: dict) -> list[str]:
         f"- Resize the whole photo to {size}x{size} without keeping the aspect ratio (bilinear, "
         "as in training), after applying its EXIF orientation; transparent pixels on white.",
         f"- Output: `(batch, {len(names)})` softmax probabilities in the order of `labels.txt`.",
+        *_onnx_outputs(info),
         "",
         "## Intended use and limits",
         "",
@@ -203,6 +204,37 @@ def _contract(info: dict, metrics: dict) -> list[str]:
         "import numpy as np",
         "from PIL import Image, ImageOps",
         "",
+        *_python(fmt, model_file, size),
+    ]
+    lines += [
+        "print(labels[int(np.argmax(probabilities))], float(np.max(probabilities)))",
+        "```",
+        "",
+        "With featx installed: `featx predict THIS_FOLDER photos/` (same decoding as training).",
+        "",
+        "## Use it on Android",
+        "",
+    ]
+    return lines
+
+
+def _onnx_outputs(info: dict) -> list[str]:
+    """An ONNX file names its outputs: which they are (a model may have more than one)."""
+    if info["model_format"] != "onnx":
+        return []
+    names = list((info.get("check") or {}).get("outputs") or [config.EXPORT_PROBABILITIES])
+    others = [f"`{_text(name)}`" for name in names if name != config.EXPORT_PROBABILITIES]
+    return [
+        f"- ONNX outputs, by name: `{config.EXPORT_PROBABILITIES}` (the probabilities above)"
+        + (f"; also the model's other outputs, {', '.join(others)}" if others else "")
+        + ". Each was checked against the in-process model."
+    ]
+
+
+def _python(fmt: str, model_file: str, size: int) -> list[str]:
+    """Python that loads the exported file and classifies photo.jpg: it runs as printed where
+    featx is installed (tests/test_model_card.py runs it for each format)."""
+    lines = [
         'labels = open("labels.txt").read().splitlines()',
         'image = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB")',
         f"x = np.asarray(image.resize(({size}, {size}), Image.BILINEAR), np.float32)[None]",
@@ -223,10 +255,24 @@ def _contract(info: dict, metrics: dict) -> list[str]:
             f'model = tf.saved_model.load("{model_file}")',
             "probabilities = model.serve(tf.constant(x)).numpy()[0]",
         ]
+    elif fmt == "onnx":
+        lines += [
+            "",
+            "import onnxruntime",
+            "",
+            f'session = onnxruntime.InferenceSession("{model_file}")',
+            "feed = {session.get_inputs()[0].name: x}",
+            f'probabilities = session.run(["{config.EXPORT_PROBABILITIES}"], feed)[0][0]',
+        ]
     else:
         lines += [
             "",
-            "from ai_edge_litert.interpreter import Interpreter  # or tf.lite.Interpreter",
+            "try:",
+            "    from ai_edge_litert.interpreter import Interpreter  # LiteRT, the TFLite runtime",
+            "except ImportError:  # TensorFlow's copy of it",
+            "    import tensorflow as tf",
+            "",
+            "    Interpreter = tf.lite.Interpreter",
             "",
             f'interpreter = Interpreter(model_path="{model_file}")',
             "interpreter.allocate_tensors()",
@@ -235,15 +281,6 @@ def _contract(info: dict, metrics: dict) -> list[str]:
             'output = interpreter.get_output_details()[0]["index"]',
             "probabilities = interpreter.get_tensor(output)[0]",
         ]
-    lines += [
-        "print(labels[int(np.argmax(probabilities))], float(np.max(probabilities)))",
-        "```",
-        "",
-        "With featx installed: `featx predict THIS_FOLDER photos/` (same decoding as training).",
-        "",
-        "## Use it on Android",
-        "",
-    ]
     return lines
 
 
