@@ -303,6 +303,28 @@ def _reference_accuracy(model_dir: Path) -> float | None:
         return None
 
 
+def _check_request(model_dir: Path, format: str, quantize: str, output, cache) -> Path:
+    """The output folder, once the format's libraries, the folders and the cache are checked:
+    every wrong request is answered before Keras loads."""
+    if format == "onnx":
+        _require_onnx()
+    elif format != "keras":
+        _require_tensorflow(format)
+    out = Path(output) if output is not None else default_output_dir(model_dir, format, quantize)
+    suffixes = (".keras", ".tflite", ".onnx", ".h5", ".pb")
+    if out.is_file() or (not out.exists() and out.suffix in suffixes):
+        raise FeatxError(
+            f"--output is the folder to write {MODEL_FILES[format]}, {LABELS_FILE} and "
+            f"{INFO_FILE} into, got '{out}'. Pass a folder such as '{out.with_suffix('')}'."
+        )
+    model_kind(model_dir)  # a wrong folder is answered before Keras loads
+    if cache is not None and not Path(cache).is_file():
+        raise FeatxError(
+            f"Cache not found: '{cache}'. Pass the .h5 file `featx extract` wrote, or drop --cache."
+        )
+    return out
+
+
 # --- the command ---------------------------------------------------------------------------------
 
 
@@ -348,23 +370,8 @@ def export(
     opts = ExportOptions(
         format=format, quantize=quantize, check_images=check_images, batch_size=batch_size
     )
-    if format == "onnx":
-        _require_onnx()
-    elif format != "keras":
-        _require_tensorflow(format)
     model_dir = Path(model_dir)
-    out = Path(output) if output is not None else default_output_dir(model_dir, format, quantize)
-    suffixes = (".keras", ".tflite", ".onnx", ".h5", ".pb")
-    if out.is_file() or (not out.exists() and out.suffix in suffixes):
-        raise FeatxError(
-            f"--output is the folder to write {MODEL_FILES[format]}, {LABELS_FILE} and "
-            f"{INFO_FILE} into, got '{out}'. Pass a folder such as '{out.with_suffix('')}'."
-        )
-    model_kind(model_dir)  # a wrong folder is answered before Keras loads
-    if cache is not None and not Path(cache).is_file():
-        raise FeatxError(
-            f"Cache not found: '{cache}'. Pass the .h5 file `featx extract` wrote, or drop --cache."
-        )
+    out = _check_request(model_dir, format, quantize, output, cache)
     made_by = {"command": "export", "source": str(model_dir.resolve()), "format": format}
     made_by.update({"quantize": quantize} if quantize != "none" else {})
     outputs.check_target(out, made_by, overwrite)  # before any work
