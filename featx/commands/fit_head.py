@@ -117,13 +117,7 @@ def fit_head(
             "head": head,
             "options": {k: estimators._jsonable(v) for k, v in estimator.get_params().items()},
             "fitted": estimators._jsonable_tree(estimator.summary()),
-            "cache": {
-                "path": str(cache_path),
-                "feature_dim": int(cache.features.shape[1]),
-                "dtype": str(cache.features.dtype),
-                "counts": cache.counts(),
-                "fingerprint": cache.fingerprint,
-            },
+            "cache": _cache_record(cache, cache_path),
             "class_names": list(cache.class_names),
             "output": str(out),
         }
@@ -136,6 +130,18 @@ def fit_head(
     for text, summary_shows in found:  # after the files: an error that stops them comes alone
         log.warning(text, summary_shows=summary_shows)
     return Result(metrics, "metrics")
+
+
+def _cache_record(cache: store.Cache, cache_path) -> dict:
+    """metrics.json's "cache": where it is, the data folder misclassified.csv's paths are in."""
+    return {
+        "path": str(cache_path),
+        "data_dir": cache.attrs.get("data_dir"),
+        "feature_dim": int(cache.features.shape[1]),
+        "dtype": str(cache.features.dtype),
+        "counts": cache.counts(),
+        "fingerprint": cache.fingerprint,
+    }
 
 
 def _warnings(cache_path, metrics: dict, exclude_duplicates: bool) -> list[tuple[str, bool]]:
@@ -245,7 +251,6 @@ def _record(estimator, cache: store.Cache, cache_path, out: Path, results: tuple
         predictions,
         history=getattr(estimator, "history_", None),
         class_names=cache.class_names,
-        data_dir=cache.attrs.get("data_dir"),
     )
     head_file = json.loads(head_json.read_text())["file"]
     outputs.record(out, [head_json, head_file, *written.values()], log)  # drops stale files
