@@ -201,8 +201,10 @@ def featx_row(cache: Path, head: str, options: dict, data_dir: str) -> dict:
             out[split] = {
                 k: m[split][k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")
             }
-            out["wrong"][split] = sorted(  # misclassified.csv: paths joined to the data folder
-                os.path.relpath(r["path"], data_dir) for r in wrong_rows if r["split"] == split
+            out["wrong"][split] = sorted(  # relative to the data folder (absolute before #26)
+                os.path.relpath(r["path"], data_dir) if os.path.isabs(r["path"]) else r["path"]
+                for r in wrong_rows
+                if r["split"] == split
             )
     return out
 

@@ -294,16 +294,32 @@ def merge(output, shards, copy, overwrite, as_json):
 @cli.command()
 @click.argument("cache_path", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@click.option(
+    "--files",
+    is_flag=True,
+    help="List every image as CSV (path,split,label; paths relative to the data folder); "
+    "with --json, as a 'files' list.",
+)
 @friendly_errors
-def info(cache_path, as_json):
+def info(cache_path, as_json, files):
     """Show what a feature cache holds: counts per split and class, fingerprint, rejected files."""
     # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
     check_exists(cache_path, "cache")
     from featx.commands.info import info as cache_info
 
-    data = cache_info(cache_path)
+    data = cache_info(cache_path, files=files)
     if as_json:
         print_json(data)
+        return
+    if files:
+        import csv
+        import io
+
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["path", "split", "label"])
+        writer.writerows([f["path"], f["split"], f["label"]] for f in data["files"])
+        click.echo(text.getvalue(), nl=False)
         return
     click.echo(f"{data['path']}: {data['images']} images, {data['feature_dim']}-d {data['dtype']}")
     click.echo(f"data: {data['data_dir']} ({data['layout']} layout), updated {data['updated']}")

@@ -94,6 +94,11 @@ CACHE_DIR = "cache"  # default folder for caches and trained heads
 # --- splits --------------------------------------------------------------------------------------
 VAL_SPLIT = 0.2  # fraction of each class held out for validation when the folder has no splits
 SEED = 0  # seeds the split and the heads
+# A flat folder's split keeps each group of copies (featx audit's duplicate groups) on one side, up
+# to this many images: burst shots and copies are a few; near-copy links chain larger groups of
+# look-alikes (textures: one of 828 images in NEU surface defects) that, kept whole, would empty a
+# class's validation. Those are split as single images, and `featx audit` lists them.
+SPLIT_GROUP_MAX_IMAGES = 10
 SPLITS = ("train", "validation", "test")
 SPLIT_FOLDER_NAMES = {
     "train": "train",
@@ -223,6 +228,9 @@ IMBALANCE_RATIO = 3.0  # fit-head suggests --class-weight balanced when the larg
 # Lower finds more crops and more look-alikes; random-weight backbones (tests) need a higher value.
 AUDIT_NEAR_DUPLICATE = 0.90
 AUDIT_BLOCK_SIZE = 2048  # rows per tile of the all-pairs search: 2048 x 2048 float32 = 16 MB
+# ... when the features are read from the cache's parts a tile at a time (extract's split, merge):
+# smaller tiles, so extraction's peak memory stays that of its batches (two 5 MB tiles, 4 MB of S)
+AUDIT_STORED_BLOCK_SIZE = 1024
 AUDIT_MAX_PAIRS = 2_000_000  # more pairs above the threshold than this is an error, not a list
 AUDIT_NEIGHBORS = 10  # outlier score: mean cosine distance to this many most similar images
 # Outlier: robust z-score of that distance, (score - median) / (1.4826 * MAD), above this. It flags

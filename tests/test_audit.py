@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import COLOURS, REAL_DATA, TINY, WEIGHTS_FILE, write_image, write_split_data
+from helpers import (
+    COLOURS,
+    REAL_DATA,
+    TINY,
+    WEIGHTS_FILE,
+    load_bench,
+    write_image,
+    write_split_data,
+)
 from PIL import Image
 
 from featx import config
@@ -155,6 +163,33 @@ def test_planted_label_flips_are_found_with_their_true_class(flipped, tmp_path):
     scores = [d["score"] for d in result["label_issues"]]
     assert scores == sorted(scores, reverse=True)
     assert result["summary"]["label_issues"] == len(issues)
+
+
+def test_the_summary_offers_label_issues_as_worth_a_look_highest_score_first(flipped, tmp_path):
+    cache, truth = flipped
+    args = ["audit", str(cache), "--output", str(tmp_path / "out"), "--threshold", "0.98"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "out" / "audit.json").read_text())["label_issues"]
+    train = sum(1 for p in store.read_cache(cache, features=False).splits if p == "train")
+    lines = result.stdout.splitlines()
+    head = f"label issues: {len(saved)} of {train} train images worth a look, highest score first"
+    assert head in lines and "mislabelled" not in result.stdout  # a score, not a verdict
+    shown = lines[lines.index(head) + 1 : lines.index(head) + 4]
+    scores = [float(line.rsplit("(", 1)[1].rstrip(")")) for line in shown]
+    assert scores == sorted(scores, reverse=True) and len(shown) == min(3, len(saved))
+    assert shown[0].strip().startswith(saved[0]["path"])
+
+
+def test_the_label_noise_benchmark_moves_five_percent_of_train_to_another_class():
+    bench = load_bench("label_issues")
+    labels = np.repeat(np.arange(3, dtype=np.int32), 100)
+    splits = np.array(["train", "validation"] * 150, dtype=object)
+    noisy, rows = bench.plant_noise(labels, splits, 3, seed=0)
+    assert len(rows) == round(0.05 * 150) and (splits[rows] == "train").all()
+    assert (noisy[rows] != labels[rows]).all() and (noisy != labels).sum() == len(rows)
+    assert np.array_equal(bench.plant_noise(labels, splits, 3, seed=0)[1], rows)  # seeded
+    assert bench.precision_recall([1, 2, 3, 4], [2, 4, 6]) == (0.5, 2 / 3)
 
 
 def test_a_photo_filed_under_two_classes_is_also_a_label_issue(planted, planted_audit):

@@ -104,3 +104,77 @@ def test_predict_says_when_the_accuracy_leaves_out_folders_not_named_after_class
     assert "not counted: 3 images in folders not named after one of the model's classes" in (
         result.output
     )
+
+
+# --- item 8: paths relative to the data folder; info --files ------------------------------------
+
+
+def noise_folder(root):
+    """root/{cats,dogs}/*.png of pure noise: a head guesses, so misclassified.csv has rows."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (root / name).mkdir(parents=True)
+        for i in range(15):
+            pixels = rng.integers(0, 256, (40, 40, 3)).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}{i:02d}.png")
+    return root
+
+
+def test_misclassified_csv_holds_the_caches_relative_paths_and_the_report_finds_them(
+    fake_engine, tmp_path, monkeypatch
+):
+    import csv
+    import json
+
+    from helpers import TINY
+
+    import featx
+
+    data = noise_folder(tmp_path / "data")
+    cache = tmp_path / "c.h5"
+    featx.extract(data, cache, progress=False, batch_size=8, **TINY)
+    out = tmp_path / "head"
+    featx.fit_head(cache, output=out, C=1.0)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["cache"]["data_dir"] == str(data.resolve())
+    with open(out / "misclassified.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows, "a head on noise gets some wrong"
+    cached = {f["path"] for f in featx.info(cache, files=True)["files"]}
+    assert all(r["path"] in cached for r in rows)  # the cache's own relative paths
+    assert all(not os.path.isabs(r["path"]) for r in rows)
+    # report.html finds each thumbnail in the data folder, wherever featx report runs
+    monkeypatch.chdir(tmp_path / "head")
+    result = CliRunner().invoke(cli, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    shown = sum(r["split"] == "validation" for r in rows)
+    assert page.count("class='thumb'") == min(shown, 24) and "image not found" not in page
+
+
+def test_info_files_lists_every_images_path_split_and_label(tiny_model):
+    import csv
+    import io
+    import json
+
+    import featx
+    from featx.cache import store
+
+    cache = store.read_cache(tiny_model.cache, features=False)
+    expected = [
+        {"path": p, "split": s, "label": cache.class_names[int(y)]}
+        for p, s, y in zip(cache.paths, cache.splits.tolist(), cache.labels)
+    ]
+    assert featx.info(tiny_model.cache, files=True)["files"] == expected
+    assert "files" not in featx.info(tiny_model.cache)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["info", str(tiny_model.cache), "--files", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["files"] == expected
+    result = runner.invoke(cli, ["info", str(tiny_model.cache), "--files"])
+    assert result.exit_code == 0, result.output
+    assert list(csv.DictReader(io.StringIO(result.output))) == expected
+    assert all((tiny_model.data / row["path"]).is_file() for row in expected)

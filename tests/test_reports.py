@@ -100,8 +100,10 @@ def test_featx_report_rebuilds_the_page_and_refuses_other_folders(noisy, tmp_pat
 def test_images_gone_since_fitting_show_as_missing_not_as_an_error(noisy, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(noisy["out"], folder)
-    rows = (folder / "misclassified.csv").read_text().replace(str(noisy["data"]), "/gone")
-    (folder / "misclassified.csv").write_text(rows)
+    # misclassified.csv holds paths relative to the data folder metrics.json records (#26)
+    metrics = (folder / "metrics.json").read_text()
+    assert str(noisy["data"].resolve()) in metrics
+    (folder / "metrics.json").write_text(metrics.replace(str(noisy["data"].resolve()), "/gone"))
     page = html_report.render(folder)
     assert "class='thumb'" not in page and "image not found" in page
 

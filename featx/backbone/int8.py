@@ -40,7 +40,9 @@ def calibration_files(
     seed: int = config.SEED,
 ) -> list:
     """Up to `n` training images, evenly spread over the sorted list: the same set every time.
-    Flat folders are split as extract splits them, so validation images never set the ranges."""
+    Flat folders are split as extract splits them before it knows the features, so validation
+    images do not set the ranges (except the few that keeping a group of copies together moves
+    from train to validation: calibration runs before any feature exists)."""
     splits = finder.assign_splits(listing.files, {}, val_split, seed)
     train = sorted((f for f in listing.files if splits[f.path] == "train"), key=lambda f: f.path)
     return train[:: max(1, len(train) // n)][:n]

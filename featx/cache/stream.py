@@ -145,11 +145,10 @@ def old_refs(old: store.Cache) -> list[tuple[str, int]]:
     return [(names[s], i) for s, i in zip(src.row_source.tolist(), src.row_index.tolist())]
 
 
-def commit(cache_path: Path, meta: store.Cache, refs: list, writer: PartWriter | None, old,
-           *, dim: int, dtype: str, flip: bool, compact: bool = False) -> list[str]:  # fmt: skip
-    """Write the main file of `meta` (no features) whose row i has its features at refs[i];
-    rewrite every feature into fresh parts first when the cache needs compaction (or `compact`).
-    Returns the sources the new main file names."""
+def sources_of(cache_path: Path, refs: list, writer: PartWriter | None, old, *, dim: int,
+               dtype: str, flip: bool) -> tuple[store.Sources, str]:  # fmt: skip
+    """(where the features of rows at refs[i] = (source name, row) are, the dtype they were
+    written in): the sources a main file will name, readable before it is written."""
     sources, rows = zip(*refs) if refs else ((), ())
     names = {name: s for s, name in enumerate(dict.fromkeys(sources))}  # in order of first use
     row_source = np.fromiter(map(names.__getitem__, sources), np.int32, len(refs))
@@ -169,6 +168,15 @@ def commit(cache_path: Path, meta: store.Cache, refs: list, writer: PartWriter |
         np.array([known_sizes[n] for n in order], np.int64), row_source, row_index, dim,
         dtype, flip,
     )  # fmt: skip
+    return src, old_dtype
+
+
+def commit(cache_path: Path, meta: store.Cache, refs: list, writer: PartWriter | None, old,
+           *, dim: int, dtype: str, flip: bool, compact: bool = False) -> list[str]:  # fmt: skip
+    """Write the main file of `meta` (no features) whose row i has its features at refs[i];
+    rewrite every feature into fresh parts first when the cache needs compaction (or `compact`).
+    Returns the sources the new main file names."""
+    src, old_dtype = sources_of(cache_path, refs, writer, old, dim=dim, dtype=dtype, flip=flip)
     if compact or needs_compaction(cache_path, src, old_dtype != dtype and old is not None):
         src = _compact(cache_path, src, meta, old_dtype, writer)
     store.write_main(cache_path, meta, src)

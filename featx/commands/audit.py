@@ -432,8 +432,9 @@ def format_summary(result: dict) -> str:
         f"across splits (leakage: {s['leaking_train_images']} train copies), "
         f"{s['cross_label_groups']} across classes"
     )
-    lines.append(
-        f"label issues: {s['label_issues']} of {s['train_images']} train images look mislabelled"
+    lines.append(  # a score, not a verdict: see the measured precision in the README
+        f"label issues: {s['label_issues']} of {s['train_images']} train images worth a look, "
+        "highest score first"
     )
     for d in result["label_issues"][:3]:
         lines.append(f"  {d['path']}: {d['label']} -> {d['suggested']} ({d['score']:.3f})")

@@ -29,6 +29,7 @@ from featx.cache import parts, ray_executor, store, stream
 from featx.errors import FeatxError, Messages
 from featx.images import decoding, finder, shards
 from featx.options import ExtractOptions, build_options, takes_options
+from featx.quality import duplicates
 from featx.reports.display import Result
 from featx.reports.progress import reporter
 
@@ -144,8 +145,6 @@ def extract(
             f"{first['reason']}); see the summary's 'rejected' list",
             summary_shows=True,
         )
-    # Near copies across the splits are looked for by fit-head (and `featx audit`), not here: the
-    # search reads every feature, and extraction's memory must not grow with the images.
     summary["warnings"] = log.warnings
     seconds = time.perf_counter() - t0
     extracted = summary["extracted"]
@@ -207,12 +206,44 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
     recorded = {} if old is None or opts.overwrite else dict(zip(old.paths, old.splits))
     # The other shards' images count too: a flat folder is split as a single run splits it.
     kept_files = [f for f in listing.files if f.path in plan.rows] + listing.others
-    splits = finder.assign_splits(kept_files, recorded, opts.val_split, opts.seed)
+    groups = _copy_groups(cache_path, job, listing, plan, (recorded, old), log)
+    splits = finder.assign_splits(kept_files, recorded, opts.val_split, opts.seed, groups)
     keep = committed
     if _changed(plan, old, opts):
         keep = _write(cache_path, job, listing, plan, splits, old)
     journal.clear(keep=keep)
     return job, plan, splits, timing
+
+
+def _copy_groups(cache_path: Path, job: _Job, listing, plan: _Plan, previous: tuple, log) -> list:
+    """[[path, ...]]: the groups of copies the split keeps on one side (duplicates.split_groups:
+    the audit's duplicate groups, up to config.SPLIT_GROUP_MAX_IMAGES images) among the images
+    with features; [] when every image has its split already. The features are read from the
+    parts in tiles, so memory stays flat. `previous`: (the recorded splits, the old cache or
+    None). Under --shard, the groups are this shard's only: `featx merge` splits again over
+    every image."""
+    recorded, old = previous
+    files = [f for f in listing.files if f.path in plan.rows]
+    if not finder.unassigned(files, recorded):
+        return []
+    paths = [f.path for f in files]
+    _, _, shas, refs = zip(*map(plan.rows.__getitem__, paths))
+    dim = mobilenet.feature_dim(job.opts.alpha)
+    src, _ = stream.sources_of(
+        cache_path, list(refs), job.writer.parts, old, dim=dim, dtype="float32", flip=False
+    )
+    index = {c: i for i, c in enumerate(listing.class_names)}
+    n = len(paths)
+    cache = store.Cache(
+        fingerprint=job.fingerprint,
+        class_names=listing.class_names,
+        features=None,
+        labels=np.array([index[f.class_name] for f in files], np.int32),
+        splits=np.array([f.split or "" for f in files], dtype=object),
+        rows=store.Rows(paths, np.zeros(n, np.int64), np.zeros(n, np.int64), list(shas)),
+        sources=src,
+    )
+    return duplicates.split_groups(cache, log)
 
 
 # --- phase 1: the options against the existing cache ---------------------------------------------

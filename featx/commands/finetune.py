@@ -498,7 +498,7 @@ def _record(job: _Job, info: dict, metrics: dict, after_preds: dict, trained: di
         options=job.opts.record(),
         cache={
             "path": str(job.cache_path),
-            "data_dir": str(job.root),
+            "data_dir": str(job.root.resolve()),  # misclassified.csv's paths are in it
             "counts": job.cache.counts(),
             "fingerprint": job.cache.fingerprint,
         },
@@ -512,7 +512,6 @@ def _record(job: _Job, info: dict, metrics: dict, after_preds: dict, trained: di
         after_preds,
         history=trained["history"],
         class_names=job.cache.class_names,
-        data_dir=job.root,
         shown_as=job.out,
     )
     info.update(complete=True, epochs_run=metrics["epochs_run"], best_epoch=metrics["best_epoch"])

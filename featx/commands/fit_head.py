@@ -141,8 +141,9 @@ def _details(estimator, cache: store.Cache, cache_path, fit_seconds: float, out:
         "head": estimator.kind,
         "options": {k: estimators._jsonable(v) for k, v in estimator.get_params().items()},
         "fitted": estimators._jsonable_tree(estimator.summary()),
-        "cache": {
+        "cache": {  # data_dir: the folder misclassified.csv's paths are relative to
             "path": str(cache_path),
+            "data_dir": cache.attrs.get("data_dir"),
             "feature_dim": int(cache.features.shape[1]),
             "dtype": str(cache.features.dtype),
             "counts": cache.counts(),
@@ -261,6 +262,5 @@ def _record(estimator, cache: store.Cache, cache_path, folders: tuple, results: 
         predictions,
         history=getattr(estimator, "history_", None),
         class_names=cache.class_names,
-        data_dir=cache.attrs.get("data_dir"),
         shown_as=out,
     )

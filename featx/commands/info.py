@@ -7,9 +7,18 @@ from pathlib import Path
 from featx.cache.store import read_cache
 
 
-def info(path: str | Path) -> dict:
-    """What a cache holds: counts per split and class, fingerprint, rejected files."""
+def info(path: str | Path, files: bool = False) -> dict:
+    """What a cache holds: counts per split and class, fingerprint, rejected files; with `files`,
+    "files": [{path, split, label}] of every image, its path relative to the data folder (the
+    cache's data_dir), as every CSV of featx writes it."""
     cache = read_cache(path, features=False)
+    listed = {}
+    if files:
+        names = cache.class_names
+        listed["files"] = [
+            {"path": p, "split": str(s), "label": names[int(y)]}
+            for p, s, y in zip(cache.paths, cache.splits, cache.labels)
+        ]
     return {
         "path": str(path),
         "images": len(cache.paths),
@@ -26,4 +35,5 @@ def info(path: str | Path) -> dict:
             k: cache.attrs.get(k)
             for k in ("data_dir", "layout", "val_split", "seed", "created", "updated")
         },
+        **listed,
     }

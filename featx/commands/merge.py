@@ -19,6 +19,7 @@ from featx.cache import store
 from featx.errors import FeatxError, Messages
 from featx.images import finder
 from featx.images.shards import parse as parse_shard
+from featx.quality import duplicates
 
 _SAME = ("data_dir", "layout", "val_split", "seed")  # attributes every shard must share
 
@@ -131,7 +132,6 @@ def _join(out: Path, paths: list[Path], shards: list):
     class_names = sorted({c for cache in shards for c in cache.class_names})
     index = {c: i for i, c in enumerate(class_names)}
     classes = [shards[s].class_names[int(shards[s].labels[i])] for s, i in where]
-    splits = _splits(first, order, classes, where, shards)
     rows = _rows([cache.rows for cache in shards], where)
     rejected, reasons = _rejected(shards)
     attrs = {k: first.attrs.get(k) for k in _SAME}
@@ -140,24 +140,28 @@ def _join(out: Path, paths: list[Path], shards: list):
         class_names=class_names,
         features=None,
         labels=np.array([index[c] for c in classes], np.int32),
-        splits=np.array(splits, dtype=object),
+        splits=np.array([str(shards[s].splits[i]) for s, i in where], dtype=object),
         rows=rows,
         rejected=rejected,
         rejected_reasons=reasons,
         attrs=attrs,
+        sources=_sources(out, shards, where),
     )
-    return meta, _sources(out, shards, where)
+    if first.attrs.get("layout") == "flat":
+        meta.splits = np.array(_flat_splits(meta, classes), dtype=object)
+    src, meta.sources = meta.sources, None
+    return meta, src
 
 
-def _splits(first, order: list[str], classes: list[str], where: list, shards: list) -> list[str]:
-    """A flat folder is split again over every image, exactly as a single fresh run splits it;
-    a folder with split folders keeps the splits its layout gives."""
-    if first.attrs.get("layout") != "flat":
-        return [str(shards[s].splits[i]) for s, i in where]
-    files = [finder.ImageFile(p, c, None) for p, c in zip(order, classes)]
-    val_split, seed = float(first.attrs["val_split"]), int(first.attrs["seed"])
-    assigned = finder.assign_splits(files, {}, val_split, seed)
-    return [assigned[p] for p in order]
+def _flat_splits(meta: store.Cache, classes: list[str]) -> list[str]:
+    """A flat folder is split again over every image, exactly as a single fresh run splits it,
+    near copies (found over every shard's features, read in tiles) kept on one side; a folder
+    with split folders keeps the splits its layout gives."""
+    files = [finder.ImageFile(p, c, None) for p, c in zip(meta.paths, classes)]
+    groups = duplicates.split_groups(meta)
+    val_split, seed = float(meta.attrs["val_split"]), int(meta.attrs["seed"])
+    assigned = finder.assign_splits(files, {}, val_split, seed, groups)
+    return [assigned[p] for p in meta.paths]
 
 
 def _rows(rows: list, where: list[tuple[int, int]]) -> store.Rows:

@@ -287,11 +287,23 @@ def _rank_key(seed: int):
     return lambda path: sha1(prefix + path.encode()).digest()
 
 
+def _assignable(files: list[ImageFile]) -> list[ImageFile]:
+    """The files featx splits: a flat folder's, or train/'s when there is no validation/."""
+    has_validation = any(f.split == "validation" for f in files)
+    return [f for f in files if f.split is None or (f.split == "train" and not has_validation)]
+
+
+def unassigned(files: list[ImageFile], existing: dict[str, str]) -> list[ImageFile]:
+    """The files whose split is decided now: featx splits them and the cache has none recorded."""
+    return [f for f in _assignable(files) if existing.get(f.path) not in ("train", "validation")]
+
+
 def assign_splits(
     files: list[ImageFile],
     existing: dict[str, str],
     val_split: float = config.VAL_SPLIT,
     seed: int = config.SEED,
+    groups: list[list[str]] = (),
 ) -> dict[str, str]:
     """Return {path: split} for every file.
 
@@ -299,33 +311,84 @@ def assign_splits(
     keep theirs, so splits are stable when images are added. The rest (flat layout, or train/
     without validation/) are split per class: enough of them go to validation to bring each
     class's validation share to `val_split`, chosen by a seeded hash of the path.
+
+    `groups`: lists of paths that must stay on one side (near copies: featx.quality.duplicates).
+    A group is placed as one unit, ranked by its first path's hash, owned by its most common
+    class; a new file joining a group whose members already have a split goes to their side. A
+    group larger than its class's validation share is split file by file (see _keeps_whole).
+    Without groups, each file is its own unit: the split is the one featx made before groups.
     """
     check_fraction("val_split", val_split)
-    result: dict[str, str] = {}
-    pending: dict[str, list[str]] = {}  # class -> paths still to split
-    has_validation = any(f.split == "validation" for f in files)
-    for f in files:
-        if f.split is not None and (f.split != "train" or has_validation):
-            result[f.path] = f.split
-        elif f.path in existing and existing[f.path] in ("train", "validation"):
-            result[f.path] = existing[f.path]
-        else:
-            pending.setdefault(f.class_name, []).append(f.path)
+    assignable = _assignable(files)
+    pending = unassigned(files, existing)
+    pending_paths = {f.path for f in pending}
+    result = {f.path: f.split for f in files if f.path not in pending_paths}
+    result.update({f.path: existing[f.path] for f in assignable if f.path not in pending_paths})
+    decided = {f.path for f in assignable if f.path not in pending_paths}  # have a side already
     if not pending:
         return result
-    carved = Counter()  # validation images already carved per class
-    total = Counter()
-    for f in files:
-        if f.split is None or (f.split == "train" and not has_validation):
-            total[f.class_name] += 1
-            if result.get(f.path) == "validation":
-                carved[f.class_name] += 1
-    for class_name, paths in pending.items():
-        n = total[class_name]
+    total, val = Counter(f.class_name for f in assignable), Counter()
+    val.update(f.class_name for f in assignable if result.get(f.path) == "validation")
+    class_of_all = {f.path: f.class_name for f in assignable}
+    need = _targets(total, val_split)
+    groups = [g for g in groups if _keeps_whole(g, class_of_all, need)]
+    units = _units(pending, groups, result, decided)
+    for paths, side in units:  # new copies of files that already have a side join it
+        if side is not None:
+            result.update(dict.fromkeys(paths, side))
+    class_of = {f.path: f.class_name for f in pending}
+    val.update(class_of[p] for paths, side in units if side == "validation" for p in paths)
+    rank = _rank_key(seed)
+    free = sorted((paths for paths, side in units if side is None), key=lambda u: rank(u[0]))
+    for paths in free:
+        per_class = Counter(class_of[p] for p in paths)
+        owner = min(per_class, key=lambda c: (-per_class[c], c))
+        # a unit goes to validation when that brings its class nearer its share (a single file:
+        # while the share is not reached)
+        to_val = val[owner] + per_class[owner] / 2 < need[owner]
+        result.update(dict.fromkeys(paths, "validation" if to_val else "train"))
+        if to_val:
+            val.update(per_class)
+    return result
+
+
+def _targets(total: Counter, val_split: float) -> dict[str, int]:
+    """{class: validation images it should have}."""
+    need = {}
+    for class_name, n in total.items():
         target = round(n * val_split)
         if val_split > 0 and n >= 2:
             target = max(1, min(target, n - 1))  # keep at least one image on each side
-        need = max(0, target - carved[class_name])
-        for i, path in enumerate(sorted(paths, key=_rank_key(seed))):
-            result[path] = "validation" if i < need else "train"
-    return result
+        need[class_name] = target
+    return need
+
+
+def _keeps_whole(group: list[str], class_of: dict, need: dict) -> bool:
+    """Whether a group stays whole: no larger than its class's validation share (a larger one
+    could go to validation only by overshooting it; 4 look-alikes in a class of 4 are the class,
+    not copies). Its class: the most common among its members being split."""
+    per_class = Counter(class_of[p] for p in group if p in class_of)
+    if not per_class:
+        return False
+    owner = min(per_class, key=lambda c: (-per_class[c], c))
+    return sum(per_class.values()) <= need[owner]
+
+
+def _units(pending: list[ImageFile], groups, result: dict, decided: set) -> list:
+    """[(paths, side or None)]: the pending files in units that stay together, with the side of
+    their group's files that already have one (the majority; a tie, a leak recorded before:
+    train), or None where featx chooses."""
+    pending_paths = {f.path for f in pending}
+    units, placed = [], set()
+    for group in groups:
+        members = sorted(p for p in group if p in pending_paths and p not in placed)
+        if not members:
+            continue
+        placed.update(members)
+        sides = Counter(result[p] for p in group if p in decided)
+        side = None
+        if sides:
+            side = "validation" if sides["validation"] > sides["train"] else "train"
+        units.append((members, side))
+    units += [([f.path], None) for f in pending if f.path not in placed]
+    return units

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from featx import config
-from featx.cache import store
+from featx.cache import parts, store
 from featx.errors import FeatxError
 
 
@@ -24,6 +24,28 @@ def unit_rows(features) -> np.ndarray:
     X = np.asarray(features, np.float32)
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     return X / np.maximum(norms, 1e-12)
+
+
+class StoredRows:
+    """The unit rows of a cache read without features, gathered from its part files a tile at a
+    time (`rows[a:b]` reads those rows; `rows[index_array]` is a view of some rows): the
+    all-pairs search then holds two tiles, never every feature (extract's memory stays flat)."""
+
+    def __init__(self, sources: store.Sources, rows: np.ndarray | None = None):
+        self.sources = sources
+        self.rows = np.arange(len(sources.row_source)) if rows is None else np.asarray(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    block = config.AUDIT_STORED_BLOCK_SIZE  # rows per tile of the search
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            X = parts.gather(self.sources, self.rows[key], dtype=np.float32)
+            X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)  # in place
+            return X
+        return StoredRows(self.sources, self.rows[key])
 
 
 def scan(
@@ -135,15 +157,18 @@ def find_duplicates(
 
     Exact copies (same sha256) are searched once, as one representative, so a thousand copies of
     one file cost one row and the nearest-neighbour similarities do not count a copy as a
-    neighbour."""
+    neighbour. A cache read without features is searched a tile at a time (StoredRows)."""
     n = len(cache.paths)
-    X = unit_rows(cache.features) if X is None else X
-    sha = list(cache.rows.file_sha256)
-    keys = (
-        [s or f"#{i}" for i, s in enumerate(sha)] if len(sha) == n else [f"#{i}" for i in range(n)]
-    )
-    _, first, rep_of = np.unique(np.array(keys), return_index=True, return_inverse=True)
-    pairs, sims, nearest = scan(X[first], threshold, neighbors)
+    if X is None:
+        X = StoredRows(cache.sources) if cache.features is None else unit_rows(cache.features)
+    sha = cache.rows.file_sha256 if len(cache.rows.file_sha256) == n else [""] * n
+    # one integer per distinct content (a row without a hash is its own): np.unique of the hex
+    # strings themselves would hold ~1 KB per image, and extract's memory must stay flat
+    seen: dict = {}
+    keys = np.fromiter((seen.setdefault(s or i, len(seen)) for i, s in enumerate(sha)), np.int64, n)
+    _, first, rep_of = np.unique(keys, return_index=True, return_inverse=True)
+    block = getattr(X, "block", config.AUDIT_BLOCK_SIZE)
+    pairs, sims, nearest = scan(X[first], threshold, neighbors, block)
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -218,25 +243,55 @@ def without_rows(cache: store.Cache, drop: np.ndarray) -> store.Cache:
     )
 
 
+def quick_groups(
+    cache: store.Cache, threshold: float | None = None, near_max_images: int | None = None
+) -> tuple[list[Group], bool]:
+    """(the duplicate groups, whether near copies were searched): exact copies (sha256) always,
+    near copies too when the cache has at most `near_max_images` images and the search stays a
+    list (at most config.AUDIT_MAX_PAIRS similar pairs). None: config.AUDIT_NEAR_DUPLICATE and
+    AUDIT_QUICK_MAX_IMAGES. Features are read from `cache.features`, else in tiles."""
+    threshold = config.AUDIT_NEAR_DUPLICATE if threshold is None else threshold
+    if near_max_images is None:
+        near_max_images = config.AUDIT_QUICK_MAX_IMAGES
+    exact_only = np.zeros((len(cache.paths), 1), np.float32)  # features are not needed for those
+    if len(cache.paths) > near_max_images or (cache.features is None and cache.sources is None):
+        return find_duplicates(cache, 2.0, X=exact_only)[0], False  # no cosine reaches 2
+    try:
+        return find_duplicates(cache, threshold)[0], True
+    except FeatxError:  # too many similar pairs to list: a warning must not fail the command
+        return find_duplicates(cache, 2.0, X=exact_only)[0], False
+
+
+def split_groups(cache: store.Cache, log=None) -> list[list[str]]:
+    """[[path, ...]]: the groups of copies a split keeps on one side, from `quick_groups` (the
+    audit's threshold), of at most config.SPLIT_GROUP_MAX_IMAGES images; `log` gets one note
+    about what is left out (near copies not searched, larger groups of look-alikes)."""
+    groups, near = quick_groups(cache)
+    n, cap = len(cache.paths), config.SPLIT_GROUP_MAX_IMAGES
+    large = [g for g in groups if len(g.rows) > cap]
+    if log is not None and not near and n > 1:
+        log(
+            f"note: the split keeps exact copies together, not near copies ({n:,} images: more "
+            f"than {config.AUDIT_QUICK_MAX_IMAGES:,} or too many similar pairs); see `featx audit`."
+        )
+    if log is not None and large:
+        log(
+            f"note: {len(large)} group(s) of more than {cap} look-alike images "
+            f"({max(len(g.rows) for g in large)} at most) are split image by image; "
+            "`featx audit` lists them."
+        )
+    return [[cache.paths[i] for i in g.rows] for g in groups if len(g.rows) <= cap]
+
+
 def leakage(
     cache: store.Cache, threshold: float | None = None, near_max_images: int | None = None
 ) -> str | None:
     """What the audit would find of leakage and cross-label copies, in a few words, or None.
     Cheap: exact copies (sha256) always, near copies when the cache has at most `near_max_images`
     images (0.1-0.5 s for 3,000). None: config.AUDIT_NEAR_DUPLICATE and AUDIT_QUICK_MAX_IMAGES."""
-    threshold = config.AUDIT_NEAR_DUPLICATE if threshold is None else threshold
-    if near_max_images is None:
-        near_max_images = config.AUDIT_QUICK_MAX_IMAGES
     if len(cache.paths) < 2:
         return None
-    X = None
-    if len(cache.paths) > near_max_images or cache.features is None:
-        threshold = 2.0  # no cosine similarity reaches it: exact copies only
-        X = np.zeros((len(cache.paths), 1), np.float32)  # features are not needed for those
-    try:
-        groups, _ = find_duplicates(cache, threshold, X=X)
-    except FeatxError:  # too many similar pairs to list: a warning must not fail the command
-        groups, _ = find_duplicates(cache, 2.0, X=X)
+    groups, _ = quick_groups(cache, threshold, near_max_images)
     leaks = [g for g in groups if g.cross_split]
     mixed = [g for g in groups if g.cross_label]
     parts = []
@@ -253,10 +308,7 @@ def leakage_line(cache_path: str | Path) -> str | None:
     """The one line `featx extract` and `featx fit-head` print at the end when the audit would
     find leakage or cross-label copies ("3 photos are in both train and validation: run
     `featx audit CACHE`"), else None."""
-    cache = store.read_cache(cache_path, features=False)
-    if len(cache.paths) <= config.AUDIT_QUICK_MAX_IMAGES:
-        store.load_features(Path(cache_path), cache)  # near copies too
-    found = leakage(cache)
+    found = leakage(store.read_cache(cache_path, features=False))  # features read in tiles
     return f"{found}: run `featx audit {cache_path}`" if found else None
 
 

@@ -28,7 +28,6 @@ write_report(out_dir, metrics, predictions, history=...) writes:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -157,9 +156,10 @@ def _round(v) -> float:
     return round(v, 6) if math.isfinite(v) else 0.0
 
 
-def misclassified(predictions: dict, class_names: list[str], data_dir=None) -> list[dict]:
+def misclassified(predictions: dict, class_names: list[str]) -> list[dict]:
     """Rows {path, true, predicted, probability, split} of every wrong prediction, most
-    confidently wrong first. predictions: {split: (y_true, proba, paths)}."""
+    confidently wrong first. predictions: {split: (y_true, proba, paths)}, the paths as the cache
+    holds them (relative to the data folder, which metrics.json records as cache.data_dir)."""
     rows = []
     for split, (y, p, paths) in predictions.items():
         y, p = np.asarray(y), np.asarray(p)
@@ -167,10 +167,9 @@ def misclassified(predictions: dict, class_names: list[str], data_dir=None) -> l
             continue
         pred = p.argmax(axis=1)
         for i in np.flatnonzero(pred != y):
-            path = str(Path(data_dir) / paths[i]) if data_dir else str(paths[i])
             rows.append(
                 {
-                    "path": path,
+                    "path": str(paths[i]),
                     "true": class_names[int(y[i])],
                     "predicted": class_names[int(pred[i])],
                     "probability": round(float(p[i, pred[i]]), 6),

@@ -25,7 +25,7 @@ from featx import config
 from featx.config import VERSION
 from featx.errors import FeatxError
 from featx.files import read_json, write_text_atomic
-from featx.images import decoder
+from featx.images import decoder, finder
 from featx.reports.evaluation import class_names_of, imbalance_hint, with_interval
 
 REPORT_FILE = "report.html"
@@ -288,13 +288,24 @@ def _confused(metrics: dict, names: list[str]) -> str:
     return f"<div class='pair'>{''.join(parts)}</div>"
 
 
-def _top_losses(rows: list[dict], n: int = config.REPORT_TOP_LOSSES) -> tuple[str, int]:
+def image_path(path: str, data_dir: str | None) -> str | Path:
+    """Where the image of a misclassified.csv row is: its path (relative to the data folder, as
+    the cache holds it) inside `data_dir` (metrics.json's cache.data_dir); an absolute path, as
+    older folders hold, as it is."""
+    if Path(path).is_absolute() or not data_dir:
+        return path
+    return finder.inside(Path(data_dir), path) or path
+
+
+def _top_losses(
+    rows: list[dict], data_dir: str | None, n: int = config.REPORT_TOP_LOSSES
+) -> tuple[str, int]:
     """The grid of the `n` most confidently wrong validation/test images, and how many exist."""
     shown = [r for r in rows if r.get("split") in SHOWN_SPLITS]
     shown.sort(key=lambda r: -float(r.get("probability") or 0))
     cards = []
     for r in shown[:n]:
-        uri = thumbnail(r["path"])
+        uri = thumbnail(image_path(r["path"], data_dir))
         picture = (
             f"<img class='thumb' src='{uri}' alt='{_e(Path(r['path']).name)}'>"
             if uri
@@ -359,7 +370,8 @@ def render(model_dir: str | Path, shown_as: str | Path | None = None) -> str:
             "<h2>Training curves</h2>",
             f"<img class='plot' src='{curves}' alt='training curves'>",
         ]
-    grid, wrong = _top_losses(_read_misclassified(folder))
+    data_dir = (metrics.get("cache") or {}).get("data_dir")
+    grid, wrong = _top_losses(_read_misclassified(folder), data_dir)
     n = min(wrong, config.REPORT_TOP_LOSSES)
     sections += [
         "<h2>Top losses: the most confidently wrong images</h2>",

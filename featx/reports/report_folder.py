@@ -25,7 +25,6 @@ def write_report(
     *,
     history: dict | None = None,
     class_names: list[str] | None = None,
-    data_dir: str | Path | None = None,
     shown_as: str | Path | None = None,
 ) -> dict[str, Path]:
     """Write metrics.json, confusion_matrix.png, training_curves.png (with `history`) and
@@ -36,7 +35,6 @@ def write_report(
         predictions: {split: (y_true, proba, paths)} for misclassified.csv.
         history: {"loss": [...], "val_loss": [...], "accuracy": [...], ...} per epoch.
         class_names: default metrics["class_names"], else the per_class keys of a split.
-        data_dir: joined in front of the paths in misclassified.csv.
         shown_as: the folder report.html names, when `out_dir` is where it is staged.
     """
     out = Path(out_dir)
@@ -57,7 +55,7 @@ def write_report(
     if predictions is not None:
         path = out / "misclassified.csv"
         columns = ["path", "true", "predicted", "probability", "split"]
-        rows = misclassified(predictions, names, data_dir)
+        rows = misclassified(predictions, names)
         write_csv_atomic(path, columns, [[r[c] for c in columns] for r in rows])
         written["misclassified.csv"] = path
 
