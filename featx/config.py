@@ -26,6 +26,11 @@ MAX_IMAGE_PIXELS = 89_478_485  # decompression-bomb guard (Pillow's default limi
 # two while converting): a few huge photos wait for each other instead of adding up. Photos of
 # ordinary size (12 MP and less) never wait. One image over the budget still decodes, alone.
 DECODE_PIXEL_BUDGET = 100_000_000
+# The largest file featx reads as an image: an image file is read whole before decoding, so a huge
+# non-image file (a 40 GB disk image in the data folder) would be a MemoryError on every run. The
+# largest plausible image file is far smaller: a 89 MP (MAX_IMAGE_PIXELS) 16-bit RGBA TIFF
+# without compression is 716 MB. Larger files are rejected without being read.
+MAX_FILE_BYTES = 768 * 1024 * 1024
 PILLOW_BLOCK_SIZE = 64 * 1024 * 1024  # see images.py: huge decoded images go back to the system
 
 # --- extraction ----------------------------------------------------------------------------------
