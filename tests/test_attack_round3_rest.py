@@ -1,13 +1,18 @@
 """Faults found by attack, round 3 (#27), the rest: each test failed before its fix."""
 
 import os
+import shutil
 
 import pytest
-from helpers import COLOURS, TINY, write_images
+from click.testing import CliRunner
+from helpers import COLOURS, TINY, assert_one_line_error, write_images
 
 from featx import config
+from featx.cache import store
+from featx.cli import cli
+from featx.commands import predict
 from featx.commands.extract import extract
-from featx.images import decoder
+from featx.images import decoder, finder
 
 # --- 8. files larger than any image are not read -------------------------------------------------
 
@@ -41,3 +46,48 @@ def test_a_file_growing_past_the_cap_while_read_is_rejected(tmp_path, monkeypatc
     monkeypatch.setattr(os, "fstat", fstat_then_grow)
     with pytest.raises(ValueError, match=r"too large for an image file \(0 MiB or more > 0 MiB"):
         decoder.read_file(path)
+
+
+# --- 9. names that are not UTF-8, times after 2262 ------------------------------------------------
+
+
+def test_a_file_name_that_is_not_utf8_is_rejected_with_a_reason(tmp_path):
+    data = write_images(tmp_path / "data", dict.fromkeys(COLOURS, 3), noise=50)
+    bad = os.fsencode(data / "cats") + b"/caf\xe9.jpg"  # Latin-1, as old cameras and zips write
+    os.rename(data / "cats" / "cats000.jpg", bad)
+    summary = extract(data, tmp_path / "c.h5", engine="keras", batch_size=4, **TINY)
+    assert summary["images"] == 5
+    assert summary["rejected"] == [{"path": "cats/caf\\xe9.jpg", "reason": finder.NOT_UTF8}]
+    again = extract(data, tmp_path / "c.h5", engine="keras", batch_size=4, **TINY)  # and again
+    assert again["extracted"] == 0 and again["rejected"] == summary["rejected"]
+    assert store.read_cache(tmp_path / "c.h5", features=False).rejected.paths == [
+        "cats/caf\\xe9.jpg"
+    ]
+
+
+def test_a_class_folder_that_is_not_utf8_is_one_line(tmp_path):
+    data = write_images(tmp_path / "data", dict.fromkeys(COLOURS, 2))
+    os.rename(data / "dogs", os.fsencode(data) + b"/chiens-\xe9")
+    result = CliRunner().invoke(cli, ["extract", str(data), "--cache", str(tmp_path / "c.h5")])
+    assert_one_line_error(result, "chiens-\\xe9", "not valid UTF-8", "Rename the folder")
+
+
+def test_predict_shows_a_name_that_is_not_utf8_escaped(tiny_model, tmp_path):
+    folder = tmp_path / "new"
+    folder.mkdir()
+    shutil.copy(next(tiny_model.data.rglob("*.jpg")), os.fsencode(folder) + b"/\xe9t\xe9.jpg")
+    result = predict.predict(tiny_model.logreg, [folder], output=tmp_path / "p.csv")
+    [row] = result["rows"]
+    assert row["path"].endswith("/\\xe9t\\xe9.jpg") and row["error"] is None
+    assert "\\xe9t\\xe9.jpg" in (tmp_path / "p.csv").read_text()
+
+
+def test_an_mtime_after_2262_is_stored_clamped(tmp_path):
+    data = write_images(tmp_path / "data", dict.fromkeys(COLOURS, 3), noise=50)
+    year_3000 = 1000 * 365 * 86400 * 10**9 + 2**62
+    os.utime(data / "cats" / "cats000.jpg", ns=(year_3000, year_3000))
+    summary = extract(data, tmp_path / "c.h5", engine="keras", batch_size=4, **TINY)
+    assert summary["images"] == 6 and not summary["rejected"]
+    rows = store.read_cache(tmp_path / "c.h5", features=False).rows
+    assert rows.file_mtime_ns[rows.paths.index("cats/cats000.jpg")] == 2**63 - 1
+    assert extract(data, tmp_path / "c.h5", engine="keras", **TINY)["kept"] == 6

@@ -252,6 +252,15 @@ def _resolve(opts: ExtractOptions, old, listing, cache_path: Path, log) -> Extra
 # --- phase 2: the plan (pure) --------------------------------------------------------------------
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _ns(t: int) -> int:
+    """A file time in ns as the cache's int64 stores it: a time after 2262-04-11 (or before
+    1677) is clamped, not an OverflowError on every run."""
+    return min(max(t, _INT64[0]), _INT64[1])
+
+
 def _stat_all(root: Path, listing) -> dict[str, tuple[int, int]]:
     """{path: (size, mtime_ns)} of the listed files; a file gone since the listing is left out."""
     stats, base = {}, str(root)
@@ -260,7 +269,7 @@ def _stat_all(root: Path, listing) -> dict[str, tuple[int, int]]:
             st = os.stat(os.path.join(base, f.path))
         except OSError:
             continue
-        stats[f.path] = (st.st_size, st.st_mtime_ns)
+        stats[f.path] = (st.st_size, _ns(st.st_mtime_ns))
     return stats
 
 

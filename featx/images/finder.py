@@ -198,9 +198,28 @@ def _check_not_too_high(root: Path, class_dirs: list[Path]) -> None:
             )
 
 
+def printable(name: str) -> str:
+    """`name` as text that can be written anywhere (HDF5, CSV, a terminal): a file name that is
+    not valid UTF-8 arrives from the system with its bad bytes as lone surrogates, which no
+    encoder accepts; they are shown as backslash escapes (b'\\xe9' -> '\\xe9')."""
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+NOT_UTF8 = "file name is not valid UTF-8; rename it (e.g. with `convmv -f latin1 -t utf8`)"
+
+
 def _check_class_name(class_dir: Path) -> None:
     """A class name becomes a line of labels.txt, a CSV cell and a heading: one with a line break
-    or another control character would be misread (3 lines of labels.txt for 2 outputs)."""
+    or another control character would be misread (3 lines of labels.txt for 2 outputs), and one
+    that is not valid UTF-8 cannot be stored at all."""
+    if printable(class_dir.name) != class_dir.name:
+        raise FeatxError(
+            f"The class folder '{printable(str(class_dir))}' has a name that is not valid UTF-8, "
+            "which the cache, labels.txt and the CSV files cannot hold. Rename the folder "
+            "(e.g. with `convmv -f latin1 -t utf8`)."
+        )
     if any(unicodedata.category(ch) == "Cc" for ch in class_dir.name):
         raise FeatxError(
             f"The class folder {str(class_dir)!r} has a line break or another control character "
@@ -275,8 +294,12 @@ def find_images(data_dir: str | Path) -> Listing:
         )
     if os.sep != "/":
         files = [ImageFile(f.path.replace(os.sep, "/"), f.class_name, f.split) for f in files]
+    bad_names = [f.path for f in files if printable(f.path) != f.path]
+    if bad_names:
+        files = [f for f in files if printable(f.path) == f.path]
     files.sort(key=lambda f: f.path)
-    skipped = sorted((p.relative_to(root).as_posix(), why) for p, why in walk.skipped)
+    skipped = [(printable(p.relative_to(root).as_posix()), why) for p, why in walk.skipped]
+    skipped = sorted(skipped + [(printable(p), NOT_UTF8) for p in bad_names])
     return Listing(layout, files, class_names, empty, skipped)
 
 
