@@ -3,6 +3,8 @@
 import os
 import shutil
 
+import h5py
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import COLOURS, TINY, assert_one_line_error, write_images
@@ -91,3 +93,50 @@ def test_an_mtime_after_2262_is_stored_clamped(tmp_path):
     rows = store.read_cache(tmp_path / "c.h5", features=False).rows
     assert rows.file_mtime_ns[rows.paths.index("cats/cats000.jpg")] == 2**63 - 1
     assert extract(data, tmp_path / "c.h5", engine="keras", **TINY)["kept"] == 6
+
+
+# --- 5. content changed, size and mtime kept ------------------------------------------------------
+
+
+def test_new_content_under_the_old_size_and_mtime_is_extracted_again(tmp_path):
+    data = write_images(tmp_path / "data", dict.fromkeys(COLOURS, 3), noise=50, fmt="BMP")
+    cache = tmp_path / "c.h5"
+    extract(data, cache, engine="keras", batch_size=4, **TINY)
+    cat, dog = data / "cats" / "cats000.jpg", data / "dogs" / "dogs000.jpg"
+    assert cat.stat().st_size == dog.stat().st_size  # BMPs of one size: the same file size
+    before = cat.stat()
+    cat.write_bytes(dog.read_bytes())  # `cp` over it, then `touch -r`: size and mtime as before
+    os.utime(cat, ns=(before.st_atime_ns, before.st_mtime_ns))
+    summary = extract(data, cache, engine="keras", batch_size=4, **TINY)
+    assert (summary["extracted"], summary["kept"]) == (1, 5)
+    c = store.read_cache(cache)
+    row = c.features[c.paths.index("cats/cats000.jpg")]
+    np.testing.assert_array_equal(row, c.features[c.paths.index("dogs/dogs000.jpg")])
+
+
+def test_a_copied_folder_is_hashed_again_without_model_work(tmp_path):
+    data = write_images(tmp_path / "data", dict.fromkeys(COLOURS, 3), noise=50)
+    cache = tmp_path / "c.h5"
+    extract(data, cache, engine="keras", batch_size=4, **TINY)
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)  # copy2: same sizes and mtimes, other inodes and ctimes
+    summary = extract(copy, cache, engine="keras", batch_size=4, **TINY)
+    assert (summary["extracted"], summary["kept"]) == (0, 6)
+    again = extract(copy, cache, engine="keras", batch_size=4, **TINY)
+    assert (again["extracted"], again["kept"]) == (0, 6)
+    rows = store.read_cache(cache, features=False).rows
+    assert rows.file_inode.tolist() == [(copy / p).stat().st_ino for p in rows.paths]
+
+
+def test_an_older_cache_gets_ctime_and_inode_on_its_next_extract(tmp_path):
+    data = write_images(tmp_path / "data", dict.fromkeys(COLOURS, 3), noise=50)
+    cache = tmp_path / "c.h5"
+    extract(data, cache, engine="keras", batch_size=4, **TINY)
+    with h5py.File(cache, "a") as f:  # as a cache written before they were recorded
+        del f["file_ctime_ns"], f["file_inode"]
+    assert not store.read_cache(cache, features=False).rows.identified
+    summary = extract(data, cache, engine="keras", batch_size=4, **TINY)
+    assert (summary["extracted"], summary["kept"]) == (0, 6)
+    rows = store.read_cache(cache, features=False).rows
+    assert rows.identified
+    assert rows.file_ctime_ns.tolist() == [(data / p).stat().st_ctime_ns for p in rows.paths]

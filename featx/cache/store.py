@@ -12,6 +12,8 @@ Layout of the main file, format 2 (all readable with plain h5py, rows sorted by 
     /file_size       (N,)   int64                 the per-file key: size, mtime and content hash
     /file_mtime_ns   (N,)   int64
     /file_sha256     (N,)   str
+    /file_ctime_ns   (N,)   int64                 optional (added by the next extract): a change
+    /file_inode      (N,)   uint64                of either makes extract hash the file again
     /rejected/{paths,reasons,file_size,file_mtime_ns}   files that could not be decoded
     /sources/{names,ids,rows}   the part files (paths relative to this file's folder), their ids
                                 and row counts
@@ -146,12 +148,16 @@ def _strs(ds) -> list[str]:
 
 
 def _read_rows(g) -> Rows:
-    return Rows(
+    rows = Rows(
         _strs(g["paths"]),
         g["file_size"][()].astype(np.int64),
         g["file_mtime_ns"][()].astype(np.int64),
         _strs(g["file_sha256"]) if "file_sha256" in g else [],
     )
+    if "file_ctime_ns" in g and "file_inode" in g:
+        rows.file_ctime_ns = g["file_ctime_ns"][()].astype(np.int64)
+        rows.file_inode = g["file_inode"][()].astype(np.uint64)
+    return rows
 
 
 def _sources(f: h5py.File, path: Path, version: int) -> Sources:
@@ -282,6 +288,9 @@ def _image(cache: Cache, src: Sources) -> bytes:
         splits = np.array([str(x).encode() for x in cache.splits], dtype="S10")
         f.create_dataset("splits", data=splits, **_CHECKED)  # fixed-length: small, checksummed
         _write_rows(f, cache.rows)
+        if cache.rows.identified:
+            f.create_dataset("file_ctime_ns", data=cache.rows.file_ctime_ns, **_CHECKED)
+            f.create_dataset("file_inode", data=cache.rows.file_inode, **_CHECKED)
         rej = f.create_group("rejected")
         _write_rows(rej, cache.rejected)
         rej.create_dataset(
