@@ -1,5 +1,6 @@
 """Faults found by attack, round 3 (#27), the rest: each test failed before its fix."""
 
+import json
 import os
 import shutil
 
@@ -140,3 +141,60 @@ def test_an_older_cache_gets_ctime_and_inode_on_its_next_extract(tmp_path):
     rows = store.read_cache(cache, features=False).rows
     assert rows.identified
     assert rows.file_ctime_ns.tolist() == [(data / p).stat().st_ctime_ns for p in rows.paths]
+
+
+# --- 10. a cache's structure is checked on open ---------------------------------------------------
+
+
+def _set(name, value, **kwargs):
+    def craft(f):
+        del f[name]
+        f.create_dataset(name, data=value, **kwargs)
+
+    return craft
+
+
+_NAMES = {"dtype": h5py.string_dtype()}
+CRAFTED = {
+    "a negative label": (_set("labels", np.array([-1] + [0] * 7, np.int32)), "label -1"),
+    "a label past the classes": (_set("labels", np.array([5] + [0] * 7, np.int32)), "label 5"),
+    "no class names": (_set("class_names", np.array([], object), **_NAMES), "0 class names"),
+    "one class name": (_set("class_names", np.array(["cats"], object), **_NAMES), "its 1 class"),
+    "rows out of a part": (_set("blocks", np.array([[0, 100, 8]])), "out of range of its part"),
+    "a part out of range": (_set("blocks", np.array([[3, 0, 8]])), "not among its sources"),
+    "a format_version 'abc'": (lambda f: f.attrs.__setitem__("format_version", "abc"), "'abc'"),
+    "a fingerprint list": (lambda f: f.attrs.__setitem__("fingerprint", "[1, 2]"), "is a list"),
+}
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crafted")
+    data = write_images(root / "data", dict.fromkeys(COLOURS, 4), noise=50)
+    extract(data, root / "c.h5", engine="keras", batch_size=4, **TINY)
+    return root / "c.h5"
+
+
+@pytest.mark.parametrize("craft", CRAFTED)
+def test_a_crafted_cache_is_one_line_naming_overwrite(craft, small_cache, tmp_path):
+    cache = tmp_path / "c.h5"
+    shutil.copy(small_cache, cache)
+    parts = small_cache.with_name("c.h5.parts")
+    shutil.copytree(parts, tmp_path / parts.name)
+    change, why = CRAFTED[craft]
+    with h5py.File(cache, "a") as f:
+        change(f)
+    for args in (["info"], ["fit-head", "--output", str(tmp_path / "h")], ["audit"]):
+        result = CliRunner().invoke(cli, [args[0], str(cache), *args[1:]])
+        assert_one_line_error(result, f"'{cache}' is damaged", why, "--overwrite")
+
+
+def test_a_head_json_of_another_class_count_is_one_line_in_predict(tiny_model, tmp_path):
+    head = tmp_path / "head"
+    shutil.copytree(tiny_model.logreg, head)
+    meta = json.loads((head / "head.json").read_text())
+    meta["class_names"].append("zebras")  # head.json of a 3-class run beside a 2-class head.npz
+    (head / "head.json").write_text(json.dumps(meta))
+    image = next(tiny_model.data.rglob("*.jpg"))
+    result = CliRunner().invoke(cli, ["predict", str(head), str(image)])
+    assert_one_line_error(result, "lists 3 classes", "has 2 outputs", "Re-run `featx fit-head`")

@@ -123,7 +123,10 @@ def _check_format(f: h5py.File, path: Path) -> int:
             f"'{path}' is not a featx cache (no format='{FORMAT}' attribute). "
             "Create one with `featx extract DATA_DIR --cache PATH`."
         )
-    version = int(f.attrs.get("format_version", -1))
+    try:
+        version = int(f.attrs.get("format_version", -1))
+    except (TypeError, ValueError):
+        raise damaged(path, ValueError(f"format_version {f.attrs['format_version']!r}")) from None
     if version not in READS:
         raise FeatxError(
             f"'{path}' is a featx cache of format version {version}, this featx reads versions "
@@ -202,12 +205,36 @@ def read_cache(path: str | Path, features: bool = True) -> Cache:
                 attrs={k: _attr(v) for k, v in f.attrs.items() if k != "fingerprint"},
                 sources=_sources(f, path, version),
             )
+            _check_structure(cache)
         except (OSError, KeyError, ValueError) as e:  # a checksum error is an OSError
             raise damaged(path, e) from None
     parts.check_sources(path, cache.sources)
     if features:
         load_features(path, cache)
     return cache
+
+
+def _check_structure(cache: Cache) -> None:
+    """What every command takes for granted of a cache, checked once on open: a crafted or
+    damaged one is a one-line error naming it (read_cache), not a traceback in a later step."""
+    if not isinstance(cache.fingerprint, dict):
+        raise ValueError(f"its fingerprint is a {type(cache.fingerprint).__name__}, not a dict")
+    n, classes = len(cache.labels), len(cache.class_names)
+    if len(cache.splits) != n or len(cache.rows) != n or len(cache.rows.file_size) != n:
+        raise ValueError(f"{n} labels for {len(cache.rows)} paths and {len(cache.splits)} splits")
+    if n and (cache.labels.min() < 0 or cache.labels.max() >= classes):
+        bad = int(cache.labels.min() if cache.labels.min() < 0 else cache.labels.max())
+        raise ValueError(f"label {bad} is not an index of its {classes} class names")
+    if len(cache.rejected_reasons) != len(cache.rejected):
+        raise ValueError("rejected files and reasons differ in number")
+    src = cache.sources
+    if not len(src.names) == len(src.ids) == len(src.sizes):
+        raise ValueError("its source names, ids and row counts differ in number")
+    if n:
+        if src.row_source.min() < 0 or src.row_source.max() >= len(src.names):
+            raise ValueError("a block names a part that is not among its sources")
+        if src.row_index.min() < 0 or (src.row_index >= src.sizes[src.row_source]).any():
+            raise ValueError("a block's rows are out of range of its part")
 
 
 def load_features(path: Path, cache: Cache) -> None:
