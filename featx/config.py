@@ -31,6 +31,10 @@ DECODE_PIXEL_BUDGET = 100_000_000
 # largest plausible image file is far smaller: a 89 MP (MAX_IMAGE_PIXELS) 16-bit RGBA TIFF
 # without compression is 716 MB. Larger files are rejected without being read.
 MAX_FILE_BYTES = 768 * 1024 * 1024
+# The address space featx needs at least: importing TensorFlow maps ~2 GB (it failed under
+# `ulimit -v 2000000` and worked under 3000000, tiny model). Under a lower limit, a failure is
+# reported as too little memory, whatever exception the allocation that failed turned into.
+MIN_ADDRESS_SPACE = 3 * 1024**3
 PILLOW_BLOCK_SIZE = 64 * 1024 * 1024  # see images.py: huge decoded images go back to the system
 
 # --- extraction ----------------------------------------------------------------------------------

@@ -198,3 +198,27 @@ def test_a_head_json_of_another_class_count_is_one_line_in_predict(tiny_model, t
     image = next(tiny_model.data.rglob("*.jpg"))
     result = CliRunner().invoke(cli, ["predict", str(head), str(image)])
     assert_one_line_error(result, "lists 3 classes", "has 2 outputs", "Re-run `featx fit-head`")
+
+
+# --- 11. too little memory is one line ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_too_little_address_space_is_one_line_not_a_traceback(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    data = write_images(tmp_path / "data", dict.fromkeys(COLOURS, 2))
+
+    def limit():  # `ulimit -v 1500000`, in the child only
+        resource.setrlimit(resource.RLIMIT_AS, (1_500_000 * 1024, resource.RLIM_INFINITY))
+
+    args = [sys.executable, "-m", "featx", "extract", str(data), "--cache", str(tmp_path / "c.h5")]
+    args += ["--weights", "none", "--alpha", "0.35", "--image-size", "32", "--engine", "keras"]
+    done = subprocess.run(args, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: Out of memory: memory is too low for featx (")
+    assert "`ulimit -v` limits this process to 1.4 GiB" in last and "at least 3 GiB" in last
