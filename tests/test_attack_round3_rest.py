@@ -11,10 +11,11 @@ from click.testing import CliRunner
 from helpers import COLOURS, TINY, assert_one_line_error, write_images
 
 from featx import config
-from featx.cache import store
+from featx.cache import parts, store
 from featx.cli import cli
 from featx.commands import predict
 from featx.commands.extract import extract
+from featx.errors import FeatxError
 from featx.images import decoder, finder
 
 # --- 8. files larger than any image are not read -------------------------------------------------
@@ -222,3 +223,42 @@ def test_too_little_address_space_is_one_line_not_a_traceback(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: Out of memory: memory is too low for featx (")
     assert "`ulimit -v` limits this process to 1.4 GiB" in last and "at least 3 GiB" in last
+
+
+# --- 12. a reader racing a commit reads the new main file -----------------------------------------
+
+
+def test_a_reader_racing_a_commit_reads_the_new_cache(small_cache, tmp_path, monkeypatch):
+    cache = tmp_path / "c.h5"
+    shutil.copy(small_cache, cache)
+    shutil.copytree(small_cache.with_name("c.h5.parts"), tmp_path / "c.h5.parts")
+    data = small_cache.parent / "data"
+    real_check, calls = parts.check_sources, []
+
+    def commit_first(cache_path, sources, **kwargs):  # a writer commits while this one reads
+        calls.append(sources.names)
+        if len(calls) == 1:
+            monkeypatch.setattr(parts, "check_sources", real_check)
+            extract(data, cache, engine="keras", batch_size=4, overwrite=True, **TINY)
+            monkeypatch.setattr(parts, "check_sources", commit_first)
+        return real_check(cache_path, sources, **kwargs)
+
+    monkeypatch.setattr(parts, "check_sources", commit_first)
+    c = store.read_cache(cache)  # was: "needs its part file ..., which is missing"
+    assert len(calls) == 2 and calls[0] != calls[1]  # read again, on the new main file
+    assert c.features.shape == (8, c.feature_dim) and np.isfinite(c.features).all()
+
+
+def test_a_part_that_is_really_gone_is_still_the_error(small_cache, tmp_path, monkeypatch):
+    cache = tmp_path / "c.h5"
+    shutil.copy(small_cache, cache)
+    shutil.copytree(small_cache.with_name("c.h5.parts"), tmp_path / "c.h5.parts")
+    for part in (tmp_path / "c.h5.parts").glob("features-*.h5"):
+        part.unlink()
+    real_check, calls = parts.check_sources, []
+    monkeypatch.setattr(
+        parts, "check_sources", lambda *a, **k: calls.append(1) or real_check(*a, **k)
+    )
+    with pytest.raises(FeatxError, match="which is missing"):
+        store.read_cache(cache)
+    assert len(calls) == 1  # the main file did not change: no second try

@@ -187,7 +187,30 @@ def read_cache(path: str | Path, features: bool = True) -> Cache:
 
     features=False reads everything but the features (paths, labels, splits, file keys, where the
     features are): what info, finetune, export and extract need; `Cache.sources` says where they
-    are. Every part file is checked (present, the one the cache names) either way."""
+    are. Every part file is checked (present, the one the cache names) either way.
+
+    Readers take no lock: a writer may commit a new main file, and delete the parts it no longer
+    names, while this reads. A read that fails once the main file was replaced is done again on
+    the new one (config.CACHE_READ_TRIES in all); under an unchanged main file it fails at once."""
+    for tries_left in range(config.CACHE_READ_TRIES - 1, -1, -1):
+        before = _identity(path)
+        try:
+            return _read_once(path, features)
+        except FeatxError:
+            if not tries_left or before is None or _identity(path) == before:
+                raise
+
+
+def _identity(path: str | Path) -> tuple | None:
+    """What changes when a writer commits a new main file (os.replace: another inode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size
+
+
+def _read_once(path: str | Path, features: bool) -> Cache:
     f, path = _open(path)
     with f:
         version = _check_format(f, path)
