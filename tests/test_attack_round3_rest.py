@@ -262,3 +262,27 @@ def test_a_part_that_is_really_gone_is_still_the_error(small_cache, tmp_path, mo
     with pytest.raises(FeatxError, match="which is missing"):
         store.read_cache(cache)
     assert len(calls) == 1  # the main file did not change: no second try
+
+
+# --- 13. a symlinked cache ----------------------------------------------------------------------
+
+
+def test_a_symlinked_cache_is_read_and_rewritten_where_it_really_is(tmp_path):
+    data = write_images(tmp_path / "data", dict.fromkeys(COLOURS, 3), noise=50)
+    real = tmp_path / "real" / "c.h5"
+    extract(data, real, engine="keras", batch_size=4, **TINY)
+    link = tmp_path / "L" / "c.h5"
+    link.parent.mkdir()
+    link.symlink_to("../real/c.h5")
+    assert len(store.read_cache(link).paths) == 6  # was: "needs its part file ..., missing"
+    result = CliRunner().invoke(cli, ["info", str(link)])
+    assert result.exit_code == 0, result.output
+    write_images(data, {"cats": 1}, start=10, noise=50)
+    summary = extract(data, link, engine="keras", batch_size=4, **TINY)
+    assert (summary["extracted"], summary["kept"]) == (1, 6)
+    summary = extract(data, link, engine="keras", batch_size=4, overwrite=True, **TINY)
+    assert summary["images"] == 7
+    assert link.is_symlink() and os.readlink(link) == "../real/c.h5"  # the link, not replaced
+    assert sorted(p.name for p in link.parent.iterdir()) == ["c.h5"]  # no parts, no lock here
+    assert (tmp_path / "real" / "c.h5.parts").is_dir()
+    assert len(store.read_cache(real).paths) == 7

@@ -136,8 +136,15 @@ def _check_format(f: h5py.File, path: Path) -> int:
     return version
 
 
-def _open(path: str | Path) -> tuple[h5py.File, Path]:
+def real_path(path: str | Path) -> Path:
+    """The cache's own file when `path` is a symbolic link to it (`L/c.h5 -> ../real/c.h5`): its
+    parts and its lock are beside that file, and a rewrite replaces that file, never the link."""
     path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _open(path: str | Path) -> tuple[h5py.File, Path]:
+    path = real_path(path)
     if not path.is_file():
         raise not_found("cache", path)
     try:

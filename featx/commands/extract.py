@@ -130,7 +130,7 @@ def extract(
     opts = build_options(ExtractOptions, options)  # every option checked, before any work
     _start(opts)
     root = Path(data_dir)
-    cache_path = Path(cache_path) if cache_path else default_cache_path(root)
+    cache_path = store.real_path(cache_path or default_cache_path(root))  # resolved once
     listing = shards.restrict(finder.find_images(root), opts.shard_numbers)
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
