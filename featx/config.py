@@ -104,6 +104,14 @@ FEATURE_DTYPES = ("float32", "float16")  # a cache keeps its dtype unless --dtyp
 # standard), which does not pay for doubling extraction. Turn it on when accuracy matters more.
 FLIP = False
 CACHE_DIR = "cache"  # default folder for caches and trained heads
+# What featx writes, which it never reads back as data (`featx extract .` in a project folder):
+# the marker of a cache's parts folder (`CACHE.h5.parts/`), and the files that mark its output
+# folders (fit-head, finetune, export, report, audit). A folder holding one is skipped whole.
+JOURNAL_MARKER = ".featx-journal"
+OUTPUT_MARKERS = frozenset({
+    JOURNAL_MARKER, "featx.json", "head.json", "finetune.json", "export.json", "metrics.json",
+    "audit.json", "featx-files.json",
+})  # fmt: skip
 
 # --- splits --------------------------------------------------------------------------------------
 VAL_SPLIT = 0.2  # fraction of each class held out for validation when the folder has no splits

@@ -246,7 +246,7 @@ class Journal:
     a folder of that name that it did not make.
     """
 
-    MARKER = ".featx-journal"
+    MARKER = config.JOURNAL_MARKER
     _OWN = ("part-*.npz", temporary_glob("part-*.npz"), "meta.json", temporary_glob("meta.json"))
     _PARTS = ("features-*.h5", temporary_glob("features-*.h5"))
     _HALF_WRITTEN = (temporary_glob("part-*.npz"), temporary_glob("features-*.h5"))

@@ -52,6 +52,28 @@ def _visible(entry: os.DirEntry | Path) -> bool:
     return not entry.name.startswith(_HIDDEN)
 
 
+FEATX_OWN = "featx's own output; not read as data"
+
+
+def own_folder(folder: Path, names) -> bool:
+    """Whether `folder` (holding the entries `names`, hidden ones included) is featx's output:
+    a cache's parts folder, a folder carrying one of featx's marker files, or the default cache
+    folder (config.CACHE_DIR of this working folder, or one of that name holding a cache)."""
+    if folder.name.endswith(".h5.parts") or not config.OUTPUT_MARKERS.isdisjoint(names):
+        return True
+    if folder.name != Path(config.CACHE_DIR).name:
+        return False
+    return bool(own_files(names)) or os.path.realpath(folder) == os.path.realpath(config.CACHE_DIR)
+
+
+def own_files(names) -> set[str]:
+    """The entries of a folder's `names` that featx wrote: a cache `X.h5` beside its `X.h5.parts`
+    or `X.h5.lock`, and those two."""
+    names = set(names)
+    caches = {n for n in names if n.endswith(".h5") and {n + ".parts", n + ".lock"} & names}
+    return caches | {n for n in names if n.endswith((".h5.parts", ".h5.lock"))}
+
+
 def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
@@ -143,10 +165,17 @@ class _Walk:
         self._seen.add(real)
         try:
             with os.scandir(folder) as it:
-                entries = [e for e in it if not e.name.startswith(_HIDDEN)]
+                listed = list(it)
         except OSError as e:
             self.skipped.append((folder, f"unreadable folder: {e.strerror or e}"))
             return
+        names = [e.name for e in listed]
+        if own_folder(folder, names):
+            self.skipped.append((folder, FEATX_OWN))
+            return
+        own = own_files(names)
+        self.skipped += [(folder / n, FEATX_OWN) for n in sorted(own)]
+        entries = [e for e in listed if not e.name.startswith(_HIDDEN) and e.name not in own]
         # A folder's own files first, then its subfolders, each sorted by name (os.walk's order).
         entries.sort(key=_NAME)
         subfolders = []
@@ -240,7 +269,12 @@ def find_images(data_dir: str | Path) -> Listing:
     root = Path(data_dir)
     if not root.is_dir():
         raise not_found("data", data_dir)
-    top = _subfolders(root)
+    top, own = [], []
+    for p in _subfolders(root):  # featx's own outputs (`featx extract .`) are no class
+        try:
+            (own if own_folder(p, os.listdir(p)) else top).append(p)
+        except OSError:
+            top.append(p)  # unreadable: the walk reports it
     split_dirs = [p for p in top if p.name.lower() in config.SPLIT_FOLDER_NAMES]
     if split_dirs:
         others = [p.name for p in top if p not in split_dirs]
@@ -298,6 +332,7 @@ def find_images(data_dir: str | Path) -> Listing:
     if bad_names:
         files = [f for f in files if printable(f.path) == f.path]
     files.sort(key=lambda f: f.path)
+    walk.skipped += [(p, FEATX_OWN) for p in own]
     skipped = [(printable(p.relative_to(root).as_posix()), why) for p, why in walk.skipped]
     skipped = sorted(skipped + [(printable(p), NOT_UTF8) for p in bad_names])
     return Listing(layout, files, class_names, empty, skipped)
