@@ -15,7 +15,7 @@ from featx.cache import parts, store
 from featx.cli import cli
 from featx.commands import predict
 from featx.commands.extract import extract
-from featx.errors import FeatxError
+from featx.errors import FeatxError, FeatxWarning
 from featx.images import decoder, finder
 
 # --- 8. files larger than any image are not read -------------------------------------------------
@@ -286,3 +286,30 @@ def test_a_symlinked_cache_is_read_and_rewritten_where_it_really_is(tmp_path):
     assert sorted(p.name for p in link.parent.iterdir()) == ["c.h5"]  # no parts, no lock here
     assert (tmp_path / "real" / "c.h5.parts").is_dir()
     assert len(store.read_cache(real).paths) == 7
+
+
+# --- 14. look-alike classes; a cache inside the data folder ------------------------------------
+
+
+def test_look_alike_class_folders_are_warned(tmp_path):
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    data = write_images(tmp_path / "data", {"Dogs": 2, "dogs": 2, nfc: 2, nfd: 2})
+    with pytest.warns(FeatxWarning) as caught:
+        summary = extract(data, tmp_path / "c.h5", engine="keras", **TINY)
+    assert sorted(summary["class_names"]) == sorted(["Dogs", "dogs", nfc, nfd])
+    text = [str(w.message) for w in caught]
+    assert "the class folders 'Dogs', 'dogs' look alike" in " ".join(text)
+    assert "the class folders 'cafe\\u0301', 'caf\\xe9' look alike" in " ".join(text)
+    assert "are 2 classes; merge them into one folder, or rename them" in text[0]
+
+
+def test_a_cache_inside_the_data_folder_makes_no_phantom_class(tmp_path):
+    data = write_images(tmp_path / "data", dict.fromkeys(COLOURS, 3), noise=50)
+    cache = data / "feats.h5"
+    for run in range(2):  # the second run lists feats.h5.parts/, made by the first
+        summary = extract(data, cache, engine="keras", batch_size=4, **TINY)
+        assert summary["class_names"] == ["cats", "dogs"] and summary["images"] == 6
+        # was: its part files, each "not an image"
+        assert summary["rejected"] == run * [{"path": "feats.h5.parts", "reason": finder.FEATX_OWN}]
+    assert finder.find_images(data).class_names == ["cats", "dogs"]  # was: + "feats.h5.parts"
+    assert store.read_cache(cache, features=False).class_names == ["cats", "dogs"]

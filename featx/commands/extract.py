@@ -134,6 +134,8 @@ def extract(
     listing = shards.restrict(finder.find_images(root), opts.shard_numbers)
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
+    for names in finder.look_alike_classes(listing.class_names):
+        log(finder.look_alike_warning(names))
     with store.writer_lock(cache_path), contextlib.closing(reporter(progress, "extracting")) as bar:
         job, plan, splits, timing = _locked(root, cache_path, listing, opts, bar, log)
     summary = _summary(job, cache_path, listing, plan, splits)

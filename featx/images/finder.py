@@ -256,6 +256,23 @@ def _check_class_name(class_dir: Path) -> None:
         )
 
 
+def look_alike_classes(class_names: list[str]) -> list[list[str]]:
+    """Groups of class names that a reader takes for one: they differ only in letter case
+    ('Dogs', 'dogs') or in Unicode form ('café' typed on macOS, NFD, and on Linux, NFC)."""
+    groups: dict[str, list[str]] = {}
+    for name in class_names:
+        groups.setdefault(unicodedata.normalize("NFC", name).casefold(), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def look_alike_warning(names: list[str]) -> str:
+    shown = ", ".join(f"'{n}'" if n.isascii() else ascii(n) for n in names)
+    return (
+        f"warning: the class folders {shown} look alike (they differ only in letter case or "
+        f"Unicode form) and are {len(names)} classes; merge them into one folder, or rename them."
+    )
+
+
 def find_images(data_dir: str | Path) -> Listing:
     """List the images in `data_dir` and their classes.
 
