@@ -28,7 +28,14 @@ def friendly_errors(fn):
             sys.exit(0)
         except FeatxError as e:
             raise click.ClickException(cli_names(str(e))) from None
-        except OSError as e:  # permission denied, disk full, ...: the OS says which file
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as e:
+            if isinstance(e, MemoryError) or _too_little_memory(e):
+                raise click.ClickException(_out_of_memory(e)) from None
+            if not isinstance(e, OSError):
+                raise
+            # permission denied, disk full, ...: the OS says which file
             where = f" '{e.filename}'" if e.filename else ""
             raise click.ClickException(
                 f"{e.strerror or e}{where}. Check that the path exists and is writable, and "
@@ -36,6 +43,38 @@ def friendly_errors(fn):
             ) from None
 
     return wrapper
+
+
+def _address_space_limit() -> int | None:
+    """The soft address-space limit of this process in bytes (`ulimit -v`), None when unlimited."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _too_little_memory(error: Exception) -> bool:
+    """Whether `error` is best explained by too little memory: under an address-space limit below
+    config.MIN_ADDRESS_SPACE, an allocation failing inside TensorFlow's import surfaces as a
+    SystemError or an ImportError as often as a MemoryError."""
+    limit = _address_space_limit()
+    return limit is not None and limit < config.MIN_ADDRESS_SPACE
+
+
+def _out_of_memory(error: BaseException) -> str:
+    """The one line for a run that ran out of memory (a MemoryError, or see _too_little_memory)."""
+    limit = _address_space_limit()
+    text = str(error).splitlines()[0] if str(error) else ""
+    return (
+        "Out of memory: memory is too low for featx ("
+        + type(error).__name__
+        + (f": {text}" if text else "")
+        + (f"; `ulimit -v` limits this process to {limit / 2**30:.1f} GiB" if limit else "")
+        + f"). It needs at least {config.MIN_ADDRESS_SPACE / 2**30:.0f} GiB with TensorFlow: "
+        "raise the limit or free memory, or use a smaller --batch-size and fewer --workers."
+    )
 
 
 def cli_names(message: str) -> str:

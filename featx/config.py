@@ -26,6 +26,20 @@ MAX_IMAGE_PIXELS = 89_478_485  # decompression-bomb guard (Pillow's default limi
 # two while converting): a few huge photos wait for each other instead of adding up. Photos of
 # ordinary size (12 MP and less) never wait. One image over the budget still decodes, alone.
 DECODE_PIXEL_BUDGET = 100_000_000
+# The largest file featx reads as an image: an image file is read whole before decoding, so a huge
+# non-image file (a 40 GB disk image in the data folder) would be a MemoryError on every run. The
+# largest plausible image file is far smaller: a 89 MP (MAX_IMAGE_PIXELS) 16-bit RGBA TIFF
+# without compression is 716 MB. Larger files are rejected without being read.
+MAX_FILE_BYTES = 768 * 1024 * 1024
+# The address space featx needs at least: importing TensorFlow maps ~2 GB (it failed under
+# `ulimit -v 2000000` and worked under 3000000, tiny model). Under a lower limit, a failure is
+# reported as too little memory, whatever exception the allocation that failed turned into.
+MIN_ADDRESS_SPACE = 3 * 1024**3
+# A reader that finds a part missing because a writer committed a new main file (and deleted the
+# old parts) while it read reads the new main file again, up to this many tries in all: 1 read
+# in 4,156 met such a commit during three `extract --overwrite`. A part missing under an
+# unchanged main file is an error at once.
+CACHE_READ_TRIES = 3
 PILLOW_BLOCK_SIZE = 64 * 1024 * 1024  # see images.py: huge decoded images go back to the system
 
 # --- extraction ----------------------------------------------------------------------------------
@@ -90,6 +104,14 @@ FEATURE_DTYPES = ("float32", "float16")  # a cache keeps its dtype unless --dtyp
 # standard), which does not pay for doubling extraction. Turn it on when accuracy matters more.
 FLIP = False
 CACHE_DIR = "cache"  # default folder for caches and trained heads
+# What featx writes, which it never reads back as data (`featx extract .` in a project folder):
+# the marker of a cache's parts folder (`CACHE.h5.parts/`), and the files that mark its output
+# folders (fit-head, finetune, export, report, audit). A folder holding one is skipped whole.
+JOURNAL_MARKER = ".featx-journal"
+OUTPUT_MARKERS = frozenset({
+    JOURNAL_MARKER, "featx.json", "head.json", "finetune.json", "export.json", "metrics.json",
+    "audit.json", "featx-files.json",
+})  # fmt: skip
 
 # --- splits --------------------------------------------------------------------------------------
 VAL_SPLIT = 0.2  # fraction of each class held out for validation when the folder has no splits

@@ -178,3 +178,44 @@ def test_info_files_lists_every_images_path_split_and_label(tiny_model):
     assert result.exit_code == 0, result.output
     assert list(csv.DictReader(io.StringIO(result.output))) == expected
     assert all((tiny_model.data / row["path"]).is_file() for row in expected)
+# --- 1. featx never reads its own outputs as data ------------------------------------------------
+
+
+def test_extract_in_a_project_folder_skips_featx_outputs_and_names_photos(tmp_path):
+    from helpers import COLOURS, TINY
+
+    from featx.commands.extract import extract
+    from featx.commands.fit_head import fit_head
+
+    proj = tmp_path / "proj"
+    photos = write_images(proj / "photos", dict.fromkeys(COLOURS, 4), noise=50)
+    cache = proj / "cache" / "photos.h5"
+    extract(photos, cache, engine="keras", batch_size=4, **TINY)
+    fit_head(cache, "logreg", proj / "cache" / "photos-logreg")
+    result = CliRunner().invoke(cli, ["extract", str(proj), "--cache", str(tmp_path / "p.h5")])
+    assert_one_line_error(result, "Found 1 class folder(s)", f"If '{photos}' holds the class")
+
+
+def test_featx_outputs_inside_a_data_folder_are_skipped_with_the_reason(tmp_path):
+    from helpers import COLOURS
+
+    from featx.images import finder
+
+    data = write_images(tmp_path / "data", dict.fromkeys(COLOURS, 2))
+    (data / "cats" / "old.h5.parts").mkdir()  # a cache's parts folder, marker and all
+    (data / "cats" / "old.h5.parts" / ".featx-journal").touch()
+    (data / "cats" / "old.h5").write_bytes(b"\x89HDF")
+    (data / "cats" / "old.h5.lock").touch()
+    for marker in ("head.json", "export.json", "audit.json", "featx-files.json"):
+        write_images(data / "dogs" / f"out-{marker}", {"x": 1})  # an output folder with images
+        (data / "dogs" / f"out-{marker}" / marker).write_text("{}")
+    listing = finder.find_images(data)
+    assert [f.path for f in listing.files] == [
+        "cats/cats000.jpg", "cats/cats001.jpg", "dogs/dogs000.jpg", "dogs/dogs001.jpg"
+    ]  # fmt: skip
+    own = "featx's own output; not read as data"
+    assert dict(listing.skipped) == {
+        "cats/old.h5": own, "cats/old.h5.lock": own, "cats/old.h5.parts": own,
+        "dogs/out-audit.json": own, "dogs/out-export.json": own,
+        "dogs/out-featx-files.json": own, "dogs/out-head.json": own,
+    }  # fmt: skip

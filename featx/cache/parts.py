@@ -44,15 +44,24 @@ _CHUNK_BYTES = 512 * 1024
 
 @dataclass
 class Rows:
-    """Per-image rows; the same columns in the cache, in a part and in a journalled batch."""
+    """Per-image rows; the same columns in the cache, in a part and in a journalled batch, but
+    for the file's ctime and inode, which only the main file records (empty elsewhere, and in a
+    cache made before they were: `identified` is False then)."""
 
     paths: list[str] = field(default_factory=list)
     file_size: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     file_mtime_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     file_sha256: list[str] = field(default_factory=list)
+    file_ctime_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    file_inode: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def identified(self) -> bool:
+        """Whether every row has its ctime and inode (a cache made since they are recorded)."""
+        return len(self.file_ctime_ns) == len(self.paths) == len(self.file_inode)
 
 
 @dataclass
@@ -237,7 +246,7 @@ class Journal:
     a folder of that name that it did not make.
     """
 
-    MARKER = ".featx-journal"
+    MARKER = config.JOURNAL_MARKER
     _OWN = ("part-*.npz", temporary_glob("part-*.npz"), "meta.json", temporary_glob("meta.json"))
     _PARTS = ("features-*.h5", temporary_glob("features-*.h5"))
     _HALF_WRITTEN = (temporary_glob("part-*.npz"), temporary_glob("features-*.h5"))

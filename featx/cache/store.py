@@ -12,6 +12,8 @@ Layout of the main file, format 2 (all readable with plain h5py, rows sorted by 
     /file_size       (N,)   int64                 the per-file key: size, mtime and content hash
     /file_mtime_ns   (N,)   int64
     /file_sha256     (N,)   str
+    /file_ctime_ns   (N,)   int64                 optional (added by the next extract): a change
+    /file_inode      (N,)   uint64                of either makes extract hash the file again
     /rejected/{paths,reasons,file_size,file_mtime_ns}   files that could not be decoded
     /sources/{names,ids,rows}   the part files (paths relative to this file's folder), their ids
                                 and row counts
@@ -119,7 +121,10 @@ def _check_format(f: h5py.File, path: Path) -> int:
             f"'{path}' is not a featx cache (no format='{FORMAT}' attribute). "
             "Create one with `featx extract DATA_DIR --cache PATH`."
         )
-    version = int(f.attrs.get("format_version", -1))
+    try:
+        version = int(f.attrs.get("format_version", -1))
+    except (TypeError, ValueError):
+        raise damaged(path, ValueError(f"format_version {f.attrs['format_version']!r}")) from None
     if version not in READS:
         raise FeatxError(
             f"'{path}' is a featx cache of format version {version}, this featx reads versions "
@@ -129,8 +134,15 @@ def _check_format(f: h5py.File, path: Path) -> int:
     return version
 
 
-def _open(path: str | Path) -> tuple[h5py.File, Path]:
+def real_path(path: str | Path) -> Path:
+    """The cache's own file when `path` is a symbolic link to it (`L/c.h5 -> ../real/c.h5`): its
+    parts and its lock are beside that file, and a rewrite replaces that file, never the link."""
     path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _open(path: str | Path) -> tuple[h5py.File, Path]:
+    path = real_path(path)
     if not path.is_file():
         raise not_found("cache", path)
     try:
@@ -144,12 +156,16 @@ def _strs(ds) -> list[str]:
 
 
 def _read_rows(g) -> Rows:
-    return Rows(
+    rows = Rows(
         _strs(g["paths"]),
         g["file_size"][()].astype(np.int64),
         g["file_mtime_ns"][()].astype(np.int64),
         _strs(g["file_sha256"]) if "file_sha256" in g else [],
     )
+    if "file_ctime_ns" in g and "file_inode" in g:
+        rows.file_ctime_ns = g["file_ctime_ns"][()].astype(np.int64)
+        rows.file_inode = g["file_inode"][()].astype(np.uint64)
+    return rows
 
 
 def _sources(f: h5py.File, path: Path, version: int) -> Sources:
@@ -176,7 +192,30 @@ def read_cache(path: str | Path, features: bool = True) -> Cache:
 
     features=False reads everything but the features (paths, labels, splits, file keys, where the
     features are): what info, finetune, export and extract need; `Cache.sources` says where they
-    are. Every part file is checked (present, the one the cache names) either way."""
+    are. Every part file is checked (present, the one the cache names) either way.
+
+    Readers take no lock: a writer may commit a new main file, and delete the parts it no longer
+    names, while this reads. A read that fails once the main file was replaced is done again on
+    the new one (config.CACHE_READ_TRIES in all); under an unchanged main file it fails at once."""
+    for tries_left in range(config.CACHE_READ_TRIES - 1, -1, -1):
+        before = _identity(path)
+        try:
+            return _read_once(path, features)
+        except FeatxError:
+            if not tries_left or before is None or _identity(path) == before:
+                raise
+
+
+def _identity(path: str | Path) -> tuple | None:
+    """What changes when a writer commits a new main file (os.replace: another inode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_dev, st.st_mtime_ns, st.st_size
+
+
+def _read_once(path: str | Path, features: bool) -> Cache:
     f, path = _open(path)
     with f:
         version = _check_format(f, path)
@@ -194,12 +233,36 @@ def read_cache(path: str | Path, features: bool = True) -> Cache:
                 attrs={k: _attr(v) for k, v in f.attrs.items() if k != "fingerprint"},
                 sources=_sources(f, path, version),
             )
+            _check_structure(cache)
         except (OSError, KeyError, ValueError) as e:  # a checksum error is an OSError
             raise damaged(path, e) from None
     parts.check_sources(path, cache.sources)
     if features:
         load_features(path, cache)
     return cache
+
+
+def _check_structure(cache: Cache) -> None:
+    """What every command takes for granted of a cache, checked once on open: a crafted or
+    damaged one is a one-line error naming it (read_cache), not a traceback in a later step."""
+    if not isinstance(cache.fingerprint, dict):
+        raise ValueError(f"its fingerprint is a {type(cache.fingerprint).__name__}, not a dict")
+    n, classes = len(cache.labels), len(cache.class_names)
+    if len(cache.splits) != n or len(cache.rows) != n or len(cache.rows.file_size) != n:
+        raise ValueError(f"{n} labels for {len(cache.rows)} paths and {len(cache.splits)} splits")
+    if n and (cache.labels.min() < 0 or cache.labels.max() >= classes):
+        bad = int(cache.labels.min() if cache.labels.min() < 0 else cache.labels.max())
+        raise ValueError(f"label {bad} is not an index of its {classes} class names")
+    if len(cache.rejected_reasons) != len(cache.rejected):
+        raise ValueError("rejected files and reasons differ in number")
+    src = cache.sources
+    if not len(src.names) == len(src.ids) == len(src.sizes):
+        raise ValueError("its source names, ids and row counts differ in number")
+    if n:
+        if src.row_source.min() < 0 or src.row_source.max() >= len(src.names):
+            raise ValueError("a block names a part that is not among its sources")
+        if src.row_index.min() < 0 or (src.row_index >= src.sizes[src.row_source]).any():
+            raise ValueError("a block's rows are out of range of its part")
 
 
 def load_features(path: Path, cache: Cache) -> None:
@@ -280,6 +343,9 @@ def _image(cache: Cache, src: Sources) -> bytes:
         splits = np.array([str(x).encode() for x in cache.splits], dtype="S10")
         f.create_dataset("splits", data=splits, **_CHECKED)  # fixed-length: small, checksummed
         _write_rows(f, cache.rows)
+        if cache.rows.identified:
+            f.create_dataset("file_ctime_ns", data=cache.rows.file_ctime_ns, **_CHECKED)
+            f.create_dataset("file_inode", data=cache.rows.file_inode, **_CHECKED)
         rej = f.create_group("rejected")
         _write_rows(rej, cache.rejected)
         rej.create_dataset(

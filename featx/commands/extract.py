@@ -51,7 +51,9 @@ class _Plan:
     rows: dict[str, tuple] = field(default_factory=dict)
     rejected: dict[str, tuple] = field(default_factory=dict)  # path -> (size, mtime, reason)
     todo: list[_Todo] = field(default_factory=list)
-    kept: int = 0
+    # path -> (size, mtime_ns, ctime_ns, inode) of the listed files, as they were when planned
+    stats: dict[str, tuple] = field(default_factory=dict)
+    kept: int = 0  # images whose features were reused (their content unchanged)
     resumed: int = 0
     extracted: int = 0  # images that went through the model
     dropped: int = 0
@@ -129,10 +131,12 @@ def extract(
     opts = build_options(ExtractOptions, options)  # every option checked, before any work
     _start(opts)
     root = Path(data_dir)
-    cache_path = Path(cache_path) if cache_path else default_cache_path(root)
+    cache_path = store.real_path(cache_path or default_cache_path(root))  # resolved once
     listing = shards.restrict(finder.find_images(root), opts.shard_numbers)
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
+    for names in finder.look_alike_classes(listing.class_names):
+        log(finder.look_alike_warning(names))
     with store.writer_lock(cache_path), contextlib.closing(reporter(progress, "extracting")) as bar:
         job, plan, splits, timing = _locked(root, cache_path, listing, opts, bar, log)
     summary = _summary(job, cache_path, listing, plan, splits)
@@ -283,43 +287,61 @@ def _resolve(opts: ExtractOptions, old, listing, cache_path: Path, log) -> Extra
 # --- phase 2: the plan (pure) --------------------------------------------------------------------
 
 
-def _stat_all(root: Path, listing) -> dict[str, tuple[int, int]]:
-    """{path: (size, mtime_ns)} of the listed files; a file gone since the listing is left out."""
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _ns(t: int) -> int:
+    """A file time in ns as the cache's int64 stores it: a time after 2262-04-11 (or before
+    1677) is clamped, not an OverflowError on every run."""
+    return min(max(t, _INT64[0]), _INT64[1])
+
+
+def _stat_all(root: Path, listing) -> dict[str, tuple[int, int, int, int]]:
+    """{path: (size, mtime_ns, ctime_ns, inode)} of the listed files; a file gone since the
+    listing is left out."""
     stats, base = {}, str(root)
     for f in listing.files:
         try:
             st = os.stat(os.path.join(base, f.path))
         except OSError:
             continue
-        stats[f.path] = (st.st_size, st.st_mtime_ns)
+        stats[f.path] = (st.st_size, _ns(st.st_mtime_ns), _ns(st.st_ctime_ns), st.st_ino)
     return stats
 
 
 def _plan(listing, stats: dict, old, journalled: tuple, keep_rejected: bool = True) -> _Plan:
-    """Which files are kept from the cache (same size and mtime), resumed from the journal of an
-    interrupted run, or still to extract. Pure: no file is opened, no model is built.
+    """Which files are kept from the cache (same size, mtime, ctime and inode), resumed from the
+    journal of an interrupted run, or still to extract. Pure: no file is opened, no model is built.
+    A file whose size and mtime are the same but not its ctime or inode (copied, then `touch -r`;
+    `exiftool -P`) is hashed again: its features are kept if its content is (see _record).
 
     Args:
         listing: finder.find_images' result; its `skipped` entries become rejected rows.
-        stats: {path: (size, mtime_ns)} of the files as they are now.
+        stats: {path: (size, mtime_ns, ctime_ns, inode)} of the files as they are now.
         old: the existing cache whose features may be reused, or None.
         journalled: Journal.load()'s ({path: row}, {path: rejected row}).
         keep_rejected: remember the cache's rejections (False with --overwrite).
     """
     done, done_rej = journalled
-    plan = _Plan()
+    plan = _Plan(stats=stats)
     for path, reason in listing.skipped:
         plan.rejected[path] = (0, 0, reason)
     cached = {} if old is None else {p: i for i, p in enumerate(old.paths)}
     refs = [] if old is None else stream.old_refs(old)
     cached_rej = {} if old is None or not keep_rejected else old.rejected.paths
     cached_rej = {p: i for i, p in enumerate(cached_rej)}
+    same_file = _same_file(old)
     for f in listing.files:
-        key = stats.get(f.path)
-        if key is None:
+        st = stats.get(f.path)
+        if st is None:
             continue  # vanished since listing
+        key = st[:2]
         i, r = cached.get(f.path), cached_rej.get(f.path)
-        if i is not None and key == (old.rows.file_size[i], old.rows.file_mtime_ns[i]):
+        if (
+            i is not None
+            and key == (old.rows.file_size[i], old.rows.file_mtime_ns[i])
+            and (same_file(i, st))
+        ):
             plan.rows[f.path] = (*key, old.rows.file_sha256[i], refs[i])
             plan.kept += 1
         elif r is not None and _same_rejection(old, r, key):
@@ -340,6 +362,15 @@ def _plan(listing, stats: dict, old, journalled: tuple, keep_rejected: bool = Tr
     present = {f.path for f in listing.files}
     plan.dropped = 0 if old is None else sum(p not in present for p in old.paths)
     return plan
+
+
+def _same_file(old):
+    """(row, stat) -> whether row `row` of `old` was made from this very file, as far as its
+    ctime and inode say (always True for a cache made before they were recorded)."""
+    if old is None or not old.rows.identified:
+        return lambda i, st: True
+    ctimes, inodes = old.rows.file_ctime_ns, old.rows.file_inode
+    return lambda i, st: st[2] == ctimes[i] and st[3] == inodes[i]
 
 
 def _same_rejection(old, r: int, key: tuple) -> bool:
@@ -482,8 +513,9 @@ def _record(job: _Job, index: int, chunk, results, feats, plan: _Plan) -> None:
                 plan.rejected[t.path] = (t.size, t.mtime_ns, value)
                 rej.append((t, ""))
                 reasons.append(value)
-            elif status == "same":
+            elif status == "same":  # its content unchanged: its features are kept
                 plan.rows[t.path] = (t.size, t.mtime_ns, value, t.old_ref)
+                plan.kept += 1
     plan.extracted += len(ok)
     job.writer.add_batch(index, _rows(ok), feats, _rows(rej), reasons)
 
@@ -507,6 +539,8 @@ def _changed(plan: _Plan, old, opts: ExtractOptions) -> bool:
         return True
     if old.flip != opts.flip or old.attrs.get("format_version") != store.FORMAT_VERSION:
         return True  # a format-1 cache is upgraded
+    if not old.rows.identified:
+        return True  # a cache made before ctime and inode were recorded gets them
     return old.feature_dtype != opts.dtype or len(old.rejected.paths) != len(plan.rejected)
 
 
@@ -520,6 +554,7 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=
     sizes, mtimes, shas, refs = zip(*map(rows.__getitem__, paths)) if files else ([],) * 4
     class_names = sorted({f.class_name for f in files}) or listing.class_names
     index = {c: i for i, c in enumerate(class_names)}
+    identity = [plan.stats[p][2:] for p in paths]
     rej_paths = sorted(rejected)
     attrs = {
         "data_dir": str(job.root.resolve()),
@@ -535,7 +570,14 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=
         features=None,
         labels=np.array([index[f.class_name] for f in files], np.int32),
         splits=np.array(list(map(splits.__getitem__, paths)), dtype=object),
-        rows=store.Rows(paths, np.array(sizes, np.int64), np.array(mtimes, np.int64), list(shas)),
+        rows=store.Rows(
+            paths,
+            np.array(sizes, np.int64),
+            np.array(mtimes, np.int64),
+            list(shas),
+            np.array([c for c, _ in identity], np.int64),
+            np.array([i for _, i in identity], np.uint64),
+        ),  # fmt: skip
         rejected=store.Rows(
             rej_paths,
             np.array([rejected[p][0] for p in rej_paths], np.int64),

@@ -168,12 +168,16 @@ def _rows(rows: list, where: list[tuple[int, int]]) -> store.Rows:
     def column(name):
         return [getattr(rows[s], name)[i] for s, i in where]
 
-    return store.Rows(
+    merged = store.Rows(
         column("paths"),
         np.array(column("file_size"), np.int64),
         np.array(column("file_mtime_ns"), np.int64),
         column("file_sha256"),
     )
+    if all(r.identified for r in rows):  # ctime and inode: what a single run records
+        merged.file_ctime_ns = np.array(column("file_ctime_ns"), np.int64)
+        merged.file_inode = np.array(column("file_inode"), np.uint64)
+    return merged
 
 
 def _rejected(shards: list) -> tuple[store.Rows, list[str]]:

@@ -238,7 +238,8 @@ def _summary(model_dir, model, rows: list[dict], opts: PredictOptions, seconds: 
 
 def _row(target: Target, class_names, p, error, top_k) -> dict:
     label = next((f for f in target.folders if f in class_names), None)
-    row = {"path": target.path, "predicted": None, "probability": None, "top_k": []}
+    path = finder.printable(target.path)  # a name that is not UTF-8 is predicted, shown escaped
+    row = {"path": path, "predicted": None, "probability": None, "top_k": []}
     if error is None and p is not None:
         order = np.argsort(-p, kind="stable")[:top_k]
         row["top_k"] = [

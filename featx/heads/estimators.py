@@ -411,6 +411,7 @@ class LogRegHead(_Head):
         self.flip_ = bool(meta.get("flip", False))
         self.classes_ = np.arange(len(meta["class_names"]))
         self.n_features_in_ = int(self.mean_.shape[0])
+        self.outputs_ = max(2, int(self.coef_.shape[0]))  # (1, D) for two classes
 
 
 # --- the Keras Dense head -----------------------------------------------------------------------
@@ -647,6 +648,7 @@ class DenseHead(_Head):
         self.history_ = meta.get("history")
         self.classes_ = np.arange(len(meta["class_names"]))
         self.n_features_in_ = int(meta["feature_dim"])
+        self.outputs_ = int(self.model_.output_shape[-1])
 
 
 def _inference_metrics(X, y, X_val, y_val):
@@ -783,4 +785,10 @@ def load_head(folder: str | Path) -> tuple[LogRegHead | DenseHead, dict]:
             f"Could not load the head '{file}' ({type(e).__name__}: {str(e).splitlines()[0]}). "
             "Re-run `featx fit-head` to write it again."
         ) from None
+    if head.outputs_ != len(head.classes_):  # a head.json of one run beside the file of another
+        raise FeatxError(
+            f"'{path}' lists {len(head.classes_)} classes, but the head '{file}' has "
+            f"{head.outputs_} outputs: they were not written together. Re-run `featx fit-head` "
+            "to write the folder again."
+        )
     return head, meta

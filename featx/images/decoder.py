@@ -199,16 +199,31 @@ def read_file(path: str | Path) -> tuple[bytes, str]:
     """The file's bytes and their sha256 (the content key that detects real changes).
 
     Opened non-blocking and checked before reading: a FIFO, socket or device raises ValueError
-    instead of blocking forever. OSError (permission, I/O) passes through: it may be transient.
+    instead of blocking forever, and so does a file over config.MAX_FILE_BYTES (read no further
+    than that, even when it grows while being read). OSError (permission, I/O) passes through:
+    it may be transient.
     """
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     fd = os.open(path, flags)
     with os.fdopen(fd, "rb") as fh:
-        kind = finder.special_kind(os.fstat(fd).st_mode)
+        st = os.fstat(fd)
+        kind = finder.special_kind(st.st_mode)
         if kind:
             raise ValueError(f"not a regular file ({kind})")
-        data = fh.read()
+        if st.st_size > config.MAX_FILE_BYTES:
+            raise ValueError(_too_large(st.st_size))
+        data = fh.read(config.MAX_FILE_BYTES + 1)  # a file growing while read stops at the cap
+    if len(data) > config.MAX_FILE_BYTES:
+        raise ValueError(_too_large(len(data), "or more "))
     return data, hashlib.sha256(data).hexdigest()
+
+
+def _too_large(size: int, more: str = "") -> str:
+    limit = config.MAX_FILE_BYTES
+    return (
+        f"too large for an image file ({size / 2**20:,.0f} MiB {more}> {limit / 2**20:,.0f} MiB, "
+        "config.MAX_FILE_BYTES); not read"
+    )
 
 
 def load_image(

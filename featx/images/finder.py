@@ -52,6 +52,28 @@ def _visible(entry: os.DirEntry | Path) -> bool:
     return not entry.name.startswith(_HIDDEN)
 
 
+FEATX_OWN = "featx's own output; not read as data"
+
+
+def own_folder(folder: Path, names) -> bool:
+    """Whether `folder` (holding the entries `names`, hidden ones included) is featx's output:
+    a cache's parts folder, a folder carrying one of featx's marker files, or the default cache
+    folder (config.CACHE_DIR of this working folder, or one of that name holding a cache)."""
+    if folder.name.endswith(".h5.parts") or not config.OUTPUT_MARKERS.isdisjoint(names):
+        return True
+    if folder.name != Path(config.CACHE_DIR).name:
+        return False
+    return bool(own_files(names)) or os.path.realpath(folder) == os.path.realpath(config.CACHE_DIR)
+
+
+def own_files(names) -> set[str]:
+    """The entries of a folder's `names` that featx wrote: a cache `X.h5` beside its `X.h5.parts`
+    or `X.h5.lock`, and those two."""
+    names = set(names)
+    caches = {n for n in names if n.endswith(".h5") and {n + ".parts", n + ".lock"} & names}
+    return caches | {n for n in names if n.endswith((".h5.parts", ".h5.lock"))}
+
+
 def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
@@ -143,10 +165,17 @@ class _Walk:
         self._seen.add(real)
         try:
             with os.scandir(folder) as it:
-                entries = [e for e in it if not e.name.startswith(_HIDDEN)]
+                listed = list(it)
         except OSError as e:
             self.skipped.append((folder, f"unreadable folder: {e.strerror or e}"))
             return
+        names = [e.name for e in listed]
+        if own_folder(folder, names):
+            self.skipped.append((folder, FEATX_OWN))
+            return
+        own = own_files(names)
+        self.skipped += [(folder / n, FEATX_OWN) for n in sorted(own)]
+        entries = [e for e in listed if not e.name.startswith(_HIDDEN) and e.name not in own]
         # A folder's own files first, then its subfolders, each sorted by name (os.walk's order).
         entries.sort(key=_NAME)
         subfolders = []
@@ -198,14 +227,50 @@ def _check_not_too_high(root: Path, class_dirs: list[Path]) -> None:
             )
 
 
+def printable(name: str) -> str:
+    """`name` as text that can be written anywhere (HDF5, CSV, a terminal): a file name that is
+    not valid UTF-8 arrives from the system with its bad bytes as lone surrogates, which no
+    encoder accepts; they are shown as backslash escapes (b'\\xe9' -> '\\xe9')."""
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+NOT_UTF8 = "file name is not valid UTF-8; rename it (e.g. with `convmv -f latin1 -t utf8`)"
+
+
 def _check_class_name(class_dir: Path) -> None:
     """A class name becomes a line of labels.txt, a CSV cell and a heading: one with a line break
-    or another control character would be misread (3 lines of labels.txt for 2 outputs)."""
+    or another control character would be misread (3 lines of labels.txt for 2 outputs), and one
+    that is not valid UTF-8 cannot be stored at all."""
+    if printable(class_dir.name) != class_dir.name:
+        raise FeatxError(
+            f"The class folder '{printable(str(class_dir))}' has a name that is not valid UTF-8, "
+            "which the cache, labels.txt and the CSV files cannot hold. Rename the folder "
+            "(e.g. with `convmv -f latin1 -t utf8`)."
+        )
     if any(unicodedata.category(ch) == "Cc" for ch in class_dir.name):
         raise FeatxError(
             f"The class folder {str(class_dir)!r} has a line break or another control character "
             "in its name, which labels.txt and the CSV files cannot hold. Rename the folder."
         )
+
+
+def look_alike_classes(class_names: list[str]) -> list[list[str]]:
+    """Groups of class names that a reader takes for one: they differ only in letter case
+    ('Dogs', 'dogs') or in Unicode form ('café' typed on macOS, NFD, and on Linux, NFC)."""
+    groups: dict[str, list[str]] = {}
+    for name in class_names:
+        groups.setdefault(unicodedata.normalize("NFC", name).casefold(), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def look_alike_warning(names: list[str]) -> str:
+    shown = ", ".join(f"'{n}'" if n.isascii() else ascii(n) for n in names)
+    return (
+        f"warning: the class folders {shown} look alike (they differ only in letter case or "
+        f"Unicode form) and are {len(names)} classes; merge them into one folder, or rename them."
+    )
 
 
 def find_images(data_dir: str | Path) -> Listing:
@@ -221,7 +286,12 @@ def find_images(data_dir: str | Path) -> Listing:
     root = Path(data_dir)
     if not root.is_dir():
         raise not_found("data", data_dir)
-    top = _subfolders(root)
+    top, own = [], []
+    for p in _subfolders(root):  # featx's own outputs (`featx extract .`) are no class
+        try:
+            (own if own_folder(p, os.listdir(p)) else top).append(p)
+        except OSError:
+            top.append(p)  # unreadable: the walk reports it
     split_dirs = [p for p in top if p.name.lower() in config.SPLIT_FOLDER_NAMES]
     if split_dirs:
         others = [p.name for p in top if p not in split_dirs]
@@ -275,8 +345,13 @@ def find_images(data_dir: str | Path) -> Listing:
         )
     if os.sep != "/":
         files = [ImageFile(f.path.replace(os.sep, "/"), f.class_name, f.split) for f in files]
+    bad_names = [f.path for f in files if printable(f.path) != f.path]
+    if bad_names:
+        files = [f for f in files if printable(f.path) == f.path]
     files.sort(key=lambda f: f.path)
-    skipped = sorted((p.relative_to(root).as_posix(), why) for p, why in walk.skipped)
+    walk.skipped += [(p, FEATX_OWN) for p in own]
+    skipped = [(printable(p.relative_to(root).as_posix()), why) for p, why in walk.skipped]
+    skipped = sorted(skipped + [(printable(p), NOT_UTF8) for p in bad_names])
     return Listing(layout, files, class_names, empty, skipped)
 
 
