@@ -178,6 +178,8 @@ def test_info_files_lists_every_images_path_split_and_label(tiny_model):
     assert result.exit_code == 0, result.output
     assert list(csv.DictReader(io.StringIO(result.output))) == expected
     assert all((tiny_model.data / row["path"]).is_file() for row in expected)
+
+
 # --- 1. featx never reads its own outputs as data ------------------------------------------------
 
 

@@ -35,6 +35,7 @@ checksums: a flipped bit is a one-line error, not silent garbage. One writer at 
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
