@@ -82,6 +82,7 @@ bench: install $(DATA)
 	$(BIN)/python bench/ray_overhead.py --data $(DATA)
 	$(BIN)/python bench/pipeline.py --data $(DATA)
 	$(BIN)/python bench/quality.py --timing
+	$(BIN)/python bench/cold_start.py --data $(DATA) --json bench/results/cold_start.json
 
 bench-finetune: install $(DATA)
 	$(BIN)/python bench/pipeline.py --data $(DATA) --with-finetune --json-out bench/results/pipeline-finetune.json

@@ -45,6 +45,14 @@ def make_engine(name: str, spec: mobilenet.BackboneSpec, *, onnx_dir=None, log=N
     return mobilenet.KerasEngine(spec)
 
 
+def prepare(runner) -> float:
+    """Prepare `runner` before its first batch: the seconds spent making the ONNX Runtime engine's
+    file (once per backbone and user; 0.0 for other engines or a stored file), so that extract
+    reports it as its own step and leaves it out of images/s."""
+    engine = getattr(runner, "engine", runner)  # WithMirror
+    return engine.prepare() if hasattr(engine, "prepare") else 0.0
+
+
 def for_extract(opts, old, cache_path: Path, listing, root: Path, log):
     """(engine, fingerprint) for an extraction with ExtractOptions `opts`; `old` is the existing
     cache (or None). An int8 cache keeps its quantized file; a new one gets one calibrated on its

@@ -115,12 +115,18 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return file_sha256(path)  # cached per (path, size, mtime): hashing 14 MB costs ~50 ms
 
 
+def cached_sha256(path: str | Path) -> str:
+    """The file's sha256, hashed once per process for each (path, size, mtime): a predict checks
+    the weights and the stored .onnx file several times."""
+    st = os.stat(path)
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
 def weights_sha256(weights_path: str | None) -> str:
     if weights_path is None:
         # Random weights are reproducible only for a given seed and Keras version.
         return f"random-seed{config.RANDOM_WEIGHTS_SEED}-keras{keras_version()}"
-    st = os.stat(weights_path)
-    return _sha256(weights_path, st.st_size, st.st_mtime_ns)
+    return cached_sha256(weights_path)
 
 
 def fingerprint(

@@ -202,6 +202,7 @@ class OnnxEngine:
         self.log = log or (lambda message: None)
         self._session = None
         self._input = None
+        self.prepared_seconds = 0.0  # spent building the .onnx file (once per backbone and user)
 
     @property
     def path(self) -> Path:
@@ -232,11 +233,17 @@ class OnnxEngine:
             return f"'{folder}' is not writable, so the ONNX export cannot be stored there"
         return None
 
-    def features(self, batch: np.ndarray) -> np.ndarray:
-        """(n, size, size, 3) uint8 or float pixels -> (n, dim) float32 features."""
+    def prepare(self) -> float:
+        """Load the session now, building the .onnx file first when it is not stored: the
+        seconds spent building it (0.0 when it was stored), which extract leaves out of images/s."""
         if self._session is None:
             self._session = self.load()
             self._input = self._session.get_inputs()[0].name
+        return self.prepared_seconds
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """(n, size, size, 3) uint8 or float pixels -> (n, dim) float32 features."""
+        self.prepare()
         out = self._session.run(None, {self._input: np.asarray(batch, dtype=np.float32)})[0]
         return np.asarray(out, dtype=np.float32)
 
@@ -252,7 +259,7 @@ class OnnxEngine:
                 problem = f"ONNX Runtime cannot load it: {e}"
         if path.exists():
             self.log(f"note: rebuilding {path} ({problem}).")
-        export(path, fp, self.spec, log=self.log)
+        self.prepared_seconds = export(path, fp, self.spec, log=self.log)
         return ort.InferenceSession(str(path), session_options(self.threads), providers())
 
 
@@ -270,49 +277,89 @@ def check_stored(path: Path, key: str) -> str | None:
         return "no readable sidecar file"
     if not isinstance(meta, dict) or meta.get("model_key") != key:
         return "made for another backbone"
-    if file_sha256(path) != meta.get("onnx_sha256"):
+    if mobilenet.cached_sha256(path) != meta.get("onnx_sha256"):
         return "its sha256 does not match the sidecar: incomplete or modified"
     return None
 
 
-def export(path: Path, fp: dict, spec: mobilenet.BackboneSpec, log=None) -> None:
-    """Export the Keras backbone to `path` atomically, check it against Keras, write the sidecar."""
+def export(path: Path, fp: dict, spec: mobilenet.BackboneSpec, log=None) -> float:
+    """Prepare the ONNX backbone at `path` atomically, check it, write the sidecar; the seconds
+    it took. ImageNet weights and other MobileNetV2 .h5 files are built into ONNX directly
+    (backbone.onnx_builder: ~1 s, no TensorFlow); random weights, or a file the builder cannot
+    read, are converted from the Keras model by tf2onnx (~15 s, mostly TensorFlow's start)."""
     log = log or (lambda message: None)
     t0 = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = mobilenet.build_backbone(spec.weights, spec.image_size, spec.alpha)
-    size = spec.image_size
-    probe = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3))
-    probe = probe.astype(np.float32)
-    expected = np.asarray(model(probe, training=False))  # export needs a model called once
+    weights = mobilenet.resolve_weights(spec.weights, spec.image_size, spec.alpha)
     with replaced_atomically(path) as tmp:
-        try:
-            with warnings.catch_warnings():  # tf2onnx's numpy deprecation noise
-                warnings.simplefilter("ignore", FutureWarning)
-                model.export(str(tmp), format="onnx", verbose=False)
-        except Exception as e:
-            blocker = export_blocker()
-            why = f"{blocker}, or" if blocker else f"check that `{INSTALL_HINT}` is installed, or"
-            raise FeatxError(
-                f"Could not export the backbone to ONNX ({type(e).__name__}: {e}). "
-                f"To fix: {why} pass --engine keras."
-            ) from None
-        ort = import_onnxruntime()
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run(None, {session.get_inputs()[0].name: probe})[0]
-        scale = float(np.abs(expected).max()) or 1.0
-        if got.shape != expected.shape or np.abs(got - expected).max() > 1e-3 * scale:
-            raise FeatxError(
-                f"The ONNX export of the backbone disagrees with Keras (largest difference "
-                f"{np.abs(got - expected).max():.3g} for features up to {scale:.3g}). "
-                "Pass --engine keras, and report this with your keras/onnx versions."
-            )
+        made_by = _built(weights, spec, tmp)
+        if made_by is None:
+            log("preparing the fast engine (ONNX Runtime) from the Keras model, once per backbone")
+            made_by = _converted(spec, tmp)
         sha = file_sha256(tmp)
     meta = {
         "model_key": model_key(fp),
         "onnx_sha256": sha,
         "fingerprint": {k: v for k, v in fp.items() if k != "engine"},
+        "made_by": made_by,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_text_atomic(sidecar_path(path), json.dumps(meta, indent=2) + "\n")
-    log(f"exported the backbone to {path} ({time.perf_counter() - t0:.1f} s, once per backbone)")
+    seconds = time.perf_counter() - t0
+    log(f"prepared the fast engine (ONNX Runtime) in {seconds:.1f} s, once per backbone: {path}")
+    return seconds
+
+
+def _probe(spec: mobilenet.BackboneSpec) -> np.ndarray:
+    size = spec.image_size
+    return np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype(np.float32)
+
+
+def _built(weights: str | None, spec: mobilenet.BackboneSpec, tmp: Path) -> str | None:
+    """ "featx onnx_builder" when the graph was built from the weights file into `tmp` and runs,
+    giving features of the backbone's width; None when it cannot be (random weights, no `onnx`,
+    a file of another layout): the caller converts the Keras model then."""
+    if weights is None:
+        return None
+    from featx.backbone import onnx_builder
+
+    try:
+        onnx_builder.build(weights, spec.image_size, spec.alpha, tmp)
+    except (FeatxError, ValueError, KeyError, OSError):
+        return None
+    ort = import_onnxruntime()
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: _probe(spec)})[0]
+    if got.shape != (2, spec.feature_dim) or not np.isfinite(got).all():
+        return None
+    return "featx onnx_builder"
+
+
+def _converted(spec: mobilenet.BackboneSpec, tmp: Path) -> str:
+    """Convert the Keras backbone into `tmp` with Keras' own export (tf2onnx under TensorFlow),
+    checked against Keras on a probe batch; the converter's name."""
+    model = mobilenet.build_backbone(spec.weights, spec.image_size, spec.alpha)
+    probe = _probe(spec)
+    expected = np.asarray(model(probe, training=False))  # export needs a model called once
+    try:
+        with warnings.catch_warnings():  # tf2onnx's numpy deprecation noise
+            warnings.simplefilter("ignore", FutureWarning)
+            model.export(str(tmp), format="onnx", verbose=False)
+    except Exception as e:
+        blocker = export_blocker()
+        why = f"{blocker}, or" if blocker else f"check that `{INSTALL_HINT}` is installed, or"
+        raise FeatxError(
+            f"Could not export the backbone to ONNX ({type(e).__name__}: {e}). "
+            f"To fix: {why} pass --engine keras."
+        ) from None
+    ort = import_onnxruntime()
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: probe})[0]
+    scale = float(np.abs(expected).max()) or 1.0
+    if got.shape != expected.shape or np.abs(got - expected).max() > 1e-3 * scale:
+        raise FeatxError(
+            f"The ONNX export of the backbone disagrees with Keras (largest difference "
+            f"{np.abs(got - expected).max():.3g} for features up to {scale:.3g}). "
+            "Pass --engine keras, and report this with your keras/onnx versions."
+        )
+    return ONNX_CONVERTERS.get(mobilenet.keras_backend(), "keras")

@@ -1,7 +1,10 @@
 """Classifier heads on cached features: logistic regression and a small Keras Dense head.
 
 Both are scikit-learn-style estimators, interchangeable (tests/test_estimator_contract.py checks
-exactly this; they are not check_estimator-compliant: labels are 0..C-1, errors are featx's):
+exactly this; they are not check_estimator-compliant: labels are 0..C-1, errors are featx's).
+They implement scikit-learn's estimator protocol themselves (get_params, set_params, clone,
+score, tags) and import scikit-learn only to fit: a loaded logistic regression predicts with
+numpy alone, so `featx predict` never pays the seconds scikit-learn and SciPy take to import (#25).
     head = LogRegHead() or DenseHead()             # __init__ stores parameters only
     head.fit(X, y, X_val=None, y_val=None)         # returns self; learned state ends in "_"
     head.predict_proba(X) -> (n, num_classes)      # float64 rows that sum to 1
@@ -23,6 +26,7 @@ class names and the fingerprint of the cache the head was trained on.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -30,7 +34,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
 
 from featx import config
 from featx.config import VERSION
@@ -102,8 +105,55 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-class _Head(ClassifierMixin, BaseEstimator):
+class _Head:
+    """scikit-learn's estimator protocol, without importing scikit-learn: the parameters are the
+    arguments of __init__, stored unchanged (what get_params, set_params and sklearn.base.clone
+    rely on); score is the accuracy, as ClassifierMixin's."""
+
     kind = ""
+    _estimator_type = "classifier"  # scikit-learn < 1.6 reads this; later ones the tags below
+
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        parameters = inspect.signature(cls.__init__).parameters
+        return sorted(name for name in parameters if name != "self")
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params):
+        valid = self._get_param_names()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(
+                    f"Invalid parameter {name!r} for estimator {type(self).__name__}. "
+                    f"Valid parameters are: {valid!r}."
+                )
+            setattr(self, name, value)
+        return self
+
+    def __sklearn_tags__(self):
+        # Asked for by scikit-learn only (so it is loaded): the tags its own classifiers have.
+        from sklearn.base import BaseEstimator, ClassifierMixin
+
+        class Classifier(ClassifierMixin, BaseEstimator):
+            pass
+
+        return Classifier().__sklearn_tags__()
+
+    def __repr__(self) -> str:
+        defaults = inspect.signature(type(self).__init__).parameters
+        changed = [
+            f"{name}={value!r}"
+            for name, value in self.get_params().items()
+            if defaults[name].default is inspect.Parameter.empty or value != defaults[name].default
+        ]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    def score(self, X, y, sample_weight=None) -> float:
+        """Accuracy on (X, y), as scikit-learn's classifiers score."""
+        hits = self.predict(X) == np.asarray(y)
+        return float(np.average(hits, weights=sample_weight))
 
     def predict(self, X) -> np.ndarray:
         return np.argmax(self.predict_proba(X), axis=1)
