@@ -18,7 +18,7 @@ install: $(VENV)/.installed weights
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,onnx,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,onnx,ray,cloud]'
 	touch $@
 
 weights:

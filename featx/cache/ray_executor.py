@@ -123,7 +123,7 @@ class RayJob:
     local Ray, on a cluster its GPUs / gpus_per_worker, else its CPUs - 1. extract builds it from
     ExtractOptions, which have checked every value."""
 
-    root: Path
+    root: Path | str  # a folder every node sees at this path, or a URL (images.remote)
     spec: mobilenet.BackboneSpec
     folder: Path
     key: str

@@ -27,6 +27,7 @@ from featx import config
 from featx.backbone import engines, mobilenet
 from featx.cache import parts, ray_executor, store, stream
 from featx.errors import FeatxError, Messages
+from featx.files import is_url
 from featx.images import decoding, finder, shards
 from featx.options import ExtractOptions, build_options, takes_options
 from featx.reports.display import Result
@@ -58,7 +59,7 @@ class _Plan:
 
 @dataclass
 class _Job:
-    root: Path
+    root: Path | str  # a folder, or a URL (images.remote)
     opts: ExtractOptions
     fingerprint: dict
     runner: object
@@ -69,7 +70,14 @@ class _Job:
 
 
 def default_cache_path(data_dir: str | Path) -> Path:
+    if is_url(data_dir):  # s3://bucket/photos -> cache/photos.h5
+        return Path(config.CACHE_DIR) / f"{str(data_dir).rstrip('/').rsplit('/', 1)[-1]}.h5"
     return Path(config.CACHE_DIR) / f"{Path(data_dir).resolve().name}.h5"
+
+
+def _where(root: Path | str) -> str:
+    """The data folder as the cache records it: a URL as given, a folder's absolute path."""
+    return str(root).rstrip("/") if is_url(root) else str(Path(root).resolve())
 
 
 def is_transient(reason: str) -> bool:
@@ -127,7 +135,7 @@ def extract(
     log = Messages(log)
     opts = build_options(ExtractOptions, options)  # every option checked, before any work
     _start(opts)
-    root = Path(data_dir)
+    root = str(data_dir).rstrip("/") if is_url(data_dir) else Path(data_dir)
     cache_path = Path(cache_path) if cache_path else default_cache_path(root)
     listing = shards.restrict(finder.find_images(root), opts.shard_numbers)
     for c in listing.empty_classes:
@@ -183,7 +191,7 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
         if len(old.paths):
             log("note: the cache has no features of mirror images; extracting every image again.")
         old = None  # --flip on a cache without mirrored features: every image again
-    if old is not None and old.attrs.get("data_dir") not in (None, str(root.resolve())):
+    if old is not None and old.attrs.get("data_dir") not in (None, _where(root)):
         log(f"note: the cache was made from {old.attrs['data_dir']}; matching files by path.")
     key = mobilenet.model_key({**fp, "flip": flip}, (*mobilenet.MODEL_KEYS, "flip"))
     journal = store.Journal(cache_path, key, mobilenet.feature_dim(opts.alpha) * (1 + flip))
@@ -252,8 +260,11 @@ def _resolve(opts: ExtractOptions, old, listing, cache_path: Path, log) -> Extra
 # --- phase 2: the plan (pure) --------------------------------------------------------------------
 
 
-def _stat_all(root: Path, listing) -> dict[str, tuple[int, int]]:
-    """{path: (size, mtime_ns)} of the listed files; a file gone since the listing is left out."""
+def _stat_all(root: Path | str, listing) -> dict[str, tuple[int, int]]:
+    """{path: (size, mtime_ns)} of the listed files; a file gone since the listing is left out.
+    Objects in a bucket: (size, stamp) as the listing read them (images.remote.stamp)."""
+    if listing.stats is not None:
+        return {f.path: listing.stats[f.path] for f in listing.files if f.path in listing.stats}
     stats, base = {}, str(root)
     for f in listing.files:
         try:
@@ -393,7 +404,7 @@ def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
     twice (the same part), never none."""
     opts, t0 = job.opts, time.perf_counter()
     ray_job = ray_executor.RayJob(
-        root=job.root.resolve(),
+        root=_where(job.root),
         spec=opts.spec,
         folder=job.journal.folder.resolve(),
         key=job.journal.key,
@@ -491,7 +502,7 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=
     index = {c: i for i, c in enumerate(class_names)}
     rej_paths = sorted(rejected)
     attrs = {
-        "data_dir": str(job.root.resolve()),
+        "data_dir": _where(job.root),
         "layout": listing.layout,
         "val_split": float(job.opts.val_split),
         "seed": int(job.opts.seed),
