@@ -197,6 +197,12 @@ def with_progress(as_json: bool, run, *args, **kwargs):
     metavar="ADDR",
     help="With --executor ray: the cluster (auto, ray://HOST:10001)  [default: a local Ray]",
 )
+@click.option(
+    "--parts",
+    metavar="URL",
+    help="With --executor ray: where the actors write their part files when the nodes share no "
+    "disk (s3://bucket/run)  [default: beside the cache; <cache URL>.parts for a cache at a URL]",
+)
 @shown(
     "--gpus-per-worker",
     config.GPUS_PER_WORKER,

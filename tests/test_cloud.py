@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,13 +19,14 @@ import threading
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 from click.testing import CliRunner
 from helpers import SLOW_EXTRACT, TINY, assert_one_line_error, assert_same_cache, write_images
 
 import featx
 from featx import config
-from featx.cache import store
+from featx.cache import remote_cache, store
 from featx.cli import cli
 from featx.commands.extract import extract
 from featx.images import finder, remote
@@ -224,6 +226,73 @@ def test_predict_reads_objects_and_prefixes(s3, tiny_model, tmp_path):
         assert a["top_k"] == b["top_k"] and a["error"] is None
     missing = featx.predict(tiny_model.logreg, [f"{url}/cats/nope.jpg", f"{url}/cats"])
     assert [r["error"] for r in missing["rows"]] == ["file not found", None, None]
+
+
+# --- a cache at a URL, and Ray's parts there (#28 item 2) ---------------------------------------
+
+
+def objects(fs, prefix: str) -> list[str]:
+    fs.invalidate_cache()
+    return sorted(p[len(prefix) + 1 :] for p in fs.find(prefix))
+
+
+def test_a_cache_at_a_url_is_published_part_by_part_and_read_by_every_stage(s3, tmp_path):
+    fs, bucket = s3
+    data = make_data(tmp_path / "data")
+    upload(fs, data, f"{bucket}/photos")
+    url = f"s3://{bucket}/caches/c.h5"
+    extract(f"s3://{bucket}/photos", url, **RUN)
+    extract(data, tmp_path / "local.h5", **RUN)
+    stored = objects(fs, f"{bucket}/caches")
+    assert stored[0] == "c.h5" and len(stored) == 2 and stored[1].startswith("c.h5.parts/features-")
+    # Another machine: nothing staged yet; every stage reads the cache from the URL.
+    shutil.rmtree(remote_cache.stage(url).parent)
+    assert_same_cache(url, tmp_path / "local.h5", exact=True)
+    assert featx.info(url)["images"] == 24
+    head = featx.fit_head(url, "logreg", output=tmp_path / "head")
+    local_head = featx.fit_head(tmp_path / "local.h5", "logreg", output=tmp_path / "local-head")
+    assert head["validation"]["accuracy"] == local_head["validation"]["accuracy"]
+    audited = featx.audit(url, output=tmp_path / "audit")["summary"]
+    # Its contact sheets read the photos from the bucket the cache names as its data folder.
+    assert audited["images"] == 24 and audited["unreadable_images"] == 0
+
+    # Incremental: the new objects' part is uploaded, the main file replaced, nothing left over.
+    new = write_images(tmp_path / "new", {"cats": 3, "dogs": 2}, name="new{i}.jpg", seed=5)
+    upload(fs, new, f"{bucket}/photos")
+    assert extract(f"s3://{bucket}/photos", url, **RUN)["extracted"] == 5
+    stored = objects(fs, f"{bucket}/caches")
+    with h5py.File(remote_cache.stage(url), "r") as f:
+        named = sorted(f["sources/names"].asstr()[()])
+    assert stored == ["c.h5", *named]
+    shutil.rmtree(remote_cache.stage(url).parent)
+    assert featx.info(url)["images"] == 29
+
+
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="Ray is optional: pip install 'featx[ray]'"
+)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_ray_actors_write_their_parts_to_a_url_and_the_driver_commits(s3, tmp_path):
+    fs, bucket = s3
+    data = make_data(tmp_path / "data")
+    upload(fs, data, f"{bucket}/photos")
+    photos, url = f"s3://{bucket}/photos", f"s3://{bucket}/caches/c.h5"
+    extract(data, tmp_path / "local.h5", **RUN)
+    ray = dict(executor="ray", workers=1, **RUN)
+    # A cache at a URL: the actors PUT their parts beside it, the driver publishes the main file.
+    assert extract(photos, url, **ray)["extracted"] == 24
+    with h5py.File(remote_cache.stage(url), "r") as f:
+        named = sorted(f["sources/names"].asstr()[()])
+    assert objects(fs, f"{bucket}/caches") == ["c.h5", *named]
+    assert_same_cache(url, tmp_path / "local.h5")
+    # A local cache, parts through a URL (`--parts`): copied into the cache, then deleted there.
+    cache = tmp_path / "ray.h5"
+    assert extract(photos, cache, parts=f"s3://{bucket}/run", **ray)["extracted"] == 24
+    assert objects(fs, f"{bucket}/run") == []
+    assert_same_cache(cache, tmp_path / "local.h5")
 
 
 # --- one line for each way a store can refuse ---------------------------------------------------

@@ -45,10 +45,10 @@ import numpy as np
 
 from featx import config
 from featx.backbone import mobilenet
-from featx.cache import parts
+from featx.cache import parts, remote_cache
 from featx.cache.parts import FLIP_DATASET, FLIP_TRANSFORM, Journal, Rows, Sources, damaged  # noqa: F401
 from featx.errors import FeatxError, not_found
-from featx.files import replaced_atomically, temporary_pid
+from featx.files import is_url, replaced_atomically, temporary_pid
 
 FORMAT = "featx-cache"
 
@@ -178,7 +178,10 @@ def read_cache(path: str | Path, features: bool = True) -> Cache:
 
     features=False reads everything but the features (paths, labels, splits, file keys, where the
     features are): what info, finetune, export and extract need; `Cache.sources` says where they
-    are. Every part file is checked (present, the one the cache names) either way."""
+    are. Every part file is checked (present, the one the cache names) either way. A URL is read
+    through its local copy (cache.remote_cache)."""
+    if is_url(path):
+        path = remote_cache.local_copy(str(path))
     f, path = _open(path)
     with f:
         version = _check_format(f, path)

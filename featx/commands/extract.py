@@ -25,7 +25,7 @@ import numpy as np
 
 from featx import config
 from featx.backbone import engines, mobilenet
-from featx.cache import parts, ray_executor, store, stream
+from featx.cache import parts, ray_executor, remote_cache, store, stream
 from featx.errors import FeatxError, Messages
 from featx.files import is_url
 from featx.images import decoding, finder, shards
@@ -67,6 +67,7 @@ class _Job:
     created: str | None = None  # the existing cache's creation time, kept by every rewrite
     writer: stream.Writer | None = None  # made with the plan, whose rows it fills
     committed: list = field(default_factory=list)  # the parts the existing cache names
+    pulled: list = field(default_factory=list)  # parts copied from the --parts URL
 
 
 def default_cache_path(data_dir: str | Path) -> Path:
@@ -136,13 +137,17 @@ def extract(
     opts = build_options(ExtractOptions, options)  # every option checked, before any work
     _start(opts)
     root = str(data_dir).rstrip("/") if is_url(data_dir) else Path(data_dir)
-    cache_path = Path(cache_path) if cache_path else default_cache_path(root)
     listing = shards.restrict(finder.find_images(root), opts.shard_numbers)
+    cache_path, cache_url, opts = _cache_place(cache_path, root, opts)
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
     with store.writer_lock(cache_path), contextlib.closing(reporter(progress, "extracting")) as bar:
         job, plan, splits, timing = _locked(root, cache_path, listing, opts, bar, log)
-    summary = _summary(job, cache_path, listing, plan, splits)
+        if cache_url:
+            remote_cache.push(cache_url, cache_path)
+        elif opts.parts:  # copied into the cache's own folder: the URL was only the way there
+            remote_cache.drop_parts(opts.parts, job.pulled)
+    summary = _summary(job, cache_url or cache_path, listing, plan, splits)
     _warn_empty_splits(summary["counts"], log)
     if summary["rejected"]:
         n = len(summary["rejected"])
@@ -160,6 +165,17 @@ def extract(
     summary["seconds"] = round(seconds, 3)
     summary["images_per_second"] = round(extracted / seconds, 2) if extracted else 0.0
     return Result({**summary, **timing}, "extract")
+
+
+def _cache_place(cache_path, root, opts: ExtractOptions):
+    """(local cache path, the cache's URL or None, opts). A cache at a URL: this run works on its
+    local copy (cache.remote_cache), and Ray's actors write their parts beside it at the URL."""
+    cache_url = str(cache_path).rstrip("/") if cache_path and is_url(cache_path) else None
+    if cache_url:
+        cache_path = remote_cache.local_copy(cache_url, missing_ok=True)
+        if opts.executor == "ray" and opts.parts is None:
+            opts = dataclasses.replace(opts, parts=remote_cache.parts_url(cache_url))
+    return Path(cache_path) if cache_path else default_cache_path(root), cache_url, opts
 
 
 def _start(opts: ExtractOptions) -> None:
@@ -198,6 +214,8 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
     created = previous.attrs.get("created") if previous is not None else None
     job = _Job(root, opts, fp, runner, journal, created)
     committed = job.committed = previous.sources.names if previous is not None else []
+    if opts.parts:  # what Ray's actors wrote there before (a run killed mid-way) is resumed
+        job.pulled += remote_cache.pull_parts(opts.parts, journal)
     plan = _plan(
         listing, _stat_all(root, listing), old, journal.load(committed), not opts.overwrite
     )
@@ -406,7 +424,7 @@ def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
     ray_job = ray_executor.RayJob(
         root=_where(job.root),
         spec=opts.spec,
-        folder=job.journal.folder.resolve(),
+        folder=opts.parts or job.journal.folder.resolve(),
         key=job.journal.key,
         run_id=parts.new_id(),
         batch_size=opts.batch_size,
@@ -422,6 +440,8 @@ def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
     except KeyboardInterrupt:
         log("interrupted: the parts Ray wrote are kept; run again to resume.")
         raise
+    if opts.parts:
+        job.pulled += remote_cache.pull_parts(opts.parts, job.journal)
     # Only the parts Ray wrote: the committed ones and those this run resumed were read already
     # (and one holding an older version of a file to extract must not answer for it).
     done, rejected = job.journal.load([*job.committed, *job.journal.sizes])
@@ -541,7 +561,7 @@ def _counts(listing, rows, splits) -> dict[str, dict[str, int]]:
     return {s: counts[s] for s in config.SPLITS if s in counts}
 
 
-def _summary(job: _Job, cache_path: Path, listing, plan: _Plan, splits: dict) -> dict:
+def _summary(job: _Job, cache_path: Path | str, listing, plan: _Plan, splits: dict) -> dict:
     counts = _counts(listing, plan.rows, splits)
     return {
         "cache": str(cache_path),
