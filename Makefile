@@ -61,6 +61,7 @@ bench: install $(DATA)
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/extract.py --data $(DATA)
 	$(BIN)/python bench/ray_overhead.py --data $(DATA)
+	$(BIN)/python bench/remote_read.py --data $(DATA)
 	$(BIN)/python bench/pipeline.py --data $(DATA)
 	$(BIN)/python bench/quality.py --timing
 
