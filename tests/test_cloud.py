@@ -374,3 +374,11 @@ def test_urls_are_told_from_paths():
     assert finder.inside("s3://b/p", "../a.jpg") is None
     assert remote.stamp({"ETag": '"abc"'}) != remote.stamp({"ETag": '"abd"'})
     assert remote.stamp({"VersionId": "1", "ETag": "x"}) == remote.stamp({"VersionId": "1"})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
+def test_a_store_whose_package_is_missing_is_one_line_naming_the_extra(tmp_path):
+    result = cli_extract("gs://bucket/photos", tmp_path)
+    assert_one_line_error(result, "gs://bucket/photos", "gcsfs", "pip install 'featx[cloud]'")
+    result = cli_extract("nosuch://bucket/photos", tmp_path)
+    assert_one_line_error(result, "'nosuch://bucket/photos' is no URL featx can read")
