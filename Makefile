@@ -13,7 +13,7 @@ WEIGHTS_DST := $(KERAS_MODELS)/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1
 
 # The versions CI tested: every dependency of featx and of these extras, pinned by `make lock`.
 LOCK := .ci/requirements.lock
-LOCK_EXTRAS := dev onnx ray
+LOCK_EXTRAS := dev onnx ray cloud
 LOCK_PYTHON := 3.11
 LOCK_PLATFORM := x86_64-manylinux_2_28
 
@@ -80,6 +80,7 @@ bench: install $(DATA)
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/extract.py --data $(DATA)
 	$(BIN)/python bench/ray_overhead.py --data $(DATA)
+	$(BIN)/python bench/remote_read.py --data $(DATA)
 	$(BIN)/python bench/pipeline.py --data $(DATA)
 	$(BIN)/python bench/quality.py --timing
 	$(BIN)/python bench/cold_start.py --data $(DATA) --json bench/results/cold_start.json

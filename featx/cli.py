@@ -243,6 +243,12 @@ def with_progress(as_json: bool, run, *args, **kwargs):
     metavar="ADDR",
     help="With --executor ray: the cluster (auto, ray://HOST:10001)  [default: a local Ray]",
 )
+@click.option(
+    "--parts",
+    metavar="URL",
+    help="With --executor ray: where the actors write their part files when the nodes share no "
+    "disk (s3://bucket/run)  [default: beside the cache; <cache URL>.parts for a cache at a URL]",
+)
 @shown(
     "--gpus-per-worker",
     config.GPUS_PER_WORKER,
@@ -255,7 +261,8 @@ def extract(data_dir, cache_path, as_json, **options):
     """Extract MobileNetV2 features of every image in DATA_DIR into an HDF5 cache.
 
     DATA_DIR is DATA/CLASS/* (split into train/validation by --val-split) or
-    DATA/{train,validation,test}/CLASS/*. Runs again only on new or changed files.
+    DATA/{train,validation,test}/CLASS/*, a folder or a URL (s3://bucket/prefix, gs://, az://).
+    Runs again only on new or changed files.
     """
     # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
     check_exists(data_dir, "data")
@@ -562,10 +569,11 @@ def audit(cache_path, output, overwrite, threshold, data_dir, seed, as_json):
 def predict(model_dir, paths, as_json, **options):
     """Classify images with MODEL_DIR, a fit-head, finetune or export output folder.
 
-    PATHS are image files, folders (searched recursively) or quoted glob patterns such as
-    'photos/*.jpg'. Prints one line per image and, when the images sit in folders named after the
-    model's classes, the accuracy. A file that cannot be read gets an error row; the exit status
-    is 1 only when no image could be predicted.
+    PATHS are image files, folders (searched recursively), quoted glob patterns such as
+    'photos/*.jpg', or URLs of objects and prefixes (s3://bucket/new/). Prints one line per
+    image and, when the images sit in folders named after the model's classes, the accuracy. A
+    file that cannot be read gets an error row; the exit status is 1 only when no image could be
+    predicted.
     """
     # before TensorFlow loads: a wrong path answered at once, with the near match (#26)
     check_exists(model_dir, "model")

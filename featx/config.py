@@ -71,6 +71,11 @@ def decode_workers() -> int:
 
 
 MAX_DECODE_WORKERS = 256
+# Object storage (featx.images.remote): each call is tried this many times in all when the store
+# is busy (S3 SlowDown, throttling) or the network fails, waiting 0.5 s, 1 s, 2 s, ... between.
+# The client underneath (botocore, gcsfs) retries on its own too; these bound featx's own share.
+REMOTE_ATTEMPTS = 3
+REMOTE_BACKOFF_SECONDS = 0.5
 # Threads or processes (featx/decoding.py). Processes decode small images up to 2.4x faster on
 # 2 cores (Pillow's Python code holds the GIL), photos as fast as threads, and take ~0.3 s to
 # start. "auto" takes them where decoding sets the pace: the model on a GPU, 2 workers or more,

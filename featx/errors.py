@@ -96,6 +96,8 @@ def check_exists(path, kind: str) -> None:
     """Before any heavy import: not_found(kind, path) when `path` does not exist."""
     import os
 
+    if "://" in str(path):  # a URL (s3://...): the store answers when it is listed or read
+        return
     if not os.path.exists(path):
         raise not_found(kind, path)
 

@@ -17,6 +17,14 @@ from pathlib import Path
 from featx.errors import FeatxError
 
 
+def is_url(path) -> bool:
+    """Whether `path` is a URL ("s3://bucket/prefix", "gs://...", any fsspec protocol) rather
+    than a local path; "file://" counts as a URL too (fsspec reads it)."""
+    text = str(path)
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme.isascii() and scheme.replace("+", "").isalnum()
+
+
 def temporary_path(path: Path, suffix: str = "") -> Path:
     """The one naming rule of featx's temporary files: `.NAME.tmp-PID[suffix]` beside NAME."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")

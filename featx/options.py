@@ -15,6 +15,7 @@ from pathlib import Path
 from featx import config
 from featx.backbone import mobilenet
 from featx.errors import FeatxError, check_choice, check_fraction, check_int, fraction_hint
+from featx.files import is_url
 from featx.images import shards
 
 
@@ -73,6 +74,9 @@ class ExtractOptions:
     executor: str = config.EXECUTOR
     ray_address: str | None = None  # None: a local Ray of this machine's cores
     gpus_per_worker: float = config.GPUS_PER_WORKER  # GPUs per Ray actor
+    # Where Ray's actors write their part files when the nodes share no disk: a URL every node
+    # reaches. None: the cache's own folder (`<cache URL>.parts` for a cache at a URL).
+    parts: str | None = None
     decode_in: str = config.DECODE_IN  # "threads", "processes" or "auto" (featx.images.decoding)
 
     def __post_init__(self):
@@ -112,8 +116,12 @@ class ExtractOptions:
             raise FeatxError(
                 f"gpus_per_worker must be a number >= 0, got {self.gpus_per_worker!r}."
             )
-        if self.executor != "ray" and (self.ray_address or self.gpus_per_worker):
+        if self.parts is not None and not is_url(self.parts):
+            raise FeatxError(f"--parts must be a URL every Ray node can reach (s3://bucket/run), "
+                             f"got {self.parts!r}.")  # fmt: skip
+        if self.executor != "ray" and (self.ray_address or self.gpus_per_worker or self.parts):
             option = "--ray-address" if self.ray_address else "--gpus-per-worker"
+            option = "--parts" if self.parts else option
             raise FeatxError(f"{option} is an option of the Ray executor; add --executor ray.")
         check_choice("decode_in", self.decode_in, config.DECODE_INS)
         if self.executor == "ray" and self.decode_in == "processes":

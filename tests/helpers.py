@@ -188,3 +188,41 @@ class PixelEngine:
 
     def features(self, batch):
         return batch.reshape(len(batch), -1)[:, :1280].astype(np.float32)
+
+
+# A script that extracts argv[1] into argv[2] slowly (0.4 s a batch of 4), for tests that kill it
+# with kill -9 mid-run. engine="keras": the slow engine below, not an ONNX Runtime one "auto" picks.
+SLOW_EXTRACT = """
+import sys, time
+from featx.backbone import mobilenet
+from featx.commands.extract import extract
+real = mobilenet.KerasEngine.features
+def slow(engine, batch):  # slow batches give the test time to kill mid-run
+    time.sleep(0.4)
+    return real(engine, batch)
+mobilenet.KerasEngine.features = slow
+extract(sys.argv[1], sys.argv[2], weights="none", alpha=0.35, image_size=32,
+        batch_size=4, engine="keras")
+"""
+
+
+def assert_same_cache(got: Path, expected: Path, exact: bool = False) -> None:
+    """Two caches hold the same rows (paths, splits, labels, rejections) and features: equal with
+    `exact`, else to float32 rounding (another process or executor may sum in another order)."""
+    from featx.cache import store
+
+    a, b = store.read_cache(got), store.read_cache(expected)
+    assert a.paths == b.paths and list(a.splits) == list(b.splits)
+    assert a.class_names == b.class_names and a.fingerprint == b.fingerprint
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.rows.file_sha256 == b.rows.file_sha256
+    assert a.rejected.paths == b.rejected.paths and a.rejected_reasons == b.rejected_reasons
+    pairs = [(a.features, b.features)]
+    if b.features_flip is not None:
+        pairs.append((a.features_flip, b.features_flip))
+    for x, y in pairs:
+        if exact:
+            np.testing.assert_array_equal(x, y)
+        else:
+            scale = np.abs(y).max()
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * scale)

@@ -587,3 +587,21 @@ def test_real_photos_a_resized_copy_is_found_at_the_default_threshold(tmp_path):
         [f"train/dogs/{source.name}", "validation/dogs/copy.jpg"]
     ]
     assert result["duplicates"][0]["cross_split"] and result["duplicates"][0]["kind"] == "near"
+
+
+def test_the_components_of_duplicate_pairs_are_scipys_connected_components():
+    """find_duplicates groups rows with its own union-find (no scipy in merge or extract)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from featx.quality.duplicates import components
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n, k = int(rng.integers(1, 60)), int(rng.integers(0, 80))
+        pairs = rng.integers(0, n, (k, 2))
+        ours = components(n, pairs)
+        graph = coo_matrix((np.ones(k), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+        _, theirs = connected_components(graph, directed=False)
+        assert np.array_equal(ours[:, None] == ours[None, :], theirs[:, None] == theirs[None, :])
+        assert all(ours[i] == min(np.flatnonzero(ours == ours[i])) for i in range(n))

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from click.testing import CliRunner
 from helpers import (
     CLASS_COLOURS,
     REAL_DATA,
+    SLOW_EXTRACT,
     TINY,
     WEIGHTS_FILE,
     assert_one_line_error,
@@ -262,21 +262,7 @@ def test_empty_class_warns_and_single_class_is_an_error(tmp_path):
         run(lonely, tmp_path / "l.h5")
 
 
-KILLABLE = textwrap.dedent(
-    """
-    import sys, time
-    from featx.backbone import mobilenet
-    from featx.commands.extract import extract
-    real = mobilenet.KerasEngine.features
-    def slow(engine, batch):  # slow batches give the test time to kill mid-run
-        time.sleep(0.4)
-        return real(engine, batch)
-    mobilenet.KerasEngine.features = slow
-    # engine="keras": the slow engine above, not an ONNX Runtime one that "auto" may pick
-    extract(sys.argv[1], sys.argv[2], weights="none", alpha=0.35, image_size=32,
-                    batch_size=4, engine="keras")
-    """
-)
+KILLABLE = SLOW_EXTRACT
 
 
 @pytest.mark.slow

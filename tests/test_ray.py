@@ -18,11 +18,11 @@ import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import TINY, assert_one_line_error, write_images
+from helpers import TINY, assert_one_line_error, assert_same_cache, write_images
 
 import featx
 from featx.backbone import mobilenet
-from featx.cache import parts, ray_executor, store
+from featx.cache import parts, ray_executor
 from featx.cli import cli
 from featx.commands.extract import extract
 from featx.errors import FeatxError
@@ -49,18 +49,6 @@ def make_data(root: Path) -> Path:
     data = write_images(root, {"cats": 20, "dogs": 20}, noise=40)
     (data / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     return data
-
-
-def assert_same_cache(got: Path, expected: Path) -> None:
-    a, b = store.read_cache(got), store.read_cache(expected)
-    assert a.paths == b.paths and list(a.splits) == list(b.splits)
-    assert a.class_names == b.class_names and a.fingerprint == b.fingerprint
-    np.testing.assert_array_equal(a.labels, b.labels)
-    assert a.rejected.paths == b.rejected.paths and a.rejected_reasons == b.rejected_reasons
-    scale = np.abs(b.features).max()
-    np.testing.assert_allclose(a.features, b.features, rtol=1e-4, atol=1e-5 * scale)
-    if b.features_flip is not None:
-        np.testing.assert_allclose(a.features_flip, b.features_flip, rtol=1e-4, atol=1e-5 * scale)
 
 
 def parts_folder(cache: Path) -> Path:

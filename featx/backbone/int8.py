@@ -90,7 +90,7 @@ def quantize(
     shas = []
 
     def load(f):
-        data, sha = decoder.read_file(root / f.path)
+        data, sha = decoder.read_file(finder.inside(root, f.path))
         shas.append((f.path, sha))
         return decoder.decode_image(data, image_size)
 

@@ -32,7 +32,8 @@ import numpy as np
 
 from featx import config
 from featx.errors import FeatxError
-from featx.files import replaced_atomically, temporary_glob, write_text_atomic
+from featx.files import is_url, replaced_atomically, temporary_glob, write_text_atomic
+from featx.images import remote
 
 PART_FORMAT = "featx-part"
 FLIP_DATASET = "features_flip"
@@ -219,12 +220,16 @@ def part_name(id_: str) -> str:
     return f"features-{id_[:16]}.h5"
 
 
-def write_part(folder: Path, key: str, rows: Rows, features, flip_features, rejected=None,
+def write_part(folder: Path | str, key: str, rows: Rows, features, flip_features, rejected=None,
                reasons=(), id_: str | None = None) -> tuple[str, str]:  # fmt: skip
-    """Write one part into `folder` atomically; returns (file name, id)."""
+    """Write one part into `folder` atomically; returns (file name, id). A URL `folder` (Ray's
+    actors on nodes that share no disk) gets the part in one PUT, which is atomic too."""
     id_ = id_ or new_id()
-    final = folder / part_name(id_)
     data = part_image(key, rows, features, flip_features, rejected or Rows(), reasons, id_)
+    if is_url(folder):
+        remote.write(remote.join(str(folder), part_name(id_)), data)
+        return part_name(id_), id_
+    final = Path(folder) / part_name(id_)
     try:
         with replaced_atomically(final) as tmp:
             tmp.write_bytes(data)

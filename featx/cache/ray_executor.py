@@ -15,7 +15,10 @@ part. extract then reads the parts back as it reads the parts of an interrupted 
 finds the parts written so far and sends only the rest to Ray. Ray's checkpointing is not used.
 
 Ray is optional (`pip install 'featx[ray]'`) and imported only inside `run`. On a cluster, every
-node must see the data folder and the cache's folder at the same paths (a shared disk).
+node must reach the data folder and the parts' folder: a shared disk at the same paths, or URLs
+(a data folder in a bucket, `extract --parts s3://...` or a cache at a URL: the actors read the
+objects and PUT their parts there, and the driver copies the parts into the cache;
+cache.remote_cache). Each node needs its own credentials for the store.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from featx import config
 from featx.backbone import engines, mobilenet
 from featx.cache import parts
 from featx.errors import FeatxError
-from featx.images import decoder, decoding, finder
+from featx.files import is_url
+from featx.images import decoder, decoding, finder, remote
 
 
 @dataclass(frozen=True)
@@ -117,15 +121,15 @@ def worker_env(backend: str | None = None) -> dict[str, str]:
 class RayJob:
     """What every actor needs to know; sent to each actor once.
 
-    folder, key: the cache's journal folder and the fingerprint key its parts carry
-    (parts.Journal). run_id names this run's parts. engine: the engine the driver resolved
-    ("keras" or "onnx"; the cache's fingerprint names it). workers: actors; None: cores - 1 on a
-    local Ray, on a cluster its GPUs / gpus_per_worker, else its CPUs - 1. extract builds it from
-    ExtractOptions, which have checked every value."""
+    folder, key: the cache's journal folder, or a URL every node reaches (`extract --parts`), and
+    the fingerprint key its parts carry (parts.Journal). run_id names this run's parts. engine:
+    the engine the driver resolved ("keras" or "onnx"; the cache's fingerprint names it).
+    workers: actors; None: cores - 1 on a local Ray, on a cluster its GPUs / gpus_per_worker,
+    else its CPUs - 1. extract builds it from ExtractOptions, which have checked every value."""
 
-    root: Path
+    root: Path | str  # a folder every node sees at this path, or a URL (images.remote)
     spec: mobilenet.BackboneSpec
-    folder: Path
+    folder: Path | str
     key: str
     run_id: str
     batch_size: int = config.BATCH_SIZE
@@ -307,15 +311,19 @@ def _watching(job: RayJob, cut: list[list[tuple]], progress) -> Iterator[None]:
     if progress is None:
         yield
         return
-    expected = {
-        job.folder / parts.part_name(part_id(job.run_id, [t[0] for t in b])): len(b) for b in cut
-    }
+    expected = {parts.part_name(part_id(job.run_id, [t[0] for t in b])): len(b) for b in cut}
     total, stop, t0 = sum(expected.values()), threading.Event(), time.perf_counter()
+
+    def written() -> set[str]:
+        if is_url(job.folder):
+            return set(remote.names(str(job.folder), ".h5"))
+        return {p.name for p in Path(job.folder).glob("features-*.h5")}
 
     def watch() -> None:
         reported = 0
         while not stop.wait(1.0):
-            done = sum(n for path, n in expected.items() if path.exists())
+            there = written()
+            done = sum(n for name, n in expected.items() if name in there)
             if done != reported and done < total:  # the caller reports the end
                 reported = done
                 progress(done, total, done / max(time.perf_counter() - t0, 1e-9))

@@ -46,10 +46,10 @@ import numpy as np
 
 from featx import config
 from featx.backbone import mobilenet
-from featx.cache import parts
+from featx.cache import parts, remote_cache
 from featx.cache.parts import FLIP_DATASET, FLIP_TRANSFORM, Journal, Rows, Sources, damaged  # noqa: F401
 from featx.errors import FeatxError, not_found
-from featx.files import dead_temporaries, exclusive_lock, replaced_atomically
+from featx.files import dead_temporaries, exclusive_lock, is_url, replaced_atomically
 
 FORMAT = "featx-cache"
 
@@ -197,7 +197,10 @@ def read_cache(path: str | Path, features: bool = True) -> Cache:
 
     Readers take no lock: a writer may commit a new main file, and delete the parts it no longer
     names, while this reads. A read that fails once the main file was replaced is done again on
-    the new one (config.CACHE_READ_TRIES in all); under an unchanged main file it fails at once."""
+    the new one (config.CACHE_READ_TRIES in all); under an unchanged main file it fails at once.
+    A URL is read through its local copy (cache.remote_cache)."""
+    if is_url(path):
+        path = remote_cache.local_copy(str(path))
     for tries_left in range(config.CACHE_READ_TRIES - 1, -1, -1):
         before = _identity(path)
         try:

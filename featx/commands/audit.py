@@ -39,9 +39,10 @@ import numpy as np
 
 from featx import config
 from featx.artifacts import outputs
-from featx.cache import store
+from featx.cache import remote_cache, store
 from featx.errors import FeatxError, Messages, fraction_hint
-from featx.files import write_csv_atomic, write_text_atomic
+from featx.files import is_url, write_csv_atomic, write_text_atomic
+from featx.images import finder
 from featx.quality.duplicates import find_duplicates, leaking_train_rows
 from featx.reports.display import Result
 from featx.reports.progress import reporter
@@ -50,8 +51,9 @@ KEYS = ("duplicates", "label_issues", "outliers", "class_counts")
 
 
 def default_output_dir(cache_path: str | Path) -> Path:
-    """`<cache folder>/<cache name>-audit/`, next to the cache like fit-head's output."""
-    cache_path = Path(cache_path)
+    """`<cache folder>/<cache name>-audit/`, next to the cache like fit-head's output (a cache at
+    a URL: cache/<cache name>-audit/)."""
+    cache_path = remote_cache.beside(cache_path)
     return cache_path.with_name(f"{cache_path.stem}-audit")
 
 
@@ -316,7 +318,7 @@ def _write_all(out: Path, report: dict, cache: store.Cache, data_dir, log):
     files = _write_files(out, report, cache)
     if data_dir is False:
         return files, {}
-    root = Path(data_dir) if data_dir else _cache_data_dir(cache)
+    root = _folder(data_dir) if data_dir else _cache_data_dir(cache)
     drawn, missing = _write_sheets(out, report, cache, root)
     if missing and root is None:
         log(
@@ -332,9 +334,13 @@ def _write_all(out: Path, report: dict, cache: store.Cache, data_dir, log):
     return files + drawn, missing
 
 
-def _cache_data_dir(cache: store.Cache) -> Path | None:
+def _folder(data_dir) -> Path | str:
+    return str(data_dir) if is_url(data_dir) else Path(data_dir)  # a bucket's photos: a URL
+
+
+def _cache_data_dir(cache: store.Cache) -> Path | str | None:
     d = cache.attrs.get("data_dir")
-    return Path(d) if d else None
+    return _folder(d) if d else None
 
 
 def _write_files(out: Path, report: dict, cache: store.Cache) -> list[Path]:
@@ -380,7 +386,7 @@ def _write_sheets(out: Path, report: dict, cache: store.Cache, root: Path | None
 
     def tile(path: str, *extra: str) -> Tile:
         i = index[path]
-        image = root / path if root else None
+        image = finder.inside(root, path) if root else None
         label = cache.class_names[cache.labels[i]]
         return Tile(image, [Path(path).name, f"{label} | {cache.splits[i]}", *extra], path)
 

@@ -25,8 +25,9 @@ import numpy as np
 
 from featx import config
 from featx.backbone import engines, mobilenet
-from featx.cache import parts, ray_executor, store, stream
+from featx.cache import parts, ray_executor, remote_cache, store, stream
 from featx.errors import FeatxError, Messages
+from featx.files import is_url
 from featx.images import decoding, finder, shards
 from featx.options import ExtractOptions, build_options, takes_options
 from featx.quality import duplicates
@@ -61,7 +62,7 @@ class _Plan:
 
 @dataclass
 class _Job:
-    root: Path
+    root: Path | str  # a folder, or a URL (images.remote)
     opts: ExtractOptions
     fingerprint: dict
     runner: object
@@ -69,10 +70,18 @@ class _Job:
     created: str | None = None  # the existing cache's creation time, kept by every rewrite
     writer: stream.Writer | None = None  # made with the plan, whose rows it fills
     committed: list = field(default_factory=list)  # the parts the existing cache names
+    pulled: list = field(default_factory=list)  # parts copied from the --parts URL
 
 
 def default_cache_path(data_dir: str | Path) -> Path:
+    if is_url(data_dir):  # s3://bucket/photos -> cache/photos.h5
+        return Path(config.CACHE_DIR) / f"{str(data_dir).rstrip('/').rsplit('/', 1)[-1]}.h5"
     return Path(config.CACHE_DIR) / f"{Path(data_dir).resolve().name}.h5"
+
+
+def _where(root: Path | str) -> str:
+    """The data folder as the cache records it: a URL as given, a folder's absolute path."""
+    return str(root).rstrip("/") if is_url(root) else str(Path(root).resolve())
 
 
 def is_transient(reason: str) -> bool:
@@ -130,16 +139,20 @@ def extract(
     log = Messages(log)
     opts = build_options(ExtractOptions, options)  # every option checked, before any work
     _start(opts)
-    root = Path(data_dir)
-    cache_path = store.real_path(cache_path or default_cache_path(root))  # resolved once
+    root = str(data_dir).rstrip("/") if is_url(data_dir) else Path(data_dir)
     listing = shards.restrict(finder.find_images(root), opts.shard_numbers)
+    cache_path, cache_url, opts = _cache_place(cache_path, root, opts)
     for c in listing.empty_classes:
         log(f"warning: class folder '{c}' has no files; it is left out.")
     for names in finder.look_alike_classes(listing.class_names):
         log(finder.look_alike_warning(names))
     with store.writer_lock(cache_path), contextlib.closing(reporter(progress, "extracting")) as bar:
         job, plan, splits, timing = _locked(root, cache_path, listing, opts, bar, log)
-    summary = _summary(job, cache_path, listing, plan, splits)
+        if cache_url:
+            remote_cache.push(cache_url, cache_path)
+        elif opts.parts:  # copied into the cache's own folder: the URL was only the way there
+            remote_cache.drop_parts(opts.parts, job.pulled)
+    summary = _summary(job, cache_url or cache_path, listing, plan, splits)
     _warn_empty_splits(summary["counts"], log)
     if summary["rejected"]:
         n = len(summary["rejected"])
@@ -157,6 +170,18 @@ def extract(
     working = seconds - (timing.get("prepare_seconds") or 0.0)
     summary["images_per_second"] = round(extracted / working, 2) if extracted else 0.0
     return Result({**summary, **timing}, "extract")
+
+
+def _cache_place(cache_path, root, opts: ExtractOptions):
+    """(local cache path, the cache's URL or None, opts). A cache at a URL: this run works on its
+    local copy (cache.remote_cache), and Ray's actors write their parts beside it at the URL."""
+    cache_url = str(cache_path).rstrip("/") if cache_path and is_url(cache_path) else None
+    if cache_url:
+        cache_path = remote_cache.local_copy(cache_url, missing_ok=True)
+        if opts.executor == "ray" and opts.parts is None:
+            opts = dataclasses.replace(opts, parts=remote_cache.parts_url(cache_url))
+    local = Path(cache_path) if cache_path else default_cache_path(root)
+    return store.real_path(local), cache_url, opts  # a link to a cache: resolved once
 
 
 def _start(opts: ExtractOptions) -> None:
@@ -188,13 +213,15 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
         if len(old.paths):
             log("note: the cache has no features of mirror images; extracting every image again.")
         old = None  # --flip on a cache without mirrored features: every image again
-    if old is not None and old.attrs.get("data_dir") not in (None, str(root.resolve())):
+    if old is not None and old.attrs.get("data_dir") not in (None, _where(root)):
         log(f"note: the cache was made from {old.attrs['data_dir']}; matching files by path.")
     key = mobilenet.model_key({**fp, "flip": flip}, (*mobilenet.MODEL_KEYS, "flip"))
     journal = store.Journal(cache_path, key, mobilenet.feature_dim(opts.alpha) * (1 + flip))
     created = previous.attrs.get("created") if previous is not None else None
     job = _Job(root, opts, fp, runner, journal, created)
     committed = job.committed = previous.sources.names if previous is not None else []
+    if opts.parts:  # what Ray's actors wrote there before (a run killed mid-way) is resumed
+        job.pulled += remote_cache.pull_parts(opts.parts, journal)
     plan = _plan(
         listing, _stat_all(root, listing), old, journal.load(committed), not opts.overwrite
     )
@@ -298,9 +325,14 @@ def _ns(t: int) -> int:
     return min(max(t, _INT64[0]), _INT64[1])
 
 
-def _stat_all(root: Path, listing) -> dict[str, tuple[int, int, int, int]]:
+def _stat_all(root: Path | str, listing) -> dict[str, tuple[int, int, int, int]]:
     """{path: (size, mtime_ns, ctime_ns, inode)} of the listed files; a file gone since the
-    listing is left out."""
+    listing is left out. Objects in a bucket: (size, stamp, 0, 0) as the listing read them
+    (images.remote.stamp; an object has no ctime or inode, its stamp changes with its content)."""
+    if listing.stats is not None:
+        return {
+            f.path: (*listing.stats[f.path], 0, 0) for f in listing.files if f.path in listing.stats
+        }
     stats, base = {}, str(root)
     for f in listing.files:
         try:
@@ -458,9 +490,9 @@ def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
     twice (the same part), never none."""
     opts, t0 = job.opts, time.perf_counter()
     ray_job = ray_executor.RayJob(
-        root=job.root.resolve(),
+        root=_where(job.root),
         spec=opts.spec,
-        folder=job.journal.folder.resolve(),
+        folder=opts.parts or job.journal.folder.resolve(),
         key=job.journal.key,
         run_id=parts.new_id(),
         batch_size=opts.batch_size,
@@ -476,6 +508,8 @@ def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
     except KeyboardInterrupt:
         log("interrupted: the parts Ray wrote are kept; run again to resume.")
         raise
+    if opts.parts:
+        job.pulled += remote_cache.pull_parts(opts.parts, job.journal)
     # Only the parts Ray wrote: the committed ones and those this run resumed were read already
     # (and one holding an older version of a file to extract must not answer for it).
     done, rejected = job.journal.load([*job.committed, *job.journal.sizes])
@@ -561,7 +595,7 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=
     identity = [plan.stats[p][2:] for p in paths]
     rej_paths = sorted(rejected)
     attrs = {
-        "data_dir": str(job.root.resolve()),
+        "data_dir": _where(job.root),
         "layout": listing.layout,
         "val_split": float(job.opts.val_split),
         "seed": int(job.opts.seed),
@@ -607,7 +641,7 @@ def _counts(listing, rows, splits) -> dict[str, dict[str, int]]:
     return {s: counts[s] for s in config.SPLITS if s in counts}
 
 
-def _summary(job: _Job, cache_path: Path, listing, plan: _Plan, splits: dict) -> dict:
+def _summary(job: _Job, cache_path: Path | str, listing, plan: _Plan, splits: dict) -> dict:
     counts = _counts(listing, plan.rows, splits)
     return {
         "cache": str(cache_path),

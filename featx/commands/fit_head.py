@@ -15,7 +15,7 @@ import numpy as np
 
 from featx import config
 from featx.artifacts import outputs
-from featx.cache import store
+from featx.cache import remote_cache, store
 from featx.errors import FeatxError, Messages
 from featx.heads import estimators
 from featx.quality import duplicates
@@ -25,8 +25,9 @@ from featx.reports.display import Result
 
 def default_output_dir(cache_path: str | Path, head: str) -> Path:
     """`<cache folder>/<cache name>-<head>/`, next to the cache (cache/cats_and_dogs-logreg/),
-    like finetune's output; predict finds the backbone's ONNX file there too."""
-    cache_path = Path(cache_path)
+    like finetune's output; predict finds the backbone's ONNX file there too. A cache at a URL:
+    cache/<cache name>-<head>/."""
+    cache_path = remote_cache.beside(cache_path)
     return cache_path.with_name(f"{cache_path.stem}-{head}")
 
 

@@ -25,8 +25,8 @@ from featx import config
 from featx.artifacts.classifier import load_classifier, run_batches
 from featx.artifacts.model_dirs import model_kind
 from featx.errors import FeatxError, Messages
-from featx.files import write_csv_atomic, write_text_atomic
-from featx.images import finder
+from featx.files import is_url, write_csv_atomic, write_text_atomic
+from featx.images import finder, remote
 from featx.options import PredictOptions
 from featx.reports.display import Result
 from featx.reports.progress import reporter
@@ -59,6 +59,22 @@ def _folder_targets(folder: Path) -> list[Target]:
     return found + [Target(str(p), (), reason) for p, reason in skipped]
 
 
+def _url_targets(url: str) -> list[Target]:
+    """An object, or every non-hidden object below a prefix (images.remote), as local files are."""
+    url = url.rstrip("/")
+    found = remote.entry(url)
+    if found is None:
+        return [Target(url, (), "file not found")]
+    if found.get("type") != "directory":
+        return [Target(url, (url.rsplit("/", 2)[-2],))]  # the enclosing "folder"
+    top, targets = url.rsplit("/", 1)[-1], []
+    for rel in sorted(remote.list_objects(url)):
+        parts = rel.split("/")
+        if all(map(finder.visible_name, parts)):
+            targets.append(Target(remote.join(url, rel), (*parts[-2::-1], top)))
+    return targets
+
+
 def expand_paths(paths) -> list[Target]:
     """Image files, folders (recursively, hidden files and folders skipped) and glob patterns
     ('photos/*.jpg', 'data/**/*.png') -> one Target per file, in order, each file once.
@@ -70,7 +86,9 @@ def expand_paths(paths) -> list[Target]:
         paths = [paths]
     targets: list[Target] = []
     for p in map(str, paths):
-        if os.path.isdir(p):
+        if is_url(p):
+            targets += _url_targets(p)
+        elif os.path.isdir(p):
             targets += _folder_targets(Path(p))
         elif os.path.isfile(p):
             targets.append(Target(p, (Path(os.path.abspath(p)).parent.name,)))
@@ -92,7 +110,8 @@ def expand_paths(paths) -> list[Target]:
     seen: set[str] = set()
     unique = []
     for t in targets:
-        key = os.path.abspath(t.path) if t.error is None else f"\0{t.path}"
+        key = t.path if is_url(t.path) else os.path.abspath(t.path)
+        key = key if t.error is None else f"\0{t.path}"
         if key not in seen:
             seen.add(key)
             unique.append(t)

@@ -19,7 +19,8 @@ import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from featx import config
-from featx.images import finder
+from featx.files import is_url
+from featx.images import finder, remote
 
 # HEIC/HEIF (iPhone photos) through pillow-heif's Pillow plugin; Pillow reads AVIF itself (>= 11.3).
 pillow_heif.register_heif_opener()
@@ -202,7 +203,14 @@ def read_file(path: str | Path) -> tuple[bytes, str]:
     instead of blocking forever, and so does a file over config.MAX_FILE_BYTES (read no further
     than that, even when it grows while being read). OSError (permission, I/O) passes through:
     it may be transient.
+    A URL is read from its object store (featx.images.remote), by whoever calls this: the
+    decoding worker or Ray actor, never a driver for it.
     """
+    if is_url(path):
+        data = remote.read(str(path))
+        if len(data) > config.MAX_FILE_BYTES:
+            raise ValueError(_too_large(len(data)))
+        return data, hashlib.sha256(data).hexdigest()
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     fd = os.open(path, flags)
     with os.fdopen(fd, "rb") as fh:

@@ -26,7 +26,8 @@ import numpy as np
 
 from featx import config
 from featx.errors import FeatxError
-from featx.images import decoder
+from featx.files import is_url
+from featx.images import decoder, remote
 
 
 def choose(decode_in: str, workers: int, num_images: int, model_on_gpu: bool) -> str:
@@ -44,7 +45,8 @@ def choose(decode_in: str, workers: int, num_images: int, model_on_gpu: bool) ->
 
 def load_one(root: str, image_size: int, item: tuple) -> tuple:
     """images.load_for_cache of one (relative path, old sha256) item of the data folder `root`."""
-    return decoder.load_for_cache(os.path.join(root, item[0]), image_size, item[1])
+    path = remote.join(root, item[0]) if is_url(root) else os.path.join(root, item[0])
+    return decoder.load_for_cache(path, image_size, item[1])
 
 
 def decode(chunks, root: str, image_size: int, *, workers: int, processes: bool,

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from featx import config
 from featx.errors import FeatxError, check_fraction, not_found
+from featx.files import is_url
+from featx.images import remote
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Listing:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     # `extract --shard`: the other shards' images, counted when a flat folder is split
     others: list[ImageFile] = field(default_factory=list)
+    # {path: (size, stamp)} when the listing itself knows them (objects in a bucket); else None
+    stats: dict[str, tuple[int, int]] | None = None
 
 
 _HIDDEN = (".", "__")  # names that start so are not listed
@@ -200,30 +204,119 @@ def walk_files(folder: Path, boundary: Path | None = None) -> tuple[list[Path], 
     return [Path(p) for p in walk.found], walk.skipped
 
 
-def inside(root: Path, rel: str) -> Path | None:
+def inside(root: Path | str, rel: str) -> Path | str | None:
     """`root / rel` when `rel` (a path stored in a cache) stays inside `root`: relative, with no
-    '..' part. Else None: a tampered cache must not make featx read files elsewhere."""
+    '..' part. Else None: a tampered cache must not make featx read files elsewhere. A URL root
+    gives a URL."""
     parts = Path(rel).parts
     if not rel or Path(rel).is_absolute() or ".." in parts or Path(rel).drive:
         return None
-    return root / rel
+    return remote.join(root, rel) if is_url(root) else Path(root) / rel
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    with os.scandir(folder) as it:  # no stat per file: the listing knows what is a folder
-        return sorted(folder / e.name for e in it if _visible(e) and _is_dir(e))
+class _LocalTree:
+    """A local data folder as find_images sees it: folders named relative to the root ("" is
+    the root, "train/cat" below it), files listed by _Walk."""
+
+    def __init__(self, root: Path):
+        self.root, self.walk = root, _Walk(root)
+        self.prefix = os.path.join(str(root), "")
+        self.stats = None  # find_images' caller stats the files itself
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    def show(self, rel: str) -> str:
+        return str(self.root / rel) if rel else str(self.root)
+
+    def subfolders(self, rel: str, named=None) -> list[str]:
+        """Names of the visible subfolders of `rel`, sorted; only those whose lower-case name is
+        in `named` when given (checked before the is-a-folder test: a class holds many files)."""
+        with os.scandir(self.root / rel) as it:
+            entries = [e for e in it if _visible(e) and (named is None or e.name.lower() in named)]
+        return sorted(e.name for e in entries if _is_dir(e))
+
+    def files(self, rel: str) -> list[str]:
+        before = len(self.walk.found)
+        self.walk.entry(self.root / rel)
+        root, prefix = self.root, self.prefix
+        return [
+            f[len(prefix) :] if f.startswith(prefix) else Path(f).relative_to(root).as_posix()
+            for f in self.walk.found[before:]
+        ]
+
+    def top_folders(self) -> list[str]:
+        """The root's subfolders that may be classes or splits: featx's own outputs (`featx
+        extract .` in a project folder: cache/, X.h5.parts/) are skipped with the reason."""
+        top = []
+        for name in self.subfolders(""):
+            folder = self.root / name
+            try:
+                own = own_folder(folder, os.listdir(folder))
+            except OSError:
+                own = False  # unreadable: the walk reports it
+            if own:
+                self.walk.skipped.append((folder, FEATX_OWN))
+            else:
+                top.append(name)
+        return top
+
+    def skipped(self) -> list[tuple[str, str]]:
+        return sorted(
+            (printable(p.relative_to(self.root).as_posix()), why) for p, why in self.walk.skipped
+        )
 
 
-def _check_not_too_high(root: Path, class_dirs: list[Path]) -> None:
+class _ObjectTree:
+    """A data folder in object storage (featx.images.remote), listed once: the same layout rules
+    as a local folder; keys with a hidden part are left out as hidden files are."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        listed = remote.list_objects(self.url)
+        self.stats = {
+            rel: key for rel, key in listed.items() if all(map(visible_name, rel.split("/")))
+        }
+        self.folders: dict[str, set[str]] = {}  # folder -> its subfolders' names
+        for rel in self.stats:
+            parts = rel.split("/")
+            for depth in range(len(parts) - 1):
+                self.folders.setdefault("/".join(parts[:depth]), set()).add(parts[depth])
+
+    def exists(self) -> bool:
+        return bool(self.stats)
+
+    def show(self, rel: str) -> str:
+        return remote.join(self.url, rel) if rel else self.url
+
+    def subfolders(self, rel: str, named=None) -> list[str]:
+        names = self.folders.get(rel, set())
+        return sorted(n for n in names if named is None or n.lower() in named)
+
+    def files(self, rel: str) -> list[str]:
+        return [p for p in self.stats if p.startswith(rel + "/")]
+
+    def top_folders(self) -> list[str]:
+        return [n for n in self.subfolders("") if not n.endswith(".h5.parts")]
+
+    def skipped(self) -> list[tuple[str, str]]:
+        return sorted((n, FEATX_OWN) for n in self.subfolders("") if n.endswith(".h5.parts"))
+
+
+def visible_name(name: str) -> bool:
+    """Whether a file or folder called `name` is listed (hidden: '.*' and '__*')."""
+    return bool(name) and not name.startswith(_HIDDEN)
+
+
+def _check_not_too_high(tree, class_dirs: list[str]) -> None:
     """A class folder that holds split folders means DATA_DIR is one level too high."""
     for c in class_dirs:
-        with os.scandir(c) as it:  # the split names first: a class folder holds many files
-            inner = [e for e in it if e.name.lower() in config.SPLIT_FOLDER_NAMES]
-        inner = sorted(e.name for e in inner if _is_dir(e))
+        inner = tree.subfolders(c, config.SPLIT_FOLDER_NAMES)
         if inner:
             raise FeatxError(
-                f"'{c}' looks like a data folder, not a class: it holds split folders "
-                f"({', '.join(inner)}). Pass '{c}' as DATA_DIR (one level down), or rename them."
+                f"'{tree.show(c)}' looks like a data folder, not a class: it holds split folders "
+                f"({', '.join(inner)}). Pass '{tree.show(c)}' as DATA_DIR (one level down), or "
+                "rename them."
             )
 
 
@@ -239,19 +332,19 @@ def printable(name: str) -> str:
 NOT_UTF8 = "file name is not valid UTF-8; rename it (e.g. with `convmv -f latin1 -t utf8`)"
 
 
-def _check_class_name(class_dir: Path) -> None:
+def _check_class_name(shown: str, name: str) -> None:
     """A class name becomes a line of labels.txt, a CSV cell and a heading: one with a line break
     or another control character would be misread (3 lines of labels.txt for 2 outputs), and one
     that is not valid UTF-8 cannot be stored at all."""
-    if printable(class_dir.name) != class_dir.name:
+    if printable(name) != name:
         raise FeatxError(
-            f"The class folder '{printable(str(class_dir))}' has a name that is not valid UTF-8, "
+            f"The class folder '{printable(shown)}' has a name that is not valid UTF-8, "
             "which the cache, labels.txt and the CSV files cannot hold. Rename the folder "
             "(e.g. with `convmv -f latin1 -t utf8`)."
         )
-    if any(unicodedata.category(ch) == "Cc" for ch in class_dir.name):
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
         raise FeatxError(
-            f"The class folder {str(class_dir)!r} has a line break or another control character "
+            f"The class folder {shown!r} has a line break or another control character "
             "in its name, which labels.txt and the CSV files cannot hold. Rename the folder."
         )
 
@@ -273,73 +366,65 @@ def look_alike_warning(names: list[str]) -> str:
     )
 
 
+def _class_dirs(tree) -> tuple[str, list[tuple[str | None, str]]]:
+    """(layout, [(split from the layout or None, class folder relative to the root)])."""
+    root, top = tree.show(""), tree.top_folders()
+    split_dirs = [p for p in top if p.lower() in config.SPLIT_FOLDER_NAMES]
+    if not split_dirs:
+        _check_not_too_high(tree, top)
+        return "flat", [(None, c) for c in top]
+    others = [p for p in top if p not in split_dirs]
+    if others:
+        raise FeatxError(
+            f"'{root}' mixes split folders ({', '.join(split_dirs)}) with "
+            f"other folders ({', '.join(others)}). Put every class folder inside train/ "
+            "(and validation/, test/), or use a flat layout DATA/CLASS/*."
+        )
+    splits = Counter(config.SPLIT_FOLDER_NAMES[p.lower()] for p in split_dirs)
+    if any(n > 1 for n in splits.values()):
+        raise FeatxError(f"'{root}' has both val/ and validation/ folders; keep one of them.")
+    if "train" not in splits:
+        raise FeatxError(f"'{root}' has split folders but no train/ folder; add train/CLASS/*.")
+    return "splits", [
+        (config.SPLIT_FOLDER_NAMES[s.lower()], f"{s}/{c}") for s in split_dirs
+        for c in tree.subfolders(s)
+    ]  # fmt: skip
+
+
 def find_images(data_dir: str | Path) -> Listing:
-    """List the images in `data_dir` and their classes.
+    """List the images in `data_dir` (a folder, or a URL: featx.images.remote) and their classes.
 
     Two layouts are understood:
       DATA/{train,validation|val,test}/CLASS/*  -> those splits are kept;
       DATA/CLASS/*                              -> split later by `assign_splits`.
     Any non-hidden regular file is a candidate: formats are detected from content when decoding,
     and a file that is no image is rejected then, with its reason. Links back into the data
-    folder, broken links, special files and unreadable folders are listed in `skipped`.
+    folder, broken links, special files and unreadable folders are listed in `skipped`. For a
+    URL, `Listing.stats` holds each object's (size, stamp), read with the listing.
     """
-    root = Path(data_dir)
-    if not root.is_dir():
+    tree = _ObjectTree(str(data_dir)) if is_url(data_dir) else _LocalTree(Path(data_dir))
+    if not tree.exists():
         raise not_found("data", data_dir)
-    top, own = [], []
-    for p in _subfolders(root):  # featx's own outputs (`featx extract .`) are no class
-        try:
-            (own if own_folder(p, os.listdir(p)) else top).append(p)
-        except OSError:
-            top.append(p)  # unreadable: the walk reports it
-    split_dirs = [p for p in top if p.name.lower() in config.SPLIT_FOLDER_NAMES]
-    if split_dirs:
-        others = [p.name for p in top if p not in split_dirs]
-        if others:
-            raise FeatxError(
-                f"'{root}' mixes split folders ({', '.join(p.name for p in split_dirs)}) with "
-                f"other folders ({', '.join(others)}). Put every class folder inside train/ "
-                "(and validation/, test/), or use a flat layout DATA/CLASS/*."
-            )
-        splits = Counter(config.SPLIT_FOLDER_NAMES[p.name.lower()] for p in split_dirs)
-        if any(n > 1 for n in splits.values()):
-            raise FeatxError(f"'{root}' has both val/ and validation/ folders; keep one of them.")
-        if "train" not in splits:
-            raise FeatxError(f"'{root}' has split folders but no train/ folder; add train/CLASS/*.")
-        layout = "splits"
-        class_dirs = [
-            (config.SPLIT_FOLDER_NAMES[s.name.lower()], c)
-            for s in split_dirs
-            for c in _subfolders(s)
-        ]
-    else:
-        layout = "flat"
-        class_dirs = [(None, c) for c in top]
-        _check_not_too_high(root, top)
-
+    layout, class_dirs = _class_dirs(tree)
     files: list[ImageFile] = []
     per_class: Counter = Counter()
     all_classes = set()
-    walk = _Walk(root)
-    prefix = os.path.join(str(root), "")
     for split, class_dir in class_dirs:
-        _check_class_name(class_dir)
-        all_classes.add(class_dir.name)
-        before = len(walk.found)
-        walk.entry(class_dir)
-        name = class_dir.name
-        for f in walk.found[before:]:
-            rel = f[len(prefix) :] if f.startswith(prefix) else Path(f).relative_to(root).as_posix()
-            files.append(ImageFile(rel, name, split))
-        per_class[name] += len(walk.found) - before
+        name = class_dir.rsplit("/", 1)[-1]
+        _check_class_name(tree.show(class_dir), name)
+        all_classes.add(name)
+        found = tree.files(class_dir)
+        files += [ImageFile(rel, name, split) for rel in found]
+        per_class[name] += len(found)
     class_names = sorted(c for c in all_classes if per_class[c] > 0)
     empty = sorted(c for c in all_classes if per_class[c] == 0)
     if len(class_names) < 2:
         hint = ""
-        if len(class_dirs) == 1 and _subfolders(class_dirs[0][1]):
-            hint = f" If '{class_dirs[0][1]}' holds the class folders, pass it as DATA_DIR."
+        if len(class_dirs) == 1 and tree.subfolders(class_dirs[0][1]):
+            one = tree.show(class_dirs[0][1])
+            hint = f" If '{one}' holds the class folders, pass it as DATA_DIR."
         raise FeatxError(
-            f"Found {len(class_names)} class folder(s) with files in '{root}' "
+            f"Found {len(class_names)} class folder(s) with files in '{tree.show('')}' "
             f"({', '.join(class_names) or 'none'}); a classifier needs at least 2. "
             f"Expected DATA/CLASS/image.jpg or DATA/train/CLASS/image.jpg.{hint}"
         )
@@ -349,10 +434,8 @@ def find_images(data_dir: str | Path) -> Listing:
     if bad_names:
         files = [f for f in files if printable(f.path) == f.path]
     files.sort(key=lambda f: f.path)
-    walk.skipped += [(p, FEATX_OWN) for p in own]
-    skipped = [(printable(p.relative_to(root).as_posix()), why) for p, why in walk.skipped]
-    skipped = sorted(skipped + [(printable(p), NOT_UTF8) for p in bad_names])
-    return Listing(layout, files, class_names, empty, skipped)
+    skipped = sorted(tree.skipped() + [(printable(p), NOT_UTF8) for p in bad_names])
+    return Listing(layout, files, class_names, empty, skipped, stats=tree.stats)
 
 
 def _rank_key(seed: int):

@@ -146,6 +146,25 @@ class Group:
         }
 
 
+def components(n: int, pairs: np.ndarray) -> np.ndarray:
+    """The connected component of each of `n` rows linked by `pairs` (k x 2), numbered by its
+    smallest row: a union-find in plain numpy and Python, since scipy's csgraph would load scipy
+    into `featx merge` and extract (the import budget, tests/test_import_budget.py)."""
+    parent = np.arange(n)
+    for a, b in pairs.tolist():
+        while parent[a] != a:
+            parent[a] = a = parent[parent[a]]
+        while parent[b] != b:
+            parent[b] = b = parent[parent[b]]
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    while True:  # point every row at its root
+        grand = parent[parent]
+        if np.array_equal(grand, parent):
+            return parent
+        parent = grand
+
+
 def find_duplicates(
     cache: store.Cache,
     threshold: float = config.AUDIT_NEAR_DUPLICATE,
@@ -169,12 +188,8 @@ def find_duplicates(
     _, first, rep_of = np.unique(keys, return_index=True, return_inverse=True)
     block = getattr(X, "block", config.AUDIT_BLOCK_SIZE)
     pairs, sims, nearest = scan(X[first], threshold, neighbors, block)
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     r = len(first)
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(r, r))
-    _, component = connected_components(graph, directed=False)
+    component = components(r, pairs)
     weakest = np.ones(r, np.float64)  # per component: the lowest similarity linking it
     linked = np.zeros(r, bool)
     if len(pairs):

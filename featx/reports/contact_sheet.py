@@ -6,13 +6,15 @@ tile that says so; drawing a sheet never fails because of one image.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from featx import config
-from featx.files import replaced_atomically
+from featx.files import is_url, replaced_atomically
+from featx.images import remote
 from featx.images.decoder import _to_rgb
 
 PAD = 6  # pixels between tiles
@@ -52,11 +54,11 @@ def thumbnail(path: Path | None, size: int) -> tuple[Image.Image, str | None]:
     (a grey placeholder; the reason: "missing" or "unreadable")."""
     tile = Image.new("RGB", (size, size), BACKGROUND)
     reason = None
-    if path is None or not Path(path).is_file():
+    if path is None or not (is_url(path) or Path(path).is_file()):
         reason = "missing"
     else:
         try:
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(remote.read(path)) if is_url(path) else path) as img:
                 if img.width * img.height > config.MAX_IMAGE_PIXELS:
                     raise ValueError("too many pixels")
                 if img.format == "JPEG":
