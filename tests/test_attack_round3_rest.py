@@ -17,6 +17,9 @@ from featx.commands import predict
 from featx.commands.extract import extract
 from featx.errors import FeatxError, FeatxWarning
 from featx.images import decoder, finder
+from featx.quality import duplicates
+
+TINY_ARGS = ["--weights", "none", "--alpha", "0.35", "--image-size", "32", "--engine", "keras"]
 
 # --- 8. files larger than any image are not read -------------------------------------------------
 
@@ -313,3 +316,80 @@ def test_a_cache_inside_the_data_folder_makes_no_phantom_class(tmp_path):
         assert summary["rejected"] == run * [{"path": "feats.h5.parts", "reason": finder.FEATX_OWN}]
     assert finder.find_images(data).class_names == ["cats", "dogs"]  # was: + "feats.h5.parts"
     assert store.read_cache(cache, features=False).class_names == ["cats", "dogs"]
+
+
+# --- 15. smaller --------------------------------------------------------------------------------
+
+
+def test_the_leakage_warning_counts_files_and_photos(tmp_path):
+    splits = ("train", "validation")
+    data = write_images(tmp_path / "data", {s: dict.fromkeys(COLOURS, 3) for s in splits}, noise=50)
+    burst = data / "train" / "cats" / "cats000.jpg"
+    for i in range(3):  # one photo, 5 files: 4 in train, 1 in validation
+        shutil.copy(burst, data / "train" / "cats" / f"burst{i}.jpg")
+    shutil.copy(burst, data / "validation" / "cats" / "burst.jpg")
+    extract(data, tmp_path / "c.h5", engine="keras", **TINY)
+    cache = store.read_cache(tmp_path / "c.h5")
+    assert duplicates.leakage(cache, threshold=2.0) == (  # exact copies only
+        "5 files, copies of 1 photo, are in both train and validation"
+    )  # was: "1 photo is in both train and validation"
+
+
+def test_a_truncated_heic_is_rejected_with_a_one_line_reason(tmp_path):
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(buffer, "HEIF")
+    data = buffer.getvalue()
+    with pytest.raises(ValueError) as caught:
+        decoder.decode_image(data[:-20], 32)
+    reason = str(caught.value)
+    assert reason.startswith("corrupt or truncated image (HEIF): Invalid input: Unexpected end")
+    assert "\n" not in reason and reason == reason.strip()  # was: pillow-heif's, ending in "\n"
+    path = tmp_path / "cut.heic"
+    path.write_bytes(data[:-20])
+    assert decoder.load_for_cache(path, 32) == ("rejected", reason, None)
+
+
+def test_a_nan_float_tiff_decodes_without_a_numpy_warning(tmp_path):
+    import warnings
+
+    from PIL import Image
+
+    pixels = np.full((8, 8), 100.0, np.float32)
+    pixels[0, :] = np.nan
+    pixels[1, :] = np.inf
+    path = tmp_path / "nan.tif"
+    Image.fromarray(pixels, "F").save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was: RuntimeWarning: invalid value encountered in cast
+        rgb = decoder.load_image(path, 8)
+    assert rgb[0].max() == 0 and rgb[1].min() == 255 and (rgb[2:] == 100).all()
+
+
+def test_a_fifo_given_as_the_cache_is_named_so(tmp_path):
+    fifo = tmp_path / "c.h5"
+    os.mkfifo(fifo)
+    for args in (["info", str(fifo)], ["fit-head", str(fifo), "--output", str(tmp_path / "h")]):
+        result = CliRunner().invoke(cli, args)  # was: "Cache not found"
+        assert_one_line_error(result, f"'{fifo}' is a FIFO, not a featx cache")
+    data = write_images(tmp_path / "data", dict.fromkeys(COLOURS, 2))
+    result = CliRunner().invoke(cli, ["extract", str(data), "--cache", str(fifo), *TINY_ARGS])
+    assert_one_line_error(result, f"'{fifo}' is a FIFO, not a featx cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5", "data"]
+
+
+def test_no_lock_is_made_beside_an_h5_file_that_is_not_a_featx_cache(tmp_path):
+    data = write_images(tmp_path / "data", dict.fromkeys(COLOURS, 2))
+    theirs = tmp_path / "theirs.h5"
+    with h5py.File(theirs, "w") as f:
+        f["x"] = np.arange(3)
+    before = theirs.read_bytes()
+    for extra in ([], ["--overwrite"]):
+        args = ["extract", str(data), "--cache", str(theirs), *TINY_ARGS, *extra]
+        result = CliRunner().invoke(cli, args)
+        assert_one_line_error(result, f"'{theirs}' is not a featx cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "theirs.h5"]  # was: + .lock
+    assert theirs.read_bytes() == before

@@ -246,8 +246,8 @@ def test_extract_ends_with_one_line_about_leakage(planted):
     result = planted[3]
     cache = planted[1]
     expected = (
-        "warning: 1 photo is in both train and validation; 1 photo is filed under two or more "
-        f"classes: run `featx audit {cache}`"
+        "warning: 2 files, copies of 1 photo, are in both train and validation; 2 files, copies "
+        f"of 1 photo, are filed under two or more classes: run `featx audit {cache}`"
     )
     assert result.stderr.strip().splitlines()[-1] == expected
     assert expected not in result.stdout
@@ -422,7 +422,8 @@ def test_a_near_copy_above_the_threshold_is_found_below_it_not(tmp_path):
     assert audit.audit(path, tmp_path / "o", threshold=similarity + 0.001)["duplicates"] == []
     assert not (tmp_path / "o" / "duplicates.png").exists()  # an earlier sheet is not left behind
     assert duplicates.leakage(cache, threshold=similarity - 0.001) == (
-        "1 photo is in both train and test; 1 photo is filed under two or more classes"
+        "2 files, copies of 1 photo, are in both train and test; 2 files, copies of 1 photo, are "
+        "filed under two or more classes"
     )
 
 
@@ -482,7 +483,8 @@ def test_fit_head_exclude_duplicates_trains_without_the_leaking_copies(tmp_path)
     result = runner.invoke(cli, ["fit-head", str(path), "--output", str(tmp_path / "c1")])
     assert result.exit_code == 0, result.output
     assert result.stderr.strip().splitlines()[-1] == (
-        f"warning: 2 photos are in both train and validation: run `featx audit {path}`"
+        "warning: 4 files, copies of 2 photos, are in both train and validation: run "
+        f"`featx audit {path}`"
     )
     args = ["fit-head", str(path), "--output", str(tmp_path / "c2"), "--exclude-duplicates"]
     result = runner.invoke(cli, args)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from featx.cache import parts, remote_cache
 from featx.cache.parts import FLIP_DATASET, FLIP_TRANSFORM, Journal, Rows, Sources, damaged  # noqa: F401
 from featx.errors import FeatxError, not_found
 from featx.files import dead_temporaries, exclusive_lock, is_url, replaced_atomically
+from featx.images import finder
 
 FORMAT = "featx-cache"
 
@@ -142,10 +144,35 @@ def real_path(path: str | Path) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def _not_a_file(path: Path) -> FeatxError:
+    """A --cache that exists but is no regular file (opening a FIFO would block forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return not_found("cache", path)
+    kind = finder.special_kind(mode) or ("folder" if stat.S_ISDIR(mode) else "special file")
+    return FeatxError(
+        f"'{path}' is a {kind}, not a featx cache. Pass the .h5 file `featx extract` wrote, or a "
+        "new path for `featx extract --cache`."
+    )
+
+
+def check_not_foreign(path: str | Path) -> None:
+    """Before extract makes anything beside `path` (its lock, its parts): an existing `path` that
+    is not a featx cache (a FIFO, a folder, another program's HDF5 file) is refused in one line,
+    leaving no `.lock` beside it."""
+    path = Path(path)
+    if not os.path.lexists(path) or is_featx_cache(path):
+        return
+    f, path = _open(path)  # raises for what is no HDF5 file
+    with f:
+        _check_format(f, path)  # raises: not featx's format
+
+
 def _open(path: str | Path) -> tuple[h5py.File, Path]:
     path = real_path(path)
     if not path.is_file():
-        raise not_found("cache", path)
+        raise _not_a_file(path)
     try:
         return h5py.File(path, "r"), path
     except OSError as e:
@@ -285,6 +312,8 @@ def load_features(path: Path, cache: Cache) -> None:
 def is_featx_cache(path: str | Path) -> bool:
     """Whether `path` is provably a featx cache (an HDF5 file with featx's format attribute),
     even one too damaged to read: only such a file may be replaced by `--overwrite`."""
+    if not Path(path).is_file():  # a FIFO would block HDF5's open forever
+        return False
     try:
         with h5py.File(path, "r") as f:
             return f.attrs.get("format") == FORMAT

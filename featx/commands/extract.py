@@ -146,6 +146,7 @@ def extract(
         log(f"warning: class folder '{c}' has no files; it is left out.")
     for names in finder.look_alike_classes(listing.class_names):
         log(finder.look_alike_warning(names))
+    store.check_not_foreign(cache_path)  # before its lock is made beside it
     with store.writer_lock(cache_path), contextlib.closing(reporter(progress, "extracting")) as bar:
         job, plan, splits, timing = _locked(root, cache_path, listing, opts, bar, log)
         if cache_url:

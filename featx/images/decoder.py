@@ -40,8 +40,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     """
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        if img.mode != "F":
-            a = a / 257.0  # 16-bit range to 8-bit: 65535 -> 255, 32896 -> 128
+        # 16-bit range to 8-bit: 65535 -> 255, 32896 -> 128. A float TIFF may hold NaN or
+        # infinities: black and white, without a numpy warning.
+        a = a / 257.0 if img.mode != "F" else np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
     if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -116,7 +117,7 @@ def decode_image(
         fmt = img.format or fmt
         width, height = img.size
         if width * height > max_pixels:
-            raise ValueError(
+            raise _Rejected(
                 f"too many pixels (decompression-bomb guard): {width}x{height} > {max_pixels}"
             )
         if img.format == "JPEG":
@@ -136,11 +137,20 @@ def decode_image(
         raise ValueError(f"too many pixels (decompression-bomb guard): {e}") from None
     except UnidentifiedImageError:
         raise ValueError("not an image (format not recognised)") from None
-    except ValueError:
+    except _Rejected:
         raise
-    except Exception as e:  # Pillow's plugins raise OSError, SyntaxError, struct.error, ...
-        reason = str(e) or type(e).__name__
-        raise ValueError(f"corrupt or truncated image ({fmt}): {reason}") from None
+    except Exception as e:  # Pillow's plugins raise OSError, SyntaxError, ValueError (HEIF), ...
+        raise ValueError(f"corrupt or truncated image ({fmt}): {one_line(e)}") from None
+
+
+class _Rejected(ValueError):
+    """featx's own reason for rejecting a file, passed on as it is."""
+
+
+def one_line(error: Exception) -> str:
+    """An exception's text as one line of a reason (pillow-heif's end in a newline)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
 
 
 def to_input(img: Image.Image, image_size: int = config.IMAGE_SIZE,
@@ -193,7 +203,7 @@ def load_for_cache(path: str | Path, image_size: int, old_sha: str | None = None
     try:
         return "ok", sha, decode_image(data, image_size)
     except Exception as e:  # any decoder failure rejects the file, with its reason
-        return "rejected", str(e) or type(e).__name__, None
+        return "rejected", one_line(e), None
 
 
 def read_file(path: str | Path) -> tuple[bytes, str]:

@@ -313,16 +313,16 @@ def leakage(
     if leaks:
         splits = [s for s in config.SPLITS if any((cache.splits[g.rows] == s).any() for g in leaks)]
         where = f"both {splits[0]} and {splits[1]}" if len(splits) == 2 else "more than one split"
-        parts.append(f"{_photos(len(leaks))} in {where}")
+        parts.append(f"{_copies(leaks)} in {where}")
     if mixed:
-        parts.append(f"{_photos(len(mixed))} filed under two or more classes")
+        parts.append(f"{_copies(mixed)} filed under two or more classes")
     return "; ".join(parts) or None
 
 
 def leakage_line(cache_path: str | Path) -> str | None:
     """The one line `featx extract` and `featx fit-head` print at the end when the audit would
-    find leakage or cross-label copies ("3 photos are in both train and validation: run
-    `featx audit CACHE`"), else None."""
+    find leakage or cross-label copies ("6 files, copies of 3 photos, are in both train and
+    validation: run `featx audit CACHE`"), else None."""
     found = leakage(store.read_cache(cache_path, features=False))  # features read in tiles
     return f"{found}: run `featx audit {cache_path}`" if found else None
 
@@ -337,5 +337,8 @@ def exclude_leaking(
     return without_rows(cache, drop), [p for p, d in zip(cache.paths, drop) if d]
 
 
-def _photos(n: int) -> str:
-    return "1 photo is" if n == 1 else f"{n} photos are"
+def _copies(groups: list) -> str:
+    """'2 files, copies of 1 photo, are': a group is one photo, however many files hold it (a
+    burst of 40 copies was '1 photo is')."""
+    files, photos = sum(len(g.rows) for g in groups), len(groups)
+    return f"{files} files, copies of {photos} photo{'s' if photos > 1 else ''}, are"
