@@ -185,11 +185,10 @@ PREDICT_PROGRESS_MIN = 100  # show a progress bar from this many images on
 PREDICT_MIN_CONFIDENCE = None  # --min-confidence: rows below it are predicted UNKNOWN_CLASS; off
 UNKNOWN_CLASS = "unknown"  # the prediction of a row below --min-confidence
 # Unknown images (heads.novelty): the threshold flags this share of known held-out images (the
-# validation split) as unknown; --unknown-rate changes it at predict time, --no-unknown turns it off.
+# validation split) as unknown; --unknown-rate changes it when predicting; --no-unknown: off.
 UNKNOWN_RATE = 0.05
-NOVELTY_MEMORY_CAP = (
-    5000  # training images remembered (float16, 2.5 KB each); a seeded subset above
-)
+# Training images remembered (float16, 2.5 KB each at 1,280 dims); a seeded subset above that.
+NOVELTY_MEMORY_CAP = 5000
 UNKNOWN_WARN_SHARE = 0.25  # predict warns when more than this share of its images are unknown
 EXPORT_FORMAT = "keras"  # "keras" (any backend), "savedmodel" or "tflite" (TensorFlow backend)
 EXPORT_FORMATS = ("keras", "savedmodel", "tflite")
