@@ -48,7 +48,12 @@ class Classifier:
     predict_proba(images) -> (n, k) probabilities in `classes_` order; predict(images) -> the n
     most probable class names. `images`: a path, a PIL image or an HxWx3 uint8 array, or a
     list of them. Each is decoded and resized as extraction does: a path gives exactly the
-    probabilities `featx predict` gives for that file."""
+    probabilities `featx predict` gives for that file.
+
+    novelty(images) -> (n,) how unlike the training images each one is (higher: less alike; see
+    featx.heads.novelty), unknown(images) -> (n,) bool, novelty above `threshold`, which flags
+    `unknown_rate` of the known validation images; `has_novelty` is False for models saved
+    without the score (older featx), whose novelty() raises."""
 
     kind: str  # "head", "finetune" or "export"
     class_names: list[str]
@@ -58,23 +63,63 @@ class Classifier:
     _run: object
     model_dir: str = ""
     batch_size: int = config.BATCH_SIZE
+    _score: object = None  # pixels -> (n, k + 1): the probabilities, then the novelty; or None
+    threshold: float | None = None  # novelty above it is unknown
+    unknown_rate: float | None = None  # the share of known validation images above threshold
+    _known: object = None  # the known images' novelty, sorted: the threshold at another rate
 
     @property
     def classes_(self) -> np.ndarray:
         return np.asarray(self.class_names)
 
+    @property
+    def has_novelty(self) -> bool:
+        return self._score is not None
+
     def proba_of_pixels(self, batch: np.ndarray) -> np.ndarray:
         """(n, size, size, 3) uint8 pixels, already decoded and resized -> (n, k) float64."""
         return np.asarray(self._run(batch), np.float64)
 
-    def predict_proba(self, images) -> np.ndarray:
+    def _check_novelty(self) -> None:
+        if self._score is None:
+            raise FeatxError(
+                f"The model in '{self.model_dir}' has no novelty score (saved by an older featx "
+                "or by finetune); re-run `featx fit-head` (and `featx export`) to add it."
+            )
+
+    def scores_of_pixels(self, batch: np.ndarray) -> np.ndarray:
+        """(n, size, size, 3) uint8 pixels -> (n, k + 1) float64: probabilities, then novelty."""
+        self._check_novelty()
+        return np.asarray(self._score(batch), np.float64)
+
+    def set_unknown_rate(self, rate: float) -> None:
+        """Calibrate the threshold again, on the same known images, to flag `rate` of them."""
+        from featx.heads import novelty
+
+        novelty.check_rate(rate)
+        self._check_novelty()
+        self.threshold = float(np.quantile(self._known, 1.0 - rate))
+        self.unknown_rate = float(rate)
+
+    def _batched(self, images, run, width: int) -> np.ndarray:
         pixels = [self._pixels(image) for image in _as_list(images)]
-        k, step = len(self.class_names), self.batch_size
-        out = np.zeros((len(pixels), k))
+        step = self.batch_size
+        out = np.zeros((len(pixels), width))
         for lo in range(0, len(pixels), step):
             chunk = pixels[lo : lo + step]
-            out[lo : lo + len(chunk)] = engines.run_padded(self.proba_of_pixels, chunk, step)
+            out[lo : lo + len(chunk)] = engines.run_padded(run, chunk, step)
         return out
+
+    def predict_proba(self, images) -> np.ndarray:
+        return self._batched(images, self.proba_of_pixels, len(self.class_names))
+
+    def novelty(self, images) -> np.ndarray:
+        """(n,) float: how unlike the training images each image is (higher: less alike)."""
+        return self._batched(images, self.scores_of_pixels, len(self.class_names) + 1)[:, -1]
+
+    def unknown(self, images) -> np.ndarray:
+        """(n,) bool: novelty above the threshold, an image unlike those it was trained on."""
+        return self.novelty(images) > self.threshold
 
     def predict(self, images) -> np.ndarray:
         return self.classes_[self.predict_proba(images).argmax(axis=1)]
@@ -119,6 +164,7 @@ def load(
     *,
     engine: str | None = None,
     batch_size: int = config.BATCH_SIZE,
+    unknown_rate: float | None = None,
     log=None,
 ) -> Classifier:
     """`featx.load(MODEL_DIR)`: a fit-head, finetune or export output folder as a Classifier.
@@ -129,11 +175,15 @@ def load(
             config.ENGINE; "auto" for a head fitted on INT8 features); finetune and export
             models run as they were saved.
         batch_size: images per model call (the last batch is padded: one compile).
+        unknown_rate: the share of known validation images `unknown()` flags; None: the rate
+            the model was calibrated at (config.UNKNOWN_RATE by default).
         log: called with one-line notes; default: logging.getLogger("featx").
     """
     check_int("batch_size", batch_size, 1, config.MAX_BATCH_SIZE)
     classifier = load_classifier(model_dir, engine, Messages(log))
     classifier.model_dir, classifier.batch_size = str(model_dir), batch_size
+    if unknown_rate is not None:
+        classifier.set_unknown_rate(unknown_rate)
     return classifier
 
 
@@ -180,7 +230,7 @@ def load_classifier(model_dir: str | Path, engine: str | None, log=None) -> Clas
         return Classifier(kind, list(info["class_names"]), size, "keras", info, run)
 
     from featx.backbone.mobilenet import BackboneSpec
-    from featx.heads import estimators
+    from featx.heads import estimators, novelty
 
     head, meta = estimators.load_head(model_dir)
     fp = meta.get("fingerprint") or {}
@@ -196,15 +246,33 @@ def load_classifier(model_dir: str | Path, engine: str | None, log=None) -> Clas
             search=_onnx_dirs(model_dir, meta),
         )
 
-    def run(batch):
-        features = runner.features(batch)
+    def features(batch):
+        out = runner.features(batch)
         if head.flip_:  # fitted with mirror images: predict from the mean of both views
             mirrored = runner.features(np.ascontiguousarray(batch[:, :, ::-1]))
-            features = estimators.flip_views(features, mirrored)
-        return head.predict_proba(features)
+            out = estimators.flip_views(out, mirrored)
+        return out
+
+    def run(batch):
+        return head.predict_proba(features(batch))
 
     size = int(fp["image_size"])
-    return Classifier(kind, list(meta["class_names"]), size, runner.name, meta, run)
+    model = Classifier(kind, list(meta["class_names"]), size, runner.name, meta, run)
+    if meta.get("novelty"):
+        _add_novelty(model, novelty.load(model_dir, meta["novelty"]), head, features)
+    return model
+
+
+def _add_novelty(model: Classifier, state, head, features) -> None:
+    """A head's novelty score on the classifier: pixels -> probabilities and novelty."""
+
+    def score(batch):
+        f = features(batch)
+        proba = head.predict_proba(f)
+        return np.column_stack([proba, state.score(f, proba)])
+
+    model._score, model._known = score, state.known
+    model.threshold, model.unknown_rate = state.threshold, state.rate
 
 
 def _int8_runner(engine: str, fp: dict, model_dir, meta: dict, log):

@@ -18,7 +18,7 @@ from featx import config
 from featx.artifacts import outputs
 from featx.cache import store
 from featx.errors import FeatxError, Messages
-from featx.heads import estimators
+from featx.heads import estimators, novelty
 from featx.quality import duplicates
 from featx.reports import evaluation, report_folder
 from featx.reports.display import Result
@@ -109,7 +109,7 @@ def fit_head(
     t0 = time.perf_counter()  # fit_seconds: the whole fit, the cross-validation included
     estimator.fit(*train, *data["validation"], X_flip=train_flip)
     fit_seconds = time.perf_counter() - t0
-    metrics, predictions = _evaluate(estimator, cache, data)
+    metrics, predictions, unknown = _evaluate(estimator, cache, data)
     out = Path(output) if output else default_output_dir(cache_path, head)
     metrics.update(
         {
@@ -132,7 +132,7 @@ def fit_head(
         metrics["excluded_duplicates"] = excluded
     found = _warnings(cache_path, metrics, exclude_duplicates)
     metrics["warnings"] = log.warnings + [text for text, _ in found]
-    _record(estimator, cache, cache_path, out, (metrics, predictions), log)
+    _record(estimator, cache, cache_path, out, (metrics, predictions, unknown), log)
     for text, summary_shows in found:  # after the files: an error that stops them comes alone
         log.warning(text, summary_shows=summary_shows)
     return Result(metrics, "metrics")
@@ -220,8 +220,29 @@ def _views(cache: store.Cache, cache_path, flip: bool | None):
     return data["train"], views, mirrored[cache.splits == "train"]
 
 
+def _novelty(data: dict, predictions: dict) -> tuple[novelty.Novelty, dict]:
+    """The novelty score of the head (heads.novelty): its memory of the training features (the
+    views the head predicts from), its threshold calibrated on the validation images at
+    config.UNKNOWN_RATE, and the leave-one-class-out AUROC estimate metrics.json reports."""
+    X_train, y_train = data["train"]
+    X_val, y_val = data["validation"]
+    proba_val = predictions["validation"][1]
+    bank = novelty.memory(X_train)
+    state = novelty.calibrate(bank, novelty.nearest_distance(bank, X_val), proba_val)
+    loco = novelty.leave_one_class_out(X_train, y_train, X_val, y_val, proba_val)
+    summary = {
+        "threshold": round(state.threshold, 6),
+        "rate": state.rate,
+        "calibrated_on": state.calibrated_on,
+        "memory_rows": int(len(bank)),
+        "leave_one_class_out_auroc": None if loco is None else round(loco, 4),
+    }
+    return state, summary
+
+
 def _evaluate(estimator, cache: store.Cache, data: dict):
-    """({split: metrics}, {split: (labels, probabilities, paths)}) of the fitted head."""
+    """({split: metrics, "novelty": its summary}, {split: (labels, probabilities, paths)}, the
+    head's novelty score) of the fitted head."""
     metrics, predictions = {}, {}
     for split, (X, y) in data.items():
         if len(y):
@@ -229,16 +250,18 @@ def _evaluate(estimator, cache: store.Cache, data: dict):
             metrics[split] = evaluation.evaluate(y, proba, cache.class_names)
             paths = [p for p, s in zip(cache.paths, cache.splits) if s == split]
             predictions[split] = (y, proba, paths)
-    return metrics, predictions
+    unknown, metrics["novelty"] = _novelty(data, predictions)
+    return metrics, predictions, unknown
 
 
 def _record(estimator, cache: store.Cache, cache_path, out: Path, results: tuple, log) -> None:
     """The head, head.json, metrics.json and the report files; stale files of earlier runs go."""
-    metrics, predictions = results
+    metrics, predictions, unknown = results
     cache_file = str(Path(cache_path).resolve())  # absolute: predict/export may run elsewhere
-    head_json = estimators.save_head(
-        estimator, out, cache.class_names, cache.fingerprint, extra={"cache": cache_file}
-    )
+    out.mkdir(parents=True, exist_ok=True)
+    memory = novelty.save(unknown, out)  # before head.json, which names it
+    extra = {"cache": cache_file, "novelty": unknown.info()}
+    head_json = estimators.save_head(estimator, out, cache.class_names, cache.fingerprint, extra)
     written = report_folder.write_report(
         out,
         metrics,
@@ -248,4 +271,4 @@ def _record(estimator, cache: store.Cache, cache_path, out: Path, results: tuple
         data_dir=cache.attrs.get("data_dir"),
     )
     head_file = json.loads(head_json.read_text())["file"]
-    outputs.record(out, [head_json, head_file, *written.values()], log)  # drops stale files
+    outputs.record(out, [head_json, head_file, memory, *written.values()], log)  # drops stale files
