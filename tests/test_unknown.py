@@ -188,3 +188,20 @@ def test_real_cats_and_dogs_head_flags_other_domains_and_few_of_its_own_photos(t
     assert own["predicted"] == 200 and foreign["predicted"] == 90
     assert own["unknown"] / own["predicted"] <= 0.05
     assert foreign["unknown"] / foreign["predicted"] >= 0.95
+
+
+def test_the_keras_graph_of_the_score_gives_numpy_s_novelty(tiny_model):
+    """The building block of an exported model's second output (heads.novelty.keras_score)."""
+    from featx.backbone import mobilenet
+    from featx.heads import estimators
+
+    head, meta = estimators.load_head(tiny_model.logreg)
+    state = novelty.load(tiny_model.logreg, meta["novelty"])
+    spec = mobilenet.BackboneSpec.from_fingerprint(meta["fingerprint"])
+    both = mobilenet.compose(spec, head.to_keras(), novelty=novelty.keras_score(state))
+    pixels = np.random.default_rng(0).uniform(0, 255, (5, spec.image_size, spec.image_size, 3))
+    out = both.predict_on_batch(pixels.astype(np.float32))
+    features = np.asarray(mobilenet.compose(spec).predict_on_batch(pixels.astype(np.float32)))
+    proba = head.predict_proba(features)
+    np.testing.assert_allclose(np.asarray(out["probabilities"]), proba, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["novelty"]), state.score(features, proba), atol=1e-4)

@@ -135,6 +135,28 @@ def score(state: Novelty, distance, proba) -> np.ndarray:
     return _fused(distance, proba, state.distance_scale, state.confidence_scale)
 
 
+def keras_score(state: Novelty):
+    """The score as Keras layers, for an exported model: a function (features, probabilities)
+    -> (n,) novelty tensor. The memory is a constant matmul over the L2-normalised features
+    (a frozen Dense layer without bias), so the model holds it as float32 weights."""
+    import keras
+
+    bank = np.asarray(state.memory, np.float32)
+    d_scale, c_scale = float(state.distance_scale), float(state.confidence_scale)
+
+    def build(features, proba):
+        unit = keras.layers.UnitNormalization(name="novelty_unit_length")(features)
+        memory = keras.layers.Dense(len(bank), use_bias=False, name="novelty_memory")
+        similarity = memory(unit)
+        memory.set_weights([bank.T])
+        memory.trainable = False
+        distance = 1.0 - keras.ops.max(similarity, axis=1)
+        doubt = 1.0 - keras.ops.max(proba, axis=1)
+        return keras.ops.maximum(distance / d_scale, doubt / c_scale)
+
+    return build
+
+
 def auroc(known, unknown) -> float:
     """P(an unknown image scores above a known one), ties counting half (Mann-Whitney U)."""
     known, unknown = np.asarray(known, np.float64), np.asarray(unknown, np.float64)
