@@ -205,3 +205,26 @@ def test_the_keras_graph_of_the_score_gives_numpy_s_novelty(tiny_model):
     proba = head.predict_proba(features)
     np.testing.assert_allclose(np.asarray(out["probabilities"]), proba, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out["novelty"]), state.score(features, proba), atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_format", ["keras", "savedmodel", "tflite"])
+def test_an_export_gives_the_novelty_and_flags_of_predict(tiny_model, tmp_path, model_format):
+    out = tmp_path / model_format
+    info = featx.export(tiny_model.logreg, model_format, output=out)
+    assert info["novelty"]["threshold"] == pytest.approx(
+        json.loads((tiny_model.logreg / "head.json").read_text())["novelty"]["threshold"]
+    )
+    assert info["check"]["max_abs_diff"] <= config.EXPORT_TOLERANCE
+    card = (out / "README.md").read_text()
+    assert f"novelty > {info['novelty']['threshold']:.6g}" in card
+    paths = [str(tiny_model.data)]
+    head = predict(tiny_model.logreg, paths, engine="keras")
+    exported = predict(out, paths)
+    np.testing.assert_allclose(
+        [r["novelty"] for r in exported["rows"]], [r["novelty"] for r in head["rows"]], atol=1e-4
+    )
+    assert [r["unknown"] for r in exported["rows"]] == [r["unknown"] for r in head["rows"]]
+    assert [r["predicted"] for r in exported["rows"]] == [r["predicted"] for r in head["rows"]]
+    looser = predict(out, paths, unknown_rate=0.5)
+    assert looser["novelty_threshold"] < exported["novelty_threshold"]

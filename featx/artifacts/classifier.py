@@ -203,14 +203,19 @@ def load_classifier(model_dir: str | Path, engine: str | None, log=None) -> Clas
             log("note: an export runs as exported; --engine onnx applies to fit-head models.")
         path = Path(model_dir) / info["model_file"]
         try:
-            run = load_exported(path, info["model_format"])
+            run, score = load_exported(path, info["model_format"])
         except Exception as e:  # a damaged file, or a format this installation cannot run
             raise FeatxError(
                 f"Could not load '{path}' ({type(e).__name__}: {e}). Re-run `featx export`."
             ) from None
         runs_on = {"keras": "keras", "savedmodel": "tensorflow"}.get(info["model_format"], "tflite")
         size = int(info["image_size"])
-        return Classifier("export", list(info["class_names"]), size, runs_on, info, run)
+        model = Classifier("export", list(info["class_names"]), size, runs_on, info, run)
+        if score is not None:
+            unknown = info["novelty"]
+            model._score, model._known = score, np.asarray(unknown.get("known", []), np.float64)
+            model.threshold, model.unknown_rate = unknown["threshold"], unknown["rate"]
+        return model
     if kind == "finetune":
         info = read_finetune_info(model_dir)
         if engine == "onnx":
@@ -362,25 +367,58 @@ def tflite_interpreter(path: str | Path):
 
 
 def load_exported(path: str | Path, format: str):
-    """A function (n, size, size, 3) pixels -> (n, C) probabilities running the exported file."""
-    path = Path(path)
+    """(pixels -> (n, C) probabilities, pixels -> (n, C + 1) probabilities and novelty or None)
+    running the exported file; the second is None for a model without a novelty output."""
+    call, has_novelty = _exported_call(Path(path), format)
+
+    def both(batch):
+        out = call(np.asarray(batch, np.float32))
+        if isinstance(out, dict):
+            proba = np.asarray(out["probabilities"], np.float64)
+            return proba, np.asarray(out["novelty"], np.float64).reshape(len(proba))
+        return np.asarray(out, np.float64), None
+
+    def proba(batch):
+        return both(batch)[0]
+
+    def scores(batch):
+        p, novelty = both(batch)
+        return np.column_stack([p, novelty])
+
+    return proba, (scores if has_novelty else None)
+
+
+def _exported_call(path: Path, format: str):
+    """(a function float32 pixels -> the exported model's output, an array or a dict of arrays;
+    whether it has the "novelty" output)."""
     if format == "keras":
         import keras
 
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
-        return lambda batch: np.asarray(model.predict_on_batch(np.asarray(batch, np.float32)))
+        return model.predict_on_batch, isinstance(model.output, dict)
     if format == "savedmodel":
         import tensorflow as tf
 
         loaded = tf.saved_model.load(str(path))  # keep it: `serve` needs its variables alive
-        return lambda batch: loaded.serve(tf.constant(np.asarray(batch, np.float32))).numpy()
+
+        def serve(batch):
+            out = loaded.serve(tf.constant(batch))
+            if isinstance(out, dict):
+                return {k: v.numpy() for k, v in out.items()}
+            return out.numpy()
+
+        outputs = loaded.signatures["serving_default"].structured_outputs
+        return serve, "novelty" in outputs
     interpreter = tflite_interpreter(path)
+    if len(interpreter.get_output_details()) > 1:  # named outputs: the signature runner
+        runner = interpreter.get_signature_runner()
+        name = interpreter.get_signature_list()["serving_default"]["inputs"][0]
+        return (lambda batch: runner(**{name: batch})), True
     inp = interpreter.get_input_details()[0]["index"]
     out = interpreter.get_output_details()[0]["index"]
     shape = [None]
 
     def run(batch):
-        batch = np.asarray(batch, np.float32)
         if shape[0] != batch.shape:
             interpreter.resize_tensor_input(inp, batch.shape)
             interpreter.allocate_tensors()
@@ -389,4 +427,4 @@ def load_exported(path: str | Path, format: str):
         interpreter.invoke()
         return interpreter.get_tensor(out).copy()
 
-    return run
+    return run, False

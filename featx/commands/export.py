@@ -115,7 +115,7 @@ def build_model(model_dir: str | Path) -> tuple[object, dict]:
             "cache": info.get("cache"),
         }
 
-    from featx.heads import estimators
+    from featx.heads import estimators, novelty
 
     head, meta = estimators.load_head(model_dir)
     fp = meta.get("fingerprint") or {}
@@ -123,7 +123,11 @@ def build_model(model_dir: str | Path) -> tuple[object, dict]:
     check_backbone(fp, f"The head in '{model_dir}'")
     spec = mobilenet.BackboneSpec.from_fingerprint(fp)
     size = spec.image_size
-    model = mobilenet.compose(spec, head.to_keras(), flip=head.flip_, name="featx_classifier")
+    state = novelty.load(model_dir, meta["novelty"]) if meta.get("novelty") else None
+    score = novelty.keras_score(state) if state else None
+    model = mobilenet.compose(
+        spec, head.to_keras(), flip=head.flip_, name="featx_classifier", novelty=score
+    )
     return model, {
         "kind": kind,
         "head": meta.get("head"),
@@ -132,7 +136,17 @@ def build_model(model_dir: str | Path) -> tuple[object, dict]:
         "fingerprint": fp,
         "cache": meta.get("cache"),
         "flip": bool(head.flip_),
+        "novelty": _novelty_info(state),
     }
+
+
+def _novelty_info(state) -> dict | None:
+    """What export.json records of the model's "novelty" output: the threshold and the known
+    images' scores (so `featx predict --unknown-rate` can move it)."""
+    if state is None:
+        return None
+    info = {k: v for k, v in state.info().items() if k != "file"}
+    return {**info, "known": [round(float(v), 6) for v in state.known]}
 
 
 # --- writing and reading the formats -------------------------------------------------------------
@@ -313,13 +327,13 @@ def export(
     path = out / MODEL_FILES[format]
     log(f"exporting {described['kind']} model to {path} ...")
     _WRITERS[format](model, path, quantize)
-    run = load_exported(path, format)
+    run = load_exported(path, format)  # (probabilities, probabilities and novelty or None)
     check = _verify(model, run, path, opts, _check_paths(val_paths, described), log)
     validation = None
     if val_paths is not None:
         log(f"evaluating the exported model on {len(val_paths)} validation images ...")
         with closing(reporter(progress, "evaluating")) as bar:
-            validation = _evaluate(run, val_paths, val_labels, described, opts, bar)
+            validation = _evaluate(run[0], val_paths, val_labels, described, opts, bar)
         validation["reference_accuracy"] = _reference_accuracy(model_dir)
     info = _record(
         out, path, model_dir, described, opts, {"check": check, "validation": validation}
@@ -342,14 +356,21 @@ def _verify(model, run, path: Path, opts: ExportOptions, check_paths, log) -> di
     """Compare the exported file with the in-process model; a float export that differs is
     removed and refused, a quantized one only warned about."""
     pixels, source = _check_pixels(opts.check_images, model.input_shape[1], check_paths)
-    expected = np.asarray(model.predict_on_batch(pixels.astype(np.float32)), np.float64)
-    got = np.asarray(run(pixels), np.float64)
+    expected = model.predict_on_batch(pixels.astype(np.float32))
+    if isinstance(expected, dict):  # {"probabilities", "novelty"}
+        expected_novelty = np.asarray(expected["novelty"], np.float64)
+        expected = expected["probabilities"]
+    expected = np.asarray(expected, np.float64)
+    got = np.asarray(run[0](pixels), np.float64)
     diff = float(np.abs(got - expected).max())
+    if run[1] is not None:  # the novelty output: its largest difference counts as well
+        got_novelty = np.asarray(run[1](pixels), np.float64)[:, -1]
+        diff = max(diff, float(np.abs(got_novelty - expected_novelty).max()))
     quantized = opts.quantize != "none"
     tolerance = config.EXPORT_QUANTIZED_TOLERANCE if quantized else config.EXPORT_TOLERANCE
     if not diff <= tolerance:
         message = (
-            f"The exported model's probabilities differ from the in-process model's by up to "
+            f"The exported model's outputs differ from the in-process model's by up to "
             f"{diff:.3g} (expected <= {tolerance:g})"
         )
         if not quantized:  # a float export must be the same model: never leave a wrong one
@@ -402,7 +423,9 @@ def _record(out: Path, path: Path, model_dir: Path, described: dict, opts, resul
             "dtype": "float32",
             "pixels": "RGB, 0..255, not normalised (the preprocessing is inside the model)",
         },
-        "output": "softmax probabilities, one per class, in the order of class_names",
+        "output": "softmax probabilities, one per class, in the order of class_names"
+        + ('; and "novelty" (see novelty)' if described.get("novelty") else ""),
+        "novelty": described.get("novelty"),
         "preprocessing": {
             "inside_model": config.PREPROCESSING,
             "resize": f"{size}x{size}, {config.RESIZE}",
