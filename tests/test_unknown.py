@@ -228,3 +228,20 @@ def test_an_export_gives_the_novelty_and_flags_of_predict(tiny_model, tmp_path, 
     assert [r["predicted"] for r in exported["rows"]] == [r["predicted"] for r in head["rows"]]
     looser = predict(out, paths, unknown_rate=0.5)
     assert looser["novelty_threshold"] < exported["novelty_threshold"]
+
+
+def test_cli_prints_the_unknown_count_and_takes_both_options(tiny_model, tmp_path):
+    from click.testing import CliRunner
+    from helpers import assert_one_line_error
+
+    from featx.cli import cli
+
+    base = ["predict", str(tiny_model.logreg), str(tiny_model.data), "--engine", "keras"]
+    res = CliRunner().invoke(cli, base)
+    assert res.exit_code == 0, res.output
+    assert "unknown: unlike the training images (novelty above" in res.output
+    off = CliRunner().invoke(cli, [*base, "--no-unknown", "--output", str(tmp_path / "o.csv")])
+    assert off.exit_code == 0 and "unlike the training images" not in off.output
+    assert {r["unknown"] for r in csv.DictReader((tmp_path / "o.csv").open())} == {""}
+    bad = CliRunner().invoke(cli, [*base, "--unknown-rate", "5"])
+    assert_one_line_error(bad, "--unknown-rate")
