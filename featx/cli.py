@@ -564,6 +564,19 @@ def audit(cache_path, output, overwrite, threshold, data_dir, seed, as_json):
     default=config.PREDICT_MIN_CONFIDENCE,
     help=f"Predict '{config.UNKNOWN_CLASS}' when the top probability is below this (0-1).",
 )
+@click.option(
+    "--unknown/--no-unknown",
+    default=True,
+    show_default=True,
+    help="Flag images unlike the training images: the 'unknown' and 'novelty' columns.",
+)
+@click.option(
+    "--unknown-rate",
+    type=float,
+    default=None,
+    help=f"Share of known validation images flagged unknown (0-1); default: the model's "
+    f"({config.UNKNOWN_RATE:g} unless changed).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the rows and the summary as JSON.")
 @friendly_errors
 def predict(model_dir, paths, as_json, **options):

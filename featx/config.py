@@ -216,6 +216,12 @@ PREDICT_TOP_K = 3  # classes listed per image, most probable first (fewer when t
 PREDICT_PROGRESS_MIN = 100  # show a progress bar from this many images on
 PREDICT_MIN_CONFIDENCE = None  # --min-confidence: rows below it are predicted UNKNOWN_CLASS; off
 UNKNOWN_CLASS = "unknown"  # the prediction of a row below --min-confidence
+# Unknown images (heads.novelty): the threshold flags this share of known held-out images (the
+# validation split) as unknown; --unknown-rate changes it when predicting; --no-unknown: off.
+UNKNOWN_RATE = 0.05
+# Training images remembered (float16, 2.5 KB each at 1,280 dims); a seeded subset above that.
+NOVELTY_MEMORY_CAP = 5000
+UNKNOWN_WARN_SHARE = 0.25  # predict warns when more than this share of its images are unknown
 # "keras" (any backend), "savedmodel" or "tflite" (TensorFlow backend), "onnx" (the onnx extra:
 # tf2onnx writes it, ONNX Runtime checks and runs it)
 EXPORT_FORMAT = "keras"

@@ -16,6 +16,7 @@ from featx import config
 from featx.backbone import mobilenet
 from featx.errors import FeatxError, check_choice, check_fraction, check_int, fraction_hint
 from featx.files import is_url
+from featx.heads import novelty
 from featx.images import shards
 
 
@@ -154,9 +155,13 @@ class PredictOptions:
     engine: str | None = None  # None: config.ENGINE when the run starts (see load_classifier)
     min_confidence: float | None = None
     output: str | None = None
+    unknown: bool = True  # flag images unlike the training images (--no-unknown: off)
+    unknown_rate: float | None = None  # None: the rate the model was calibrated at
 
     def __post_init__(self):
         check_int("top_k", self.top_k, 1)
+        if self.unknown_rate is not None:
+            novelty.check_rate(self.unknown_rate)
         check_int("batch_size", self.batch_size, 1, config.MAX_BATCH_SIZE)
         if self.engine is not None:
             check_choice("engine", self.engine, config.ENGINES)

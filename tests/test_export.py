@@ -35,6 +35,7 @@ INFO_KEYS = {
     "model_card",
     "class_names",
     "image_size",
+    "novelty",
     "input",
     "output",
     "preprocessing",
@@ -64,19 +65,24 @@ def tiny(tiny_model):
 
 
 def run_exported(path: Path, model_format: str, pixels: np.ndarray) -> np.ndarray:
-    """Probabilities from the exported file with that format's own runtime, not featx."""
+    """Probabilities from the exported file with that format's own runtime, not featx (a head's
+    export also has the output "novelty": the probabilities are then the output so named)."""
     if model_format == "keras":
-        return keras.saving.load_model(path, safe_mode=True).predict(pixels, verbose=0)
+        out = keras.saving.load_model(path, safe_mode=True).predict(pixels, verbose=0)
+        return out["probabilities"] if isinstance(out, dict) else out
     if model_format == "onnx":
         return run_onnx(path, pixels)["probabilities"]
     import tensorflow as tf
 
     if model_format == "savedmodel":
-        loaded = tf.saved_model.load(str(path))
-        return loaded.serve(tf.constant(pixels)).numpy()
+        loaded = tf.saved_model.load(str(path))  # kept: serve needs its variables alive
+        out = loaded.serve(tf.constant(pixels))
+        return (out["probabilities"] if isinstance(out, dict) else out).numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         interpreter = tf.lite.Interpreter(model_path=str(path))
+    if len(interpreter.get_output_details()) > 1:  # named outputs
+        return interpreter.get_signature_runner()(image=pixels)["probabilities"]
     index = interpreter.get_input_details()[0]["index"]
     interpreter.resize_tensor_input(index, pixels.shape)
     interpreter.allocate_tensors()

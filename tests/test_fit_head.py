@@ -58,6 +58,7 @@ TOP_KEYS = {
     "cache",
     "class_names",
     "output",
+    "novelty",
     "warnings",
 }
 DENSE = {"epochs": 10, "learning_rate": 0.05}  # 80 images are one batch: few, larger steps

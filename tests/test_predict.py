@@ -24,7 +24,7 @@ from featx.commands.predict import csv_columns, expand_paths, predict
 from featx.errors import FeatxError
 from featx.heads import estimators
 
-ROW_KEYS = ["path", "predicted", "probability", "top_k", "label", "error"]
+ROW_KEYS = ["path", "predicted", "probability", "top_k", "unknown", "novelty", "label", "error"]
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,8 @@ def test_csv_output_has_one_flat_row_per_image(tiny, tmp_path):
                 "path",
                 "predicted",
                 "probability",
+                "unknown",
+                "novelty",
                 "top1",
                 "top1_probability",
                 "top2",
@@ -192,7 +194,7 @@ def test_min_confidence_predicts_unknown_below_it_and_keeps_the_probabilities(ti
     top = sorted(r["probability"] for r in plain["rows"])
     cut = (top[3] + top[4]) / 2  # between the 4th and 5th most uncertain of 8 rows
     result = run(tiny["head"], folder, min_confidence=cut)
-    assert result["unknown"] == 4 and result["min_confidence"] == cut
+    assert result["below_min_confidence"] == 4 and result["min_confidence"] == cut
     for a, b in zip(plain["rows"], result["rows"]):
         assert a["probability"] == b["probability"] and a["top_k"] == b["top_k"]
         assert b["predicted"] == (

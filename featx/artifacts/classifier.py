@@ -50,7 +50,12 @@ class Classifier:
     predict_proba(images) -> (n, k) probabilities in `classes_` order; predict(images) -> the n
     most probable class names. `images`: a path, a PIL image or an HxWx3 uint8 array, or a
     list of them. Each is decoded and resized as extraction does: a path gives exactly the
-    probabilities `featx predict` gives for that file."""
+    probabilities `featx predict` gives for that file.
+
+    novelty(images) -> (n,) how unlike the training images each one is (higher: less alike; see
+    featx.heads.novelty), unknown(images) -> (n,) bool, novelty above `threshold`, which flags
+    `unknown_rate` of the known validation images; `has_novelty` is False for models saved
+    without the score (older featx), whose novelty() raises."""
 
     kind: str  # "head", "finetune" or "export"
     class_names: list[str]
@@ -60,23 +65,63 @@ class Classifier:
     _run: object
     model_dir: str = ""
     batch_size: int = config.BATCH_SIZE
+    _score: object = None  # pixels -> (n, k + 1): the probabilities, then the novelty; or None
+    threshold: float | None = None  # novelty above it is unknown
+    unknown_rate: float | None = None  # the share of known validation images above threshold
+    _known: object = None  # the known images' novelty, sorted: the threshold at another rate
 
     @property
     def classes_(self) -> np.ndarray:
         return np.asarray(self.class_names)
 
+    @property
+    def has_novelty(self) -> bool:
+        return self._score is not None
+
     def proba_of_pixels(self, batch: np.ndarray) -> np.ndarray:
         """(n, size, size, 3) uint8 pixels, already decoded and resized -> (n, k) float64."""
         return np.asarray(self._run(batch), np.float64)
 
-    def predict_proba(self, images) -> np.ndarray:
+    def _check_novelty(self) -> None:
+        if self._score is None:
+            raise FeatxError(
+                f"The model in '{self.model_dir}' has no novelty score (saved by an older featx "
+                "or by finetune); re-run `featx fit-head` (and `featx export`) to add it."
+            )
+
+    def scores_of_pixels(self, batch: np.ndarray) -> np.ndarray:
+        """(n, size, size, 3) uint8 pixels -> (n, k + 1) float64: probabilities, then novelty."""
+        self._check_novelty()
+        return np.asarray(self._score(batch), np.float64)
+
+    def set_unknown_rate(self, rate: float) -> None:
+        """Calibrate the threshold again, on the same known images, to flag `rate` of them."""
+        from featx.heads import novelty
+
+        novelty.check_rate(rate)
+        self._check_novelty()
+        self.threshold = float(np.quantile(self._known, 1.0 - rate))
+        self.unknown_rate = float(rate)
+
+    def _batched(self, images, run, width: int) -> np.ndarray:
         pixels = [self._pixels(image) for image in _as_list(images)]
-        k, step = len(self.class_names), self.batch_size
-        out = np.zeros((len(pixels), k))
+        step = self.batch_size
+        out = np.zeros((len(pixels), width))
         for lo in range(0, len(pixels), step):
             chunk = pixels[lo : lo + step]
-            out[lo : lo + len(chunk)] = engines.run_padded(self.proba_of_pixels, chunk, step)
+            out[lo : lo + len(chunk)] = engines.run_padded(run, chunk, step)
         return out
+
+    def predict_proba(self, images) -> np.ndarray:
+        return self._batched(images, self.proba_of_pixels, len(self.class_names))
+
+    def novelty(self, images) -> np.ndarray:
+        """(n,) float: how unlike the training images each image is (higher: less alike)."""
+        return self._batched(images, self.scores_of_pixels, len(self.class_names) + 1)[:, -1]
+
+    def unknown(self, images) -> np.ndarray:
+        """(n,) bool: novelty above the threshold, an image unlike those it was trained on."""
+        return self.novelty(images) > self.threshold
 
     def predict(self, images) -> np.ndarray:
         return self.classes_[self.predict_proba(images).argmax(axis=1)]
@@ -121,6 +166,7 @@ def load(
     *,
     engine: str | None = None,
     batch_size: int = config.BATCH_SIZE,
+    unknown_rate: float | None = None,
     log=None,
 ) -> Classifier:
     """`featx.load(MODEL_DIR)`: a fit-head, finetune or export output folder as a Classifier.
@@ -131,11 +177,15 @@ def load(
             config.ENGINE; "auto" for a head fitted on INT8 features); finetune and export
             models run as they were saved.
         batch_size: images per model call (the last batch is padded: one compile).
+        unknown_rate: the share of known validation images `unknown()` flags; None: the rate
+            the model was calibrated at (config.UNKNOWN_RATE by default).
         log: called with one-line notes; default: logging.getLogger("featx").
     """
     check_int("batch_size", batch_size, 1, config.MAX_BATCH_SIZE)
     classifier = load_classifier(model_dir, engine, Messages(log))
     classifier.model_dir, classifier.batch_size = str(model_dir), batch_size
+    if unknown_rate is not None:
+        classifier.set_unknown_rate(unknown_rate)
     return classifier
 
 
@@ -160,7 +210,7 @@ def _load_classifier(model_dir: str | Path, engine: str | None, log) -> Classifi
             log("note: an export runs as exported; --engine onnx applies to fit-head models.")
         path = Path(model_dir) / info["model_file"]
         try:
-            run = load_exported(path, info["model_format"])
+            run, score = load_exported(path, info["model_format"])
         except Exception as e:  # a damaged file, or a format this installation cannot run
             raise FeatxError(
                 f"Could not load '{path}' ({type(e).__name__}: {e}). Re-run `featx export`."
@@ -169,7 +219,12 @@ def _load_classifier(model_dir: str | Path, engine: str | None, log) -> Classifi
             info["model_format"], "tflite"
         )
         size = int(info["image_size"])
-        return Classifier("export", list(info["class_names"]), size, runs_on, info, run)
+        model = Classifier("export", list(info["class_names"]), size, runs_on, info, run)
+        if score is not None:
+            unknown = info["novelty"]
+            model._score, model._known = score, np.asarray(unknown.get("known", []), np.float64)
+            model.threshold, model.unknown_rate = unknown["threshold"], unknown["rate"]
+        return model
     if kind == "finetune":
         info = read_finetune_info(model_dir)
         if engine == "onnx":
@@ -189,7 +244,7 @@ def _load_classifier(model_dir: str | Path, engine: str | None, log) -> Classifi
         return Classifier(kind, list(info["class_names"]), size, "keras", info, run)
 
     from featx.backbone.mobilenet import BackboneSpec
-    from featx.heads import estimators
+    from featx.heads import estimators, novelty
 
     head, meta = estimators.load_head(model_dir)
     fp = meta.get("fingerprint") or {}
@@ -205,15 +260,33 @@ def _load_classifier(model_dir: str | Path, engine: str | None, log) -> Classifi
             search=_onnx_dirs(model_dir, meta),
         )
 
-    def run(batch):
-        features = runner.features(batch)
+    def features(batch):
+        out = runner.features(batch)
         if head.flip_:  # fitted with mirror images: predict from the mean of both views
             mirrored = runner.features(np.ascontiguousarray(batch[:, :, ::-1]))
-            features = estimators.flip_views(features, mirrored)
-        return head.predict_proba(features)
+            out = estimators.flip_views(out, mirrored)
+        return out
+
+    def run(batch):
+        return head.predict_proba(features(batch))
 
     size = int(fp["image_size"])
-    return Classifier(kind, list(meta["class_names"]), size, runner.name, meta, run)
+    model = Classifier(kind, list(meta["class_names"]), size, runner.name, meta, run)
+    if meta.get("novelty"):
+        _add_novelty(model, novelty.load(model_dir, meta["novelty"]), head, features)
+    return model
+
+
+def _add_novelty(model: Classifier, state, head, features) -> None:
+    """A head's novelty score on the classifier: pixels -> probabilities and novelty."""
+
+    def score(batch):
+        f = features(batch)
+        proba = head.predict_proba(f)
+        return np.column_stack([proba, state.score(f, proba)])
+
+    model._score, model._known = score, state.known
+    model.threshold, model.unknown_rate = state.threshold, state.rate
 
 
 def _int8_runner(engine: str, fp: dict, model_dir, meta: dict, log):
@@ -330,16 +403,8 @@ def onnx_outputs(path: str | Path):
     def run(batch):
         return dict(zip(names, session.run(names, {feed: np.asarray(batch, np.float32)})))
 
+    run.names = names
     return run
-
-
-def exported_outputs(path: str | Path, format: str):
-    """A function pixels -> {output name: array} running an exported file: every output of an
-    ONNX file, the probabilities of the other formats."""
-    if format == "onnx":
-        return onnx_outputs(path)
-    run = load_exported(path, format)
-    return lambda batch: {config.EXPORT_PROBABILITIES: run(batch)}
 
 
 def tflite_interpreter(path: str | Path):
@@ -355,23 +420,70 @@ def tflite_interpreter(path: str | Path):
         return Interpreter(model_path=str(path))
 
 
+def exported_outputs(path: str | Path, format: str):
+    """A function pixels -> {output name: array} running an exported file, every output it has
+    (probabilities, and novelty for a model that carries the score)."""
+    return _exported_call(Path(path), format)[0]
+
+
 def load_exported(path: str | Path, format: str):
-    """A function (n, size, size, 3) pixels -> (n, C) probabilities running the exported file."""
-    path = Path(path)
+    """(pixels -> (n, C) probabilities, pixels -> (n, C + 1) probabilities and novelty or None)
+    running the exported file; the second is None for a model without a novelty output."""
+    call, names = _exported_call(Path(path), format)
+
+    def proba(batch):
+        return np.asarray(probabilities(call(batch)), np.float64)
+
+    def scores(batch):
+        out = call(batch)
+        p = np.asarray(probabilities(out), np.float64)
+        return np.column_stack([p, np.asarray(out["novelty"], np.float64).reshape(len(p))])
+
+    return proba, (scores if "novelty" in names else None)
+
+
+def _named(out, names: list[str]) -> dict[str, np.ndarray]:
+    """A model's output (an array, a list or a dict of arrays) as {output name: array}."""
+    if isinstance(out, dict):
+        return {name: np.asarray(value) for name, value in out.items()}
+    if not isinstance(out, (list, tuple)):
+        out = [out]
+    return dict(zip(names, (np.asarray(value) for value in out)))
+
+
+def _exported_call(path: Path, format: str):
+    """(a function pixels -> {output name: array} running the exported file, its output names)."""
+    one = [config.EXPORT_PROBABILITIES]
     if format == "onnx":
-        outputs = onnx_outputs(path)
-        return lambda batch: probabilities(outputs(batch))
+        run = onnx_outputs(path)
+        return run, list(run.names)
     if format == "keras":
         import keras
 
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
-        return lambda batch: np.asarray(model.predict_on_batch(np.asarray(batch, np.float32)))
+        names = list(model.output) if isinstance(model.output, dict) else output_names(model)
+        return (lambda batch: keras_outputs(model, batch)), names
     if format == "savedmodel":
         import tensorflow as tf
 
         loaded = tf.saved_model.load(str(path))  # keep it: `serve` needs its variables alive
-        return lambda batch: loaded.serve(tf.constant(np.asarray(batch, np.float32))).numpy()
+        outputs = loaded.signatures["serving_default"].structured_outputs
+        names = list(outputs) if len(outputs) > 1 else one
+
+        def serve(batch):
+            out = loaded.serve(tf.constant(np.asarray(batch, np.float32)))
+            if isinstance(out, dict):
+                return {k: v.numpy() for k, v in out.items()}
+            return _named(out.numpy(), one)
+
+        return serve, names
     interpreter = tflite_interpreter(path)
+    if len(interpreter.get_output_details()) > 1:  # named outputs: the signature runner
+        runner = interpreter.get_signature_runner()
+        signature = interpreter.get_signature_list()["serving_default"]
+        name = signature["inputs"][0]
+        call = lambda batch: _named(runner(**{name: np.asarray(batch, np.float32)}), one)  # noqa: E731
+        return call, list(signature["outputs"])
     inp = interpreter.get_input_details()[0]["index"]
     out = interpreter.get_output_details()[0]["index"]
     shape = [None]
@@ -384,6 +496,6 @@ def load_exported(path: str | Path, format: str):
             shape[0] = batch.shape
         interpreter.set_tensor(inp, batch)
         interpreter.invoke()
-        return interpreter.get_tensor(out).copy()
+        return {config.EXPORT_PROBABILITIES: interpreter.get_tensor(out).copy()}
 
-    return run
+    return run, one

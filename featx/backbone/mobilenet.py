@@ -312,12 +312,15 @@ def compose(
     flip: bool = False,
     seed: int = config.SEED,
     name: str = "featx_model",
+    novelty=None,
 ):
     """The one graph every stage builds, from raw RGB pixels (0..255, NHWC float32):
     [augmentation] -> preprocessing -> frozen MobileNetV2 (BatchNorm in inference mode, even
     where fine-tuning unfreezes it) -> [mean with the mirror image's features] -> [dropout ->
     head]. Without a head it gives the pooled features (extract's Keras engine); with one, class
-    probabilities (finetune, export). The base starts frozen (see finetune.set_trainable)."""
+    probabilities (finetune, export). The base starts frozen (see finetune.set_trainable).
+    `novelty`, a function (features, probabilities) -> tensor (heads.novelty.keras_score), makes
+    the outputs {"probabilities", "novelty"} (export)."""
     import keras
 
     base = build_base(spec.weights, spec.image_size, spec.alpha)
@@ -342,7 +345,11 @@ def compose(
         )
     if dropout:
         features = keras.layers.Dropout(dropout, seed=seed, name="dropout")(features)
-    return keras.Model(inputs, head(features), name=name)
+    probabilities = head(features)
+    if novelty is None:
+        return keras.Model(inputs, probabilities, name=name)
+    outputs = {"probabilities": probabilities, "novelty": novelty(features, probabilities)}
+    return keras.Model(inputs, outputs, name=name)
 
 
 @functools.lru_cache(maxsize=4)

@@ -132,7 +132,7 @@ def _build_model(model_dir: str | Path) -> tuple[object, dict]:
             "cache": info.get("cache"),
         }
 
-    from featx.heads import estimators
+    from featx.heads import estimators, novelty
 
     head, meta = estimators.load_head(model_dir)
     fp = meta.get("fingerprint") or {}
@@ -140,7 +140,11 @@ def _build_model(model_dir: str | Path) -> tuple[object, dict]:
     check_backbone(fp, f"The head in '{model_dir}'")
     spec = mobilenet.BackboneSpec.from_fingerprint(fp)
     size = spec.image_size
-    model = mobilenet.compose(spec, head.to_keras(), flip=head.flip_, name="featx_classifier")
+    state = novelty.load(model_dir, meta["novelty"]) if meta.get("novelty") else None
+    score = novelty.keras_score(state) if state else None
+    model = mobilenet.compose(
+        spec, head.to_keras(), flip=head.flip_, name="featx_classifier", novelty=score
+    )
     return model, {
         "kind": kind,
         "head": meta.get("head"),
@@ -149,7 +153,17 @@ def _build_model(model_dir: str | Path) -> tuple[object, dict]:
         "fingerprint": fp,
         "cache": meta.get("cache"),
         "flip": bool(head.flip_),
+        "novelty": _novelty_info(state),
     }
+
+
+def _novelty_info(state) -> dict | None:
+    """What export.json records of the model's "novelty" output: the threshold and the known
+    images' scores (so `featx predict --unknown-rate` can move it)."""
+    if state is None:
+        return None
+    info = {k: v for k, v in state.info().items() if k != "file"}
+    return {**info, "known": [round(float(v), 6) for v in state.known]}
 
 
 # --- writing and reading the formats -------------------------------------------------------------
@@ -418,7 +432,9 @@ def _verify(model, outputs, path: Path, opts: ExportOptions, check_paths, log) -
     quantized = opts.quantize != "none"
     tolerance = config.EXPORT_QUANTIZED_TOLERANCE if quantized else config.EXPORT_TOLERANCE
     try:
-        diffs = _differences(expected, got, every_output=opts.format == "onnx")
+        diffs = _differences(
+            expected, got, every_output=True
+        )  # novelty too, where the model has it
     except FeatxError as e:
         raise FeatxError(
             f"{e} {path.name} was removed (its output folder is left as it was). "
@@ -503,7 +519,9 @@ def _record(out: Path, path: Path, model_dir: Path, described: dict, opts, resul
             "dtype": "float32",
             "pixels": "RGB, 0..255, not normalised (the preprocessing is inside the model)",
         },
-        "output": "softmax probabilities, one per class, in the order of class_names",
+        "output": "softmax probabilities, one per class, in the order of class_names"
+        + ('; and "novelty" (see novelty)' if described.get("novelty") else ""),
+        "novelty": described.get("novelty"),
         "preprocessing": {
             "inside_model": config.PREPROCESSING,
             "resize": f"{size}x{size}, {config.RESIZE}",

@@ -17,7 +17,7 @@ from featx import config
 from featx.artifacts import outputs
 from featx.cache import remote_cache, store
 from featx.errors import FeatxError, Messages
-from featx.heads import estimators
+from featx.heads import estimators, novelty
 from featx.quality import duplicates
 from featx.reports import evaluation, report_folder
 from featx.reports.display import Result
@@ -122,14 +122,14 @@ def fit_head(
     t0 = time.perf_counter()  # fit_seconds: the whole fit, the cross-validation included
     estimator.fit(*train, *data["validation"], X_flip=train_flip)
     fit_seconds = time.perf_counter() - t0
-    metrics, predictions = _evaluate(estimator, cache, data)
+    metrics, predictions, unknown = _evaluate(estimator, cache, data)
     metrics.update(_details(estimator, cache, cache_path, round(fit_seconds, 3), out))
     if excluded is not None:
         metrics["excluded_duplicates"] = excluded
     found = _warnings(cache_path, metrics, exclude_duplicates)
     metrics["warnings"] = log.warnings + [text for text, _ in found]
     with outputs.writing(out, made_by, overwrite=overwrite, log=log) as stage:
-        _record(estimator, cache, cache_path, (stage, out), (metrics, predictions))
+        _record(estimator, cache, cache_path, (stage, out), (metrics, predictions, unknown))
     for text, summary_shows in found:  # after the files: an error that stops them comes alone
         log.warning(text, summary_shows=summary_shows)
     return Result(metrics, "metrics")
@@ -237,8 +237,29 @@ def _views(cache: store.Cache, cache_path, flip: bool | None):
     return data["train"], views, mirrored[cache.splits == "train"]
 
 
+def _novelty(data: dict, predictions: dict) -> tuple[novelty.Novelty, dict]:
+    """The novelty score of the head (heads.novelty): its memory of the training features (the
+    views the head predicts from), its threshold calibrated on the validation images at
+    config.UNKNOWN_RATE, and the leave-one-class-out AUROC estimate metrics.json reports."""
+    X_train, y_train = data["train"]
+    X_val, y_val = data["validation"]
+    proba_val = predictions["validation"][1]
+    bank = novelty.memory(X_train)
+    state = novelty.calibrate(bank, novelty.nearest_distance(bank, X_val), proba_val)
+    loco = novelty.leave_one_class_out(X_train, y_train, X_val, y_val, proba_val)
+    summary = {
+        "threshold": round(state.threshold, 6),
+        "rate": state.rate,
+        "calibrated_on": state.calibrated_on,
+        "memory_rows": int(len(bank)),
+        "leave_one_class_out_auroc": None if loco is None else round(loco, 4),
+    }
+    return state, summary
+
+
 def _evaluate(estimator, cache: store.Cache, data: dict):
-    """({split: metrics}, {split: (labels, probabilities, paths)}) of the fitted head."""
+    """({split: metrics, "novelty": its summary}, {split: (labels, probabilities, paths)}, the
+    head's novelty score) of the fitted head."""
     metrics, predictions = {}, {}
     for split, (X, y) in data.items():
         if len(y):
@@ -246,17 +267,18 @@ def _evaluate(estimator, cache: store.Cache, data: dict):
             metrics[split] = evaluation.evaluate(y, proba, cache.class_names)
             paths = [p for p, s in zip(cache.paths, cache.splits) if s == split]
             predictions[split] = (y, proba, paths)
-    return metrics, predictions
+    unknown, metrics["novelty"] = _novelty(data, predictions)
+    return metrics, predictions, unknown
 
 
 def _record(estimator, cache: store.Cache, cache_path, folders: tuple, results: tuple) -> None:
-    """The head, head.json, metrics.json and the report files, into the staging folder of
-    `folders` (staging, output folder)."""
-    (stage, out), (metrics, predictions) = folders, results
+    """The head, its novelty memory, head.json, metrics.json and the report files, into the
+    staging folder of `folders` (staging, output folder)."""
+    (stage, out), (metrics, predictions, unknown) = folders, results
     cache_file = str(Path(cache_path).resolve())  # absolute: predict/export may run elsewhere
-    estimators.save_head(
-        estimator, stage, cache.class_names, cache.fingerprint, extra={"cache": cache_file}
-    )
+    novelty.save(unknown, stage)  # before head.json, which names it
+    extra = {"cache": cache_file, "novelty": unknown.info()}
+    estimators.save_head(estimator, stage, cache.class_names, cache.fingerprint, extra)
     report_folder.write_report(
         stage,
         metrics,

@@ -136,6 +136,8 @@ def predict(
     batch_size: int = config.BATCH_SIZE,
     engine: str | None = None,
     min_confidence: float | None = None,
+    unknown: bool = True,
+    unknown_rate: float | None = None,
     progress=True,
     log=None,
 ) -> dict:
@@ -153,6 +155,8 @@ def predict(
         min_confidence: rows whose most probable class has a lower probability get
             config.UNKNOWN_CLASS as "predicted" (their probabilities and top_k stay); such rows
             count as wrong in the accuracy.
+        unknown: rows get "novelty" (featx.heads.novelty) and "unknown" (above the threshold).
+        unknown_rate: the share of known validation images flagged; None: the model's own.
         progress: True: a progress bar (tqdm); False: none; a function: called as
             progress(done, total, images_per_second) after each batch. Either from
             config.PREDICT_PROGRESS_MIN images on.
@@ -160,11 +164,12 @@ def predict(
             featx.FeatxWarning.
     Returns:
         {"rows": [{"path", "predicted", "probability", "top_k": [{"class", "probability"}],
-        "label", "error"}, ...], "class_names", "kind", "engine", "images", "predicted",
-        "errors", "unknown" (rows below min_confidence), "min_confidence", "accuracy" (None
+        "unknown", "novelty", "label", "error"}, ...], "class_names", "kind", "engine",
+        "images", "predicted", "errors", "unknown" (rows flagged unknown), "novelty_threshold",
+        "unknown_rate", "below_min_confidence", "min_confidence", "warnings", "accuracy" (None
         unless some images sit in folders named after the classes), "labelled", "correct",
-        "seconds", "images_per_second", "output"}. "label" is the class
-        named by the image's folder, or None. Files that fail have "error" set and no prediction.
+        "seconds", "images_per_second", "output"}. "label" is the class named by the image's
+        folder, or None. Files that fail have "error" set and no prediction.
     Raises:
         FeatxError when no image at all could be predicted (after writing `output`).
     """
@@ -175,6 +180,8 @@ def predict(
         engine=engine,
         min_confidence=min_confidence,
         output=output and str(output),
+        unknown=unknown,
+        unknown_rate=unknown_rate,
     )
     model_kind(model_dir)  # a wrong MODEL_DIR (a cache, say) is answered before any listing
     targets = expand_paths(paths)
@@ -185,14 +192,12 @@ def predict(
         )
     log = Messages(log)
     model = load_classifier(model_dir, opts.engine, log)
-    rows = _predict_rows(model, targets, opts, progress)
+    model.model_dir = str(model_dir)
+    rows = _predict_rows(model, targets, opts, progress, _novelty_on(model, opts, log))
     result = _summary(model_dir, model, rows, opts, time.perf_counter() - t0)
+    _warn_unknown(result, log)
     result["warnings"] = log.warnings
-    if output is not None and Path(output).suffix.lower() == ".json":
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(output, json.dumps(result, indent=2, default=str) + "\n")
-    elif output is not None:
-        write_rows(output, rows, top_k=min(top_k, len(model.class_names)))
+    _write(output, result, min(top_k, len(model.class_names)))
     if not result["predicted"]:
         first = "; ".join(f"{r['path']}: {r['error']}" for r in rows[:3])
         more = f" (and {len(rows) - 3} more)" if len(rows) > 3 else ""
@@ -203,23 +208,69 @@ def predict(
     return Result(result, "predict")
 
 
-def _predict_rows(model, targets: list[Target], opts: PredictOptions, progress) -> list[dict]:
+def _write(output, result: dict, top_k: int) -> None:
+    """The result to `output` when given: .json (the whole result) or .csv (its rows)."""
+    if output is not None and Path(output).suffix.lower() == ".json":
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output, json.dumps(result, indent=2, default=str) + "\n")
+    elif output is not None:
+        write_rows(output, result["rows"], top_k=top_k)
+
+
+def _novelty_on(model, opts: PredictOptions, log) -> bool:
+    """Whether rows get "unknown" and "novelty": asked for and the model has the score (a note
+    when it has not); the threshold moved to opts.unknown_rate when given."""
+    if not opts.unknown:
+        return False
+    if not model.has_novelty:
+        log(
+            f"note: the {model.kind} model in '{model.model_dir}' has no novelty score (saved "
+            "by an older featx, or a finetune model); no image is checked for being unknown. "
+            "Re-run `featx fit-head` (and `featx export`) to add it."
+        )
+        return False
+    if opts.unknown_rate is not None:
+        model.set_unknown_rate(opts.unknown_rate)
+    return True
+
+
+def _warn_unknown(result: dict, log) -> None:
+    """A warning when many more images are unknown than the rate the threshold was set at (more
+    than config.UNKNOWN_WARN_SHARE of them, and at least twice that rate)."""
+    if result["novelty_threshold"] is None or not result["predicted"]:
+        return
+    share = result["unknown"] / result["predicted"]
+    if share > max(config.UNKNOWN_WARN_SHARE, 2 * result["unknown_rate"]):
+        log.warning(
+            f"{result['unknown']} of {result['predicted']} images ({share:.0%}) are unlike the "
+            f"images the model was trained on (the threshold flags {result['unknown_rate']:.0%} "
+            "of its validation images): their classes are guesses. Check that these photos "
+            "show the model's classes, or train it on photos like them."
+        )
+
+
+def _predict_rows(model, targets: list[Target], opts, progress, flags: bool) -> list[dict]:
     """One row per target: its prediction, or the reason it has none; rows under
-    opts.min_confidence predict config.UNKNOWN_CLASS (their probabilities stay)."""
+    opts.min_confidence predict config.UNKNOWN_CLASS (their probabilities stay); with `flags`,
+    each row's novelty and whether it is above the model's threshold."""
     todo = [i for i, t in enumerate(targets) if t.error is None]
     shown = progress if len(todo) >= config.PREDICT_PROGRESS_MIN else False
+    k = len(model.class_names)
     with closing(reporter(shown, "predicting")) as bar:
-        proba, failed = run_batches(
-            model.proba_of_pixels,
+        scores, failed = run_batches(
+            model.scores_of_pixels if flags else model.proba_of_pixels,
             [targets[i].path for i in todo],
             model.image_size,
-            len(model.class_names),
+            k + 1 if flags else k,
             opts.batch_size,
             bar,
         )
     rows = [_row(t, model.class_names, None, t.error, opts.top_k) for t in targets]
     for j, i in enumerate(todo):
-        rows[i] = _row(targets[i], model.class_names, proba[j], failed.get(j), opts.top_k)
+        rows[i] = _row(targets[i], model.class_names, scores[j, :k], failed.get(j), opts.top_k)
+        if flags and rows[i]["error"] is None:
+            rows[i]["novelty"] = round(float(scores[j, k]), 6)
+            rows[i]["unknown"] = bool(scores[j, k] > model.threshold)
     for r in rows:
         low = opts.min_confidence is not None and r["error"] is None
         if low and r["probability"] < opts.min_confidence:
@@ -230,6 +281,7 @@ def _predict_rows(model, targets: list[Target], opts: PredictOptions, progress) 
 def _summary(model_dir, model, rows: list[dict], opts: PredictOptions, seconds: float) -> dict:
     predicted = [r for r in rows if r["error"] is None]
     labelled = [r for r in predicted if r["label"] is not None]
+    flags = opts.unknown and model.has_novelty  # as _novelty_on decided
     correct = sum(r["predicted"] == r["label"] for r in labelled)
     return {
         "model_dir": str(model_dir),
@@ -240,7 +292,10 @@ def _summary(model_dir, model, rows: list[dict], opts: PredictOptions, seconds: 
         "images": len(rows),
         "predicted": len(predicted),
         "errors": len(rows) - len(predicted),
-        "unknown": sum(
+        "unknown": sum(bool(r["unknown"]) for r in predicted),
+        "novelty_threshold": model.threshold if flags else None,
+        "unknown_rate": model.unknown_rate if flags else None,
+        "below_min_confidence": sum(
             opts.min_confidence is not None and r["probability"] < opts.min_confidence
             for r in predicted
         ),
@@ -259,6 +314,7 @@ def _row(target: Target, class_names, p, error, top_k) -> dict:
     label = next((f for f in target.folders if f in class_names), None)
     path = finder.printable(target.path)  # a name that is not UTF-8 is predicted, shown escaped
     row = {"path": path, "predicted": None, "probability": None, "top_k": []}
+    row.update(unknown=None, novelty=None)  # set when the model's novelty score is on
     if error is None and p is not None:
         order = np.argsort(-p, kind="stable")[:top_k]
         row["top_k"] = [
@@ -272,9 +328,10 @@ def _row(target: Target, class_names, p, error, top_k) -> dict:
 
 
 def csv_columns(top_k: int) -> list[str]:
-    """path, predicted, probability, top1, top1_probability, ..., label, error."""
+    """path, predicted, probability, unknown, novelty, top1, top1_probability, ..., label,
+    error."""
     tops = [c for k in range(1, top_k + 1) for c in (f"top{k}", f"top{k}_probability")]
-    return ["path", "predicted", "probability", *tops, "label", "error"]
+    return ["path", "predicted", "probability", "unknown", "novelty", *tops, "label", "error"]
 
 
 def write_rows(output: str | Path, rows: list[dict], top_k: int) -> None:
@@ -291,6 +348,8 @@ def write_rows(output: str | Path, rows: list[dict], top_k: int) -> None:
                 r["path"],
                 r["predicted"] or "",
                 "" if r["probability"] is None else r["probability"],
+                "" if r["unknown"] is None else str(r["unknown"]).lower(),
+                "" if r["novelty"] is None else r["novelty"],
                 *tops,
                 r["label"] or "",
                 r["error"] or "",
@@ -310,7 +369,8 @@ def format_table(result: dict) -> str:
             lines.append(f"{r['path']:<{width}}  error: {r['error']}")
             continue
         tops = "  ".join(f"{t['class']} {t['probability']:.4f}" for t in r["top_k"])
-        lines.append(f"{r['path']:<{width}}  {tops}")
+        flag = "  UNKNOWN" if r["unknown"] else ""
+        lines.append(f"{r['path']:<{width}}  {tops}{flag}")
     return "\n".join(lines)
 
 
@@ -321,9 +381,16 @@ def format_summary(result: dict) -> str:
         + (f" ({result['errors']} failed, see their error rows)" if result["errors"] else "")
         + f" in {result['seconds']:.1f} s with the {result['kind']} model ({result['engine']})"
     ]
-    if result.get("unknown"):
+    if result.get("novelty_threshold") is not None:
         lines.append(
-            f"{result['unknown']} below --min-confidence {result['min_confidence']:g}: predicted "
+            f"{result['unknown']} unknown: unlike the training images (novelty above "
+            f"{result['novelty_threshold']:.4g}, which flags {result['unknown_rate']:.0%} of the "
+            "validation images)"
+        )
+    if result.get("below_min_confidence"):
+        lines.append(
+            f"{result['below_min_confidence']} below --min-confidence "
+            f"{result['min_confidence']:g}: predicted "
             f"'{config.UNKNOWN_CLASS}'"
         )
     if result["accuracy"] is not None:

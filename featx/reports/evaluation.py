@@ -235,6 +235,22 @@ def imbalance_hint(metrics: dict) -> str | None:
     )
 
 
+def novelty_line(unknown: dict) -> str:
+    """One line on the unknown-image check: the threshold, its rate, the leave-one-class-out
+    AUROC estimate."""
+    loco = unknown.get("leave_one_class_out_auroc")
+    how = (
+        f"; a class it never saw ranks above the known ones with AUROC {loco:.2f} "
+        "(leave-one-class-out estimate)"
+        if loco is not None
+        else ""
+    )
+    return (
+        f"unknown images: novelty > {unknown['threshold']:.4g} flags {unknown['rate']:.0%} of the "
+        f"{unknown.get('calibrated_on', 'validation')} images{how}"
+    )
+
+
 def format_summary(metrics: dict) -> str:
     """The readable stdout summary: accuracy per split, then a per-class table."""
     names = required_class_names(metrics)
@@ -274,6 +290,8 @@ def format_summary(metrics: dict) -> str:
     hint = imbalance_hint(metrics) if metrics.get("head") else None
     if hint:
         lines.append(hint)
+    if metrics.get("novelty"):
+        lines.append(novelty_line(metrics["novelty"]))
     if metrics.get("output"):
         lines.append(f"wrote {metrics['output']}")
     return "\n".join(lines)

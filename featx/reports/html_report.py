@@ -26,7 +26,7 @@ from featx.config import VERSION
 from featx.errors import FeatxError
 from featx.files import read_json, write_text_atomic
 from featx.images import decoder, finder
-from featx.reports.evaluation import class_names_of, imbalance_hint, with_interval
+from featx.reports.evaluation import class_names_of, imbalance_hint, novelty_line, with_interval
 
 REPORT_FILE = "report.html"
 SHOWN_SPLITS = ("validation", "test")  # the splits a reader judges the model on
@@ -358,6 +358,8 @@ def render(model_dir: str | Path, shown_as: str | Path | None = None) -> str:
     if hint:
         sections.append(f"<p class='note'>{_e(hint)}</p>")
     sections += _calibration(metrics)
+    if metrics.get("novelty"):
+        sections += ["<h2>Unknown images</h2>", f"<p>{_e(novelty_line(metrics['novelty']))}.</p>"]
     shown = [split for split, _ in _shown(metrics)]
     for split in shown or ["train"]:
         cm = np.asarray(metrics[split]["confusion_matrix"])

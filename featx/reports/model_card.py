@@ -176,9 +176,102 @@ def _measured(info: dict, metrics: dict) -> list[str]:
     return lines
 
 
+def _novelty_lines(unknown: dict | None) -> list[str]:
+    """The `novelty` output, its threshold and how to use it (exports of fit-head models)."""
+    if not unknown:
+        return []
+    return [
+        "- Output `novelty`: `(batch,)`, how unlike the training photos each photo is (higher: "
+        "less alike; the larger of the cosine distance to the nearest training photo's features "
+        "and 1 − the top probability, each scaled). **A photo is unknown when novelty > "
+        f"{unknown['threshold']:.6g}**: that threshold flags {unknown['rate']:.0%} of the "
+        f"{unknown.get('calibrated_on', 'validation')} photos; a photo of something else gets "
+        "a class anyway, so check `novelty` before trusting it (`featx predict` does: its "
+        "`unknown` column).",
+    ]
+
+
+def _python_code(fmt: str, model_file: str, unknown) -> list[str]:
+    """Lines that load the exported file and compute `probabilities` (and `novelty`)."""
+    lines: list[str] = []
+    if fmt == "keras":
+        lines += [
+            "",
+            "import keras",
+            "",
+            f'model = keras.saving.load_model("{model_file}")',
+            *(
+                [
+                    "output = model.predict(x)",
+                    'probabilities, novelty = output["probabilities"][0], output["novelty"][0]',
+                ]
+                if unknown
+                else ["probabilities = model.predict(x)[0]"]
+            ),
+        ]
+    elif fmt == "savedmodel":
+        lines += [
+            "",
+            "import tensorflow as tf",
+            "",
+            f'model = tf.saved_model.load("{model_file}")',
+            *(
+                [
+                    "output = model.serve(tf.constant(x))",
+                    'probabilities = output["probabilities"].numpy()[0]',
+                    'novelty = output["novelty"].numpy()[0]',
+                ]
+                if unknown
+                else ["probabilities = model.serve(tf.constant(x)).numpy()[0]"]
+            ),
+        ]
+    elif fmt == "onnx":
+        names = [config.EXPORT_PROBABILITIES] + (["novelty"] if unknown else [])
+        lines += [
+            "",
+            "import onnxruntime",
+            "",
+            f'session = onnxruntime.InferenceSession("{model_file}")',
+            "feed = {session.get_inputs()[0].name: x}",
+            *(
+                [f"probabilities, novelty = (o[0] for o in session.run({names}, feed))"]
+                if unknown
+                else [f'probabilities = session.run(["{names[0]}"], feed)[0][0]']
+            ),
+        ]
+    else:
+        lines += [
+            "",
+            "try:",
+            "    from ai_edge_litert.interpreter import Interpreter  # LiteRT, the TFLite runtime",
+            "except ImportError:  # TensorFlow's copy of it",
+            "    import tensorflow as tf",
+            "",
+            "    Interpreter = tf.lite.Interpreter",
+            "",
+            f'interpreter = Interpreter(model_path="{model_file}")',
+            *(
+                [
+                    "output = interpreter.get_signature_runner()(image=x)",
+                    'probabilities, novelty = output["probabilities"][0], output["novelty"][0]',
+                ]
+                if unknown
+                else [
+                    "interpreter.allocate_tensors()",
+                    'interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)',
+                    "interpreter.invoke()",
+                    'output = interpreter.get_output_details()[0]["index"]',
+                    "probabilities = interpreter.get_tensor(output)[0]",
+                ]
+            ),
+        ]
+    return lines
+
+
 def _contract(info: dict, metrics: dict) -> list[str]:
     """Input and output, intended use, and Python code to load it."""
     names, size, source, fp, fmt, model_file, kind = _facts(info)
+    unknown = info.get("novelty")
     lines = [
         *_heading("Input and output"),
         f"- Input: a float32 tensor of shape `(batch, {size}, {size}, 3)`, RGB, pixel values "
@@ -186,15 +279,23 @@ def _contract(info: dict, metrics: dict) -> list[str]:
         "(MobileNetV2's `preprocess_input`).",
         f"- Resize the whole photo to {size}x{size} without keeping the aspect ratio (bilinear, "
         "as in training), after applying its EXIF orientation; transparent pixels on white.",
-        f"- Output: `(batch, {len(names)})` softmax probabilities in the order of `labels.txt`.",
+        f"- Output: `(batch, {len(names)})` softmax probabilities in the order of `labels.txt`"
+        + (" (the output named `probabilities`)." if unknown else "."),
+        *_novelty_lines(unknown),
         *_onnx_outputs(info),
         "",
         "## Intended use and limits",
         "",
         f"- Sorting photos like the training photos into these {len(names)} classes. The metrics "
         "above hold for photos from the same source; measure again on photos from elsewhere.",
-        "- It always answers with one of these classes, also for a photo of something else. Treat "
-        'a low top probability as "unknown" (as `featx predict --min-confidence` does).',
+        (
+            "- It always answers with one of these classes, also for a photo of something else: "
+            "use the `novelty` output (above) to tell those apart."
+            if unknown
+            else "- It always answers with one of these classes, also for a photo of something "
+            'else. Treat a low top probability as "unknown" (as `featx predict --min-confidence` '
+            "does)."
+        ),
         "- Not for decisions about people, or where a wrong class does harm, without a human "
         "check.",
         "",
@@ -204,9 +305,14 @@ def _contract(info: dict, metrics: dict) -> list[str]:
         "import numpy as np",
         "from PIL import Image, ImageOps",
         "",
-        *_python(fmt, model_file, size),
+        *_python(fmt, model_file, size, unknown),
     ]
     lines += [
+        *(
+            [f"print('unknown' if novelty > {unknown['threshold']:.6g} else 'known')"]
+            if unknown
+            else []
+        ),
         "print(labels[int(np.argmax(probabilities))], float(np.max(probabilities)))",
         "```",
         "",
@@ -231,7 +337,7 @@ def _onnx_outputs(info: dict) -> list[str]:
     ]
 
 
-def _python(fmt: str, model_file: str, size: int) -> list[str]:
+def _python(fmt: str, model_file: str, size: int, unknown: dict | None) -> list[str]:
     """Python that loads the exported file and classifies photo.jpg: it runs as printed where
     featx is installed (tests/test_model_card.py runs it for each format)."""
     lines = [
@@ -239,49 +345,7 @@ def _python(fmt: str, model_file: str, size: int) -> list[str]:
         'image = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB")',
         f"x = np.asarray(image.resize(({size}, {size}), Image.BILINEAR), np.float32)[None]",
     ]
-    if fmt == "keras":
-        lines += [
-            "",
-            "import keras",
-            "",
-            f'model = keras.saving.load_model("{model_file}")',
-            "probabilities = model.predict(x)[0]",
-        ]
-    elif fmt == "savedmodel":
-        lines += [
-            "",
-            "import tensorflow as tf",
-            "",
-            f'model = tf.saved_model.load("{model_file}")',
-            "probabilities = model.serve(tf.constant(x)).numpy()[0]",
-        ]
-    elif fmt == "onnx":
-        lines += [
-            "",
-            "import onnxruntime",
-            "",
-            f'session = onnxruntime.InferenceSession("{model_file}")',
-            "feed = {session.get_inputs()[0].name: x}",
-            f'probabilities = session.run(["{config.EXPORT_PROBABILITIES}"], feed)[0][0]',
-        ]
-    else:
-        lines += [
-            "",
-            "try:",
-            "    from ai_edge_litert.interpreter import Interpreter  # LiteRT, the TFLite runtime",
-            "except ImportError:  # TensorFlow's copy of it",
-            "    import tensorflow as tf",
-            "",
-            "    Interpreter = tf.lite.Interpreter",
-            "",
-            f'interpreter = Interpreter(model_path="{model_file}")',
-            "interpreter.allocate_tensors()",
-            'interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)',
-            "interpreter.invoke()",
-            'output = interpreter.get_output_details()[0]["index"]',
-            "probabilities = interpreter.get_tensor(output)[0]",
-        ]
-    return lines
+    return lines + _python_code(fmt, model_file, unknown)
 
 
 def _android(info: dict, metrics: dict) -> list[str]:
@@ -308,9 +372,22 @@ def _android(info: dict, metrics: dict) -> list[str]:
             "    input.putFloat((p and 0xFF).toFloat())",
             "}",
             f"val output = Array(1) {{ FloatArray({len(names)}) }}",
-            "interpreter.run(input, output)",
+            *(
+                [
+                    "val novelty = FloatArray(1)",
+                    'interpreter.runSignature(mapOf("image" to input), '
+                    'mapOf("probabilities" to output, "novelty" to novelty))',
+                ]
+                if info.get("novelty")
+                else ["interpreter.run(input, output)"]
+            ),
             "val best = output[0].indices.maxBy { output[0][it] }",
             'Log.i("classifier", "${labels[best]} ${output[0][best]}")',
+            *(
+                [f"val unknown = novelty[0] > {info['novelty']['threshold']:.6g}f"]
+                if info.get("novelty")
+                else []
+            ),
             "```",
             "",
             "The .tflite file carries no TFLite metadata (see the note in featx/model_card.py): "
