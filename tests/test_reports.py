@@ -119,7 +119,7 @@ def test_a_reused_output_folder_keeps_no_file_of_the_other_head(noisy, tmp_path)
     assert (out / "my notes.txt").read_text() == "mine"  # not featx's: never touched
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [outputs.MANIFEST, "my notes.txt", "head.json", "head.npz", "metrics.json"]
-        + ["confusion_matrix.png", "misclassified.csv", "report.html"]
+        + ["confusion_matrix.png", "misclassified.csv", "report.html", "novelty.npz"]
     )
     assert any("removed head.keras, training_curves.png" in m for m in messages)
 
