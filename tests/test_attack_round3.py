@@ -86,13 +86,16 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralised(tmp_path):
             "top_k": [{"class": "+cats", "probability": 0.9}],
             "label": "-dogs",
             "error": None,
+            "unknown": None,  # the novelty columns (#23) between probability and top_k
+            "novelty": None,
         }
     ]
     predict.write_rows(tmp_path / "p.csv", rows, 1)
     with open(tmp_path / "p.csv", newline="") as fh:
-        row = list(csv.reader(fh))[1]
-    assert row[:5] == ['\'=HYPERLINK("http://x")', "'@SUM(A1)", "-0.5", "'+cats", "0.9"]
-    assert row[5] == "'-dogs"
+        row = list(csv.DictReader(fh))[0]
+    cells = [row[c] for c in ("path", "predicted", "probability", "top1", "top1_probability")]
+    assert cells == ['\'=HYPERLINK("http://x")', "'@SUM(A1)", "-0.5", "'+cats", "0.9"]
+    assert row["label"] == "'-dogs"
     assert files.csv_safe("cats") == "cats" and files.csv_safe(-1) == -1
 
 

@@ -314,8 +314,8 @@ def test_predict_with_a_tflite_export_prints_no_xnnpack_line(tiny, tmp_path):
     photo = tmp_path / "photo.png"
     keras.utils.save_img(photo, tiny["pixels"][0])
     raw = (
-        "import numpy as np; from featx.artifacts.classifier import load_exported; "
-        f"load_exported({str(out / 'model.tflite')!r}, 'tflite')(np.zeros((1, 32, 32, 3)))"
+        "import numpy as np; from featx.artifacts.classifier import exported_outputs; "
+        f"exported_outputs({str(out / 'model.tflite')!r}, 'tflite')(np.zeros((1, 32, 32, 3)))"
     )
     runs = {
         "raw": [sys.executable, "-c", raw],

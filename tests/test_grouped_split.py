@@ -157,7 +157,7 @@ def test_a_users_own_split_is_kept_and_its_leakage_reported(fake_engine, tmp_pat
             metrics = fit_head(cache, output=tmp_path / f"{case}-head", C=1.0)
         written = json.loads((tmp_path / f"{case}-head" / "metrics.json").read_text())
         page = (tmp_path / f"{case}-head" / "report.html").read_text()
-        leak = "1 photo is in both train and validation"
+        leak = "2 files, copies of 1 photo, are in both train and validation"  # #27 item 15
         if case == "leaky":
             assert any(leak in w for w in written["warnings"]), written["warnings"]
             assert f"warning: {leak}" in page and "class='warnings'" in page

@@ -220,8 +220,8 @@ def _load_classifier(model_dir: str | Path, engine: str | None, log) -> Classifi
         )
         size = int(info["image_size"])
         model = Classifier("export", list(info["class_names"]), size, runs_on, info, run)
-        if score is not None:
-            unknown = info["novelty"]
+        unknown = info.get("novelty")  # the threshold: without it, the output is only a number
+        if score is not None and unknown:
             model._score, model._known = score, np.asarray(unknown.get("known", []), np.float64)
             model.threshold, model.unknown_rate = unknown["threshold"], unknown["rate"]
         return model
@@ -365,6 +365,8 @@ def run_batches(
 def output_names(model) -> list[str]:
     """The names of a Keras model's outputs as featx exports them: config.EXPORT_PROBABILITIES
     for a model with one output, else the model's own output names."""
+    if isinstance(model.output, dict):  # {"probabilities", "novelty"}: named by their keys
+        return list(model.output)
     names = list(model.output_names)
     return [config.EXPORT_PROBABILITIES] if len(names) == 1 else names
 

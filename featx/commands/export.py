@@ -195,7 +195,10 @@ def _write_onnx(model, path: Path, quantize: str = "none") -> None:
     as output_names says, so a model with several outputs keeps every one of them by name."""
     import keras
 
-    named = keras.Model(model.inputs, dict(zip(output_names(model), model.outputs)))
+    outputs = model.output  # a dict of outputs keeps its keys (model.outputs sorts them)
+    if not isinstance(outputs, dict):
+        outputs = dict(zip(output_names(model), model.outputs))
+    named = keras.Model(model.inputs, outputs)
     # Keras exports a model only once it has been called
     named([np.zeros((1, *model.input_shape[1:]), np.float32)], training=False)
     with replaced_atomically(path, ".onnx") as tmp:

@@ -593,7 +593,9 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=
     sizes, mtimes, shas, refs = zip(*map(rows.__getitem__, paths)) if files else ([],) * 4
     class_names = sorted({f.class_name for f in files}) or listing.class_names
     index = {c: i for i, c in enumerate(class_names)}
-    identity = [plan.stats[p][2:] for p in paths]
+    stats, n = plan.stats, len(paths)  # columns straight from the stats: no tuple per image
+    ctimes = np.fromiter((stats[p][2] for p in paths), np.int64, n)
+    inodes = np.fromiter((stats[p][3] for p in paths), np.uint64, n)
     rej_paths = sorted(rejected)
     attrs = {
         "data_dir": _where(job.root),
@@ -614,8 +616,8 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=
             np.array(sizes, np.int64),
             np.array(mtimes, np.int64),
             list(shas),
-            np.array([c for c, _ in identity], np.int64),
-            np.array([i for _, i in identity], np.uint64),
+            ctimes,
+            inodes,
         ),  # fmt: skip
         rejected=store.Rows(
             rej_paths,
