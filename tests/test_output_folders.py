@@ -115,7 +115,9 @@ def test_the_same_head_replaces_its_output_anything_else_needs_overwrite(tiny_mo
     out = tmp_path / "banana-logreg"
     fit_head(tiny_model.cache, "logreg", out, C=1.0)
     # An export inside, as `featx export` leaves it (its own manifest).
-    with outputs.writing(out / "export-keras", {"command": "export", "source": str(out)}) as s:
+    with outputs.writing(
+        out / "export-keras", outputs.made_by("export", out / "export-keras", out)
+    ) as s:
         (s / "export.json").write_text("{}")
     before = file_contents(out)
 

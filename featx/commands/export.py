@@ -313,8 +313,8 @@ def export(
         raise FeatxError(
             f"Cache not found: '{cache}'. Pass the .h5 file `featx extract` wrote, or drop --cache."
         )
-    made_by = {"command": "export", "source": str(model_dir.resolve()), "format": format}
-    made_by.update({"quantize": quantize} if quantize != "none" else {})
+    quantized = {"quantize": quantize} if quantize != "none" else {}
+    made_by = outputs.made_by("export", out, model_dir, format=format, **quantized)
     outputs.check_target(out, made_by, overwrite)  # before any work
 
     model, described = build_model(model_dir)
