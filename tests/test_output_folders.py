@@ -193,7 +193,7 @@ def test_a_second_writer_of_one_output_folder_is_refused(tiny_model, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         cmd = [sys.executable, "-m", "featx", "fit-head", str(tiny_model.cache), "--output",
-               str(out), "--C", "0.5"]  # fmt: skip
+               str(out), "--C", "0.5", "--overwrite"]  # fmt: skip
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert res.returncode == 1, res.stderr
         last = res.stderr.strip().splitlines()[-1]
