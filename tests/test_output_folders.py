@@ -115,7 +115,9 @@ def test_the_same_head_replaces_its_output_anything_else_needs_overwrite(tiny_mo
     out = tmp_path / "banana-logreg"
     fit_head(tiny_model.cache, "logreg", out, C=1.0)
     # An export inside, as `featx export` leaves it (its own manifest).
-    with outputs.writing(out / "export-keras", {"command": "export", "source": str(out)}) as s:
+    with outputs.writing(
+        out / "export-keras", outputs.made_by("export", out / "export-keras", out)
+    ) as s:
         (s / "export.json").write_text("{}")
     before = file_contents(out)
 
@@ -191,7 +193,7 @@ def test_a_second_writer_of_one_output_folder_is_refused(tiny_model, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         cmd = [sys.executable, "-m", "featx", "fit-head", str(tiny_model.cache), "--output",
-               str(out), "--C", "0.5"]  # fmt: skip
+               str(out), "--C", "0.5", "--overwrite"]  # fmt: skip
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert res.returncode == 1, res.stderr
         last = res.stderr.strip().splitlines()[-1]

@@ -231,7 +231,9 @@ def test_an_export_folder_predicts_like_the_model_it_was_exported_from(tiny, tmp
         assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
     assert exported["accuracy"] == head["accuracy"]
     (tmp_path / "exported" / "model.keras").unlink()
-    with pytest.raises(FeatxError, match="model.keras', the model of .*export.json, is missing"):
+    with pytest.raises(
+        FeatxError, match="incomplete .model.keras, listed in featx-files.json, is missing"
+    ):
         run(tmp_path / "exported", folder)
 
 

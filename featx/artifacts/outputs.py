@@ -101,6 +101,18 @@ def written_before(folder: str | Path) -> set[str]:
     return {n for n in names if _plain(n) and (folder / n).exists()}
 
 
+def made_by(command: str, target: str | Path, source: str | Path, **options) -> dict:
+    """What an output folder is of (its manifest's "made_by"): the command, its input as a path
+    relative to the folder's parent (so a project moved or copied whole keeps its outputs' owners)
+    and the options that make another output."""
+    parent = Path(target).resolve().parent
+    return {"command": command, "source": _relative(source, parent), **options}
+
+
+def _relative(path: str | Path, start: Path) -> str:
+    return os.path.relpath(Path(path).resolve(), start)
+
+
 def describe(made_by: dict | None) -> str:
     """`made_by` as the command line that made it ("`featx fit-head /x/c.h5 --head logreg`")."""
     if not made_by:

@@ -236,7 +236,7 @@ def audit(
             f"{config.AUDIT_NEAR_DUPLICATE}, is calibrated on real near-identical photos."
         )
     out = Path(output) if output else default_output_dir(cache_path)
-    made_by = {"command": "audit", "source": str(Path(cache_path).resolve())}
+    made_by = outputs.made_by("audit", out, cache_path)
     outputs.check_target(out, made_by, overwrite)  # before any work
     t0 = time.perf_counter()
     cache = store.read_cache(cache_path)

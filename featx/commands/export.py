@@ -389,8 +389,8 @@ def export(
     )
     model_dir = Path(model_dir)
     out = _check_request(model_dir, format, quantize, output, cache)
-    made_by = {"command": "export", "source": str(model_dir.resolve()), "format": format}
-    made_by.update({"quantize": quantize} if quantize != "none" else {})
+    quantized = {"quantize": quantize} if quantize != "none" else {}
+    made_by = outputs.made_by("export", out, model_dir, format=format, **quantized)
     outputs.check_target(out, made_by, overwrite)  # before any work
 
     model, described = build_model(model_dir)

@@ -15,6 +15,7 @@ with the data set.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,11 +339,8 @@ def _prepare(cache_path, head_dir, output: tuple, data_dir, opts: FinetuneOption
             f"--output '{out}' is the --head folder; fine-tuning would replace the head it "
             "starts from. Pass another --output folder."
         )
-    made_by = {
-        "command": "finetune",
-        "source": str(Path(cache_path).resolve()),
-        "head": str(head_dir.resolve()),
-    }
+    head_path = os.path.relpath(head_dir.resolve(), out.resolve().parent)  # as outputs.made_by
+    made_by = outputs.made_by("finetune", out, cache_path, head=head_path)
     outputs.check_target(out, made_by, overwrite)  # before any work
     cache, head, _meta, root = _load_inputs(cache_path, head_dir, data_dir)
     from featx.backbone.finetune_keras import ImageBatches

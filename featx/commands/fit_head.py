@@ -31,12 +31,6 @@ def default_output_dir(cache_path: str | Path, head: str) -> Path:
     return cache_path.with_name(f"{cache_path.stem}-{head}")
 
 
-def made_by_of(cache_path, head: str) -> dict:
-    """What a fit-head output folder is of (its manifest's "made_by"): the same head on the same
-    cache replaces it; anything else needs --overwrite."""
-    return {"command": "fit-head", "source": str(Path(cache_path).resolve()), "head": head}
-
-
 def check_cache(cache: store.Cache, cache_path) -> None:
     """Refuse a cache the head cannot be fitted and honestly evaluated on."""
     for split in ("train", "validation"):
@@ -112,7 +106,7 @@ def fit_head(
     _note_ignored(head, dense, C, log)
     estimator = estimators.make_head(head, **options)
     out = Path(output) if output else default_output_dir(cache_path, head)
-    made_by = made_by_of(cache_path, head)
+    made_by = outputs.made_by("fit-head", out, cache_path, head=head)  # same head, same cache
     outputs.check_target(out, made_by, overwrite)  # before any work
     cache, excluded = _load(cache_path, exclude_duplicates, log)
     train, data, train_flip = _views(cache, cache_path, flip)
