@@ -44,8 +44,8 @@ def test_an_fsync_error_in_fit_head_keeps_the_previous_head(tiny_model, tmp_path
     shutil.copytree(tiny_model.logreg, out)
     before = (out / "head.json").read_bytes()
     monkeypatch.setattr(os, "fsync", _failing_fsync)
-    with pytest.raises(FeatxError, match="Input/output error"):
-        fit_head(tiny_model.cache, "logreg", out, C=0.5)
+    with pytest.raises(FeatxError, match="Input/output error"):  # (a copied folder: --overwrite)
+        fit_head(tiny_model.cache, "logreg", out, C=0.5, overwrite=True)
     assert (out / "head.json").read_bytes() == before
 
 
