@@ -140,7 +140,7 @@ def test_float_exports_give_the_heads_probabilities(tiny, tiny_dense, tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_format", ["keras", "tflite"])
+@pytest.mark.parametrize("model_format", ["keras", "tflite", "onnx"])
 def test_a_head_fitted_with_mirror_images_exports_the_mean_of_both_views(
     model_format, tiny_flip, tmp_path
 ):
@@ -188,7 +188,7 @@ def test_a_finetune_output_exports_without_its_augmentation_layers(tiny, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_format", ["keras", "tflite"])
+@pytest.mark.parametrize("model_format", ["keras", "tflite", "onnx"])
 def test_a_finetune_export_gives_the_novelty_and_flags_of_predict_on_the_folder(
     tiny_model, tiny_finetune, tmp_path, model_format
 ):

@@ -271,7 +271,7 @@ def test_the_keras_graph_of_the_score_gives_numpy_s_novelty(tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_format", ["keras", "savedmodel", "tflite"])
+@pytest.mark.parametrize("model_format", ["keras", "savedmodel", "tflite", "onnx"])
 def test_an_export_gives_the_novelty_and_flags_of_predict(tiny_model, tmp_path, model_format):
     out = tmp_path / model_format
     info = featx.export(tiny_model.logreg, model_format, output=out)

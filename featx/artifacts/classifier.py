@@ -220,7 +220,7 @@ def _load_classifier(model_dir: str | Path, engine: str | None, log) -> Classifi
         )
         size = int(info["image_size"])
         model = Classifier("export", list(info["class_names"]), size, runs_on, info, run)
-        if score is not None:
+        if score is not None and info.get("novelty"):  # an output "novelty" and its threshold
             unknown = info["novelty"]
             model._score, model._known = score, np.asarray(unknown.get("known", []), np.float64)
             model.threshold, model.unknown_rate = unknown["threshold"], unknown["rate"]
@@ -391,10 +391,17 @@ def run_batches(
 
 
 def output_names(model) -> list[str]:
-    """The names of a Keras model's outputs as featx exports them: config.EXPORT_PROBABILITIES
-    for a model with one output, else the model's own output names."""
+    """The names of a Keras model's outputs (in `model.outputs` order) as featx exports them:
+    config.EXPORT_PROBABILITIES for a model with one output; a model built with a dict of
+    outputs, its keys (Keras' output_names are then the layers', e.g. "maximum" for the novelty);
+    else the model's own output names."""
     names = list(model.output_names)
-    return [config.EXPORT_PROBABILITIES] if len(names) == 1 else names
+    if len(names) == 1:
+        return [config.EXPORT_PROBABILITIES]
+    if isinstance(model.output, dict):
+        key_of = {id(tensor): key for key, tensor in model.output.items()}
+        return [key_of[id(tensor)] for tensor in model.outputs]
+    return names
 
 
 def keras_outputs(model, batch) -> dict[str, np.ndarray]:
