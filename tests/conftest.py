@@ -203,6 +203,20 @@ def tiny_dense(tiny_model, tmp_path_factory) -> Path:
     _assert_unchanged(root, before, "tiny Dense head")
 
 
+@pytest.fixture(scope="session")
+def tiny_finetune(tiny_model, tmp_path_factory) -> Path:
+    """A finetune output folder: the tiny_model's logistic-regression head warm-started into the
+    end-to-end model, no epoch trained (so its features are the cache's), once per session.
+    Read-only."""
+    from featx.commands.finetune import finetune
+
+    root = tmp_path_factory.mktemp("tiny-finetune")
+    finetune(tiny_model.cache, tiny_model.logreg, root / "ft", epochs=0, batch_size=8)
+    before = _snapshot(root)
+    yield root / "ft"
+    _assert_unchanged(root, before, "tiny finetune model")
+
+
 @dataclass(frozen=True)
 class TinyFlip:
     """What the `tiny_flip` fixture built (read-only): `data`, a folder laid out like the

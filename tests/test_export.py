@@ -140,7 +140,7 @@ def test_float_exports_give_the_heads_probabilities(tiny, tiny_dense, tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_format", ["keras", "tflite"])
+@pytest.mark.parametrize("model_format", ["keras", "tflite", "onnx"])
 def test_a_head_fitted_with_mirror_images_exports_the_mean_of_both_views(
     model_format, tiny_flip, tmp_path
 ):
@@ -180,11 +180,34 @@ def test_a_finetune_output_exports_without_its_augmentation_layers(tiny, tmp_pat
     assert not [n for n in layers if n.startswith("Random")], layers
     trained = keras.saving.load_model(ft_dir / "model.keras")
     assert any(type(layer).__name__.startswith("Random") for layer in trained.layers)
+    outputs = loaded.predict(tiny["pixels"], verbose=0)  # the probabilities and the novelty
+    assert sorted(outputs) == ["novelty", "probabilities"]
     np.testing.assert_allclose(
-        loaded.predict(tiny["pixels"], verbose=0),
-        trained.predict(tiny["pixels"], verbose=0),
-        atol=1e-6,
+        outputs["probabilities"], trained.predict(tiny["pixels"], verbose=0), atol=1e-6
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_format", ["keras", "tflite", "onnx"])
+def test_a_finetune_export_gives_the_novelty_and_flags_of_predict_on_the_folder(
+    tiny_model, tiny_finetune, tmp_path, model_format
+):
+    out = tmp_path / model_format
+    result = export(tiny_finetune, model_format, output=out)
+    threshold = json.loads((tiny_finetune / "finetune.json").read_text())["novelty"]["threshold"]
+    assert result["novelty"]["threshold"] == pytest.approx(threshold)
+    # verified after writing, output by output: the novelty too
+    assert sorted(result["check"]["outputs"]) == ["novelty", "probabilities"]
+    assert max(result["check"]["outputs"].values()) <= 1e-4
+    assert json.loads((out / "export.json").read_text())["novelty"]["threshold"] == threshold
+    paths = [str(tiny_model.data)]
+    folder, exported = predict(tiny_finetune, paths), predict(out, paths)
+    np.testing.assert_allclose(
+        [r["novelty"] for r in exported["rows"]], [r["novelty"] for r in folder["rows"]], atol=1e-4
+    )
+    assert [r["unknown"] for r in exported["rows"]] == [r["unknown"] for r in folder["rows"]]
+    assert [r["predicted"] for r in exported["rows"]] == [r["predicted"] for r in folder["rows"]]
+    assert exported["novelty_threshold"] == pytest.approx(folder["novelty_threshold"])
 
 
 @pytest.fixture(scope="module")

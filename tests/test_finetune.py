@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from helpers import TINY, assert_one_line_error, write_split_data
 
+import featx
 from featx.backbone import finetune_keras as ftk
 from featx.cache import store
 from featx.cli import cli
@@ -190,6 +191,15 @@ def test_finetune_writes_a_complete_result_never_worse_than_the_warm_start(tiny,
     # the saved model is the final one: it scores what metrics.json says
     loaded = keras.saving.load_model(out / "model.keras")
     assert np.mean(loaded.predict(x, verbose=0).argmax(1) == y) == pytest.approx(v["accuracy"])
+
+    # its novelty score: the memory of the training images' features as the final model's head
+    # sees them, calibrated on the validation images, whose novelty predict gives again
+    assert info["novelty"]["memory_rows"] == 20 and info["novelty"]["known_images"] == 8
+    assert m["novelty"]["threshold"] == pytest.approx(info["novelty"]["threshold"], abs=1e-6)
+    assert any(line.startswith("novelty score: a memory of 20 training images") for line in lines)
+    known = np.load(out / "novelty.npz", allow_pickle=False)["known"]
+    scores = featx.load(out).scores_of_pixels(x)
+    np.testing.assert_allclose(np.sort(scores[:, -1]), known, atol=1e-4)
 
 
 def test_an_epoch_must_beat_the_warm_start_and_the_best_epoch_wins(tmp_path):

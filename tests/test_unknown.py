@@ -160,6 +160,69 @@ def test_a_head_saved_without_the_score_still_predicts_with_a_note(tiny_model, t
         )
 
 
+def test_a_finetune_folder_stores_the_score_and_predict_gives_novelty_and_unknown(
+    tiny_model, tiny_finetune, tmp_path
+):
+    info = json.loads((tiny_finetune / "finetune.json").read_text())["novelty"]
+    assert info["memory_rows"] == 20 and info["known_images"] == 8 and info["rate"] == 0.05
+    metrics = json.loads((tiny_finetune / "metrics.json").read_text())
+    assert metrics["novelty"]["threshold"] == pytest.approx(info["threshold"], abs=1e-6)
+    with np.load(tiny_finetune / "novelty.npz", allow_pickle=False) as data:
+        memory = data["memory"]
+    assert memory.dtype == np.float16 and memory.shape[0] == 20
+    # No epoch trained: the finetune model's head sees the cache's features, so its memory and
+    # threshold are those fit-head built for the head from the cached features.
+    head_info = json.loads((tiny_model.logreg / "head.json").read_text())["novelty"]
+    head_memory = novelty.load(tiny_model.logreg, head_info).memory
+    np.testing.assert_allclose(memory.astype(np.float32), head_memory, atol=2e-3)
+    assert info["threshold"] == pytest.approx(head_info["threshold"], rel=1e-3)
+
+    out = tmp_path / "rows.csv"
+    result = predict(tiny_finetune, [str(tiny_model.data)], batch_size=4, output=out)
+    rows = [r for r in result["rows"] if r["error"] is None]
+    assert len(rows) == 28 and result["novelty_threshold"] == pytest.approx(info["threshold"])
+    assert all(isinstance(r["unknown"], bool) and r["novelty"] >= 0 for r in rows)
+    assert all(r["unknown"] == (r["novelty"] > result["novelty_threshold"]) for r in rows)
+    assert result["unknown"] == sum(r["unknown"] for r in rows)
+    table = list(csv.DictReader(out.open()))
+    assert [float(t["novelty"]) for t in table] == [r["novelty"] for r in result["rows"]]
+    head = predict(tiny_model.logreg, [str(tiny_model.data)], engine="keras", batch_size=4)
+    np.testing.assert_allclose(
+        [r["novelty"] for r in rows], [r["novelty"] for r in head["rows"]], rtol=1e-3, atol=1e-3
+    )
+    model = featx.load(tiny_finetune)
+    assert model.has_novelty and model.threshold == pytest.approx(info["threshold"])
+    paths = [r["path"] for r in rows]
+    np.testing.assert_allclose(model.novelty(paths), [r["novelty"] for r in rows], atol=1e-5)
+    assert model.unknown(paths).tolist() == [r["unknown"] for r in rows]
+
+
+def test_a_finetune_threshold_flags_about_the_rate_of_its_validation_images(
+    tiny_model, tiny_finetune
+):
+    validation = [str(tiny_model.data / "validation")]
+    known = np.load(tiny_finetune / "novelty.npz", allow_pickle=False)["known"]
+    for rate in (0.05, 0.25, 0.5):
+        result = predict(tiny_finetune, validation, unknown_rate=rate)
+        novelty_of = sorted(r["novelty"] for r in result["rows"])
+        np.testing.assert_allclose(novelty_of, known, atol=1e-4)  # calibrated on these images
+        flagged = result["unknown"] / len(result["rows"])
+        assert rate - 1 / 8 <= flagged <= rate + 1 / 8, (rate, flagged)  # 8 images: steps of 1/8
+
+
+def test_a_finetune_folder_saved_without_the_score_still_predicts_with_a_note(
+    tiny_model, tiny_finetune, tmp_path
+):
+    old = shutil.copytree(tiny_finetune, tmp_path / "old")
+    info = json.loads((old / "finetune.json").read_text())
+    del info["novelty"]
+    (old / "finetune.json").write_text(json.dumps(info))
+    notes = []
+    result = predict(old, [str(tiny_model.data / "validation")], log=notes.append)
+    assert result["novelty_threshold"] is None and result["unknown"] == 0
+    assert any("no novelty score" in n and "featx finetune" in n for n in notes)
+
+
 OTHER_DOMAINS = ("oxford_flowers17", "neu_surface_defects", "clothing_small")
 
 
@@ -208,7 +271,7 @@ def test_the_keras_graph_of_the_score_gives_numpy_s_novelty(tiny_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_format", ["keras", "savedmodel", "tflite"])
+@pytest.mark.parametrize("model_format", ["keras", "savedmodel", "tflite", "onnx"])
 def test_an_export_gives_the_novelty_and_flags_of_predict(tiny_model, tmp_path, model_format):
     out = tmp_path / model_format
     info = featx.export(tiny_model.logreg, model_format, output=out)

@@ -85,8 +85,8 @@ class Classifier:
     def _check_novelty(self) -> None:
         if self._score is None:
             raise FeatxError(
-                f"The model in '{self.model_dir}' has no novelty score (saved by an older featx "
-                "or by finetune); re-run `featx fit-head` (and `featx export`) to add it."
+                f"The model in '{self.model_dir}' has no novelty score (saved by an older featx); "
+                "re-run `featx fit-head` or `featx finetune` (and `featx export`) to add it."
             )
 
     def scores_of_pixels(self, batch: np.ndarray) -> np.ndarray:
@@ -220,28 +220,13 @@ def _load_classifier(model_dir: str | Path, engine: str | None, log) -> Classifi
         )
         size = int(info["image_size"])
         model = Classifier("export", list(info["class_names"]), size, runs_on, info, run)
-        unknown = info.get("novelty")  # the threshold: without it, the output is only a number
-        if score is not None and unknown:
+        if score is not None and info.get("novelty"):  # an output "novelty" and its threshold
+            unknown = info["novelty"]
             model._score, model._known = score, np.asarray(unknown.get("known", []), np.float64)
             model.threshold, model.unknown_rate = unknown["threshold"], unknown["rate"]
         return model
     if kind == "finetune":
-        info = read_finetune_info(model_dir)
-        if engine == "onnx":
-            log("note: a finetune model runs in Keras; --engine onnx applies to fit-head models.")
-        model = load_finetune_model(model_dir)
-        size = int(info["image_size"])
-        if tuple(model.input_shape[1:]) != (size, size, 3):
-            raise FeatxError(
-                f"'{Path(model_dir) / FINETUNE_MODEL}' takes inputs of shape "
-                f"{model.input_shape}, {FINETUNE_INFO} says {size}x{size} RGB. Re-run "
-                "`featx finetune`."
-            )
-
-        def run(batch):
-            return model.predict_on_batch(np.asarray(batch, np.float32))
-
-        return Classifier(kind, list(info["class_names"]), size, "keras", info, run)
+        return _finetune_classifier(model_dir, engine, log)
 
     from featx.backbone.mobilenet import BackboneSpec
     from featx.heads import estimators, novelty
@@ -273,16 +258,59 @@ def _load_classifier(model_dir: str | Path, engine: str | None, log) -> Classifi
     size = int(fp["image_size"])
     model = Classifier(kind, list(meta["class_names"]), size, runner.name, meta, run)
     if meta.get("novelty"):
-        _add_novelty(model, novelty.load(model_dir, meta["novelty"]), head, features)
+
+        def features_and_proba(batch):
+            f = features(batch)
+            return f, head.predict_proba(f)
+
+        _add_novelty(model, novelty.load(model_dir, meta["novelty"]), features_and_proba)
     return model
 
 
-def _add_novelty(model: Classifier, state, head, features) -> None:
-    """A head's novelty score on the classifier: pixels -> probabilities and novelty."""
+def _finetune_classifier(model_dir: str | Path, engine: str | None, log) -> Classifier:
+    """A finetune folder's classifier: its Keras model, and its novelty score when it has one."""
+    info = read_finetune_info(model_dir)
+    if engine == "onnx":
+        log("note: a finetune model runs in Keras; --engine onnx applies to fit-head models.")
+    model = load_finetune_model(model_dir)
+    size = int(info["image_size"])
+    if tuple(model.input_shape[1:]) != (size, size, 3):
+        raise FeatxError(
+            f"'{Path(model_dir) / FINETUNE_MODEL}' takes inputs of shape "
+            f"{model.input_shape}, {FINETUNE_INFO} says {size}x{size} RGB. Re-run "
+            "`featx finetune`."
+        )
+
+    def run(batch):
+        return model.predict_on_batch(np.asarray(batch, np.float32))
+
+    classifier = Classifier("finetune", list(info["class_names"]), size, "keras", info, run)
+    if info.get("novelty"):
+        _add_finetune_novelty(classifier, model, model_dir, info["novelty"])
+    return classifier
+
+
+def _add_finetune_novelty(classifier: Classifier, model, model_dir, info: dict) -> None:
+    """A finetune model's novelty score: the features its head takes come from the same Keras
+    layers, chained again with a second output (backbone.mobilenet.rechain)."""
+    from featx.backbone import mobilenet
+    from featx.heads import novelty
+
+    both = mobilenet.rechain(model, lambda features, probabilities: [features, probabilities])
+
+    def features_and_proba(batch):
+        f, p = both.predict_on_batch(np.asarray(batch, np.float32))
+        return np.asarray(f, np.float32), np.asarray(p)
+
+    _add_novelty(classifier, novelty.load(model_dir, info), features_and_proba)
+
+
+def _add_novelty(model: Classifier, state, features_and_proba) -> None:
+    """A novelty score on the classifier: pixels -> probabilities and novelty, from a function
+    pixels -> (the features the head takes, its probabilities)."""
 
     def score(batch):
-        f = features(batch)
-        proba = head.predict_proba(f)
+        f, proba = features_and_proba(batch)
         return np.column_stack([proba, state.score(f, proba)])
 
     model._score, model._known = score, state.known
@@ -363,12 +391,17 @@ def run_batches(
 
 
 def output_names(model) -> list[str]:
-    """The names of a Keras model's outputs as featx exports them: config.EXPORT_PROBABILITIES
-    for a model with one output, else the model's own output names."""
-    if isinstance(model.output, dict):  # {"probabilities", "novelty"}: named by their keys
-        return list(model.output)
+    """The names of a Keras model's outputs (in `model.outputs` order) as featx exports them:
+    config.EXPORT_PROBABILITIES for a model with one output; a model built with a dict of
+    outputs, its keys (Keras' output_names are then the layers', e.g. "maximum" for the novelty);
+    else the model's own output names."""
     names = list(model.output_names)
-    return [config.EXPORT_PROBABILITIES] if len(names) == 1 else names
+    if len(names) == 1:
+        return [config.EXPORT_PROBABILITIES]
+    if isinstance(model.output, dict):
+        key_of = {id(tensor): key for key, tensor in model.output.items()}
+        return [key_of[id(tensor)] for tensor in model.outputs]
+    return names
 
 
 def keras_outputs(model, batch) -> dict[str, np.ndarray]:

@@ -352,6 +352,36 @@ def compose(
     return keras.Model(inputs, outputs, name=name)
 
 
+def is_augmentation(layer) -> bool:
+    """A random augmentation layer (identity at inference), of augmentation_layers or Keras'."""
+    import keras
+
+    random_layers = tuple(
+        getattr(keras.layers, n)
+        for n in ("RandomFlip", "RandomRotation", "RandomZoom", "RandomContrast")
+        if hasattr(keras.layers, n)
+    )
+    return isinstance(layer, random_layers) or layer.name.startswith("augment_")
+
+
+def rechain(model, outputs=None):
+    """The layers of a chain `model` (compose's, as finetune saves it) called again in order on a
+    new input, augmentation left out and each with training=False: the inference graph. Its
+    output is the last layer's (the probabilities), or `outputs(features, probabilities)` where
+    features are what the last layer (the head) takes. The layers, and so the weights, are
+    shared with `model`. A model that is not a chain of single-input layers raises."""
+    import keras
+
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    x = inputs = keras.Input(model.input_shape[1:], dtype="float32", name="image")
+    for layer in layers[:-1]:
+        if not is_augmentation(layer):
+            x = layer(x, training=False)
+    probabilities = layers[-1](x, training=False)
+    result = probabilities if outputs is None else outputs(x, probabilities)
+    return keras.Model(inputs, result, name=model.name)
+
+
 @functools.lru_cache(maxsize=4)
 def build_backbone(
     weights: str = config.WEIGHTS,

@@ -65,41 +65,40 @@ def default_output_dir(model_dir: str | Path, format: str, quantize: str = "none
 # --- the end-to-end model ------------------------------------------------------------------------
 
 
-def _is_augmentation(layer) -> bool:
-    import keras
-
-    random_layers = tuple(
-        getattr(keras.layers, n)
-        for n in ("RandomFlip", "RandomRotation", "RandomZoom", "RandomContrast")
-        if hasattr(keras.layers, n)
-    )
-    return isinstance(layer, random_layers) or layer.name.startswith("augment_")
-
-
-def inference_model(model):
+def inference_model(model, novelty=None):
     """`model` without its augmentation layers (identity at inference; they only weigh down an
-    export). The other layers are chained again in order, and the result is kept only when it
-    gives the same outputs as `model` on a probe batch (so a model that is not a plain chain of
-    layers is returned as it is)."""
+    export), with the outputs {"probabilities", "novelty"} when `novelty` is given (a function
+    (features, probabilities) -> tensor, heads.novelty.keras_score). The layers are chained again
+    in order (mobilenet.rechain), and the result is kept only when it gives the same
+    probabilities as `model` on a probe batch; else a model without novelty is returned as it is
+    (not a plain chain of layers), and one with novelty refused."""
     import keras
 
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    if not any(_is_augmentation(layer) for layer in layers):
+    if novelty is None and not any(mobilenet.is_augmentation(layer) for layer in layers):
         return model
+
+    def both(features, probabilities):
+        return {"probabilities": probabilities, "novelty": novelty(features, probabilities)}
+
     try:
-        inputs = keras.Input(model.input_shape[1:], dtype="float32", name="image")
-        x = inputs
-        for layer in layers:
-            if not _is_augmentation(layer):
-                x = layer(x, training=False)
-        rebuilt = keras.Model(inputs, x, name=model.name)
+        rebuilt = mobilenet.rechain(model, both if novelty else None)
         probe = np.random.default_rng(config.SEED).uniform(0, 255, (2, *model.input_shape[1:]))
         probe = probe.astype(np.float32)
         expected = np.asarray(model.predict_on_batch(probe))
-        same = np.allclose(np.asarray(rebuilt.predict_on_batch(probe)), expected, atol=1e-6)
+        got = rebuilt.predict_on_batch(probe)
+        got = got["probabilities"] if novelty else got
+        same = np.allclose(np.asarray(got), expected, atol=1e-6)
     except Exception:  # not a chain of single-input layers
-        return model
-    return rebuilt if same else model
+        same = False
+    if same:
+        return rebuilt
+    if novelty is not None:
+        raise FeatxError(
+            f"The model '{model.name}' is not the chain of layers `featx finetune` saves, so its "
+            "novelty output cannot be added. Re-run `featx finetune`."
+        )
+    return model
 
 
 def build_model(model_dir: str | Path) -> tuple[object, dict]:
@@ -121,8 +120,12 @@ def _build_model(model_dir: str | Path) -> tuple[object, dict]:
             "`featx finetune` folder it was exported from."
         )
     if kind == "finetune":
+        from featx.heads import novelty
+
         info = read_finetune_info(model_dir)
-        model = inference_model(load_finetune_model(model_dir))
+        state = novelty.load(model_dir, info["novelty"]) if info.get("novelty") else None
+        score = novelty.keras_score(state) if state else None
+        model = inference_model(load_finetune_model(model_dir), novelty=score)
         return model, {
             "kind": kind,
             "head": None,
@@ -130,6 +133,7 @@ def _build_model(model_dir: str | Path) -> tuple[object, dict]:
             "image_size": int(info["image_size"]),
             "fingerprint": info.get("fingerprint"),
             "cache": info.get("cache"),
+            "novelty": _novelty_info(state),
         }
 
     from featx.heads import estimators, novelty

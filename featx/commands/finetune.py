@@ -54,24 +54,27 @@ def default_output_dir(cache_path: str | Path) -> Path:
 # --- the data --------------------------------------------------------------------------------
 
 
-def predict_batches(model, data: ImageBatches) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities of every image that decodes, in order: (proba, row indices).
+def predict_batches(model, data: ImageBatches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities and head features of every image that decodes, in order: (proba, row
+    indices, features). `model` gives [features, probabilities] (see `scoring_model`).
 
     Decodes a few batches ahead (decoding.prefetch); batches are padded to a fixed size so the
     model is traced once.
     """
-    probas, rows = [], []
+    probas, rows, features = [], [], []
     ahead, workers = max(1, data.max_queue_size), max(1, data.workers)
     batches = decoding.prefetch(([i] for i in range(len(data))), data.load, ahead, workers)
     try:
         for _, [(x, _, kept)] in batches:
             batch = np.zeros((data.batch_size, *x.shape[1:]), np.float32)
             batch[: len(x)] = x
-            probas.append(np.asarray(model.predict_on_batch(batch), np.float32)[: len(x)])
+            f, p = model.predict_on_batch(batch)
+            features.append(np.asarray(f, np.float32)[: len(x)])
+            probas.append(np.asarray(p, np.float32)[: len(x)])
             rows.append(kept)
     finally:
         batches.close()
-    return np.concatenate(probas), np.concatenate(rows)
+    return np.concatenate(probas), np.concatenate(rows), np.concatenate(features)
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -107,6 +110,13 @@ def build_model(
     return mobilenet.compose(
         spec, head_model, augment=augment, dropout=dropout, seed=seed, name="featx_finetune"
     )
+
+
+def scoring_model(model):
+    """`model` for inference with two outputs, [the features its head takes, probabilities]:
+    one pass gives both the evaluation and the novelty score's features. It shares the weights
+    of `model`, so it follows its training."""
+    return mobilenet.rechain(model, lambda features, probabilities: [features, probabilities])
 
 
 def base_of(model):
@@ -248,6 +258,7 @@ class _Job:
     made_by: dict = field(default_factory=dict)  # the output folder's manifest "made_by"
     stage: Path | None = None  # where the output folder is staged (outputs.writing)
     model: object = None
+    scorer: object = None  # scoring_model(model)
     unfrozen: list = field(default_factory=list)
     data: dict = field(default_factory=dict)  # split -> ImageBatches (evaluation order)
 
@@ -295,24 +306,23 @@ def finetune(
     opts = build_options(FinetuneOptions, options)  # every option checked, before any work
     job, head = _prepare(cache_path, head_dir, (output, overwrite), data_dir, opts, log)
     log(f"evaluating the warm-started model on {', '.join(job.rows)} ...")
-    before, before_preds = _evaluate_all(job)
+    warm = _evaluate_all(job)  # (metrics, predictions, features) of the warm start
+    before = warm[0]
     head_accuracy = _head_validation_accuracy(job.head_dir)
     log(
         f"warm start: validation accuracy {before['validation']['accuracy']:.4f}"
         + (f" (stage-2 head: {head_accuracy:.4f})" if head_accuracy is not None else "")
     )
     with outputs.writing(job.out, job.made_by, overwrite=overwrite, log=log) as job.stage:
-        return Result(
-            _run(job, (before, before_preds), head_accuracy, t_start, log, progress), "metrics"
-        )
+        return Result(_run(job, warm, head_accuracy, t_start, log, progress), "metrics")
 
 
 def _run(job: _Job, warm: tuple, head_accuracy, t_start: float, log, progress) -> dict:
     """Training, the best weights and every file, into the staging folder: the metrics."""
-    before, before_preds = warm
+    before, before_preds, _ = warm
     info = _start_record(job)
     trained = _train(job, before_preds["validation"], log, progress)
-    after, after_preds, best_epoch = _keep_best(job, trained, before, before_preds, log)
+    after, after_preds, features, best_epoch = _keep_best(job, trained, warm, log)
     metrics = {
         **after,
         "before": before,
@@ -323,9 +333,30 @@ def _run(job: _Job, warm: tuple, head_accuracy, t_start: float, log, progress) -
         "fit_seconds": round(trained["fit_seconds"], 3),
         "epoch_seconds": [round(s, 3) for s in trained["epoch_seconds"]],
         "history": {k: [round(v, 6) for v in vs] for k, vs in trained["history"].items()},
-        "seconds": round(time.perf_counter() - t_start, 3),
     }
+    info["novelty"], metrics["novelty"] = _novelty(job, after_preds, features, log)
+    metrics["seconds"] = round(time.perf_counter() - t_start, 3)
     return _record(job, info, metrics, after_preds, trained)
+
+
+def _novelty(job: _Job, preds: dict, features: dict, log) -> tuple[dict, dict]:
+    """The final model's novelty score (heads.novelty.fit), as fit-head builds a head's: from
+    the features its head sees, which the last evaluation already computed (no image is decoded
+    again). Saves novelty.npz; returns (finetune.json's "novelty", metrics.json's)."""
+    from featx.heads import novelty
+
+    t0 = time.perf_counter()
+    (y_train, _, _), (y_val, proba_val, _) = preds["train"], preds["validation"]
+    state, summary = novelty.fit(
+        (features["train"], y_train), (features["validation"], y_val), proba_val
+    )
+    novelty.save(state, job.stage)
+    log(
+        f"novelty score: a memory of {len(state.memory)} training images, unknown above "
+        f"{state.threshold:.4g} ({state.rate:.0%} of validation images); "
+        f"{time.perf_counter() - t0:.2f} s, from the features of the last evaluation"
+    )
+    return state.info(), summary
 
 
 def _prepare(cache_path, head_dir, output: tuple, data_dir, opts: FinetuneOptions, log):
@@ -360,6 +391,7 @@ def _prepare(cache_path, head_dir, output: tuple, data_dir, opts: FinetuneOption
         dropout=opts.dropout,
         seed=opts.seed,
     )
+    job.scorer = scoring_model(job.model)
     job.unfrozen = set_trainable(job.model, opts.unfreeze_layers)
     compile_model(job.model, opts.learning_rate)
     log(
@@ -373,16 +405,17 @@ def _prepare(cache_path, head_dir, output: tuple, data_dir, opts: FinetuneOption
     return job, head
 
 
-def _evaluate_all(job: _Job) -> tuple[dict, dict]:
-    """({split: metrics}, {split: (labels, probabilities, paths)}) of the model as it is now."""
+def _evaluate_all(job: _Job) -> tuple[dict, dict, dict]:
+    """({split: metrics}, {split: (labels, probabilities, paths)}, {split: head features}) of
+    the model as it is now."""
 
-    result, preds = {}, {}
+    result, preds, features = {}, {}, {}
     for split, data in job.data.items():
-        proba, kept = predict_batches(job.model, data)
+        proba, kept, features[split] = predict_batches(job.scorer, data)
         paths, labels = job.rows[split]
         result[split] = evaluation.evaluate(labels[kept], proba, job.cache.class_names)
         preds[split] = (labels[kept], proba, [paths[i] for i in kept])
-    return result, preds
+    return result, preds, features
 
 
 def _start_record(job: _Job) -> dict:
@@ -464,22 +497,24 @@ def _train(job: _Job, warm_validation: tuple, log, progress=False) -> dict:
     }
 
 
-def _keep_best(job: _Job, trained: dict, before: dict, before_preds: dict, log):
-    """Never end worse than the warm start: the best epoch must have beaten it (see _KeepBest).
-    Returns (metrics, predictions, best_epoch) of the weights kept; saves them."""
+def _keep_best(job: _Job, trained: dict, warm: tuple, log):
+    """Never end worse than the warm start (`warm`: its metrics, predictions and features):
+    the best epoch must have beaten it (see _KeepBest). Returns (metrics, predictions,
+    features, best_epoch) of the weights kept; saves them."""
     keep = trained["keep"]
     job.model.set_weights(keep.weights)
     best_epoch = keep.best_epoch
-    after, after_preds = before, before_preds
+    before = warm[0]
+    after, after_preds, features = warm
     if best_epoch:
-        after, after_preds = _evaluate_all(job)
+        after, after_preds, features = _evaluate_all(job)
         if after["validation"]["accuracy"] < before["validation"]["accuracy"]:  # float noise
-            best_epoch, after, after_preds = 0, before, before_preds
+            best_epoch, (after, after_preds, features) = 0, warm
             job.model.set_weights(trained["warm_weights"])
     else:
         log("no epoch beat the warm start on validation; keeping the warm-start weights")
     save_keras_atomic(job.model, job.stage / MODEL_FILE)
-    return after, after_preds, best_epoch
+    return after, after_preds, features, best_epoch
 
 
 def _record(job: _Job, info: dict, metrics: dict, after_preds: dict, trained: dict) -> dict:

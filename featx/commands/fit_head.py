@@ -231,26 +231,6 @@ def _views(cache: store.Cache, cache_path, flip: bool | None):
     return data["train"], views, mirrored[cache.splits == "train"]
 
 
-def _novelty(data: dict, predictions: dict) -> tuple[novelty.Novelty, dict]:
-    """The novelty score of the head (heads.novelty): its memory of the training features (the
-    views the head predicts from), its threshold calibrated on the validation images at
-    config.UNKNOWN_RATE, and the leave-one-class-out AUROC estimate metrics.json reports."""
-    X_train, y_train = data["train"]
-    X_val, y_val = data["validation"]
-    proba_val = predictions["validation"][1]
-    bank = novelty.memory(X_train)
-    state = novelty.calibrate(bank, novelty.nearest_distance(bank, X_val), proba_val)
-    loco = novelty.leave_one_class_out(X_train, y_train, X_val, y_val, proba_val)
-    summary = {
-        "threshold": round(state.threshold, 6),
-        "rate": state.rate,
-        "calibrated_on": state.calibrated_on,
-        "memory_rows": int(len(bank)),
-        "leave_one_class_out_auroc": None if loco is None else round(loco, 4),
-    }
-    return state, summary
-
-
 def _evaluate(estimator, cache: store.Cache, data: dict):
     """({split: metrics, "novelty": its summary}, {split: (labels, probabilities, paths)}, the
     head's novelty score) of the fitted head."""
@@ -261,7 +241,9 @@ def _evaluate(estimator, cache: store.Cache, data: dict):
             metrics[split] = evaluation.evaluate(y, proba, cache.class_names)
             paths = [p for p, s in zip(cache.paths, cache.splits) if s == split]
             predictions[split] = (y, proba, paths)
-    unknown, metrics["novelty"] = _novelty(data, predictions)
+    # the score from the views the head predicts from (heads.novelty.fit)
+    proba_val = predictions["validation"][1]
+    unknown, metrics["novelty"] = novelty.fit(data["train"], data["validation"], proba_val)
     return metrics, predictions, unknown
 
 

@@ -225,8 +225,8 @@ def _novelty_on(model, opts: PredictOptions, log) -> bool:
     if not model.has_novelty:
         log(
             f"note: the {model.kind} model in '{model.model_dir}' has no novelty score (saved "
-            "by an older featx, or a finetune model); no image is checked for being unknown. "
-            "Re-run `featx fit-head` (and `featx export`) to add it."
+            "by an older featx); no image is checked for being unknown. Re-run `featx fit-head` "
+            "or `featx finetune` (and `featx export`) to add it."
         )
         return False
     if opts.unknown_rate is not None:

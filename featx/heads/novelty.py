@@ -16,7 +16,8 @@ against either signal alone and against Mahalanobis (docs/benchmarks.md has the 
 The memory is the training features, L2-normalised, stored as float16 (2 bytes per dimension),
 a seeded random MEMORY_CAP of them when there are more. Everything here is numpy: predict with a
 logistic-regression head imports neither scikit-learn nor TensorFlow. Saved without pickle as
-novelty.npz (the memory) beside the head, the numbers in head.json's "novelty".
+novelty.npz (the memory) beside the head, the numbers in head.json's "novelty" (finetune.json's
+for a finetune model, whose memory holds the finetuned backbone's features).
 """
 
 from __future__ import annotations
@@ -192,6 +193,26 @@ def leave_one_class_out(X_train, y_train, X_val, y_val, proba_val, rate=DEFAULT_
     return float(np.mean(aurocs))
 
 
+def fit(train: tuple, validation: tuple, proba_val) -> tuple[Novelty, dict]:
+    """The novelty score of a model from the features its head sees: `train` and `validation`
+    are (features, labels), proba_val the model's validation probabilities. The memory of the
+    training features, the threshold calibrated on the validation images at
+    config.UNKNOWN_RATE, and the summary metrics.json reports (with the leave-one-class-out
+    AUROC estimate). fit-head and finetune both build theirs here."""
+    (X_train, y_train), (X_val, y_val) = train, validation
+    bank = memory(X_train)
+    state = calibrate(bank, nearest_distance(bank, X_val), proba_val)
+    loco = leave_one_class_out(X_train, y_train, X_val, y_val, proba_val)
+    summary = {
+        "threshold": round(state.threshold, 6),
+        "rate": state.rate,
+        "calibrated_on": state.calibrated_on,
+        "memory_rows": int(len(bank)),
+        "leave_one_class_out_auroc": None if loco is None else round(loco, 4),
+    }
+    return state, summary
+
+
 def check_rate(rate) -> float:
     """--unknown-rate: a share of known images in (0, 1); 5 gets "did you mean 0.05?"."""
     check_fraction("--unknown-rate", rate)
@@ -217,7 +238,7 @@ def load(folder: str | Path, info: dict) -> Novelty:
     except (OSError, KeyError, ValueError) as e:
         raise FeatxError(
             f"Could not read the novelty memory '{path}' ({type(e).__name__}). Re-run "
-            "`featx fit-head`, or predict with --no-unknown."
+            "`featx fit-head` (or `featx finetune`), or predict with --no-unknown."
         ) from None
     return Novelty(
         bank,
