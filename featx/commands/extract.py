@@ -35,7 +35,7 @@ from featx.reports.display import Result
 from featx.reports.progress import reporter
 
 
-@dataclass
+@dataclass(slots=True)  # one per image to extract: no __dict__ each
 class _Todo:
     path: str
     size: int
@@ -52,8 +52,10 @@ class _Plan:
     rows: dict[str, tuple] = field(default_factory=dict)
     rejected: dict[str, tuple] = field(default_factory=dict)  # path -> (size, mtime, reason)
     todo: list[_Todo] = field(default_factory=list)
-    # path -> (size, mtime_ns, ctime_ns, inode) of the listed files, as they were when planned
-    stats: dict[str, tuple] = field(default_factory=dict)
+    # ctime_ns and inode of each listed file (listing.files' order; 0 for a vanished one), as
+    # when planned: two int64 columns, not a tuple per image kept until the main file is written
+    ctime_ns: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    inode: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
     kept: int = 0  # images whose features were reused (their content unchanged)
     resumed: int = 0
     extracted: int = 0  # images that went through the model
@@ -358,7 +360,11 @@ def _plan(listing, stats: dict, old, journalled: tuple, keep_rejected: bool = Tr
         keep_rejected: remember the cache's rejections (False with --overwrite).
     """
     done, done_rej = journalled
-    plan = _Plan(stats=stats)
+    n, gone = len(listing.files), (0, 0, 0, 0)
+    plan = _Plan(
+        ctime_ns=np.fromiter((stats.get(f.path, gone)[2] for f in listing.files), np.int64, n),
+        inode=np.fromiter((stats.get(f.path, gone)[3] for f in listing.files), np.uint64, n),
+    )
     for path, reason in listing.skipped:
         plan.rejected[path] = (0, 0, reason)
     cached = {} if old is None else {p: i for i, p in enumerate(old.paths)}
@@ -593,9 +599,10 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=
     sizes, mtimes, shas, refs = zip(*map(rows.__getitem__, paths)) if files else ([],) * 4
     class_names = sorted({f.class_name for f in files}) or listing.class_names
     index = {c: i for i, c in enumerate(class_names)}
-    stats, n = plan.stats, len(paths)  # columns straight from the stats: no tuple per image
-    ctimes = np.fromiter((stats[p][2] for p in paths), np.int64, n)
-    inodes = np.fromiter((stats[p][3] for p in paths), np.uint64, n)
+    ctimes, inodes = plan.ctime_ns[:0], plan.inode[:0]  # (an empty cache: no plan, no listing)
+    if files:
+        written = np.fromiter((f.path in rows for f in listing.files), bool, len(listing.files))
+        ctimes, inodes = plan.ctime_ns[written], plan.inode[written]
     rej_paths = sorted(rejected)
     attrs = {
         "data_dir": _where(job.root),
