@@ -25,6 +25,12 @@ def is_url(path) -> bool:
     return bool(sep) and scheme.isascii() and scheme.replace("+", "").isalnum()
 
 
+def absolute(path: str | Path) -> str:
+    """`path` as featx records it for later runs that may start elsewhere: a URL as given (a
+    pathlib.Path would fold its "//"), a local path made absolute."""
+    return str(path).rstrip("/") if is_url(path) else str(Path(path).resolve())
+
+
 def temporary_path(path: Path, suffix: str = "") -> Path:
     """The one naming rule of featx's temporary files: `.NAME.tmp-PID[suffix]` beside NAME."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")

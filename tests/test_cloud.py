@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -252,6 +253,10 @@ def test_a_cache_at_a_url_is_published_part_by_part_and_read_by_every_stage(s3, 
     head = featx.fit_head(url, "logreg", output=tmp_path / "head")
     local_head = featx.fit_head(tmp_path / "local.h5", "logreg", output=tmp_path / "local-head")
     assert head["validation"]["accuracy"] == local_head["validation"]["accuracy"]
+    # the URL as given, not a path that pathlib folded ("s3:/b/c.h5")
+    assert json.loads((tmp_path / "head" / "head.json").read_text())["cache"] == url
+    manifest = json.loads((tmp_path / "head" / "featx-files.json").read_text())
+    assert manifest["made_by"]["source"] == url
     audited = featx.audit(url, output=tmp_path / "audit")["summary"]
     # Its contact sheets read the photos from the bucket the cache names as its data folder.
     assert audited["images"] == 24 and audited["unreadable_images"] == 0
@@ -382,3 +387,31 @@ def test_a_store_whose_package_is_missing_is_one_line_naming_the_extra(tmp_path)
     assert_one_line_error(result, "gs://bucket/photos", "gcsfs", "pip install 'featx[cloud]'")
     result = cli_extract("nosuch://bucket/photos", tmp_path)
     assert_one_line_error(result, "'nosuch://bucket/photos' is no URL featx can read")
+
+
+def test_featx_outputs_inside_a_bucket_folder_are_skipped_with_the_reason(s3, tmp_path):
+    """The local rule (featx never reads its own outputs as data) holds for a bucket: a cache,
+    its parts and lock, and folders carrying featx's marker files are not images or classes."""
+    fs, bucket = s3
+    data = write_images(tmp_path / "data", {"cats": 2, "dogs": 2})
+    (data / "cats" / "old.h5.parts").mkdir()
+    (data / "cats" / "old.h5.parts" / ".featx-journal").touch()
+    (data / "cats" / "old.h5.parts" / "features-1.npz").write_bytes(b"PK")
+    (data / "cats" / "old.h5").write_bytes(b"\x89HDF")
+    (data / "cats" / "old.h5.lock").write_bytes(b"")
+    write_images(data / "dogs" / "out-head", {"x": 1})  # an output folder with an image
+    (data / "dogs" / "out-head" / "head.json").write_text("{}")
+    write_images(data / "cache", {"x": 1})  # a cache folder where classes are
+    (data / "cache" / "c.h5").write_bytes(b"\x89HDF")
+    (data / "cache" / "c.h5.lock").write_bytes(b"")
+    upload(fs, data, f"{bucket}/photos")
+    listing = finder.find_images(f"s3://{bucket}/photos")
+    assert listing.class_names == ["cats", "dogs"]
+    assert [f.path for f in listing.files] == [
+        "cats/cats000.jpg", "cats/cats001.jpg", "dogs/dogs000.jpg", "dogs/dogs001.jpg"
+    ]  # fmt: skip
+    own = "featx's own output; not read as data"
+    assert dict(listing.skipped) == {
+        "cache": own, "cats/old.h5": own, "cats/old.h5.lock": own, "cats/old.h5.parts": own,
+        "dogs/out-head": own,
+    }  # fmt: skip

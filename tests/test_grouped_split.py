@@ -194,3 +194,20 @@ def test_assign_splits_places_each_group_whole_and_stratified():
     assert (
         again["a/001.jpg"] == "validation" and again["a/002.jpg"] == again["a/004.jpg"] == "train"
     )
+
+
+def test_flip_on_an_older_cache_extracts_again_but_keeps_its_recorded_splits(
+    fake_engine, tmp_path, monkeypatch
+):
+    """--flip on a cache without mirror images extracts every image again; its splits (here, of
+    a featx before the grouped split) still never change without --overwrite."""
+    write_flat(tmp_path / "data")
+    cache = tmp_path / "c.h5"
+    with monkeypatch.context() as m:  # a cache split image by image, as before #23 item 2
+        m.setattr(duplicates, "split_groups", lambda cache, log=None: [])
+        extract(tmp_path / "data", cache, **ARGS)
+    before = splits_of(cache)
+    summary = extract(tmp_path / "data", cache, flip=True, **ARGS)
+    assert summary["extracted"] == len(before)
+    assert splits_of(cache) == before
+    assert store.read_cache(cache, features=False).flip

@@ -350,3 +350,40 @@ def test_finetune_killed_at_the_swap_leaves_the_old_model_or_the_new_one(
     (out / "finetune.json").write_text(json.dumps(info))
     res = CliRunner().invoke(cli, ["predict", str(out), str(images[0])])
     assert_one_line_error(res, "did not finish")
+
+
+def test_an_export_of_another_model_inside_a_model_folder_is_kept(tiny_model, tmp_path):
+    """Only the folder's own exports (made_by source ".") go with the model a run replaces; an
+    export of another model that a user put inside is theirs."""
+    out = tmp_path / "m"
+    fit_head(tiny_model.cache, "logreg", out, C=1.0)
+    for name, source in (("export-keras", out), ("other-export", tiny_model.logreg)):
+        with outputs.writing(out / name, outputs.made_by("export", out / name, source)) as s:
+            (s / "export.json").write_text("{}")
+    fit_head(tiny_model.cache, "logreg", out, C=0.5)
+    assert not (out / "export-keras").exists()
+    assert (out / "other-export" / "export.json").read_text() == "{}"
+
+
+def test_without_linux_renameat2_a_folder_is_replaced_by_two_renames(
+    tiny_model, tmp_path, monkeypatch
+):
+    """On Windows ctypes.CDLL(None) is a TypeError (no C library by that name): the swap must
+    not reach it, and falls back to the two renames."""
+
+    def no_cdll(*args, **kwargs):
+        raise TypeError("argument of type 'NoneType' is not iterable")
+
+    monkeypatch.setattr(outputs.sys, "platform", "win32")
+    monkeypatch.setattr(outputs.ctypes, "CDLL", no_cdll)
+    out = tmp_path / "m"
+    fit_head(tiny_model.cache, "logreg", out, C=1.0)
+    fit_head(tiny_model.cache, "logreg", out, C=0.5)
+    assert json.loads((out / "head.json").read_text())["options"]["C"] == 0.5
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_made_by_keeps_a_url_as_given(tmp_path):
+    made_by = outputs.made_by("fit-head", tmp_path / "out", "s3://bucket/c.h5", head="logreg")
+    assert made_by["source"] == "s3://bucket/c.h5"
+    assert outputs.describe(made_by) == "`featx fit-head s3://bucket/c.h5 --head logreg`"

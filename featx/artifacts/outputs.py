@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ from featx.files import (
     exclusive_lock,
     fsync_folder,
     fsync_tree,
+    is_url,
     temporary_path,
     write_text_atomic,
 )
@@ -110,7 +112,7 @@ def made_by(command: str, target: str | Path, source: str | Path, **options) -> 
 
 
 def _relative(path: str | Path, start: Path) -> str:
-    return os.path.relpath(Path(path).resolve(), start)
+    return str(path).rstrip("/") if is_url(path) else os.path.relpath(Path(path).resolve(), start)
 
 
 def describe(made_by: dict | None) -> str:
@@ -245,11 +247,14 @@ def _ours(name: str) -> bool:
 
 
 def _is_export(entry: Path) -> bool:
+    """Whether `entry` is an export of the folder it is in (its made_by's source is "."): an
+    export of another model that a user put there is theirs to keep."""
     if not entry.is_dir() or entry.is_symlink():
         return False
     manifest = read_manifest(entry)
     if manifest is not None:
-        return (manifest.get("made_by") or {}).get("command") == "export"
+        made_by = manifest.get("made_by") or {}
+        return made_by.get("command") == "export" and made_by.get("source") == "."
     return (entry / "export.json").is_file()
 
 
@@ -278,6 +283,8 @@ _RENAME_EXCHANGE = 2
 def _renameat2(old: str, new: str) -> bool:
     """Swap the paths `old` and `new` in one step (Linux renameat2 RENAME_EXCHANGE); False where
     the C library or the file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False  # (CDLL(None) is a TypeError on Windows)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         call = libc.renameat2

@@ -27,7 +27,7 @@ from featx import config
 from featx.backbone import engines, mobilenet
 from featx.cache import parts, ray_executor, remote_cache, store, stream
 from featx.errors import FeatxError, Messages
-from featx.files import is_url
+from featx.files import absolute, is_url
 from featx.images import decoding, finder, shards
 from featx.options import ExtractOptions, build_options, takes_options
 from featx.quality import duplicates
@@ -79,11 +79,6 @@ def default_cache_path(data_dir: str | Path) -> Path:
     if is_url(data_dir):  # s3://bucket/photos -> cache/photos.h5
         return Path(config.CACHE_DIR) / f"{str(data_dir).rstrip('/').rsplit('/', 1)[-1]}.h5"
     return Path(config.CACHE_DIR) / f"{Path(data_dir).resolve().name}.h5"
-
-
-def _where(root: Path | str) -> str:
-    """The data folder as the cache records it: a URL as given, a folder's absolute path."""
-    return str(root).rstrip("/") if is_url(root) else str(Path(root).resolve())
 
 
 def is_transient(reason: str) -> bool:
@@ -216,7 +211,7 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
         if len(old.paths):
             log("note: the cache has no features of mirror images; extracting every image again.")
         old = None  # --flip on a cache without mirrored features: every image again
-    if old is not None and old.attrs.get("data_dir") not in (None, _where(root)):
+    if old is not None and old.attrs.get("data_dir") not in (None, absolute(root)):
         log(f"note: the cache was made from {old.attrs['data_dir']}; matching files by path.")
     key = mobilenet.model_key({**fp, "flip": flip}, (*mobilenet.MODEL_KEYS, "flip"))
     journal = store.Journal(cache_path, key, mobilenet.feature_dim(opts.alpha) * (1 + flip))
@@ -239,7 +234,11 @@ def _locked(root: Path, cache_path: Path, listing, opts: ExtractOptions, progres
     if plan.todo:
         timing = (_run_ray if opts.executor == "ray" else _run)(job, plan, progress, log)
     job.writer.flush()
-    recorded = {} if old is None or opts.overwrite else dict(zip(old.paths, old.splits))
+    # Recorded splits never change without --overwrite, even when every image is extracted
+    # again (--flip on a cache without mirror images sets `old` aside, not its splits).
+    recorded = (
+        {} if previous is None or opts.overwrite else dict(zip(previous.paths, previous.splits))
+    )
     # The other shards' images count too: a flat folder is split as a single run splits it.
     kept_files = [f for f in listing.files if f.path in plan.rows] + listing.others
     groups = _copy_groups(cache_path, job, listing, plan, (recorded, old), log)
@@ -497,7 +496,7 @@ def _run_ray(job: _Job, plan: _Plan, progress, log) -> dict:
     twice (the same part), never none."""
     opts, t0 = job.opts, time.perf_counter()
     ray_job = ray_executor.RayJob(
-        root=_where(job.root),
+        root=absolute(job.root),
         spec=opts.spec,
         folder=opts.parts or job.journal.folder.resolve(),
         key=job.journal.key,
@@ -605,7 +604,7 @@ def _write(cache_path: Path, job: _Job, listing, plan: _Plan, splits: dict, old=
         ctimes, inodes = plan.ctime_ns[written], plan.inode[written]
     rej_paths = sorted(rejected)
     attrs = {
-        "data_dir": _where(job.root),
+        "data_dir": absolute(job.root),
         "layout": listing.layout,
         "val_split": float(job.opts.val_split),
         "seed": int(job.opts.seed),

@@ -28,7 +28,7 @@ from featx.artifacts import model_dirs, outputs
 from featx.backbone import mobilenet
 from featx.cache import store
 from featx.errors import FeatxError, Messages
-from featx.files import save_keras_atomic, write_text_atomic
+from featx.files import absolute, save_keras_atomic, write_text_atomic
 from featx.images import decoding, finder
 from featx.options import FinetuneOptions, build_options, takes_options
 from featx.reports import evaluation, report_folder
@@ -428,7 +428,7 @@ def _start_record(job: _Job) -> dict:
         "image_size": int(job.cache.fingerprint["image_size"]),
         "fingerprint": job.cache.fingerprint,
         "head_dir": str(job.head_dir),
-        "cache": str(job.cache_path.resolve()),
+        "cache": absolute(job.cache_path),
         "options": job.opts.record(),
     }
     save_keras_atomic(job.model, job.stage / MODEL_FILE)

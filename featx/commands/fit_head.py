@@ -17,6 +17,7 @@ from featx import config
 from featx.artifacts import outputs
 from featx.cache import remote_cache, store
 from featx.errors import FeatxError, Messages
+from featx.files import absolute
 from featx.heads import estimators, novelty
 from featx.quality import duplicates
 from featx.reports import evaluation, report_folder
@@ -251,7 +252,7 @@ def _record(estimator, cache: store.Cache, cache_path, folders: tuple, results: 
     """The head, its novelty memory, head.json, metrics.json and the report files, into the
     staging folder of `folders` (staging, output folder)."""
     (stage, out), (metrics, predictions, unknown) = folders, results
-    cache_file = str(Path(cache_path).resolve())  # absolute: predict/export may run elsewhere
+    cache_file = absolute(cache_path)  # predict/export may run elsewhere
     novelty.save(unknown, stage)  # before head.json, which names it
     extra = {"cache": cache_file, "novelty": unknown.info()}
     estimators.save_head(estimator, stage, cache.class_names, cache.fingerprint, extra)

@@ -59,15 +59,18 @@ def _visible(entry: os.DirEntry | Path) -> bool:
 FEATX_OWN = "featx's own output; not read as data"
 
 
-def own_folder(folder: Path, names) -> bool:
+def own_folder(folder: Path | str, names, local: bool = True) -> bool:
     """Whether `folder` (holding the entries `names`, hidden ones included) is featx's output:
     a cache's parts folder, a folder carrying one of featx's marker files, or the default cache
-    folder (config.CACHE_DIR of this working folder, or one of that name holding a cache)."""
-    if folder.name.endswith(".h5.parts") or not config.OUTPUT_MARKERS.isdisjoint(names):
+    folder (config.CACHE_DIR of this working folder, or one of that name holding a cache).
+    `local`: False for a folder in object storage (a key prefix, never this working folder)."""
+    name = str(folder).rstrip("/").rsplit("/", 1)[-1]
+    if name.endswith(".h5.parts") or not config.OUTPUT_MARKERS.isdisjoint(names):
         return True
-    if folder.name != Path(config.CACHE_DIR).name:
+    if name != Path(config.CACHE_DIR).name:
         return False
-    return bool(own_files(names)) or os.path.realpath(folder) == os.path.realpath(config.CACHE_DIR)
+    here = local and os.path.realpath(folder) == os.path.realpath(config.CACHE_DIR)
+    return bool(own_files(names)) or here
 
 
 def own_files(names) -> set[str]:
@@ -269,13 +272,31 @@ class _LocalTree:
 
 class _ObjectTree:
     """A data folder in object storage (featx.images.remote), listed once: the same layout rules
-    as a local folder; keys with a hidden part are left out as hidden files are."""
+    as a local folder; keys with a hidden part are left out as hidden files are, and featx's own
+    outputs (own_folder: a cache's parts, folders with featx's marker files) are skipped."""
 
     def __init__(self, url: str):
         self.url = url.rstrip("/")
         listed = remote.list_objects(self.url)
+        entries: dict[str, set[str]] = {}  # folder -> the names in it, hidden ones included
+        for rel in listed:
+            parts = rel.split("/")
+            for depth in range(len(parts)):
+                entries.setdefault("/".join(parts[:depth]), set()).add(parts[depth])
+        own = sorted(f for f, names in entries.items() if f and own_folder(f, names, local=False))
+        own = [f for f in own if not any(f.startswith(o + "/") for o in own)]  # outermost
+        inside_own = tuple(o + "/" for o in own)
+        own_keys = {  # a cache X.h5 beside its parts or lock, and its lock
+            f"{f}/{n}" if f else n for f, names in entries.items() for n in own_files(names)
+        }
+        own += sorted(k for k in own_keys & listed.keys() if not k.startswith(inside_own))
+        self.own = sorted(own)
         self.stats = {
-            rel: key for rel, key in listed.items() if all(map(visible_name, rel.split("/")))
+            rel: key
+            for rel, key in listed.items()
+            if all(map(visible_name, rel.split("/")))
+            and not rel.startswith(inside_own)
+            and rel not in own_keys
         }
         self.folders: dict[str, set[str]] = {}  # folder -> its subfolders' names
         for rel in self.stats:
@@ -297,10 +318,10 @@ class _ObjectTree:
         return [p for p in self.stats if p.startswith(rel + "/")]
 
     def top_folders(self) -> list[str]:
-        return [n for n in self.subfolders("") if not n.endswith(".h5.parts")]
+        return self.subfolders("")  # (featx's own outputs are not listed)
 
     def skipped(self) -> list[tuple[str, str]]:
-        return sorted((n, FEATX_OWN) for n in self.subfolders("") if n.endswith(".h5.parts"))
+        return [(o, FEATX_OWN) for o in self.own]
 
 
 def visible_name(name: str) -> bool:
