@@ -8,7 +8,6 @@ import errno
 import hashlib
 import json
 import os
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -94,6 +93,8 @@ def exclusive_lock(lock_file: Path, refusal: str) -> Iterator[None]:
         raise FeatxError(refusal.replace("{holder}", holder)) from None
     try:
         started = time.strftime("%Y-%m-%d %H:%M:%S")
+        import socket  # (here: only a writer needs it)
+
         with open(lock_file, "r+") as fh:
             fh.truncate()
             fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")

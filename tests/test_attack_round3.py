@@ -71,6 +71,11 @@ def test_a_postscript_file_named_jpg_never_reaches_ghostscript(tmp_path, monkeyp
     path.write_bytes(eps)
     with pytest.raises(ValueError, match="not an image"):
         decoder.load_image(path, 32)
+    # the report's and the audit's thumbnails read through the same list of formats
+    from featx.reports import contact_sheet, html_report
+
+    assert html_report.thumbnail(path) is None
+    assert contact_sheet.thumbnail(path, 16)[1] == "unreadable"
     assert not ran
 
 

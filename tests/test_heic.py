@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 
 import numpy as np
+import pillow_heif
 import pytest
 from helpers import TINY, write_images
 from PIL import Image, features
@@ -13,6 +17,8 @@ from featx.commands.extract import extract
 from featx.images.decoder import decode_image, load_image
 
 RED, BLUE = (200, 40, 40), (40, 40, 200)
+# To write HEIC test files; featx registers the plugin itself, only when it reads one.
+pillow_heif.register_heif_opener()
 
 
 def halves(size=(64, 48)) -> Image.Image:
@@ -62,3 +68,23 @@ def test_heic_files_are_extracted_not_rejected(tmp_path):
     write_images(tmp_path / "data", counts, name="IMG_{i:04d}.HEIC", size=(40, 30), fmt="HEIF")
     summary = extract(tmp_path / "data", tmp_path / "c.h5", engine="keras", batch_size=6, **TINY)
     assert summary["rejected"] == [] and summary["extracted"] == 6
+
+
+def test_the_heif_plugin_is_loaded_only_for_a_heif_file(tmp_path):
+    """A JPEG decodes without importing pillow-heif (a fifth of a one-image predict's start-up,
+    #25); the first HEIC file registers it, in a process that had not."""
+    (tmp_path / "a.jpg").write_bytes(encode(halves(), "JPEG", quality=95))
+    (tmp_path / "b.heic").write_bytes(encode(halves(), "HEIF", quality=95))
+    script = (
+        "import sys\n"
+        "from featx.images.decoder import load_image\n"
+        "load_image(sys.argv[1], 32)\n"
+        "print('pillow_heif' in sys.modules)\n"
+        "print(load_image(sys.argv[2], 32)[16, 28].tolist())\n"  # one pixel: [r, g, b]
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, tmp_path / "a.jpg", tmp_path / "b.heic"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split("\n")  # fmt: skip
+    assert out[0] == "False"
+    assert np.abs(np.array(json.loads(out[1])) - BLUE).max() <= 12

@@ -70,6 +70,7 @@ def check_backbone(fp: dict, what: str) -> None:
             float(fp["alpha"]),
             precision=fp.get("precision", "fp32"),
             int8_sha256=fp.get("int8_sha256"),
+            versions=False,  # compared by model keys only
         )
     except KeyError as e:
         raise FeatxError(f"{what} records no complete backbone fingerprint (no {e}).") from None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import json
 import os
 import sys
@@ -95,6 +94,8 @@ def _keras_home() -> Path:
 
 
 def keras_version() -> str:
+    import importlib.metadata  # (here: 13 ms of a one-image predict's start-up, with email & co.)
+
     return importlib.metadata.version("keras")
 
 
@@ -136,12 +137,17 @@ def fingerprint(
     engine: str = "keras",
     precision: str = "fp32",
     int8_sha256: str | None = None,
+    versions: bool = True,
 ) -> dict:
     """Everything that determines the features, without building the model (or importing it).
 
-    precision "int8" with int8_sha256, the sha256 of the quantized .onnx file (backbone.int8)."""
+    precision "int8" with int8_sha256, the sha256 of the quantized .onnx file (backbone.int8).
+    versions=False leaves out the featx and Keras versions and backend, which are recorded but
+    no model key (looking Keras' version up costs a one-image predict 10 ms of imports)."""
     validate(image_size, alpha)
     path = resolve_weights(weights, image_size, alpha)
+    recorded = {"featx_version": VERSION, "keras_version": keras_version(),
+                "keras_backend": keras_backend()} if versions else {}  # fmt: skip
     return {
         "backbone": config.BACKBONE,
         "alpha": float(alpha),
@@ -154,9 +160,7 @@ def fingerprint(
         "precision": precision,
         "int8_sha256": int8_sha256,
         "engine": engine,
-        "featx_version": VERSION,
-        "keras_version": keras_version(),
-        "keras_backend": keras_backend(),
+        **recorded,
     }
 
 

@@ -63,7 +63,7 @@ def keras_sees_gpu() -> bool:
     """
     name = mobilenet.keras_backend()
     if name == "tensorflow" and "tensorflow" not in sys.modules:
-        metal = sys.platform == "darwin" and _installed("tensorflow-metal")
+        metal = sys.platform == "darwin" and _distribution_installed("tensorflow-metal")
         if not (metal or _nvidia_device_present()):
             return False
     elif name != "tensorflow" and not _nvidia_device_present():
@@ -86,14 +86,26 @@ def keras_sees_gpu() -> bool:
     return False
 
 
-def _installed(dist: str) -> bool:
+def _distribution_installed(name: str) -> bool:
+    """Whether the distribution `name` is installed (a plug-in with no module of its own)."""
     import importlib.metadata
 
     try:
-        importlib.metadata.version(dist)
+        importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return False
     return True
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported (found, not imported: importlib.metadata would cost a
+    one-image predict 10 ms of imports)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 # The converter Keras' `model.export(format="onnx")` needs under each backend.
@@ -211,7 +223,9 @@ class OnnxEngine:
 
     def _locate(self) -> tuple[dict, Path]:
         spec = self.spec
-        fp = mobilenet.fingerprint(spec.weights, spec.image_size, spec.alpha, engine=self.name)
+        fp = mobilenet.fingerprint(
+            spec.weights, spec.image_size, spec.alpha, engine=self.name, versions=False
+        )
         key = model_key(fp)
         path = self.onnx_dir / f"backbone-{key[:16]}.onnx"
         if check_stored(path, key) is not None:  # else: an older version's file, if valid
@@ -259,6 +273,9 @@ class OnnxEngine:
                 problem = f"ONNX Runtime cannot load it: {e}"
         if path.exists():
             self.log(f"note: rebuilding {path} ({problem}).")
+        fp = mobilenet.fingerprint(  # with the versions, for the sidecar
+            self.spec.weights, self.spec.image_size, self.spec.alpha, engine=self.name
+        )
         self.prepared_seconds = export(path, fp, self.spec, log=self.log)
         return ort.InferenceSession(str(path), session_options(self.threads), providers())
 

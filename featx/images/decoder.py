@@ -6,6 +6,7 @@ the decoding threads (or processes) hold at once."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -15,15 +16,44 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from featx import config
 from featx.files import is_url
 from featx.images import finder, remote
 
-# HEIC/HEIF (iPhone photos) through pillow-heif's Pillow plugin; Pillow reads AVIF itself (>= 11.3).
-pillow_heif.register_heif_opener()
+
+@functools.cache
+def _register_heif() -> None:
+    """HEIC/HEIF (iPhone photos) through pillow-heif's Pillow plugin, registered when the first
+    such file comes: its import is a fifth of a one-image predict's start-up. Pillow reads AVIF
+    itself (>= 11.3)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+
+
+def _formats(data: bytes) -> tuple[str, ...]:
+    """config.IMAGE_FORMATS for these bytes: HEIF only for an ISO media file (an "ftyp" box at
+    byte 4, as HEIF/HEIC and AVIF have), registered then; the others never need the plugin."""
+    if data[4:8] == b"ftyp":
+        _register_heif()
+        return config.IMAGE_FORMATS
+    return tuple(f for f in config.IMAGE_FORMATS if f != "HEIF")
+
+
+def open_image(source) -> Image.Image:
+    """Image.open of a path or a binary file object with featx's formats only (none that runs an
+    external helper: an EPS file would run Ghostscript), HEIF registered when it is one. For
+    every reader of image files: extraction, the report's and the audit's thumbnails."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            head = f.read(8)
+    else:
+        start = source.tell()
+        head = source.read(8)
+        source.seek(start)
+    return Image.open(source, formats=_formats(head))
 
 
 # featx applies its own pixel limit (below) and reports it per file; Pillow's warning would only
@@ -113,7 +143,7 @@ def decode_image(
         raise ValueError("empty file (0 bytes)")
     fmt = "unknown"
     try:
-        img = Image.open(io.BytesIO(data), formats=config.IMAGE_FORMATS)
+        img = open_image(io.BytesIO(data))
         fmt = img.format or fmt
         width, height = img.size
         if width * height > max_pixels:

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from featx import config
 from featx.files import is_url, replaced_atomically
 from featx.images import remote
-from featx.images.decoder import _to_rgb
+from featx.images.decoder import _to_rgb, open_image
 
 PAD = 6  # pixels between tiles
 LINE = 14  # pixels per caption line
@@ -58,7 +58,7 @@ def thumbnail(path: Path | None, size: int) -> tuple[Image.Image, str | None]:
         reason = "missing"
     else:
         try:
-            with Image.open(io.BytesIO(remote.read(path)) if is_url(path) else path) as img:
+            with open_image(io.BytesIO(remote.read(path)) if is_url(path) else path) as img:
                 if img.width * img.height > config.MAX_IMAGE_PIXELS:
                     raise ValueError("too many pixels")
                 if img.format == "JPEG":

@@ -109,10 +109,10 @@ def _shown(metrics: dict) -> list[tuple[str, dict]]:
 def thumbnail(path: str | Path, size: int = config.REPORT_THUMBNAIL) -> str | None:
     """A data: URI of a small JPEG of the image at `path` (orientation applied, aspect ratio
     kept), or None when it cannot be read. Decoded like extraction, so HEIC works too."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     try:
-        with Image.open(path) as img:
+        with decoder.open_image(path) as img:
             img.draft("RGB", (size, size))  # JPEG: decode at reduced scale
             img = decoder._to_rgb(ImageOps.exif_transpose(img))
             img.thumbnail((size, size))
