@@ -26,6 +26,25 @@ REAL_DATA = Path(
     or Path(__file__).resolve().parents[2] / "shared" / "data" / "cats_and_dogs_filtered"
 )
 WEIGHTS_FILE = mobilenet._keras_home() / "models" / mobilenet._imagenet_file_name(1.0, 224)
+
+
+def real_photos(split: str, per_class: int) -> list[Path]:
+    """The first `per_class` photos (by name) of each class of REAL_DATA/SPLIT, cats first."""
+    folders = [REAL_DATA / split / c for c in ("cats", "dogs")]
+    return [p for folder in folders for p in sorted(folder.glob("*.jpg"))[:per_class]]
+
+
+def link_real_photos(root: Path, per_class: dict[str, int]) -> Path:
+    """root/SPLIT/CLASS/ of links to real_photos(SPLIT, n) for each {SPLIT: n}: a small real
+    data set without copying a byte."""
+    for split, n in per_class.items():
+        for photo in real_photos(split, n):
+            folder = root / split / photo.parent.name
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / photo.name).symlink_to(photo)
+    return root
+
+
 # One clearly different colour per class, so a classifier on generated images can succeed.
 # A class not named here gets the colour of its position (the 7th class the first colour again).
 CLASS_COLOURS = {

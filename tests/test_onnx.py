@@ -18,6 +18,7 @@ from helpers import (
     TINY,
     WEIGHTS_FILE,
     assert_one_line_error,
+    real_photos,
     write_images,
 )
 
@@ -318,8 +319,7 @@ def test_auto_without_onnxruntime_falls_back_to_keras_with_one_line(no_onnxrunti
 def test_real_weights_onnx_features_match_keras_within_1e4_on_real_photos(tmp_path):
     from featx.images.decoder import load_image
 
-    folders = [REAL_DATA / "validation" / c for c in ("cats", "dogs")]
-    photos = [p for folder in folders for p in sorted(folder.glob("*.jpg"))[:8]]
+    photos = real_photos("validation", 8)
     batch = np.stack([load_image(p) for p in photos])
     got = onnx_engine.OnnxEngine(BackboneSpec("imagenet", 224, 1.0), onnx_dir=tmp_path).features(
         batch

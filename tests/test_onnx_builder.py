@@ -11,7 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers import REAL_DATA, WEIGHTS_FILE, write_images
+from helpers import REAL_DATA, WEIGHTS_FILE, real_photos, write_images
 
 from featx.backbone import mobilenet, onnx_builder, onnx_engine
 from featx.backbone.mobilenet import BackboneSpec
@@ -159,8 +159,7 @@ REAL_FEATURES = textwrap.dedent(
 def test_real_weights_built_without_tensorflow_give_keras_features_within_1e4(tmp_path):
     from featx.images.decoder import load_image
 
-    folders = [REAL_DATA / "validation" / c for c in ("cats", "dogs")]
-    photos = [p for folder in folders for p in sorted(folder.glob("*.jpg"))[:8]]
+    photos = real_photos("validation", 8)
     out = subprocess.run(
         [sys.executable, "-c", REAL_FEATURES, tmp_path, tmp_path / "f.npy", *photos],
         capture_output=True,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import COLOURS, REAL_DATA, assert_one_line_error, write_split_data
+from helpers import COLOURS, REAL_DATA, assert_one_line_error, link_real_photos, write_split_data
 
 from featx import config
 from featx.backbone import mobilenet
@@ -411,12 +411,7 @@ def test_real_validation_folder_accuracy_equals_the_fit_head_metrics(tmp_path):
         mobilenet.resolve_weights("imagenet", 224, 1.0)
     except FeatxError as e:
         pytest.skip(f"ImageNet weights unavailable: {e}")
-    data = tmp_path / "data"
-    for split, n in (("train", 60), ("validation", 40)):
-        for c in ("cats", "dogs"):
-            (data / split / c).mkdir(parents=True)
-            for src in sorted((REAL_DATA / split / c).glob("*.jpg"))[:n]:
-                (data / split / c / src.name).symlink_to(src)
+    data = link_real_photos(tmp_path / "data", {"train": 60, "validation": 40})
     extract(data, tmp_path / "real.h5", engine="keras")
     metrics = fit_head(tmp_path / "real.h5", "logreg", tmp_path / "head")
     result = predict(tmp_path / "head", [str(data / "validation")], engine="keras")

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REAL_DATA, WEIGHTS_FILE, write_image
+from helpers import REAL_DATA, WEIGHTS_FILE, link_real_photos, write_image
 
 import featx
 from featx import config
@@ -232,12 +232,7 @@ OTHER_DOMAINS = ("oxford_flowers17", "neu_surface_defects", "clothing_small")
 @pytest.mark.skipif(not WEIGHTS_FILE.is_file(), reason=f"ImageNet weights not in {WEIGHTS_FILE}")
 def test_real_cats_and_dogs_head_flags_other_domains_and_few_of_its_own_photos(tmp_path):
     """#23's done-when on a sample: default options, through `featx predict`."""
-    data = tmp_path / "pets"
-    for split, n in (("train", 150), ("validation", 100)):
-        for c in ("cats", "dogs"):
-            (data / split / c).mkdir(parents=True)
-            for f in sorted((REAL_DATA / split / c).glob("*.jpg"))[:n]:
-                (data / split / c / f.name).symlink_to(f)
+    data = link_real_photos(tmp_path / "pets", {"train": 150, "validation": 100})
     other = tmp_path / "other"
     other.mkdir()
     for name in OTHER_DOMAINS:

@@ -100,7 +100,7 @@ class Classifier:
 
         novelty.check_rate(rate)
         self._check_novelty()
-        self.threshold = float(np.quantile(self._known, 1.0 - rate))
+        self.threshold = novelty.threshold_at(self._known, rate)
         self.unknown_rate = float(rate)
 
     def _batched(self, images, run, width: int) -> np.ndarray:
@@ -183,7 +183,7 @@ def load(
     """
     check_int("batch_size", batch_size, 1, config.MAX_BATCH_SIZE)
     classifier = load_classifier(model_dir, engine, Messages(log))
-    classifier.model_dir, classifier.batch_size = str(model_dir), batch_size
+    classifier.batch_size = batch_size
     if unknown_rate is not None:
         classifier.set_unknown_rate(unknown_rate)
     return classifier
@@ -199,7 +199,9 @@ def load_classifier(model_dir: str | Path, engine: str | None, log=None) -> Clas
     always runs in Keras; an export runs as exported.
     """
     log = log or (lambda message: None)
-    return outputs.read_whole(model_dir, lambda: _load_classifier(model_dir, engine, log))
+    classifier = outputs.read_whole(model_dir, lambda: _load_classifier(model_dir, engine, log))
+    classifier.model_dir = str(model_dir)  # (what its messages name)
+    return classifier
 
 
 def _load_classifier(model_dir: str | Path, engine: str | None, log) -> Classifier:
@@ -296,7 +298,7 @@ def _add_finetune_novelty(classifier: Classifier, model, model_dir, info: dict) 
     from featx.backbone import mobilenet
     from featx.heads import novelty
 
-    both = mobilenet.rechain(model, lambda features, probabilities: [features, probabilities])
+    both = mobilenet.scoring_model(model)
 
     def features_and_proba(batch):
         f, p = both.predict_on_batch(np.asarray(batch, np.float32))
@@ -406,12 +408,7 @@ def output_names(model) -> list[str]:
 
 def keras_outputs(model, batch) -> dict[str, np.ndarray]:
     """Every output of a Keras model on `batch`, by the names of `output_names`."""
-    got = model.predict_on_batch(np.asarray(batch, np.float32))
-    if isinstance(got, dict):
-        return {name: np.asarray(value) for name, value in got.items()}
-    if not isinstance(got, (list, tuple)):
-        got = [got]
-    return dict(zip(output_names(model), (np.asarray(value) for value in got)))
+    return _named(model.predict_on_batch(np.asarray(batch, np.float32)), output_names(model))
 
 
 def probabilities(outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -496,8 +493,7 @@ def _exported_call(path: Path, format: str):
         import keras
 
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
-        names = list(model.output) if isinstance(model.output, dict) else output_names(model)
-        return (lambda batch: keras_outputs(model, batch)), names
+        return (lambda batch: keras_outputs(model, batch)), output_names(model)
     if format == "savedmodel":
         import tensorflow as tf
 

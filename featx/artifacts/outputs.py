@@ -108,10 +108,11 @@ def made_by(command: str, target: str | Path, source: str | Path, **options) -> 
     relative to the folder's parent (so a project moved or copied whole keeps its outputs' owners)
     and the options that make another output."""
     parent = Path(target).resolve().parent
-    return {"command": command, "source": _relative(source, parent), **options}
+    return {"command": command, "source": relative(source, parent), **options}
 
 
-def _relative(path: str | Path, start: Path) -> str:
+def relative(path: str | Path, start: Path) -> str:
+    """`path` as made_by records it: relative to `start` (a URL as given)."""
     return str(path).rstrip("/") if is_url(path) else os.path.relpath(Path(path).resolve(), start)
 
 

@@ -386,6 +386,13 @@ def rechain(model, outputs=None):
     return keras.Model(inputs, result, name=model.name)
 
 
+def scoring_model(model):
+    """`model` (a chain, see rechain) for inference with two outputs, [the features its head
+    takes, probabilities]: one pass gives both the evaluation and the novelty score's features.
+    It shares the weights of `model`, so it follows its training."""
+    return rechain(model, lambda features, probabilities: [features, probabilities])
+
+
 @functools.lru_cache(maxsize=4)
 def build_backbone(
     weights: str = config.WEIGHTS,

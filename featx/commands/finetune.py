@@ -15,7 +15,6 @@ with the data set.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +55,7 @@ def default_output_dir(cache_path: str | Path) -> Path:
 
 def predict_batches(model, data: ImageBatches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Probabilities and head features of every image that decodes, in order: (proba, row
-    indices, features). `model` gives [features, probabilities] (see `scoring_model`).
+    indices, features). `model` gives [features, probabilities] (see `mobilenet.scoring_model`).
 
     Decodes a few batches ahead (decoding.prefetch); batches are padded to a fixed size so the
     model is traced once.
@@ -110,13 +109,6 @@ def build_model(
     return mobilenet.compose(
         spec, head_model, augment=augment, dropout=dropout, seed=seed, name="featx_finetune"
     )
-
-
-def scoring_model(model):
-    """`model` for inference with two outputs, [the features its head takes, probabilities]:
-    one pass gives both the evaluation and the novelty score's features. It shares the weights
-    of `model`, so it follows its training."""
-    return mobilenet.rechain(model, lambda features, probabilities: [features, probabilities])
 
 
 def base_of(model):
@@ -258,7 +250,7 @@ class _Job:
     made_by: dict = field(default_factory=dict)  # the output folder's manifest "made_by"
     stage: Path | None = None  # where the output folder is staged (outputs.writing)
     model: object = None
-    scorer: object = None  # scoring_model(model)
+    scorer: object = None  # mobilenet.scoring_model(model)
     unfrozen: list = field(default_factory=list)
     data: dict = field(default_factory=dict)  # split -> ImageBatches (evaluation order)
 
@@ -370,7 +362,7 @@ def _prepare(cache_path, head_dir, output: tuple, data_dir, opts: FinetuneOption
             f"--output '{out}' is the --head folder; fine-tuning would replace the head it "
             "starts from. Pass another --output folder."
         )
-    head_path = os.path.relpath(head_dir.resolve(), out.resolve().parent)  # as outputs.made_by
+    head_path = outputs.relative(head_dir, out.resolve().parent)  # as made_by's source
     made_by = outputs.made_by("finetune", out, cache_path, head=head_path)
     outputs.check_target(out, made_by, overwrite)  # before any work
     cache, head, _meta, root = _load_inputs(cache_path, head_dir, data_dir)
@@ -391,7 +383,7 @@ def _prepare(cache_path, head_dir, output: tuple, data_dir, opts: FinetuneOption
         dropout=opts.dropout,
         seed=opts.seed,
     )
-    job.scorer = scoring_model(job.model)
+    job.scorer = mobilenet.scoring_model(job.model)
     job.unfrozen = set_trainable(job.model, opts.unfreeze_layers)
     compile_model(job.model, opts.learning_rate)
     log(

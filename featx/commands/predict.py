@@ -192,7 +192,6 @@ def predict(
         )
     log = Messages(log)
     model = load_classifier(model_dir, opts.engine, log)
-    model.model_dir = str(model_dir)
     rows = _predict_rows(model, targets, opts, progress, _novelty_on(model, opts, log))
     result = _summary(model_dir, model, rows, opts, time.perf_counter() - t0)
     _warn_unknown(result, log)

@@ -22,7 +22,7 @@ for a finetune model, whose memory holds the finetuned backbone's features).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,11 @@ def _quantile(values, rate: float) -> float:
     return float(np.quantile(np.asarray(values, np.float64), 1.0 - rate))
 
 
+def threshold_at(known, rate: float) -> float:
+    """The threshold that flags `rate` of the known images' novelty `known`."""
+    return _quantile(known, check_rate(rate))
+
+
 @dataclass
 class Novelty:
     """A head's novelty score: memory (float16 unit rows), the two scales, the threshold and the
@@ -84,23 +89,13 @@ class Novelty:
 
     def score(self, features, proba) -> np.ndarray:
         """Novelty of each image from its head features and the head's probabilities."""
-        distance = nearest_distance(self.memory, features)
-        return _fused(distance, proba, self.distance_scale, self.confidence_scale)
+        return score(self, nearest_distance(self.memory, features), proba)
 
     def with_rate(self, rate: float) -> Novelty:
         """The same score, its threshold calibrated again on the same known images at `rate`."""
         if rate == self.rate:
             return self
-        threshold = _quantile(self.known, check_rate(rate))
-        return Novelty(
-            self.memory,
-            self.distance_scale,
-            self.confidence_scale,
-            threshold,
-            rate,
-            self.known,
-            self.calibrated_on,
-        )
+        return replace(self, threshold=threshold_at(self.known, rate), rate=rate)
 
     def info(self) -> dict:
         """What head.json records (the memory goes to novelty.npz)."""
